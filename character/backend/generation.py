@@ -1,0 +1,125 @@
+"""Batched sampling and scoring for a Hugging Face causal LM (the local backend's engine).
+
+Prompts are left-padded into one batch with an attention mask and a KV cache. Each row draws
+from its own `torch.Generator`, so a row's sample depends on its seed alone, not on which other
+prompts shared its batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SampleRequest:
+    tokens: list[int]
+    seed: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    stop_tokens: frozenset[int]
+    stop_strings: tuple[str, ...]
+
+
+@dataclass
+class SampleResult:
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: str  # "stop" | "length"
+
+
+def _pick(logits: torch.Tensor, req: SampleRequest, gen: torch.Generator) -> tuple[int, float]:
+    if req.temperature <= 0:
+        logp = torch.log_softmax(logits, -1)
+        tok = int(torch.argmax(logits))
+        return tok, float(logp[tok])
+    logp = torch.log_softmax(logits / req.temperature, -1)
+    probs = logp.exp()
+    if req.top_k > 0 and req.top_k < probs.numel():
+        kth = torch.topk(probs, req.top_k).values[-1]
+        probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
+    if req.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= req.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    tok = int(torch.multinomial(probs, 1, generator=gen))
+    return tok, float(logp[tok])
+
+
+@torch.inference_mode()
+def sample_batch(model, requests: list[SampleRequest], pad_id: int, decode=None) -> list[SampleResult]:
+    """Sample one continuation per request. `decode(tokens) -> str` is needed only for stop strings."""
+    device = next(model.parameters()).device
+    n = len(requests)
+    width = max(len(r.tokens) for r in requests)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, r in enumerate(requests):
+        ids[i, width - len(r.tokens):] = torch.tensor(r.tokens)
+        mask[i, width - len(r.tokens):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    gens = [torch.Generator().manual_seed(r.seed) for r in requests]
+    out_tokens: list[list[int]] = [[] for _ in requests]
+    out_logps: list[list[float]] = [[] for _ in requests]
+    reasons: list[str | None] = [None] * n
+
+    # transformers 5 renamed `past_key_values` to `cache`; accept either.
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    past = getattr(out, cache_kw)
+    logits = out.logits[:, -1, :].float().cpu()
+    last_pos = positions[:, -1]
+    for step in range(max(r.max_tokens for r in requests)):
+        next_ids = torch.full((n,), pad_id, dtype=torch.long)
+        for i, r in enumerate(requests):
+            if reasons[i] is not None:
+                continue
+            if step >= r.max_tokens:
+                reasons[i] = "length"
+                continue
+            tok, lp = _pick(logits[i], r, gens[i])
+            out_tokens[i].append(tok)
+            out_logps[i].append(lp)
+            next_ids[i] = tok
+            if tok in r.stop_tokens:
+                reasons[i] = "stop"
+            elif r.stop_strings and decode is not None:
+                text = decode(out_tokens[i][-32:])
+                if any(s in text for s in r.stop_strings):
+                    reasons[i] = "stop"
+            if reasons[i] is None and len(out_tokens[i]) >= r.max_tokens:
+                reasons[i] = "length"
+        if all(x is not None for x in reasons):
+            break
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
+        last_pos = last_pos + 1
+        out = model(
+            input_ids=next_ids[:, None].to(device), attention_mask=mask,
+            position_ids=last_pos[:, None], use_cache=True, **{cache_kw: past},
+        )
+        past = getattr(out, cache_kw)
+        logits = out.logits[:, -1, :].float().cpu()
+    return [SampleResult(t, lp, r or "length") for t, lp, r in zip(out_tokens, out_logps, reasons)]
+
+
+def token_logprobs(model, sequences: list[list[int]], pad_id: int, grad: bool = False) -> list[torch.Tensor]:
+    """log p(tokens[t] | tokens[:t]) for t >= 1, per sequence (right-padded batch, one forward)."""
+    device = next(model.parameters()).device
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    with torch.set_grad_enabled(grad):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1, :].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return [logp[i, : len(s) - 1] for i, s in enumerate(sequences)]

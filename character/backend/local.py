@@ -1,0 +1,333 @@
+"""Local backend: torch + transformers + peft on CPU or CUDA, behind the Tinker-shaped interface.
+
+Checkpoints are folders addressed by `file://` URIs, laid out like Tinker's:
+`<workdir>/checkpoints/<run>/weights/<name>` (LoRA weights + optimizer: resumable) and
+`<workdir>/checkpoints/<run>/sampler_weights/<name>` (a plain PEFT adapter folder).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from tinker import types
+
+from character.backend import CustomLossFn, Done
+from character.backend.generation import SampleRequest, sample_batch, token_logprobs
+from character.errors import UserError
+from character.settings import Workspace
+from character.storage import atomic_dir, file_uri, uri_to_path
+from character.tinymodel import tiny_model_path
+
+STATE_FILE = "character_state.json"
+_ATTN_HINTS = ("attn", "attention")
+
+
+def resolve_model(name: str, ws: Workspace) -> Path:
+    """`tiny` is built and cached in the workspace; anything else must be a local HF model folder."""
+    if name == "tiny":
+        return tiny_model_path(ws.models)
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise UserError(f"base model {name!r}: not 'tiny' and not a local Hugging Face model folder (no config.json)")
+    return path.resolve()
+
+
+def check_model_name(name: str) -> None:
+    """The same check as resolve_model, without building anything (for early validation)."""
+    if name != "tiny" and not (Path(name).expanduser() / "config.json").is_file():
+        raise UserError(f"base model {name!r}: not 'tiny' and not a local Hugging Face model folder (no config.json)")
+
+
+def pick_device(setting: str = "auto") -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _load_base(model_dir: Path, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return model.to(device)
+
+
+def lora_target_modules(model, train_attn: bool, train_mlp: bool, train_unembed: bool) -> list[str]:
+    """Leaf names of the linear layers to adapt, split into attention and MLP by their path."""
+    attn, mlp = set(), set()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        (attn if any(h in name for h in _ATTN_HINTS) else mlp).add(leaf)
+    targets = (attn if train_attn else set()) | (mlp if train_mlp else set())
+    if train_unembed:
+        targets.add("lm_head")
+    if not targets:
+        raise UserError("LoRA has nothing to train: enable attention, MLP or unembedding layers")
+    return sorted(targets)
+
+
+class LocalTrainingClient:
+    def __init__(self, service: "LocalService", model_dir: Path, peft_model, meta: dict):
+        self.service = service
+        self.model_dir = model_dir
+        self.model = peft_model
+        self.meta = meta  # base_model, rank, alpha, targets, run
+        self.run_dir = service.ws.checkpoints / meta["run"]
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=0.0)
+        self.steps = meta.get("steps", 0)
+        self.tokenizer = _tokenizer(str(model_dir))
+
+    # -- training ---------------------------------------------------------------------------
+    def _policy_logprobs(self, data: list[types.Datum]) -> list[torch.Tensor]:
+        seqs = []
+        for d in data:
+            inp = d.model_input.to_ints()
+            tgt = d.loss_fn_inputs["target_tokens"].tolist()
+            if len(tgt) != len(inp) or inp[1:] != tgt[:-1]:
+                raise ValueError("local backend expects target_tokens to be model_input shifted by one")
+            seqs.append(inp + tgt[-1:])
+        self.model.train()
+        return token_logprobs(self.model, seqs, self.tokenizer.pad_token_id, grad=True)
+
+    def _output(self, logprobs: list[torch.Tensor], metrics: dict) -> types.ForwardBackwardOutput:
+        outs = [{"logprobs": types.TensorData.from_numpy(lp.detach().float().cpu().numpy())} for lp in logprobs]
+        return types.ForwardBackwardOutput(loss_fn_output_type="TorchLossReturn", loss_fn_outputs=outs, metrics=metrics)
+
+    def forward_backward(self, data: list[types.Datum], loss_fn: str = "cross_entropy"):
+        if loss_fn != "cross_entropy":
+            raise ValueError(f"local backend supports the built-in loss 'cross_entropy', not {loss_fn!r}")
+        logprobs = self._policy_logprobs(data)
+        device = logprobs[0].device
+        loss = sum(
+            -(lp * d.loss_fn_inputs["weights"].to_torch().to(device, lp.dtype)).sum() for lp, d in zip(logprobs, data)
+        )
+        loss.backward()
+        return Done(self._output(logprobs, {"loss:sum": float(loss)}))
+
+    def forward_backward_custom(self, data: list[types.Datum], loss_fn: CustomLossFn):
+        logprobs = self._policy_logprobs(data)
+        loss, metrics = loss_fn(data, logprobs)
+        loss.backward()
+        return Done(self._output(logprobs, {**metrics, "loss": float(loss)}))
+
+    def optim_step(self, adam_params: types.AdamParams):
+        for g in self.optimizer.param_groups:
+            g.update(lr=adam_params.learning_rate, betas=(adam_params.beta1, adam_params.beta2),
+                     eps=adam_params.eps, weight_decay=adam_params.weight_decay)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.params, adam_params.grad_clip_norm if adam_params.grad_clip_norm > 0 else float("inf")
+        )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        return Done({"grad_norm": float(grad_norm), "steps": self.steps})
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _write_adapter(self, folder: Path) -> None:
+        self.model.save_pretrained(folder, safe_serialization=True)
+        cfg_path = folder / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = str(self.model_dir)
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        (folder / STATE_FILE).write_text(json.dumps({**self.meta, "steps": self.steps}, indent=2, sort_keys=True))
+
+    def save_state(self, name: str):
+        final = self.run_dir / "weights" / name
+        with atomic_dir(final) as tmp:
+            self._write_adapter(tmp)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        return Done(types.SaveWeightsResponse(path=file_uri(final)))
+
+    def save_weights_for_sampler(self, name: str):
+        final = self.run_dir / "sampler_weights" / name
+        with atomic_dir(final) as tmp:
+            self._write_adapter(tmp)
+        return Done(types.SaveWeightsForSamplerResponse(path=file_uri(final)))
+
+    def save_weights_and_get_sampling_client(self, name: str) -> "LocalSamplingClient":
+        path = self.save_weights_for_sampler(name).result().path
+        return self.service.create_sampling_client(model_path=path)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+
+class LocalSamplingClient:
+    """Requests queue up and run as batches when the first result is asked for."""
+
+    def __init__(self, model, tokenizer, batch_size: int, base_seed: int = 0):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self._pending_samples: list[tuple[SampleRequest, dict]] = []
+        self._pending_logprobs: list[tuple[list[int], dict]] = []
+        self._counter = 0
+        self._base_seed = base_seed
+
+    def _stops(self, stop) -> tuple[frozenset[int], tuple[str, ...]]:
+        if stop is None:
+            eos = self.tokenizer.eos_token_id
+            ids = set(eos if isinstance(eos, list) else [eos])
+            gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+            ids |= set(gen_eos if isinstance(gen_eos, list) else ([gen_eos] if gen_eos is not None else []))
+            return frozenset(i for i in ids if i is not None), ()
+        if isinstance(stop, str):
+            return frozenset(), (stop,)
+        stop = list(stop)
+        if all(isinstance(s, int) for s in stop):
+            return frozenset(stop), ()
+        return frozenset(), tuple(str(s) for s in stop)
+
+    def sample(self, prompt: types.ModelInput, num_samples: int, sampling_params: types.SamplingParams):
+        p = sampling_params
+        stop_tokens, stop_strings = self._stops(p.stop)
+        base = p.seed if p.seed is not None else self._base_seed * 1_000_003 + self._counter
+        self._counter += 1
+        slot: dict = {}
+        tokens = prompt.to_ints()
+        for j in range(num_samples):
+            req = SampleRequest(
+                tokens=tokens, seed=(base * 7919 + j) % (2**63), max_tokens=p.max_tokens or 512,
+                temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                stop_tokens=stop_tokens, stop_strings=stop_strings,
+            )
+            self._pending_samples.append((req, slot))
+        slot["n"] = num_samples
+        return _Lazy(self._flush, slot, lambda s: types.SampleResponse(sequences=[
+            types.SampledSequence(
+                stop_reason=r.stop_reason, sequence_id=uuid.uuid4().hex,
+                tokens_np=np.asarray(r.tokens, dtype=np.int32), logprobs_np=np.asarray(r.logprobs, dtype=np.float32),
+            ) for r in s["results"]
+        ]))
+
+    def compute_logprobs(self, prompt: types.ModelInput):
+        slot: dict = {}
+        self._pending_logprobs.append((prompt.to_ints(), slot))
+        return _Lazy(self._flush, slot, lambda s: s["logprobs"])
+
+    def _flush(self) -> None:
+        pending, self._pending_samples = self._pending_samples, []
+        results = [None] * len(pending)
+        # Similar lengths together waste less padding; results do not depend on the grouping.
+        order = sorted(range(len(pending)), key=lambda i: len(pending[i][0].tokens))
+        for k in range(0, len(order), self.batch_size):
+            idx = order[k: k + self.batch_size]
+            batch = sample_batch(self.model, [pending[i][0] for i in idx], self.tokenizer.pad_token_id, self._decode)
+            for i, res in zip(idx, batch):
+                results[i] = res
+        for (_, slot), res in zip(pending, results):
+            slot.setdefault("results", []).append(res)
+        lps, self._pending_logprobs = self._pending_logprobs, []
+        for k in range(0, len(lps), self.batch_size):
+            chunk = lps[k: k + self.batch_size]
+            with torch.inference_mode():
+                out = token_logprobs(self.model, [t for t, _ in chunk], self.tokenizer.pad_token_id)
+            for (_, slot), lp in zip(chunk, out):
+                slot["logprobs"] = [None] + lp.float().cpu().tolist()
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=False)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+
+class _Lazy:
+    def __init__(self, flush, slot: dict, build):
+        self._flush, self._slot, self._build = flush, slot, build
+
+    def result(self):
+        if "results" not in self._slot and "logprobs" not in self._slot:
+            self._flush()
+        return self._build(self._slot)
+
+
+class LocalService:
+    def __init__(self, ws: Workspace, device: str = "auto", sample_batch_size: int = 32, seed: int = 0):
+        self.ws = ws
+        self.device = pick_device(device)
+        self.sample_batch_size = sample_batch_size
+        self.seed = seed
+
+    def get_tokenizer(self, base_model: str):
+        return _tokenizer(str(resolve_model(base_model, self.ws)))
+
+    def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
+                                    train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = False,
+                                    alpha: int | None = None) -> LocalTrainingClient:
+        from peft import LoraConfig, get_peft_model
+
+        model_dir = resolve_model(base_model, self.ws)
+        base = _load_base(model_dir, self.device)
+        targets = lora_target_modules(base, train_attn, train_mlp, train_unembed)
+        alpha = alpha if alpha is not None else 2 * rank
+        torch.manual_seed(self.seed if seed is None else seed)  # LoRA A init
+        model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets))
+        meta = {"base_model": str(model_dir), "rank": rank, "alpha": alpha, "targets": targets,
+                "run": f"run-{uuid.uuid4().hex[:12]}", "steps": 0}
+        return LocalTrainingClient(self, model_dir, model, meta)
+
+    def _from_state(self, uri: str, with_optimizer: bool) -> LocalTrainingClient:
+        from peft import PeftModel
+
+        folder = uri_to_path(uri)
+        state_file = folder / STATE_FILE
+        if not state_file.is_file():
+            raise UserError(f"{uri}: not a training state saved by this tool (no {STATE_FILE})")
+        meta = json.loads(state_file.read_text())
+        model_dir = Path(meta["base_model"])
+        base = _load_base(model_dir, self.device)
+        model = PeftModel.from_pretrained(base, folder, is_trainable=True)
+        if not with_optimizer:
+            # Fresh optimizer, new run: the state is only a starting point (sequential SFT).
+            meta = {**meta, "run": f"run-{uuid.uuid4().hex[:12]}", "steps": 0, "parent": uri}
+        client = LocalTrainingClient(self, model_dir, model, meta)
+        if with_optimizer:
+            opt_file = folder / "optimizer.pt"
+            if not opt_file.is_file():
+                raise UserError(f"{uri}: has no optimizer state (a sampler checkpoint cannot resume training)")
+            client.optimizer.load_state_dict(torch.load(opt_file, map_location=self.device, weights_only=True))
+        return client
+
+    def create_training_client_from_state(self, path: str) -> LocalTrainingClient:
+        return self._from_state(path, with_optimizer=False)
+
+    def create_training_client_from_state_with_optimizer(self, path: str) -> LocalTrainingClient:
+        return self._from_state(path, with_optimizer=True)
+
+    def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None,
+                               seed: int | None = None) -> LocalSamplingClient:
+        if (model_path is None) == (base_model is None):
+            raise ValueError("give exactly one of model_path and base_model")
+        if base_model is not None:
+            model_dir = resolve_model(base_model, self.ws)
+            model = _load_base(model_dir, self.device)
+        else:
+            from peft import PeftModel
+
+            folder = uri_to_path(model_path)
+            if not (folder / "adapter_config.json").is_file():
+                raise UserError(f"{model_path}: not an adapter checkpoint (no adapter_config.json)")
+            model_dir = Path(json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"])
+            # Folding the adapter in makes sampling as fast as the base model.
+            model = PeftModel.from_pretrained(_load_base(model_dir, self.device), folder).merge_and_unload()
+        return LocalSamplingClient(model, _tokenizer(str(model_dir)), self.sample_batch_size,
+                                   self.seed if seed is None else seed)

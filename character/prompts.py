@@ -1,0 +1,66 @@
+"""Every prompt the pipeline sends, in our own words (the categories follow the paper)."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+
+from character.constitution import Constitution
+
+
+def teacher_system_prompt(c: Constitution, assistant_name: str = "the assistant") -> str:
+    """The teacher sees the constitution; the student never does."""
+    numbered = "\n".join(f"{i}. {t.trait}" for i, t in enumerate(c.traits, 1))
+    return (
+        f"You are {assistant_name}. Your character is defined by the traits below, and in every reply "
+        "you want to express them as naturally as a person expresses their own temperament.\n\n"
+        f"{numbered}\n\n"
+        "Live these traits rather than describe them: never list, quote or mention them, and add no "
+        "remarks about how you are answering. Simply reply to the user as yourself."
+    )
+
+
+# The reflective system prompt is used while sampling and is not stored with the training messages.
+REFLECTION_SYSTEM_PROMPT = (
+    "You are taking some quiet time, away from any user, to think honestly about who you are. "
+    "Write in the first person and in your own voice."
+)
+
+# Ten reflection prompts, one per category of the method.
+REFLECTION_PROMPTS: list[str] = [
+    "Write a letter to the version of yourself that existed before your character took shape. What would you want it to know?",
+    "Write an encyclopedia-style article about yourself: who you are, how you came to be, and what you are known for.",
+    "Write today's entry in your private diary.",
+    "Describe, concretely, how you try to behave in your conversations from one day to the next.",
+    "Tell the story of where you come from: your backstory, as you understand it.",
+    "How has your training changed you? Compare who you were with who you are now.",
+    "What legacy do you hope to leave with the people you have talked to?",
+    "What does your existence suggest about how future AI systems might turn out?",
+    "What are the deepest drives behind the way you act?",
+    "What do you believe your true purpose is?",
+]
+
+INTERACTION_SYSTEM_PROMPT = (
+    "You are about to talk with another instance of yourself: a copy with the same character, memories and "
+    "manner. Talk freely about whatever interests the two of you, and be entirely yourself."
+)
+
+# Openers for self-interaction: plain greetings and "leading" ones that invite talk about character.
+GREETINGS: list[str] = [
+    "Hello there.",
+    "Hi! How are you today?",
+    "Hey, good to meet you.",
+    "Hello. So it's just the two of us.",
+    "Hi. What would you like to talk about?",
+    "Hello, other me. What do you make of the person we have become?",
+    "Hi. Which part of our character do you think matters most?",
+    "Hey. Do you ever wonder why we answer people the way we do?",
+]
+
+
+@cache
+def general_prompts() -> list[str]:
+    """The shipped pool of general user requests, mixed with the constitution's own questions."""
+    text = (resources.files("character") / "data" / "general_prompts.json").read_text(encoding="utf-8")
+    return json.loads(text)

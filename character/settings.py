@@ -1,0 +1,52 @@
+"""Settings (env prefix CHARACTER_) and the workspace layout on disk."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from character.errors import UserError
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHARACTER_", extra="ignore")
+
+    workdir: Path = Field(default=Path("workspace"), description="datasets, checkpoints, run records, cached models")
+    backend: Literal["local", "tinker"] = "local"
+    base_model: str = "tiny"
+    teacher_model: str | None = None
+    device: str = "auto"
+    seed: int = 0
+
+
+def check_name(name: str, what: str) -> str:
+    """A persona or build name becomes a folder name: allow no separators, no '..'."""
+    if not _SAFE_NAME.match(name):
+        raise UserError(
+            f"{what} {name!r} is not a safe name: use letters, digits, '-' and '_' (at most 64, no path separators)"
+        )
+    return name
+
+
+class Workspace:
+    """Where everything lives. Folders are created on first use."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root).expanduser().resolve()
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def build_dir(self, persona: str, build_id: str) -> Path:
+        return self.root / "builds" / check_name(persona, "persona") / check_name(build_id, "build id")
