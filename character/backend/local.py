@@ -120,13 +120,13 @@ class LocalTrainingClient:
             -(lp * d.loss_fn_inputs["weights"].to_torch().to(device, lp.dtype)).sum() for lp, d in zip(logprobs, data)
         )
         loss.backward()
-        return Done(self._output(logprobs, {"loss:sum": float(loss)}))
+        return Done(self._output(logprobs, {"loss:sum": float(loss.detach())}))
 
     def forward_backward_custom(self, data: list[types.Datum], loss_fn: CustomLossFn):
         logprobs = self._policy_logprobs(data)
         loss, metrics = loss_fn(data, logprobs)
         loss.backward()
-        return Done(self._output(logprobs, {**metrics, "loss": float(loss)}))
+        return Done(self._output(logprobs, {**metrics, "loss": float(loss.detach())}))
 
     def optim_step(self, adam_params: types.AdamParams):
         for g in self.optimizer.param_groups:

@@ -1,0 +1,72 @@
+"""DPO on preference pairs: token sequences, reference log-probs, and the loop's submit step."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tinker import types
+
+from character.backend import SamplingClient, ServiceClient, TrainingClient
+from character.chat import Renderer, to_datum
+from character.losses import DPOCoefficients, make_dpo_loss_fn
+from character.storage import read_jsonl, write_json_atomic
+from character.training import OptimConfig, TrainResult, train
+
+
+@dataclass
+class Pair:
+    chosen: types.Datum
+    rejected: types.Datum
+    ref_chosen: list[float]
+    ref_rejected: list[float]
+
+
+def pair_sequences(renderer: Renderer, row: dict, max_length: int) -> tuple[tuple, tuple]:
+    """(tokens, weights) for chosen and rejected, both in the student's context (no system prompt)."""
+    out = []
+    for side in ("chosen", "rejected"):
+        tokens, weights = renderer.training_tokens(row["prompt"] + row[side], train_on="last_assistant")
+        out.append((tokens[:max_length], weights[:max_length]))
+    return out[0], out[1]
+
+
+def reference_logprobs(sampler: SamplingClient, sequences: list[list[int]]) -> list[list[float]]:
+    """Per-target log-probs under the reference (the starting weights) on exactly these sequences."""
+    futures = [sampler.compute_logprobs(types.ModelInput.from_ints(s)) for s in sequences]
+    return [[float(x) for x in f.result()[1:]] for f in futures]
+
+
+def run_dpo(
+    service: ServiceClient,
+    start: callable,
+    reference: callable,
+    renderer: Renderer,
+    data_path: Path,
+    run_dir: Path,
+    cfg: OptimConfig,
+    coef: DPOCoefficients,
+    max_length: int = 1024,
+    on_step=None,
+) -> TrainResult:
+    """`start()` makes the training client; `reference()` a sampling client on the same starting weights."""
+    rows = read_jsonl(data_path)
+    seqs = [pair_sequences(renderer, r, max_length) for r in rows]
+    flat = [s for pair in seqs for s in pair]
+    ref_path = Path(run_dir) / "reference_logprobs.json"
+    if ref_path.is_file():  # computed once; a resumed run reuses them
+        refs = json.loads(ref_path.read_text())
+    else:
+        refs = reference_logprobs(reference(), [t for t, _ in flat])
+        write_json_atomic(ref_path, refs)
+    pairs = [
+        Pair(to_datum(*c), to_datum(*r), refs[2 * i], refs[2 * i + 1]) for i, (c, r) in enumerate(seqs)
+    ]
+
+    def submit(client: TrainingClient, batch: list[Pair]):
+        data = [d for p in batch for d in (p.chosen, p.rejected)]
+        ref = [x for p in batch for x in (p.ref_chosen, p.ref_rejected)]
+        return client.forward_backward_custom(data, make_dpo_loss_fn(ref, coef))
+
+    return train(service, start, pairs, submit, cfg, run_dir, on_step)

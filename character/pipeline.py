@@ -1,0 +1,229 @@
+"""The pipeline's stages as plain functions: config in, paths and checkpoint URIs out.
+
+Prefect tasks wrap these one to one; they also run without Prefect (tests, benchmarks). Every
+stage records what it produced in the build's record.json as soon as it is produced, and a
+stage already recorded as finished (with its output still present) is not redone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from character.chat import Renderer
+from character.constitution import Constitution, load_constitution
+from character.datagen import generate_dpo_pairs, generate_introspection
+from character.dpo import run_dpo
+from character.errors import UserError
+from character.losses import DPOCoefficients
+from character.scales import SCALES, Scale, ScaleName
+from character.settings import Settings, Workspace, check_name
+from character.sft import run_sft
+from character.storage import uri_to_path, write_json_atomic
+from character.training import OptimConfig
+
+
+class DPOLoss(BaseModel):
+    beta: float = Field(0.1, gt=0)
+    nll_coef: float = Field(0.1, ge=0)
+    kl_coef: float = Field(0.001, ge=0)
+
+
+class PipelineConfig(BaseModel):
+    persona: str = Field(description="a shipped persona name or a path to a constitution .json file")
+    mode: Literal["sequential", "paper"] = "sequential"
+    scale: ScaleName = "smoke"
+    backend: Literal["local", "tinker"] = "local"
+    base_model: str = "tiny"
+    teacher_model: str | None = Field(None, description="defaults to the base model")
+    workdir: str = "workspace"
+    build_id: str = Field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+    seed: int = 0
+    device: str = "auto"
+    dpo_pairs: int | None = Field(None, ge=1)
+    reflections: int | None = Field(None, ge=0)
+    interactions: int | None = Field(None, ge=0)
+    turns: int | None = Field(None, ge=2)
+    max_new_tokens: int = Field(1024, ge=1)
+    lora_rank: int = Field(64, ge=1)
+    lora_alpha: int | None = Field(None, ge=1, description="defaults to 2 x rank")
+    dpo: OptimConfig = OptimConfig()
+    dpo_loss: DPOLoss = DPOLoss()
+    dpo_max_length: int = Field(1024, ge=8)
+    sft: OptimConfig = OptimConfig()
+    sft_max_length: int = Field(3072, ge=8)
+    sft_lr_multiplier: float = Field(0.25, gt=0)
+
+    @model_validator(mode="after")
+    def _names(self):
+        check_name(self.build_id, "build id")
+        return self
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kw) -> "PipelineConfig":
+        base = {"backend": settings.backend, "base_model": settings.base_model,
+                "teacher_model": settings.teacher_model, "workdir": str(settings.workdir),
+                "seed": settings.seed, "device": settings.device}
+        return cls(**{**base, **{k: v for k, v in kw.items() if v is not None}})
+
+    @property
+    def counts(self) -> Scale:
+        s = SCALES[self.scale]
+        return Scale(
+            dpo_pairs=self.dpo_pairs or s.dpo_pairs,
+            reflections=s.reflections if self.reflections is None else self.reflections,
+            interactions=s.interactions if self.interactions is None else self.interactions,
+            turns=self.turns or s.turns,
+        )
+
+    def constitution(self) -> Constitution:
+        return load_constitution(self.persona)
+
+    def build_dir(self) -> Path:
+        return Workspace(self.workdir).build_dir(self.constitution().name, self.build_id)
+
+
+class Checkpoint(BaseModel):
+    stage: str
+    state: str = Field(description="resumable training state URI")
+    sampler: str = Field(description="sampler weights / adapter URI")
+    steps: int
+
+
+def validate(cfg: PipelineConfig) -> Constitution:
+    """Everything that can be checked before a model is loaded or an API call is paid for."""
+    c = cfg.constitution()
+    if cfg.backend == "tinker":
+        raise UserError("the tinker backend is not available yet; use --backend local")
+    from character.backend.local import check_model_name
+
+    check_model_name(cfg.base_model)
+    if cfg.teacher_model:
+        check_model_name(cfg.teacher_model)
+    return c
+
+
+def _service(cfg: PipelineConfig):
+    from character.backend.local import LocalService
+
+    return LocalService(Workspace(cfg.workdir), device=cfg.device, seed=cfg.seed)
+
+
+# -- build record -------------------------------------------------------------------------------
+def read_record(cfg: PipelineConfig) -> dict:
+    path = cfg.build_dir() / "record.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def record_stage(cfg: PipelineConfig, stage: str, value: dict) -> None:
+    path = cfg.build_dir() / "record.json"
+    rec = read_record(cfg) or {"persona": cfg.constitution().name, "build_id": cfg.build_id,
+                               "config": cfg.model_dump(mode="json"), "stages": {}}
+    rec["stages"][stage] = {**value, "finished_at": datetime.now(timezone.utc).isoformat()}
+    write_json_atomic(path, rec)
+
+
+def _finished(cfg: PipelineConfig, stage: str) -> dict | None:
+    done = read_record(cfg).get("stages", {}).get(stage)
+    if not done:
+        return None
+    for key in ("path", "sampler", "state"):
+        if key in done and done[key] and not uri_to_path(done[key]).exists():
+            return None  # recorded but its output is gone: redo
+    return done
+
+
+# -- stages ---------------------------------------------------------------------------------------
+def stage_dpo_data(cfg: PipelineConfig) -> str:
+    if done := _finished(cfg, "dpo_data"):
+        return done["path"]
+    c = cfg.constitution()
+    svc = _service(cfg)
+    teacher_name = cfg.teacher_model or cfg.base_model
+    student = svc.create_sampling_client(base_model=cfg.base_model)
+    teacher = student if teacher_name == cfg.base_model else svc.create_sampling_client(base_model=teacher_name)
+    out = cfg.build_dir() / "data" / "dpo.jsonl"
+    t0 = time.perf_counter()
+    stats = generate_dpo_pairs(
+        c, teacher, student, Renderer(teacher.get_tokenizer()), Renderer(student.get_tokenizer()),
+        cfg.counts.dpo_pairs, cfg.seed, out, cfg.max_new_tokens,
+        provenance={"teacher": teacher_name, "student": cfg.base_model, "temperature": 0.7, "top_p": 0.95},
+    )
+    if stats["rows"] == 0:
+        raise RuntimeError(f"no DPO pairs survived the filters ({stats['dropped']})")
+    record_stage(cfg, "dpo_data", {"path": str(out), **stats, "seconds": round(time.perf_counter() - t0, 2)})
+    return str(out)
+
+
+def stage_dpo(cfg: PipelineConfig, data_path: str, on_step=None) -> Checkpoint:
+    if done := _finished(cfg, "dpo"):
+        return Checkpoint(**{k: done[k] for k in ("stage", "state", "sampler", "steps")})
+    svc = _service(cfg)
+    t0 = time.perf_counter()
+    result = run_dpo(
+        svc,
+        start=lambda: svc.create_lora_training_client(cfg.base_model, rank=cfg.lora_rank, seed=cfg.seed,
+                                                      alpha=cfg.lora_alpha),
+        reference=lambda: svc.create_sampling_client(base_model=cfg.base_model),
+        renderer=Renderer(svc.get_tokenizer(cfg.base_model)),
+        data_path=Path(data_path), run_dir=cfg.build_dir() / "dpo", cfg=cfg.dpo,
+        coef=DPOCoefficients(**cfg.dpo_loss.model_dump()), max_length=cfg.dpo_max_length, on_step=on_step,
+    )
+    ckpt = Checkpoint(stage="dpo", state=result.state, sampler=result.sampler, steps=result.steps)
+    record_stage(cfg, "dpo", {**ckpt.model_dump(), "seconds": round(time.perf_counter() - t0, 2)})
+    return ckpt
+
+
+def stage_introspection(cfg: PipelineConfig, dpo: Checkpoint) -> str:
+    if done := _finished(cfg, "introspection"):
+        return done["path"]
+    c = cfg.constitution()
+    svc = _service(cfg)
+    model = svc.create_sampling_client(model_path=dpo.sampler)
+    out = cfg.build_dir() / "data" / "introspection.jsonl"
+    n = cfg.counts
+    t0 = time.perf_counter()
+    stats = generate_introspection(
+        c, model, Renderer(model.get_tokenizer()), n.reflections, n.interactions, n.turns, cfg.seed, out,
+        cfg.max_new_tokens, provenance={"model": dpo.sampler, "temperature": 0.7, "top_p": 0.95},
+    )
+    if stats["rows"] == 0:
+        raise RuntimeError("no introspection data was produced")
+    record_stage(cfg, "introspection", {"path": str(out), **stats, "seconds": round(time.perf_counter() - t0, 2)})
+    return str(out)
+
+
+def stage_sft(cfg: PipelineConfig, data_path: str, dpo: Checkpoint | None, on_step=None) -> Checkpoint:
+    """Sequential mode continues from the DPO state at lr x sft_lr_multiplier; paper mode starts from base."""
+    if done := _finished(cfg, "sft"):
+        return Checkpoint(**{k: done[k] for k in ("stage", "state", "sampler", "steps")})
+    svc = _service(cfg)
+    if dpo is not None:
+        opt = cfg.sft.model_copy(update={"learning_rate": cfg.sft.learning_rate * cfg.sft_lr_multiplier})
+        start = lambda: svc.create_training_client_from_state(dpo.state)  # noqa: E731
+    else:
+        opt = cfg.sft
+        start = lambda: svc.create_lora_training_client(  # noqa: E731
+            cfg.base_model, rank=cfg.lora_rank, seed=cfg.seed, alpha=cfg.lora_alpha)
+    t0 = time.perf_counter()
+    result = run_sft(svc, start, Renderer(svc.get_tokenizer(cfg.base_model)), Path(data_path),
+                     cfg.build_dir() / "sft", opt, cfg.sft_max_length, on_step=on_step)
+    ckpt = Checkpoint(stage="sft", state=result.state, sampler=result.sampler, steps=result.steps)
+    record_stage(cfg, "sft", {**ckpt.model_dump(), "learning_rate": opt.learning_rate,
+                              "seconds": round(time.perf_counter() - t0, 2)})
+    return ckpt
+
+
+def run_sequential(cfg: PipelineConfig) -> dict[str, Checkpoint]:
+    """The sequential pipeline without Prefect (the flow runs the same stages as tasks)."""
+    validate(cfg)
+    data = stage_dpo_data(cfg)
+    dpo = stage_dpo(cfg, data)
+    intro = stage_introspection(cfg, dpo)
+    sft = stage_sft(cfg, intro, dpo)
+    return {"dpo": dpo, "sft": sft, "final": sft}

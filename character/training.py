@@ -1,0 +1,125 @@
+"""The one training loop, written once against the Tinker-shaped interface.
+
+Flat and resumable, like tinker-cookbook's sl_loop: resume from the last recorded state, build
+the batch, submit forward/backward and the optimizer step before waiting on either, log, save
+every N steps. Progress lives in `<run_dir>/checkpoints.jsonl`; a state URI is recorded only
+after the state is fully written, so a crash at any point resumes from a complete state.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from pydantic import BaseModel, Field
+from tinker import types
+
+from character.backend import Future, ServiceClient, TrainingClient
+from character.storage import append_jsonl, read_jsonl
+
+
+class OptimConfig(BaseModel):
+    learning_rate: float = Field(5e-5, gt=0)
+    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 1.0
+    save_every: int = Field(20, ge=1)
+    seed: int = 0
+
+
+def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
+    """Linear warmup, then cosine from the peak down to min_lr_ratio x peak."""
+    warmup = math.ceil(cfg.warmup_ratio * total)
+    if step < warmup:
+        return cfg.learning_rate * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    floor = cfg.min_lr_ratio
+    return cfg.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def batch_order(n: int, cfg: OptimConfig) -> list[list[int]]:
+    """Shuffled example indices per step, derived from the seed alone (so a resumed run sees the same order)."""
+    batches = []
+    for epoch in range(cfg.epochs):
+        idx = list(range(n))
+        random.Random(cfg.seed * 1000 + epoch).shuffle(idx)
+        batches += [idx[i: i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+    return batches
+
+
+@dataclass
+class TrainResult:
+    state: str  # resumable training state (weights + optimizer)
+    sampler: str  # weights for sampling / a PEFT adapter
+    steps: int
+    resumed_from: int = 0
+    metrics: list[dict] = field(default_factory=list)
+
+
+SubmitFn = Callable[[TrainingClient, Sequence[Any]], Future[types.ForwardBackwardOutput]]
+
+
+def train(
+    service: ServiceClient,
+    start: Callable[[], TrainingClient],
+    examples: Sequence[Any],
+    submit: SubmitFn,
+    cfg: OptimConfig,
+    run_dir: Path,
+    on_step: Callable[[int, int, dict], None] | None = None,
+) -> TrainResult:
+    """Train on `examples` (one epoch per cfg.epochs); `submit` turns a batch into a forward/backward call."""
+    if not examples:
+        raise ValueError("no training examples")
+    run_dir = Path(run_dir)
+    log_path = run_dir / "checkpoints.jsonl"
+    batches = batch_order(len(examples), cfg)
+    total = len(batches)
+
+    records = read_jsonl(log_path)
+    last = records[-1] if records else None
+    if last and last.get("final"):
+        return TrainResult(last["state"], last["sampler"], total, resumed_from=total)
+    if last:
+        client = service.create_training_client_from_state_with_optimizer(last["state"])
+        first = last["step"]
+    else:
+        client = start()
+        first = 0
+
+    metrics: list[dict] = []
+    state = last["state"] if last else None
+    for step in range(first, total):
+        t0 = time.perf_counter()
+        batch = [examples[i] for i in batches[step]]
+        lr = lr_at(step, total, cfg)
+        fb = submit(client, batch)
+        opt = client.optim_step(types.AdamParams(
+            learning_rate=lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
+            weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm,
+        ))
+        out, opt_out = fb.result(), opt.result()
+        row = {"step": step + 1, "total": total, "lr": lr, **out.metrics,
+               **({"grad_norm": opt_out["grad_norm"]} if isinstance(opt_out, dict) and "grad_norm" in opt_out else {}),
+               "seconds": round(time.perf_counter() - t0, 4)}
+        metrics.append(row)
+        append_jsonl(run_dir / "metrics.jsonl", row)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == total:
+            state = client.save_state(f"step-{step + 1:06d}").result().path
+            append_jsonl(log_path, {"step": step + 1, "state": state})
+        if on_step is not None:
+            on_step(step + 1, total, row)
+
+    sampler = client.save_weights_for_sampler("final").result().path
+    append_jsonl(log_path, {"step": total, "state": state, "sampler": sampler, "final": True})
+    return TrainResult(state, sampler, total, resumed_from=first, metrics=metrics)
