@@ -227,3 +227,12 @@ def run_sequential(cfg: PipelineConfig) -> dict[str, Checkpoint]:
     intro = stage_introspection(cfg, dpo)
     sft = stage_sft(cfg, intro, dpo)
     return {"dpo": dpo, "sft": sft, "final": sft}
+
+
+class PipelineResult(BaseModel):
+    persona: str
+    mode: Literal["sequential", "paper"]
+    base_model: str
+    workdir: str
+    build_id: str
+    checkpoints: dict[str, str]

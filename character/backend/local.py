@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from character.storage import atomic_dir, file_uri, uri_to_path
 from character.tinymodel import tiny_model_path
 
 STATE_FILE = "character_state.json"
+
+# PEFT calls a transformers API that warns on every model wrap; it is not ours to fix.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 _ATTN_HINTS = ("attn", "attention")
 
 
@@ -61,6 +65,9 @@ def _tokenizer(model_dir: str):
 
 def _load_base(model_dir: Path, device: torch.device):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
