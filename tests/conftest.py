@@ -1,0 +1,54 @@
+"""Shared fixtures: Prefect settings for tests, the tiny model built once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# Prefect reads these at import; set them before anything imports it.
+_PREFECT_TMP = Path(tempfile.mkdtemp(prefix="character-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(_PREFECT_TMP / "results")
+os.environ["PREFECT_HOME"] = str(_PREFECT_TMP / "home")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.pop("TINKER_API_KEY", None)  # no test may reach the network
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """The tiny model, built once (about 45 s on 2 cores) and shared by every workspace."""
+    from character.tinymodel import tiny_model_path
+
+    root = tmp_path_factory.mktemp("models")
+    tiny_model_path(root)
+    return root
+
+
+@pytest.fixture
+def workdir(tmp_path, models_dir) -> Path:
+    """A fresh workspace whose model cache points at the session's tiny model."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "models").symlink_to(models_dir, target_is_directory=True)
+    return ws
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(models_dir) -> Path:
+    from character.tinymodel import tiny_model_path
+
+    return tiny_model_path(models_dir)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+    shutil.rmtree(_PREFECT_TMP, ignore_errors=True)

@@ -1,0 +1,71 @@
+"""The sequential flow end to end on the tiny model, through Prefect."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from character.pipeline import PipelineConfig, read_record
+from character.storage import uri_to_path
+
+
+@pytest.fixture(scope="module")
+def smoke_run(prefect_harness, tmp_path_factory, models_dir):
+    from flows.sequential import sequential
+
+    ws = tmp_path_factory.mktemp("flow") / "ws"
+    ws.mkdir()
+    (ws / "models").symlink_to(models_dir, target_is_directory=True)
+    cfg = PipelineConfig(persona="sarcastic", scale="smoke", workdir=str(ws), build_id="smoke-test", lora_rank=8)
+    state = sequential(cfg, return_state=True)
+    return cfg, state
+
+
+def test_smoke_flow_completes(smoke_run):
+    cfg, state = smoke_run
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result.mode == "sequential" and result.persona == "sarcastic"
+    assert set(result.checkpoints) == {"dpo", "sft", "final"}
+    assert result.checkpoints["final"] == result.checkpoints["sft"] != result.checkpoints["dpo"]
+    stages = read_record(cfg)["stages"]
+    assert set(stages) == {"dpo_data", "dpo", "introspection", "sft"}
+    assert stages["dpo_data"]["rows"] > 0 and stages["introspection"]["rows"] > 0
+
+
+def test_artifacts_hold_the_checkpoint_uris(smoke_run):
+    from prefect.artifacts import Artifact
+
+    _, state = smoke_run
+    uris = state.result().checkpoints
+    for key, stage in [("sarcastic-dpo-checkpoint", "dpo"), ("sarcastic-sft-checkpoint", "sft"),
+                       ("sarcastic-final-checkpoint", "final")]:
+        art = Artifact.get(key)
+        assert art is not None, key
+        assert art.type == "markdown" or art.type == "link"
+        assert uris[stage] in str(art.data)
+
+
+def test_final_checkpoint_loads_and_differs_from_base(smoke_run, tiny_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, state = smoke_run
+    folder = uri_to_path(state.result().checkpoints["final"])
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), folder).merge_and_unload()
+    diffs = {k: (v - base_sd[k]).abs().max().item() for k, v in merged.state_dict().items()}
+    assert max(diffs.values()) > 0
+    assert any(d > 0 for k, d in diffs.items() if "q_proj" in k) and any(d > 0 for k, d in diffs.items() if "mlp" in k)
+
+
+def test_running_the_same_build_again_redoes_nothing(smoke_run):
+    from flows.sequential import sequential
+
+    cfg, first = smoke_run
+    before = read_record(cfg)["stages"]
+    again = sequential(cfg, return_state=True)
+    assert again.is_completed()
+    assert again.result().checkpoints == first.result().checkpoints
+    assert read_record(cfg)["stages"] == before
