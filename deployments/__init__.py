@@ -1,0 +1,1 @@
+"""Ways to run the flows beyond `prefect.yaml`: serving them from one process."""
