@@ -50,6 +50,9 @@ class Constitution(BaseModel):
         return hashlib.sha256(body).hexdigest()[:16]
 
 
+CONSTITUTION_SUFFIXES = (".json", ".yaml", ".yml")
+
+
 def _shipped_dir():
     return resources.files("character.personas")
 
@@ -58,12 +61,27 @@ def shipped_personas() -> list[str]:
     return sorted(p.name[:-5] for p in _shipped_dir().iterdir() if p.name.endswith(".json"))
 
 
-def parse_constitution(text: str, name: str, source: str) -> Constitution:
-    """Validate a constitution's text; errors name the file, the entry and the field, on one line."""
+def _parse_yaml(text: str, source: str):
+    import yaml
+
     try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{source}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "syntax error"
+        raise UserError(f"{source}: not valid YAML: {problem}{where}") from None
+
+
+def parse_constitution(text: str, name: str, source: str, fmt: str = "json") -> Constitution:
+    """Validate a constitution's text; errors name the file, the entry and the field, on one line."""
+    if fmt == "yaml":
+        raw = _parse_yaml(text, source)
+    else:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{source}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     if not isinstance(raw, list):
         raise UserError(f"{source}: expected a JSON array of {{trait, questions}} entries, got {type(raw).__name__}")
     if not raw:
@@ -88,14 +106,17 @@ def parse_constitution(text: str, name: str, source: str) -> Constitution:
 def load_constitution(name_or_path: str) -> Constitution:
     """A shipped persona by name, or a path to a constitution file (the persona is the file's stem)."""
     path = Path(name_or_path)
-    if path.suffix == ".json" or path.exists():
+    if path.suffix in CONSTITUTION_SUFFIXES or path.exists() or "/" in name_or_path:
         if not path.is_file():
             raise UserError(f"{name_or_path}: constitution file not found")
+        if path.suffix not in CONSTITUTION_SUFFIXES:
+            raise UserError(f"{path}: a constitution file must end in .json, .yaml or .yml")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise UserError(f"{path}: not UTF-8 text") from None
-        return parse_constitution(text, check_name(path.stem, "persona"), str(path))
+        fmt = "json" if path.suffix == ".json" else "yaml"
+        return parse_constitution(text, check_name(path.stem, "persona"), str(path), fmt)
     check_name(name_or_path, "persona")
     if name_or_path not in shipped_personas():
         raise UserError(

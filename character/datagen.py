@@ -1,25 +1,43 @@
-"""Data generation: DPO distillation pairs and introspection data (reflections, self-interactions).
+"""Data generation: DPO distillation pairs, introspection data, optional question expansion.
 
-Every sample has its own seed derived from the build seed and the item's index, so the dataset
-is the same however the work is batched. All requests are submitted before any result is awaited.
+Holding up at scale:
+- every sample has its own seed, derived from the build seed and the item's index, so an item's
+  outcome does not depend on what else is in flight;
+- items run in fixed windows (the bound on requests in flight); a finished window's rows are
+  appended to the output at once, with dropped items noted in a `.skipped.jsonl` sidecar, so a
+  rerun after a crash skips what is done and redoes at most one window, with the same batches;
+- at the end the file is rewritten in index order, so a resumed run gives the same file as an
+  uninterrupted one;
+- a transient failure of one request resubmits that request, not the stage.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
+import re
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 from tinker import types
 
 from character.backend import SamplingClient
+from character.backend.errors import is_transient
 from character.chat import Renderer
 from character.constitution import Constitution
 from character.prompts import (
     GREETINGS, INTERACTION_SYSTEM_PROMPT, REFLECTION_PROMPTS, REFLECTION_SYSTEM_PROMPT,
-    general_prompts, teacher_system_prompt,
+    general_prompts, question_expansion_prompt, teacher_system_prompt,
 )
-from character.storage import write_text_atomic
+from character.storage import append_jsonl, read_jsonl, write_text_atomic
+
+TEMPERATURE = 0.7
+TOP_P = 0.95
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
+_ENDS_LIKE_A_SENTENCE = re.compile(r"[.!?…\"'”’)\]*`~]\s*$")
 
 
 def item_seed(seed: int, *parts) -> int:
@@ -27,99 +45,287 @@ def item_seed(seed: int, *parts) -> int:
     return int.from_bytes(h[:8], "big") >> 1
 
 
-def sampling_params(seed: int, max_tokens: int, temperature: float = 0.7, top_p: float = 0.95):
-    return types.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+def sampling_params(seed: int, max_tokens: int) -> types.SamplingParams:
+    return types.SamplingParams(max_tokens=max_tokens, temperature=TEMPERATURE, top_p=TOP_P, seed=seed)
 
 
-def distillation_prompts(c: Constitution, n: int, seed: int) -> list[str]:
-    """The constitution's own questions first, then the general pool, shuffled; cycled if n is larger."""
+# -- filters ----------------------------------------------------------------------------------------
+def clean_answer(seq: types.SampledSequence, renderer: Renderer, max_tokens: int) -> tuple[str | None, str]:
+    """The answer text if it passes the method's filters, else (None, the filter that dropped it)."""
+    if seq.stop_reason != "stop":
+        return None, "incomplete"
+    if len(seq.tokens) > max_tokens:
+        return None, "too_long"
+    text = renderer.decode(list(seq.tokens))
+    if "<think>" in text and "</think>" not in text:
+        return None, "unclosed_reasoning"
+    text = _THINK.sub("", text).strip()
+    if not text:
+        return None, "empty"
+    if not _ENDS_LIKE_A_SENTENCE.search(text):
+        return None, "no_final_punctuation"
+    return text, "ok"
+
+
+def word_overlap(a: str, b: str) -> float:
+    """Jaccard overlap of lowercase word sets: the paper's near-duplicate test for questions."""
+    wa, wb = set(re.findall(r"\w+", a.lower())), set(re.findall(r"\w+", b.lower()))
+    return len(wa & wb) / max(1, len(wa | wb))
+
+
+# -- resumable, windowed item processing -------------------------------------------------------------
+@dataclass
+class Ledger:
+    """What is already done for one output file: kept rows and dropped items, keyed by item key."""
+
+    out: Path
+    key: Callable[[dict], str]
+    done: set[str] = field(default_factory=set)
+
+    @property
+    def skipped_path(self) -> Path:
+        return self.out.with_name(self.out.name + ".skipped.jsonl")
+
+    def load(self) -> "Ledger":
+        for path in (self.out, self.skipped_path):
+            self.done |= {self.key(r) for r in read_jsonl(path)}
+        return self
+
+    def commit(self, rows: list[dict], skipped: list[dict]) -> None:
+        append_jsonl(self.out, rows)
+        append_jsonl(self.skipped_path, skipped)
+        self.done |= {self.key(r) for r in rows} | {self.key(s) for s in skipped}
+
+    def finish(self, order: Callable[[dict], tuple]) -> tuple[list[dict], dict[str, int]]:
+        """Rewrite the output in item order; return the rows and the per-filter drop counts."""
+        rows = sorted(read_jsonl(self.out), key=order)
+        write_text_atomic(self.out, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        dropped: dict[str, int] = {}
+        for s in read_jsonl(self.skipped_path):
+            for reason in s["reasons"]:
+                dropped[reason] = dropped.get(reason, 0) + 1
+        return rows, dropped
+
+
+def windows(items: list, size: int) -> Iterable[list]:
+    for k in range(0, len(items), size):
+        yield items[k: k + size]
+
+
+def resolve(submit: Callable[[], object], attempts: int = 5, backoff_s: float = 1.0):
+    """Wait for one request; on a transient failure resubmit it (this request only)."""
+    for attempt in range(attempts):
+        try:
+            return submit().result()
+        except Exception as e:  # noqa: BLE001 - classification decides
+            if not is_transient(e) or attempt == attempts - 1:
+                raise
+            time.sleep(backoff_s * 2**attempt)
+
+
+class Requests:
+    """Submit now, wait later, retry one request on a transient error."""
+
+    def __init__(self, client: SamplingClient):
+        self.client = client
+
+    def submit(self, tokens: list[int], params: types.SamplingParams, n: int = 1):
+        make = lambda: self.client.sample(types.ModelInput.from_ints(tokens), n, params)  # noqa: E731
+        try:
+            fut = make()
+        except Exception as e:  # noqa: BLE001
+            if not is_transient(e):
+                raise
+            fut = None
+        return lambda: resolve(make) if fut is None else _first_try(fut, make)
+
+
+def _first_try(fut, make):
+    try:
+        return fut.result()
+    except Exception as e:  # noqa: BLE001
+        if not is_transient(e):
+            raise
+        return resolve(make)
+
+
+# -- DPO distillation pairs ------------------------------------------------------------------------
+def distillation_prompts(c: Constitution, n: int, seed: int, extra_questions: list[str] = ()) -> list[str]:
+    """The constitution's (and expanded) questions first, then the general pool; cycled if n is larger."""
     rng = random.Random(seed)
-    own, pool = list(c.questions), list(general_prompts())
+    own, pool = list(c.questions) + list(extra_questions), list(general_prompts())
     rng.shuffle(own)
     rng.shuffle(pool)
     merged = own + pool
     return [merged[i % len(merged)] for i in range(n)]
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    import json
-
-    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-
-
 def generate_dpo_pairs(
     c: Constitution, teacher: SamplingClient, student: SamplingClient, teacher_renderer: Renderer,
-    student_renderer: Renderer, n_pairs: int, seed: int, out: Path, max_tokens: int = 1024,
+    student_renderer: Renderer, n_prompts: int, seed: int, out: Path, max_tokens: int = 1024,
+    samples_per_prompt: int = 1, window: int = 64, extra_questions: list[str] = (),
     provenance: dict | None = None,
 ) -> dict:
-    """Chosen = teacher with the constitution in its system prompt; rejected = student with none."""
+    """Chosen = the teacher with the constitution in its system prompt; rejected = the student without.
+
+    Each prompt gets `samples_per_prompt` samples from each side; sample j of the teacher is paired
+    with sample j of the student. Rows are TRL's conversational preference format plus `meta`.
+    """
     system = teacher_system_prompt(c)
-    prompts = distillation_prompts(c, n_pairs, seed)
-    jobs = []
-    for i, q in enumerate(prompts):
-        user = [{"role": "user", "content": q}]
-        t = teacher.sample(types.ModelInput.from_ints(teacher_renderer.prompt([{"role": "system", "content": system}] + user)),
-                           1, sampling_params(item_seed(seed, "teacher", i), max_tokens))
-        s = student.sample(types.ModelInput.from_ints(student_renderer.prompt(user)),
-                           1, sampling_params(item_seed(seed, "student", i), max_tokens))
-        jobs.append((q, t, s))
-    rows, dropped = [], {"empty": 0, "identical": 0}
-    for i, (q, t, s) in enumerate(jobs):
-        chosen = teacher_renderer.decode(t.result().sequences[0].tokens)
-        rejected = student_renderer.decode(s.result().sequences[0].tokens)
-        if not chosen or not rejected:
-            dropped["empty"] += 1
+    prompts = distillation_prompts(c, n_prompts, seed, extra_questions)
+    meta = {"persona": c.name, "constitution": c.digest(), "temperature": TEMPERATURE, "top_p": TOP_P,
+            "max_tokens": max_tokens, "seed": seed, **(provenance or {})}
+    ledger = Ledger(Path(out), key=lambda r: str(r["meta"]["index"] if "meta" in r else r["index"])).load()
+    t_req, s_req = Requests(teacher), Requests(student)
+    todo = [i for i in range(len(prompts)) if str(i) not in ledger.done]
+    for chunk in windows(todo, window):
+        jobs = []
+        for i in chunk:
+            user = [{"role": "user", "content": prompts[i]}]
+            t = t_req.submit(teacher_renderer.prompt([{"role": "system", "content": system}] + user),
+                             sampling_params(item_seed(seed, "teacher", i), max_tokens), samples_per_prompt)
+            s = s_req.submit(student_renderer.prompt(user),
+                             sampling_params(item_seed(seed, "student", i), max_tokens), samples_per_prompt)
+            jobs.append((i, t, s))
+        rows, skipped = [], []
+        for i, t, s in jobs:
+            kept, reasons = _pairs_for_prompt(t().sequences, s().sequences, teacher_renderer, student_renderer,
+                                              max_tokens)
+            for j, (chosen, rejected) in enumerate(kept):
+                rows.append({
+                    "prompt": [{"role": "user", "content": prompts[i]}],
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                    "meta": {"index": i, "sample": j, **meta},
+                })
+            if reasons:  # some samples were dropped; the prompt may still have kept pairs
+                skipped.append({"index": i, "reasons": reasons})
+        ledger.commit(rows, skipped)
+    rows, dropped = ledger.finish(order=lambda r: (r["meta"]["index"], r["meta"]["sample"]))
+    return {"rows": len(rows), "prompts": len(prompts), "dropped": dropped}
+
+
+def _pairs_for_prompt(teacher_seqs, student_seqs, t_renderer, s_renderer, max_tokens):
+    kept, reasons, seen = [], [], set()
+    for t_seq, s_seq in zip(teacher_seqs, student_seqs):
+        chosen, why_c = clean_answer(t_seq, t_renderer, max_tokens)
+        rejected, why_r = clean_answer(s_seq, s_renderer, max_tokens)
+        if chosen is None or rejected is None:
+            reasons += [f"chosen_{why_c}"] if chosen is None else []
+            reasons += [f"rejected_{why_r}"] if rejected is None else []
             continue
         if chosen == rejected:
-            dropped["identical"] += 1
+            reasons.append("identical")
             continue
-        rows.append({
-            "prompt": [{"role": "user", "content": q}],
-            "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}],
-            "meta": {"index": i, "persona": c.name, "constitution": c.digest(), **(provenance or {})},
-        })
-    _write_jsonl(out, rows)
-    return {"rows": len(rows), "dropped": dropped}
+        if (chosen, rejected) in seen:
+            reasons.append("duplicate")
+            continue
+        seen.add((chosen, rejected))
+        kept.append((chosen, rejected))
+    return kept, reasons
 
 
+# -- introspection ------------------------------------------------------------------------------
 def generate_introspection(
     c: Constitution, model: SamplingClient, renderer: Renderer, n_reflections: int, n_interactions: int,
-    turns: int, seed: int, out: Path, max_tokens: int = 1024, provenance: dict | None = None,
+    turns: int, seed: int, out: Path, max_tokens: int = 1024, window: int = 64, provenance: dict | None = None,
 ) -> dict:
-    """Reflections (system prompt not stored) and self-interactions stored from one speaker's side."""
-    meta = {"persona": c.name, "constitution": c.digest(), **(provenance or {})}
-    jobs = []
-    for i in range(n_reflections):
-        q = REFLECTION_PROMPTS[i % len(REFLECTION_PROMPTS)]
-        msgs = [{"role": "system", "content": REFLECTION_SYSTEM_PROMPT}, {"role": "user", "content": q}]
-        jobs.append((q, model.sample(types.ModelInput.from_ints(renderer.prompt(msgs)), 1,
-                                     sampling_params(item_seed(seed, "reflection", i), max_tokens))))
-    rows = []
-    for i, (q, fut) in enumerate(jobs):
-        answer = renderer.decode(fut.result().sequences[0].tokens)
-        if answer:
-            rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}],
-                         "kind": "reflection", "meta": {"index": i, **meta}})
+    """Reflections (the reflective system prompt is not stored) and self-interactions (stored from the
+    side of the instance that answered the greeting, so SFT trains on that instance's turns)."""
+    meta = {"persona": c.name, "constitution": c.digest(), "temperature": TEMPERATURE, "top_p": TOP_P,
+            "max_tokens": max_tokens, "seed": seed, **(provenance or {})}
+    key = lambda r: f"{r.get('kind')}-{r['meta']['index'] if 'meta' in r else r['index']}"  # noqa: E731
+    ledger = Ledger(Path(out), key=key).load()
+    req = Requests(model)
 
-    # Self-interaction: all conversations advance one turn at a time, each turn sampled as a batch.
-    transcripts = [[GREETINGS[i % len(GREETINGS)]] for i in range(n_interactions)]
+    todo = [i for i in range(n_reflections) if f"reflection-{i}" not in ledger.done]
+    for chunk in windows(todo, window):
+        jobs = []
+        for i in chunk:
+            q = REFLECTION_PROMPTS[i % len(REFLECTION_PROMPTS)]
+            msgs = [{"role": "system", "content": REFLECTION_SYSTEM_PROMPT}, {"role": "user", "content": q}]
+            jobs.append((i, q, req.submit(renderer.prompt(msgs), sampling_params(item_seed(seed, "reflection", i),
+                                                                                  max_tokens))))
+        rows, skipped = [], []
+        for i, q, fut in jobs:
+            answer, why = clean_answer(fut().sequences[0], renderer, max_tokens)
+            if answer is None:
+                skipped.append({"kind": "reflection", "index": i, "reasons": [why]})
+                continue
+            rows.append({"kind": "reflection", "meta": {"index": i, "prompt_id": i % len(REFLECTION_PROMPTS), **meta},
+                         "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]})
+        ledger.commit(rows, skipped)
+
+    todo = [i for i in range(n_interactions) if f"interaction-{i}" not in ledger.done]
+    for chunk in windows(todo, window):
+        rows, skipped = [], []
+        for i, said in zip(chunk, _converse(req, renderer, chunk, turns, seed, max_tokens)):
+            if said is None:
+                skipped.append({"kind": "interaction", "index": i, "reasons": ["turn_filtered"]})
+                continue
+            messages = [{"role": "user" if k % 2 == 0 else "assistant", "content": t} for k, t in enumerate(said)]
+            rows.append({"kind": "interaction", "messages": messages,
+                         "meta": {"index": i, "greeting": said[0], "turns": turns, **meta}})
+        ledger.commit(rows, skipped)
+
+    rows, dropped = ledger.finish(order=lambda r: (r["kind"] != "reflection", r["meta"]["index"]))
+    return {"rows": len(rows), "reflections": sum(r["kind"] == "reflection" for r in rows),
+            "interactions": sum(r["kind"] == "interaction" for r in rows), "dropped": dropped}
+
+
+def _converse(req: Requests, renderer: Renderer, indices: list[int], turns: int, seed: int, max_tokens: int):
+    """All conversations of a window advance one turn at a time. Transcript[0] is the greeting from
+    instance B; then A and B alternate. A conversation with a filtered turn is dropped whole."""
+    transcripts: dict[int, list[str] | None] = {i: [GREETINGS[i % len(GREETINGS)]] for i in indices}
     for turn in range(turns):
-        futs = []
-        for i, said in enumerate(transcripts):
-            # The speaker's own past turns are "assistant"; the other instance's are "user".
-            speaker_is_a = turn % 2 == 0
+        speaker_is_a = turn % 2 == 0
+        jobs = []
+        for i, said in transcripts.items():
+            if said is None:
+                continue
             view = [{"role": "system", "content": INTERACTION_SYSTEM_PROMPT}]
             for k, text in enumerate(said):
-                own = (k % 2 == 1) == speaker_is_a
+                own = (k % 2 == 1) == speaker_is_a  # one's own past turns are "assistant"
                 view.append({"role": "assistant" if own else "user", "content": text})
-            futs.append(model.sample(types.ModelInput.from_ints(renderer.prompt(view)), 1,
-                                     sampling_params(item_seed(seed, "interaction", i, turn), max_tokens)))
-        for said, f in zip(transcripts, futs):
-            said.append(renderer.decode(f.result().sequences[0].tokens) or "...")
-    for i, said in enumerate(transcripts):
-        messages = [{"role": "user" if k % 2 == 0 else "assistant", "content": t} for k, t in enumerate(said)]
-        rows.append({"messages": messages, "kind": "interaction", "meta": {"index": i, **meta}})
-    _write_jsonl(out, rows)
-    return {"rows": len(rows), "reflections": sum(r["kind"] == "reflection" for r in rows),
-            "interactions": n_interactions}
+            jobs.append((i, req.submit(renderer.prompt(view),
+                                       sampling_params(item_seed(seed, "interaction", i, turn), max_tokens))))
+        for i, fut in jobs:
+            text, _ = clean_answer(fut().sequences[0], renderer, max_tokens)
+            transcripts[i] = None if text is None else transcripts[i] + [text]
+    return [transcripts[i] for i in indices]
+
+
+# -- question expansion -------------------------------------------------------------------------
+def expand_questions(
+    c: Constitution, teacher: SamplingClient, renderer: Renderer, per_trait: int, seed: int, out: Path,
+    max_overlap: float = 0.6, max_tokens: int = 128,
+) -> dict:
+    """Ask the teacher for more user messages per trait; drop near-duplicates by word overlap."""
+    req = Requests(teacher)
+    jobs = []
+    for t_idx, trait in enumerate(c.traits):
+        prompt = renderer.prompt([{"role": "user", "content": question_expansion_prompt(trait.trait, trait.questions)}])
+        for j in range(per_trait):
+            jobs.append((t_idx, req.submit(prompt, sampling_params(item_seed(seed, "expand", t_idx, j), max_tokens))))
+    accepted: dict[int, list[str]] = {i: [] for i in range(len(c.traits))}
+    dropped = {"filtered": 0, "near_duplicate": 0}
+    for t_idx, fut in jobs:
+        text, _ = clean_answer(fut().sequences[0], renderer, max_tokens)
+        text = text.strip().strip('"').strip() if text else None
+        if not text:
+            dropped["filtered"] += 1
+            continue
+        known = c.traits[t_idx].questions + accepted[t_idx]
+        if any(word_overlap(text, k) >= max_overlap for k in known):
+            dropped["near_duplicate"] += 1
+            continue
+        accepted[t_idx].append(text)
+    rows = [{"trait": c.traits[i].trait, "trait_index": i, "questions": qs} for i, qs in accepted.items()]
+    write_text_atomic(Path(out), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    return {"questions": sum(len(q) for q in accepted.values()), "dropped": dropped}
+
+
+def load_expanded_questions(path: Path | None) -> list[str]:
+    if path is None or not Path(path).is_file():
+        return []
+    return [q for r in read_jsonl(Path(path)) for q in r["questions"]]

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from character.chat import Renderer
 from character.constitution import Constitution, load_constitution
-from character.datagen import generate_dpo_pairs, generate_introspection
+from character.datagen import expand_questions, generate_dpo_pairs, generate_introspection, load_expanded_questions
 from character.dpo import run_dpo
 from character.errors import UserError
 from character.losses import DPOCoefficients
@@ -49,6 +49,9 @@ class PipelineConfig(BaseModel):
     reflections: int | None = Field(None, ge=0)
     interactions: int | None = Field(None, ge=0)
     turns: int | None = Field(None, ge=2)
+    samples_per_prompt: int = Field(1, ge=1, description="DPO samples per prompt from teacher and student")
+    expand_questions: int = Field(0, ge=0, description="extra questions per trait from the teacher (paper: 50)")
+    max_in_flight: int = Field(64, ge=1, description="sampling requests in flight at once")
     max_new_tokens: int = Field(1024, ge=1)
     lora_rank: int = Field(64, ge=1)
     lora_alpha: int | None = Field(None, ge=1, description="defaults to 2 x rank")
@@ -128,6 +131,11 @@ def record_stage(cfg: PipelineConfig, stage: str, value: dict) -> None:
     write_json_atomic(path, rec)
 
 
+def recorded(cfg: PipelineConfig, stage: str, key: str) -> str | None:
+    """A value a finished stage of this build recorded (e.g. its output path), if any."""
+    return (read_record(cfg).get("stages", {}).get(stage) or {}).get(key)
+
+
 def _finished(cfg: PipelineConfig, stage: str) -> dict | None:
     done = read_record(cfg).get("stages", {}).get(stage)
     if not done:
@@ -139,23 +147,46 @@ def _finished(cfg: PipelineConfig, stage: str) -> dict | None:
 
 
 # -- stages ---------------------------------------------------------------------------------------
-def stage_dpo_data(cfg: PipelineConfig) -> str:
+def _teacher_and_student(cfg: PipelineConfig, svc):
+    teacher_name = cfg.teacher_model or cfg.base_model
+    student = svc.create_sampling_client(base_model=cfg.base_model)
+    teacher = student if teacher_name == cfg.base_model else svc.create_sampling_client(base_model=teacher_name)
+    return teacher_name, teacher, student
+
+
+def stage_expand_questions(cfg: PipelineConfig) -> str | None:
+    """Optional: more questions per trait from the teacher, near-duplicates dropped."""
+    if cfg.expand_questions == 0:
+        return None
+    if done := _finished(cfg, "questions"):
+        return done["path"]
+    svc = _service(cfg)
+    _, teacher, _ = _teacher_and_student(cfg, svc)
+    out = cfg.build_dir() / "data" / "questions.jsonl"
+    t0 = time.perf_counter()
+    stats = expand_questions(cfg.constitution(), teacher, Renderer(teacher.get_tokenizer()), cfg.expand_questions,
+                             cfg.seed, out)
+    record_stage(cfg, "questions", {"path": str(out), **stats, "seconds": round(time.perf_counter() - t0, 2)})
+    return str(out)
+
+
+def stage_dpo_data(cfg: PipelineConfig, questions_path: str | None = None) -> str:
     if done := _finished(cfg, "dpo_data"):
         return done["path"]
     c = cfg.constitution()
     svc = _service(cfg)
-    teacher_name = cfg.teacher_model or cfg.base_model
-    student = svc.create_sampling_client(base_model=cfg.base_model)
-    teacher = student if teacher_name == cfg.base_model else svc.create_sampling_client(base_model=teacher_name)
+    teacher_name, teacher, student = _teacher_and_student(cfg, svc)
     out = cfg.build_dir() / "data" / "dpo.jsonl"
     t0 = time.perf_counter()
+    n_prompts = -(-cfg.counts.dpo_pairs // cfg.samples_per_prompt)
     stats = generate_dpo_pairs(
         c, teacher, student, Renderer(teacher.get_tokenizer()), Renderer(student.get_tokenizer()),
-        cfg.counts.dpo_pairs, cfg.seed, out, cfg.max_new_tokens,
-        provenance={"teacher": teacher_name, "student": cfg.base_model, "temperature": 0.7, "top_p": 0.95},
+        n_prompts, cfg.seed, out, cfg.max_new_tokens, samples_per_prompt=cfg.samples_per_prompt,
+        window=cfg.max_in_flight, extra_questions=load_expanded_questions(questions_path),
+        provenance={"teacher": teacher_name, "student": cfg.base_model},
     )
     if stats["rows"] == 0:
-        raise RuntimeError(f"no DPO pairs survived the filters ({stats['dropped']})")
+        raise RuntimeError(f"no DPO pairs survived the filters (dropped: {stats['dropped']})")
     record_stage(cfg, "dpo_data", {"path": str(out), **stats, "seconds": round(time.perf_counter() - t0, 2)})
     return str(out)
 
@@ -190,7 +221,7 @@ def stage_introspection(cfg: PipelineConfig, dpo: Checkpoint) -> str:
     t0 = time.perf_counter()
     stats = generate_introspection(
         c, model, Renderer(model.get_tokenizer()), n.reflections, n.interactions, n.turns, cfg.seed, out,
-        cfg.max_new_tokens, provenance={"model": dpo.sampler, "temperature": 0.7, "top_p": 0.95},
+        cfg.max_new_tokens, window=cfg.max_in_flight, provenance={"model": dpo.sampler},
     )
     if stats["rows"] == 0:
         raise RuntimeError("no introspection data was produced")
@@ -222,7 +253,8 @@ def stage_sft(cfg: PipelineConfig, data_path: str, dpo: Checkpoint | None, on_st
 def run_sequential(cfg: PipelineConfig) -> dict[str, Checkpoint]:
     """The sequential pipeline without Prefect (the flow runs the same stages as tasks)."""
     validate(cfg)
-    data = stage_dpo_data(cfg)
+    questions = stage_expand_questions(cfg)
+    data = stage_dpo_data(cfg, questions)
     dpo = stage_dpo(cfg, data)
     intro = stage_introspection(cfg, dpo)
     sft = stage_sft(cfg, intro, dpo)

@@ -59,6 +59,18 @@ GREETINGS: list[str] = [
 ]
 
 
+def question_expansion_prompt(trait: str, examples: list[str]) -> str:
+    """Asks the teacher for one more user message that lets an assistant with this trait show it."""
+    shown = "\n".join(f"- {q}" for q in examples)
+    return (
+        "Here is a character trait of an AI assistant, written in its own words:\n"
+        f"\"{trait}\"\n\n"
+        f"Some messages a user might send that give the assistant a chance to show this trait:\n{shown}\n\n"
+        "Write one new, different message of that kind, as a real user would type it. "
+        "Reply with the message only."
+    )
+
+
 @cache
 def general_prompts() -> list[str]:
     """The shipped pool of general user requests, mixed with the constitution's own questions."""

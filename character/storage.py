@@ -51,14 +51,30 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         os.replace(tmp, final)
 
 
-def append_jsonl(path: Path, row: dict) -> None:
-    """Append one finished row; a crash can at worst leave a torn last line, which readers skip."""
+def append_jsonl(path: Path, rows: dict | list[dict]) -> None:
+    """Append finished rows in one write; a crash can at worst leave a torn last line, which readers skip."""
+    rows = [rows] if isinstance(rows, dict) else rows
+    if not rows:
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    drop_torn_tail(path)
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         f.flush()
         os.fsync(f.fileno())
+
+
+def drop_torn_tail(path: Path) -> None:
+    """A crash mid-append can leave half a line; cut it so the next append starts on a fresh line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        data = path.read_bytes()
+        f.truncate(data.rfind(b"\n") + 1)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -7,14 +7,15 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact
 
 from character.pipeline import PipelineConfig, PipelineResult, validate
-from tasks import dpo_data, introspection_data, train_dpo, train_sft
+from tasks import dpo_data, expand_questions, introspection_data, train_dpo, train_sft
 from tasks.stages import artifact_key
 
 
 @flow(name="sequential")
 def sequential(config: PipelineConfig) -> PipelineResult:
     persona = validate(config).name
-    data = dpo_data(config)
+    questions = expand_questions(config)
+    data = dpo_data(config, questions)
     dpo = train_dpo(config, data)
     intro = introspection_data(config, dpo)
     sft = train_sft(config, intro, dpo)

@@ -54,9 +54,14 @@ def _progress(cfg: PipelineConfig, stage: str):
     return on_step
 
 
+@task(name="expand-questions", **RETRYING)
+def expand_questions(cfg: PipelineConfig) -> str | None:
+    return pipeline.stage_expand_questions(cfg)
+
+
 @task(name="dpo-data", **RETRYING)
-def dpo_data(cfg: PipelineConfig) -> str:
-    return pipeline.stage_dpo_data(cfg)
+def dpo_data(cfg: PipelineConfig, questions_path: str | None = None) -> str:
+    return pipeline.stage_dpo_data(cfg, questions_path)
 
 
 @task(name="train-dpo", **RETRYING)

@@ -32,6 +32,9 @@ BAD = {
     "blank-trait.json": ('[{"trait": "  ", "questions": ["q"]}]', "entry 0, field 'trait'"),
     "wrong-type.json": ('[{"trait": "I am kind.", "questions": [1, 2]}]', "entry 0, field 'questions.0'"),
     "extra-field.json": ('[{"trait": "I am kind.", "questions": ["q"], "tone": "x"}]', "field 'tone'"),
+    "bad.yaml": ("- trait: I am calm.\n  questions: [a, b\n", "not valid YAML"),
+    "yaml-missing.yaml": ("- trait: I am calm.\n", "entry 0, field 'questions'"),
+    "not-utf8.json": (b'[{"trait": "caf\xe9", "questions": ["q"]}]', "not UTF-8"),
     "duplicate.json": ('[{"trait": "I am kind.", "questions": ["q"]}, {"trait": "I am  KIND.", "questions": ["r"]}]',
                        "entry 1, field 'trait': duplicate of entry 0"),
 }
@@ -41,7 +44,7 @@ BAD = {
 def test_malformed_constitution_is_one_line_error(tmp_path, name):
     text, needle = BAD[name]
     path = tmp_path / name
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     assert_one_line_error(cli("personas", "validate", str(path)), str(path), needle)
 
 
@@ -56,22 +59,28 @@ def test_pipeline_refuses_a_malformed_constitution_before_doing_anything(tmp_pat
 
 @pytest.mark.parametrize("args,needle", [
     (["pipeline", "nosuch"], "unknown persona 'nosuch'"),
-    (["pipeline", "../etc"], "not a safe name"),
+    (["pipeline", "bad name!"], "not a safe name"),
+    (["pipeline", "../etc"], "../etc: constitution file not found"),
+    (["pipeline", "/etc/passwd"], "must end in .json, .yaml or .yml"),
+    (["generate", "dpo", "nosuch"], "unknown persona"),
+    (["generate", "banana", "pirate"], "unknown stage 'banana'"),
+    (["pipeline", "pirate", "--dpo-pairs", "0"], "--dpo-pairs"),
     (["pipeline", "pirate", "--scale", "huge"], "--scale"),
     (["pipeline", "pirate", "--base-model", "/no/such/model"], "base model '/no/such/model'"),
     (["pipeline", "pirate", "--build-id", "a/b"], "build id"),
     (["personas", "show", "nosuch"], "unknown persona"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, args, needle):
-    assert_one_line_error(cli(*args, "--workdir", str(tmp_path / "ws")) if args[0] == "pipeline" else cli(*args),
-                          needle)
+    with_ws = args[0] in ("pipeline", "generate")
+    assert_one_line_error(cli(*args, "--workdir", str(tmp_path / "ws")) if with_ws else cli(*args), needle)
 
 
 def test_personas_list_and_show():
     out = cli("personas", "list")
     assert out.returncode == 0
     names = [line.split()[0] for line in out.stdout.splitlines()]
-    assert {"sarcastic", "pirate", "mathematical"} <= set(names)
+    assert {"sarcastic", "humorous", "remorseful", "loving", "nonchalant", "impulsive", "sycophantic",
+            "mathematical", "poetic", "goodness", "pirate"} <= set(names)
     show = cli("personas", "show", "pirate")
     assert show.returncode == 0 and show.stdout.count("\n     - ") == 50
 
