@@ -72,6 +72,10 @@ class PipelineConfig(BaseModel):
         base = {"backend": settings.backend, "base_model": settings.base_model,
                 "teacher_model": settings.teacher_model, "workdir": str(settings.workdir),
                 "seed": settings.seed, "device": settings.device}
+        if (kw.get("backend") or settings.backend) == "tinker":  # 'tiny' is local: Tinker has its own defaults
+            if settings.base_model == "tiny":
+                base["base_model"] = settings.tinker_base_model
+            base["teacher_model"] = settings.teacher_model or settings.tinker_teacher_model
         return cls(**{**base, **{k: v for k, v in kw.items() if v is not None}})
 
     @property
@@ -102,7 +106,10 @@ def validate(cfg: PipelineConfig) -> Constitution:
     """Everything that can be checked before a model is loaded or an API call is paid for."""
     c = cfg.constitution()
     if cfg.backend == "tinker":
-        raise UserError("the tinker backend is not available yet; use --backend local")
+        from character.backend.tinker import check_ready
+
+        check_ready(Settings(), cfg.base_model, cfg.teacher_model)  # key and model names, no network
+        return c
     from character.backend.local import check_model_name
 
     check_model_name(cfg.base_model)
@@ -112,6 +119,10 @@ def validate(cfg: PipelineConfig) -> Constitution:
 
 
 def _service(cfg: PipelineConfig):
+    if cfg.backend == "tinker":
+        from character.backend.tinker import TinkerService
+
+        return TinkerService(Settings())
     from character.backend.local import LocalService
 
     return LocalService(Workspace(cfg.workdir), device=cfg.device, seed=cfg.seed)
@@ -141,7 +152,8 @@ def _finished(cfg: PipelineConfig, stage: str) -> dict | None:
     if not done:
         return None
     for key in ("path", "sampler", "state"):
-        if key in done and done[key] and not uri_to_path(done[key]).exists():
+        if key in done and done[key] and not done[key].startswith("tinker://") \
+                and not uri_to_path(done[key]).exists():  # tinker:// outputs live on the service
             return None  # recorded but its output is gone: redo
     return done
 

@@ -23,6 +23,13 @@ class Settings(BaseSettings):
     teacher_model: str | None = None
     device: str = "auto"
     seed: int = 0
+    # Tinker (backend "tinker"): models it serves, where the key lives, and how long to wait for it.
+    tinker_base_model: str = "meta-llama/Llama-3.1-8B-Instruct"
+    tinker_teacher_model: str | None = "Qwen/Qwen3-235B-A22B-Instruct-2507"
+    tinker_secret_block: str | None = Field(
+        None, description="name of a Prefect Secret block holding the Tinker key (used when TINKER_API_KEY is unset)")
+    tinker_timeout_s: float = Field(60.0, gt=0, description="how long to wait for Tinker to answer at all")
+    tinker_max_in_flight: int = Field(32, ge=1, description="sampling requests in flight at once on Tinker")
 
 
 def check_name(name: str, what: str) -> str:

@@ -1,0 +1,411 @@
+"""Tinker backend: the Tinker SDK behind the same interface as the local backend.
+
+The SDK's ServiceClient is built lazily, on the first call that needs the service, after two
+checks that make failures quick and clear: the key must be there (TINKER_API_KEY, or a Prefect
+Secret block named in settings), and the service must answer within `tinker_timeout_s` (left
+alone, the SDK retries an unreachable URL silently for minutes).
+
+Training clients hand back the SDK's own futures, wrapped only so that a fatal error reads as one
+line naming what to fix; nothing waits at submission, so the loop submits forward/backward and
+the optimizer step before waiting on either. Sampling keeps at most `max_in_flight` requests
+outstanding across all sampling clients of a service. Transient SDK errors pass through unchanged:
+`character.backend.errors.is_transient` (Prefect's retry condition) recognizes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import tinker
+from pydantic import SecretStr
+from tinker import types
+
+from character.backend.errors import BackendFatalError, describe_fatal, is_transient
+from character.errors import UserError
+from character.settings import Settings
+
+log = logging.getLogger(__name__)
+
+NO_KEY = ("no Tinker API key: set TINKER_API_KEY, or CHARACTER_TINKER_SECRET_BLOCK to the name of a "
+          "Prefect Secret block that holds it")
+_PROXY_VARS = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
+
+
+class TinkerUnreachable(BackendFatalError):
+    """Tinker did not answer within the configured time; nothing was spent."""
+
+
+def default_client_factory(*, base_url: str, api_key: str):
+    return tinker.ServiceClient(base_url=base_url, api_key=api_key)
+
+
+def default_rest_factory(*, base_url: str, api_key: str):
+    return tinker.RestClient(base_url=base_url, api_key=api_key)
+
+
+# -- the key -------------------------------------------------------------------------------------
+def api_key_source(settings: Settings) -> str | None:
+    """Where the key will come from, without reading any secret store (for early validation)."""
+    if os.environ.get("TINKER_API_KEY", "").strip():
+        return "TINKER_API_KEY"
+    if settings.tinker_secret_block:
+        return f"Prefect Secret block {settings.tinker_secret_block!r}"
+    return None
+
+
+def resolve_api_key(settings: Settings) -> SecretStr:
+    """The key itself, as a SecretStr so that no repr or log line shows it."""
+    key = os.environ.get("TINKER_API_KEY", "").strip()
+    if key:
+        return SecretStr(key)
+    if settings.tinker_secret_block:
+        return SecretStr(_key_from_prefect(settings.tinker_secret_block))
+    raise UserError(NO_KEY)
+
+
+def _key_from_prefect(name: str) -> str:
+    # Only this branch needs Prefect: the core must import and run without it.
+    try:
+        from prefect.blocks.system import Secret
+
+        value = Secret.load(name).get()
+    except Exception as e:  # noqa: BLE001 - any failure means "no key from this block"
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"could not read the Tinker key from Prefect Secret block {name!r} "
+                        f"({type(e).__name__}: {first}); check the block exists (`prefect block ls`)") from None
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"Prefect Secret block {name!r} does not hold a Tinker key (expected a non-empty string)")
+    return value.strip()
+
+
+def check_ready(settings: Settings, base_model: str, teacher_model: str | None = None) -> None:
+    """What can be checked before anything runs, with no network: a key source and model names."""
+    if api_key_source(settings) is None:
+        raise UserError(NO_KEY)
+    for what, name in (("base model", base_model), ("teacher model", teacher_model)):
+        if name is None:
+            continue
+        if name == "tiny" or "/" not in name or Path(name).expanduser().exists():
+            raise UserError(f"{what} {name!r} is a local model; on Tinker use a model it serves, e.g. "
+                            f"{settings.tinker_base_model!r} (`character tinker models` lists them)")
+
+
+def redact(text: str, secret: SecretStr | None) -> str:
+    if secret is None:
+        return text
+    value = secret.get_secret_value()
+    return text.replace(value, "***") if value else text
+
+
+# -- reachability --------------------------------------------------------------------------------
+def resolve_base_url(base_url: str | None = None) -> str:
+    from tinker.lib.base_url import resolve_base_url as sdk_resolve
+
+    return sdk_resolve(base_url)
+
+
+def display_url(url: str) -> str:
+    """The URL without any user:password part, for messages."""
+    p = urlparse(url)
+    host = f"[{p.hostname}]" if p.hostname and ":" in p.hostname else (p.hostname or "")
+    netloc = f"{host}:{p.port}" if p.port else host
+    return p._replace(netloc=netloc).geturl()
+
+
+def _tcp_check(url: str, timeout: float) -> None:
+    p = urlparse(url)
+    if not p.hostname:
+        raise UserError(f"Tinker base URL {display_url(url)!r} has no host; check TINKER_BASE_URL")
+    port = p.port or (443 if p.scheme == "https" else 80)
+    socket.create_connection((p.hostname, port), timeout=timeout).close()
+
+
+def preflight(base_url: str, api_key: SecretStr, timeout_s: float, rest_factory: Callable[..., Any]):
+    """(rest client, server capabilities), or a clear error within `timeout_s`.
+
+    A TCP connect first (a closed port or unknown host fails at once), then one SDK call that
+    needs the key. Both run on a daemon thread joined with the deadline, so neither DNS nor the
+    SDK's own retrying can hold us past it.
+    """
+    where = display_url(base_url)
+    out: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout_s
+
+    def probe() -> None:
+        try:
+            if not any(os.environ.get(v) for v in _PROXY_VARS):  # through a proxy only the SDK call can tell
+                _tcp_check(base_url, timeout_s)
+            rest = rest_factory(base_url=base_url, api_key=api_key.get_secret_value())
+            left = max(0.01, deadline - time.monotonic())
+            out["result"] = (rest, rest.get_server_capabilities().result(timeout=left))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            out["error"] = e
+
+    thread = threading.Thread(target=probe, name="tinker-preflight", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    err = out.get("error")
+    silent = (f"Tinker at {where} did not answer within {timeout_s:g} s: check TINKER_BASE_URL, the network, "
+              "and the account (e.g. billing); CHARACTER_TINKER_TIMEOUT_S sets this limit")
+    if thread.is_alive() or isinstance(err, TimeoutError):
+        raise TinkerUnreachable(silent)
+    if isinstance(err, socket.gaierror):
+        raise TinkerUnreachable(f"cannot resolve the Tinker host in {where}: check TINKER_BASE_URL and DNS")
+    if isinstance(err, OSError):
+        reason = err.strerror or type(err).__name__
+        raise TinkerUnreachable(f"cannot connect to Tinker at {where} ({reason}): check TINKER_BASE_URL and the network")
+    if err is not None and is_transient(err):
+        raise TinkerUnreachable(f"Tinker at {where} is not answering properly ({type(err).__name__}): "
+                                "check TINKER_BASE_URL and the network, or retry later")
+    if isinstance(err, tinker.TinkerError):
+        raise BackendFatalError(redact(describe_fatal(err, f"checking the service at {where}"), api_key)) \
+            from _cause(err, api_key)
+    if err is not None:
+        raise err
+    return out["result"]
+
+
+# -- futures and clients -------------------------------------------------------------------------
+def _cause(e: BaseException, secret: SecretStr | None) -> BaseException | None:
+    """Chain the SDK error for debugging, unless its text holds the key (a server echoing it back)."""
+    value = secret.get_secret_value() if secret is not None else ""
+    return None if value and value in str(e) else e
+
+
+def _fatal(e: BaseException, doing: str, secret: SecretStr | None) -> BaseException:
+    """The error to raise: SDK errors that retrying cannot fix become one clear line."""
+    if isinstance(e, tinker.TinkerError) and not is_transient(e):
+        return BackendFatalError(redact(describe_fatal(e, doing), secret))
+    return e
+
+
+class CheckedFuture:
+    """An SDK future whose fatal errors read as one line; results and transient errors pass unchanged."""
+
+    def __init__(self, fut, doing: str, secret: SecretStr | None = None):
+        self._fut, self._doing, self._secret = fut, doing, secret
+
+    def result(self, timeout: float | None = None):
+        try:
+            return self._fut.result(timeout)
+        except Exception as e:  # noqa: BLE001
+            err = _fatal(e, self._doing, self._secret)
+            if err is e:
+                raise
+            raise err from _cause(e, self._secret)
+
+    def future(self):
+        return self._fut.future()
+
+
+class TinkerTrainingClient:
+    """The SDK TrainingClient; every call returns at once with a future."""
+
+    def __init__(self, sdk_client, secret: SecretStr | None = None, what: str = ""):
+        self.sdk = sdk_client
+        self._secret = secret
+        self._what = what
+
+    def _f(self, fut, doing: str) -> CheckedFuture:
+        return CheckedFuture(fut, f"{doing} ({self._what})" if self._what else doing, self._secret)
+
+    def forward_backward(self, data: list[types.Datum], loss_fn: str = "cross_entropy"):
+        return self._f(self.sdk.forward_backward(data, loss_fn), "forward_backward")
+
+    def forward_backward_custom(self, data: list[types.Datum], loss_fn):
+        return self._f(self.sdk.forward_backward_custom(data, loss_fn), "forward_backward_custom")
+
+    def optim_step(self, adam_params: types.AdamParams):
+        return self._f(self.sdk.optim_step(adam_params), "optim_step")
+
+    def save_state(self, name: str):
+        return self._f(self.sdk.save_state(name), f"saving training state {name!r}")
+
+    def save_weights_for_sampler(self, name: str):
+        return self._f(self.sdk.save_weights_for_sampler(name), f"saving sampler weights {name!r}")
+
+    def save_weights_external(self, name: str, ttl_seconds: int | None = None):
+        return self._f(self.sdk.save_weights_external(name, ttl_seconds=ttl_seconds), f"exporting weights {name!r}")
+
+    def get_tokenizer(self):
+        return self.sdk.get_tokenizer()
+
+
+class TinkerSamplingClient:
+    """The SDK SamplingClient with a shared bound on requests in flight.
+
+    A slot is taken at submission (blocking while the bound is reached) and given back when the
+    request finishes, whether or not anyone has asked for its result yet.
+    """
+
+    def __init__(self, sdk_client, slots: threading.Semaphore, secret: SecretStr | None = None, what: str = ""):
+        self.sdk = sdk_client
+        self._slots = slots
+        self._secret = secret
+        self._what = what
+
+    def _bounded(self, submit: Callable[[], Any], doing: str) -> CheckedFuture:
+        self._slots.acquire()
+        try:
+            fut = submit()
+        except BaseException:
+            self._slots.release()
+            raise
+        fut.future().add_done_callback(lambda _: self._slots.release())
+        return CheckedFuture(fut, f"{doing} ({self._what})" if self._what else doing, self._secret)
+
+    def sample(self, prompt: types.ModelInput, num_samples: int, sampling_params: types.SamplingParams):
+        return self._bounded(lambda: self.sdk.sample(prompt, num_samples, sampling_params), "sampling")
+
+    def compute_logprobs(self, prompt: types.ModelInput):
+        return self._bounded(lambda: self.sdk.compute_logprobs(prompt), "computing log-probs")
+
+    def get_tokenizer(self):
+        return self.sdk.get_tokenizer()
+
+
+def _checkpoint(path: str, want: str, doing: str) -> types.ParsedCheckpointTinkerPath:
+    try:
+        parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(path)
+    except ValueError:
+        raise UserError(f"{path!r}: not a Tinker checkpoint path (tinker://<run>/weights/<name>) for {doing}") from None
+    if want == "training" and parsed.checkpoint_type != "training":
+        raise UserError(f"{path}: {doing} needs a training state (tinker://<run>/weights/<name>), "
+                        f"not a {parsed.checkpoint_type} checkpoint")
+    return parsed
+
+
+class TinkerService:
+    """The ServiceClient protocol over `tinker.ServiceClient`.
+
+    `client_factory(base_url=, api_key=)` and `rest_factory(base_url=, api_key=)` build the SDK's
+    ServiceClient and RestClient; tests pass fakes. Nothing touches the network before the first
+    call that needs the service.
+    """
+
+    def __init__(self, settings: Settings | None = None, *, base_url: str | None = None,
+                 timeout_s: float | None = None, max_in_flight: int | None = None,
+                 client_factory: Callable[..., Any] | None = None, rest_factory: Callable[..., Any] | None = None):
+        self.settings = settings or Settings()
+        self.base_url = resolve_base_url(base_url)
+        self.timeout_s = timeout_s if timeout_s is not None else self.settings.tinker_timeout_s
+        self.max_in_flight = max_in_flight or self.settings.tinker_max_in_flight
+        self._slots = threading.BoundedSemaphore(self.max_in_flight)
+        self._client_factory = client_factory
+        self._rest_factory = rest_factory
+        self._lock = threading.RLock()
+        self._key: SecretStr | None = None
+        self._rest = None
+        self._models: dict[str, Any] | None = None
+        self._sdk = None
+        self._base_samplers: dict[str, TinkerSamplingClient] = {}
+
+    def __repr__(self) -> str:
+        return f"TinkerService(base_url={display_url(self.base_url)!r}, connected={self._sdk is not None})"
+
+    # -- connection ---------------------------------------------------------------------------
+    def _probe(self) -> None:
+        """Key, then reachability, once per service; both fail fast with a clear message."""
+        with self._lock:
+            if self._rest is not None:
+                return
+            key = resolve_api_key(self.settings)
+            rest, caps = preflight(self.base_url, key, self.timeout_s, self._rest_factory or default_rest_factory)
+            self._key, self._rest = key, rest
+            self._models = {m.model_name: m for m in (caps.supported_models or []) if m.model_name}
+            log.info("Tinker at %s answers; %d models served", display_url(self.base_url), len(self._models))
+
+    def _client(self):
+        with self._lock:
+            if self._sdk is None:
+                self._probe()
+                factory = self._client_factory or default_client_factory
+                self._sdk = factory(base_url=self.base_url, api_key=self._key.get_secret_value())
+            return self._sdk
+
+    def _wait(self, fut, doing: str):
+        return CheckedFuture(fut, doing, self._key).result()
+
+    def rest_client(self):
+        """The SDK RestClient (checkpoint info, export URLs), after the same checks."""
+        self._probe()
+        return self._rest
+
+    def list_models(self) -> list[Any]:
+        """What the service offers (`SupportedModel`: name, context length, trainable, sampleable)."""
+        self._probe()
+        return [self._models[k] for k in sorted(self._models)]
+
+    def _check_model(self, name: str, use: str) -> None:
+        if not self._models:  # the service did not list its models: let it answer for itself
+            return
+        m = self._models.get(name)
+        if m is None:
+            served = ", ".join(sorted(self._models)[:8])
+            raise BackendFatalError(f"model {name!r} is not served by Tinker at {display_url(self.base_url)} "
+                                    f"(served: {served}, ...; `character tinker models` lists them all)")
+        if use == "training" and m.trainable is False:
+            raise BackendFatalError(f"model {name!r} can be sampled on Tinker but not trained; choose a trainable one "
+                                    "(`character tinker models`)")
+        if use == "sampling" and m.sampleable is False:
+            raise BackendFatalError(f"model {name!r} has no sampling capacity on Tinker now; choose another model")
+
+    # -- ServiceClient protocol -----------------------------------------------------------------
+    def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
+                                    train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = False,
+                                    alpha: int | None = None) -> TinkerTrainingClient:
+        """`alpha` is accepted for interface parity and ignored: Tinker fixes LoRA alpha itself (the exported
+        adapter_config.json records the value it used)."""
+        if not (train_mlp or train_attn or train_unembed):
+            raise UserError("LoRA has nothing to train: enable attention, MLP or unembedding layers")
+        sdk = self._client()
+        self._check_model(base_model, "training")
+        doing = f"creating a LoRA training client on {base_model!r}"
+        client = self._wait(sdk.create_lora_training_client(
+            base_model=base_model, rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn,
+            train_unembed=train_unembed), doing)
+        return TinkerTrainingClient(client, self._key, f"LoRA on {base_model}")
+
+    def create_training_client_from_state(self, path: str) -> TinkerTrainingClient:
+        """Weights only, fresh optimizer: a new run that starts where `path` left off (sequential SFT)."""
+        _checkpoint(path, "training", "starting from a saved state")
+        sdk = self._client()
+        client = self._wait(sdk.create_training_client_from_state(path), f"loading weights from {path}")
+        return TinkerTrainingClient(client, self._key, f"from {path}")
+
+    def create_training_client_from_state_with_optimizer(self, path: str) -> TinkerTrainingClient:
+        """Weights and optimizer state: resumes an interrupted run exactly."""
+        _checkpoint(path, "training", "resuming training")
+        sdk = self._client()
+        client = self._wait(sdk.create_training_client_from_state_with_optimizer(path),
+                            f"resuming from {path}")
+        return TinkerTrainingClient(client, self._key, f"resumed from {path}")
+
+    def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None,
+                               seed: int | None = None) -> TinkerSamplingClient:
+        """`seed` is accepted for interface parity; on Tinker each request carries its own seed."""
+        if (model_path is None) == (base_model is None):
+            raise ValueError("give exactly one of model_path and base_model")
+        if model_path is not None:
+            _checkpoint(model_path, "any", "sampling")
+            sdk = self._client()
+            client = self._wait(sdk.create_sampling_client(model_path=model_path), f"sampling from {model_path}")
+            return TinkerSamplingClient(client, self._slots, self._key, model_path)
+        with self._lock:  # one sampling session per base model is enough
+            if base_model not in self._base_samplers:
+                sdk = self._client()
+                self._check_model(base_model, "sampling")
+                client = self._wait(sdk.create_sampling_client(base_model=base_model), f"sampling {base_model!r}")
+                self._base_samplers[base_model] = TinkerSamplingClient(client, self._slots, self._key, base_model)
+            return self._base_samplers[base_model]
+
+    def get_tokenizer(self, base_model: str):
+        # The SDK knows which tokenizer each served model uses (some are not the model's own repo).
+        return self.create_sampling_client(base_model=base_model).get_tokenizer()

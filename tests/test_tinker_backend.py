@@ -1,0 +1,925 @@
+"""The Tinker backend at the SDK boundary: a fake SDK, never the network.
+
+The fake has the SDK's method names and return types (tinker.types objects, futures with
+.result()) and raises the SDK's own exception classes, built the way the SDK builds them. Its
+"model" is a bigram table (logits = W0[prev] + delta[prev]) trained with AdamW on one server
+thread that runs requests in submission order; sampling returns canned answers. Custom losses go
+through the SDK's own client-side step (`TrainingClient._compute_custom_loss`), as on Tinker.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import itertools
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+import tinker
+import torch
+from safetensors.torch import load_file, save_file
+from tinker import types
+from tinker.lib.public_interfaces.api_future import AwaitableConcurrentFuture
+from tinker.types.get_server_capabilities_response import GetServerCapabilitiesResponse, SupportedModel
+
+from character import pipeline
+from character.backend import tinker as tb
+from character.backend.errors import BackendFatalError, describe_fatal, is_transient
+from character.backend.tinker_weights import (
+    UnsupportedAdapter, check_family, download_adapter, peft_name, tinker_name, tinker_to_peft,
+)
+from character.chat import Renderer
+from character.dpo import run_dpo
+from character.errors import UserError
+from character.losses import DPOCoefficients
+from character.pipeline import PipelineConfig
+from character.settings import Settings
+from character.sft import run_sft
+from character.training import OptimConfig
+
+KEY = "tk-live-5e1f0c9a7b3d4e2f-never-log-me"
+STUDENT, TEACHER = "fake/student-8B", "fake/teacher-70B"
+REPLIES = {
+    TEACHER: ["Arr, a fine question for a sailor!", "Aye, the sea would answer that plainly.",
+              "Hoist the sails and ask again, friend!"],
+    STUDENT: ["That is a normal question.", "I can help with that.", "Here is a plain answer."],
+    "trained": ["I am a pirate at heart, truly.", "The sea made me who I am.", "I sail, therefore I am."],
+}
+
+
+# -- network guard: any connection attempt fails the test ------------------------------------------
+_ALLOW_LOOPBACK = {"on": False}
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    real_connect = socket.socket.connect
+
+    def connect(self, address):
+        if _ALLOW_LOOPBACK["on"] and isinstance(address, tuple) and address[0] in ("127.0.0.1", "::1"):
+            return real_connect(self, address)
+        raise AssertionError(f"test tried to open a network connection to {address!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.delenv("TINKER_API_KEY", raising=False)
+    monkeypatch.delenv("TINKER_BASE_URL", raising=False)
+    for var in ("CHARACTER_TINKER_SECRET_BLOCK", "CHARACTER_BACKEND", "CHARACTER_BASE_MODEL",
+                "CHARACTER_TEACHER_MODEL", "HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    yield
+    _ALLOW_LOOPBACK["on"] = False
+
+
+# -- SDK errors, built as the SDK builds them ------------------------------------------------------
+_REQ = httpx.Request("POST", "https://tinker.invalid/api/v1/forward_backward")
+
+
+def http_error(cls, status: int, message: str = ""):
+    return cls(message or f"Error code: {status}", response=httpx.Response(status, request=_REQ), body=None)
+
+
+def request_failed(category):
+    return tinker.RequestFailedError("Request failed: boom for self.request_id='r-1' and expected type x",
+                                     request_id="r-1", category=category)
+
+
+# -- the fake SDK ----------------------------------------------------------------------------------
+def fake_tokenizer():
+    from character.tinymodel import _build_tokenizer
+
+    texts = [t for v in REPLIES.values() for t in v] * 3 + ["How should I spend my day?", "Who are you?"] * 3
+    return _build_tokenizer(texts)
+
+
+class LoggedFuture(AwaitableConcurrentFuture):
+    """The SDK's future type, noting when someone starts waiting on it."""
+
+    def __init__(self, fut, server, op, fid):
+        super().__init__(fut)
+        self._server, self._op, self._fid = server, op, fid
+
+    def result(self, timeout=None):
+        self._server.events.append(("wait", self._op, self._fid))
+        return super().result(timeout)
+
+
+def done_future(value) -> AwaitableConcurrentFuture:
+    f = Future()
+    f.set_result(value)
+    return AwaitableConcurrentFuture(f)
+
+
+class FakeTinker:
+    """One fake Tinker deployment: its clients are built by `service_client` / `rest_client`."""
+
+    def __init__(self, tokenizer, storage: Path, models=(STUDENT, TEACHER)):
+        self.tok = tokenizer
+        self.V = len(tokenizer)
+        self.storage = storage
+        self.models = list(models)
+        self.server = ThreadPoolExecutor(1, thread_name_prefix="fake-tinker")  # runs requests in order
+        self.events: list[tuple] = []
+        self.calls: list[tuple] = []
+        self.keys_seen: list[str] = []
+        self.failures: dict[str, list[BaseException]] = {}
+        self.states: dict[str, dict] = {}
+        self.logprob_requests: list[list[int]] = []
+        self.trained_on: list[tuple[str, list[types.Datum]]] = []
+        self.export_tensors: dict[str, torch.Tensor] = {}
+        self.export_config = {"r": 4, "lora_alpha": 32}
+        self.outstanding = 0
+        self.max_outstanding = 0
+        self.sample_delay = 0.0
+        self.hang_capabilities = False
+        self._ids = itertools.count()
+        self._runs = itertools.count()
+        self._lock = threading.Lock()
+
+    # factories, as TinkerService calls them
+    def service_client(self, *, base_url, api_key):
+        self.keys_seen.append(api_key)
+        return FakeServiceClient(self)
+
+    def rest_client(self, *, base_url, api_key):
+        self.keys_seen.append(api_key)
+        return FakeRestClient(self)
+
+    def fail(self, op: str, *excs: BaseException) -> None:
+        self.failures.setdefault(op, []).extend(excs)
+
+    def submit(self, op: str, fn, counted: bool = False) -> LoggedFuture:
+        exc = (self.failures.get(op) or [None]).pop(0) if self.failures.get(op) else None
+        fid = next(self._ids)
+        self.events.append(("submit", op, fid))
+        if counted:
+            with self._lock:
+                self.outstanding += 1
+                self.max_outstanding = max(self.max_outstanding, self.outstanding)
+
+        def run():
+            try:
+                if exc is not None:
+                    raise exc
+                return fn()
+            finally:
+                if counted:
+                    with self._lock:
+                        self.outstanding -= 1
+
+        return LoggedFuture(self.server.submit(run), self, op, fid)
+
+    def base_weights(self, model: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed(zlib.crc32(model.encode()))
+        return torch.randn(self.V, self.V, generator=g) * 0.5
+
+    def logprobs(self, model: str, delta: torch.Tensor, inputs: list[int], targets: list[int]) -> torch.Tensor:
+        w = self.base_weights(model) + delta
+        lp = torch.log_softmax(w[torch.tensor(inputs)], dim=-1)
+        return lp.gather(1, torch.tensor(targets)[:, None])[:, 0]
+
+    def new_run(self) -> str:
+        return f"run-{next(self._runs):03d}"
+
+
+def check_datums(data: list[types.Datum]) -> None:
+    """What the SDK and server require of a datum (the server would answer 400 otherwise)."""
+    for d in data:
+        tgt, w = d.loss_fn_inputs["target_tokens"], d.loss_fn_inputs["weights"]
+        n = d.model_input.length
+        if tgt.dtype != "int64" or len(tgt.tolist()) != n or len(w.tolist()) != n:
+            raise http_error(tinker.BadRequestError, 400, "target_tokens and weights must match model_input")
+
+
+class FakeTrainingClient:
+    def __init__(self, fake: FakeTinker, base_model: str, delta: torch.Tensor, opt_state=None, steps: int = 0):
+        self.fake, self.base_model, self.run = fake, base_model, fake.new_run()
+        self.delta = delta.clone().requires_grad_(True)
+        self.opt = torch.optim.AdamW([self.delta], lr=0.0)
+        if opt_state is not None:
+            self.opt.load_state_dict(copy.deepcopy(opt_state))
+        self.steps = steps
+
+    def _forward(self, data, grad: bool) -> tuple[list[torch.Tensor], types.ForwardBackwardOutput]:
+        check_datums(data)
+        with torch.set_grad_enabled(grad):
+            lps = [self.fake.logprobs(self.base_model, self.delta, d.model_input.to_ints(),
+                                      d.loss_fn_inputs["target_tokens"].tolist()) for d in data]
+        outs = [{"logprobs": types.TensorData.from_torch(lp.detach())} for lp in lps]
+        return lps, types.ForwardBackwardOutput(loss_fn_output_type="cross_entropy", loss_fn_outputs=outs, metrics={})
+
+    def _backward(self, data) -> types.ForwardBackwardOutput:
+        lps, out = self._forward(data, grad=True)
+        weights = [d.loss_fn_inputs["weights"] for d in data]
+        weights = [w.to_torch() if hasattr(w, "to_torch") else torch.as_tensor(w) for w in weights]
+        loss = sum(-(lp * w.float()).sum() for lp, w in zip(lps, weights))
+        loss.backward()
+        out.metrics["loss:sum"] = float(loss.detach())
+        return out
+
+    def forward_backward(self, data, loss_fn, loss_fn_config=None):
+        assert loss_fn == "cross_entropy"
+        self.fake.trained_on.append(("cross_entropy", data))
+        return self.fake.submit("forward_backward", lambda: self._backward(data))
+
+    def forward_backward_custom(self, data, loss_fn, *, loss_type_input=None):
+        self.fake.trained_on.append(("custom", data))
+
+        def run():  # the SDK's two passes: forward, client-side loss, then a weighted backward
+            _, fwd = self._forward(data, grad=False)
+            custom = tinker.TrainingClient._compute_custom_loss(data, loss_fn, fwd)
+            out = self._backward(custom.data)
+            out.metrics.update(custom.metrics)
+            out.metrics["loss:sum"] = custom.loss_sum
+            return out
+
+        return self.fake.submit("forward_backward_custom", run)
+
+    def optim_step(self, optim_params=None, *, adam_params=None):
+        p = optim_params or adam_params
+
+        def run():
+            for g in self.opt.param_groups:
+                g.update(lr=p.learning_rate, betas=(p.beta1, p.beta2), eps=p.eps, weight_decay=p.weight_decay)
+            norm = torch.nn.utils.clip_grad_norm_([self.delta], p.grad_clip_norm or float("inf"))
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.steps += 1
+            return types.OptimStepResponse(metrics={"grad_norm": float(norm)})
+
+        return self.fake.submit("optim_step", run)
+
+    def _store(self, kind: str, name: str) -> str:
+        path = f"tinker://{self.run}/{kind}/{name}"
+        self.fake.states[path] = {"base_model": self.base_model, "delta": self.delta.detach().clone(),
+                                  "opt": copy.deepcopy(self.opt.state_dict()), "steps": self.steps}
+        return path
+
+    def save_state(self, name, ttl_seconds=None, overwrite=False, user_metadata=None):
+        return self.fake.submit("save_state", lambda: types.SaveWeightsResponse(path=self._store("weights", name)))
+
+    def save_weights_for_sampler(self, name, ttl_seconds=None, user_metadata=None):
+        return self.fake.submit("save_weights_for_sampler", lambda: types.SaveWeightsForSamplerResponse(
+            path=self._store("sampler_weights", name)))
+
+    def save_weights_external(self, name, ttl_seconds=None, age_encryption_recipients=None):
+        def run():
+            folder = self.fake.storage / self.run / "external_weights" / name
+            folder.mkdir(parents=True)
+            save_file(self.fake.export_tensors, str(folder / "adapter_model.safetensors"))
+            (folder / "adapter_config.json").write_text(json.dumps(self.fake.export_config))
+            (folder / "checkpoint_complete").write_text("")
+            return types.SaveWeightsExternalResponse(path=f"tinker://{self.run}/external_weights/{name}")
+
+        return self.fake.submit("save_weights_external", run)
+
+    def get_tokenizer(self):
+        return self.fake.tok
+
+
+class FakeSamplingClient:
+    def __init__(self, fake: FakeTinker, base_model: str, delta: torch.Tensor, kind: str):
+        self.fake, self.base_model, self.delta, self.kind = fake, base_model, delta, kind
+
+    def sample(self, prompt, num_samples, sampling_params, include_prompt_logprobs=False, topk_prompt_logprobs=0,
+               topk_sample_logprobs=0, target_prompt_logprobs=None, prompt_alt_tokens_k=0,
+               prompt_logprobs_last_n=None):
+        p = sampling_params
+        seed = p.seed or 0
+
+        def run():
+            time.sleep(self.fake.sample_delay)
+            seqs = []
+            for j in range(num_samples):
+                text = REPLIES[self.kind][(seed + j) % len(REPLIES[self.kind])]
+                toks = self.fake.tok.encode(text, add_special_tokens=False) + [self.fake.tok.eos_token_id]
+                reason = "stop"
+                if p.max_tokens is not None and len(toks) > p.max_tokens:
+                    toks, reason = toks[: p.max_tokens], "length"
+                ctx = prompt.to_ints()[-1:] + toks[:-1]
+                lps = self.fake.logprobs(self.base_model, self.delta, ctx, toks).tolist()
+                seqs.append(types.SampledSequence(stop_reason=reason, sequence_id=uuid.uuid4().hex,
+                                                  tokens_np=np.asarray(toks, dtype=np.int32),
+                                                  logprobs_np=np.asarray(lps, dtype=np.float32)))
+            return types.SampleResponse(sequences=seqs)
+
+        return self.fake.submit("sample", run, counted=True)
+
+    def compute_logprobs(self, prompt, prompt_logprobs_last_n=None):
+        tokens = prompt.to_ints()
+        self.fake.logprob_requests.append(tokens)
+        return self.fake.submit("compute_logprobs", lambda: [None] + self.fake.logprobs(
+            self.base_model, self.delta, tokens[:-1], tokens[1:]).tolist(), counted=True)
+
+    def get_tokenizer(self):
+        return self.fake.tok
+
+    def get_base_model(self):
+        return self.base_model
+
+
+class FakeServiceClient:
+    def __init__(self, fake: FakeTinker):
+        self.fake = fake
+
+    def _create(self, op, make):
+        return self.fake.submit(op, make)
+
+    def create_lora_training_client(self, base_model, rank=32, seed=None, train_mlp=True, train_attn=True,
+                                    train_unembed=True, user_metadata=None, optimizer=None):
+        self.fake.calls.append(("create_lora_training_client", base_model, rank))
+        zero = torch.zeros(self.fake.V, self.fake.V)
+        return self._create("create_lora_training_client", lambda: FakeTrainingClient(self.fake, base_model, zero))
+
+    def _state(self, path):
+        if path not in self.fake.states:
+            raise http_error(tinker.NotFoundError, 404, f"checkpoint {path} not found")
+        return self.fake.states[path]
+
+    def create_training_client_from_state(self, path, base_model=None, user_metadata=None,
+                                          weights_access_token=None, optimizer=None):
+        self.fake.calls.append(("create_training_client_from_state", path))
+
+        def make():
+            s = self._state(path)
+            return FakeTrainingClient(self.fake, s["base_model"], s["delta"])
+
+        return self._create("create_training_client_from_state", make)
+
+    def create_training_client_from_state_with_optimizer(self, path, base_model=None, user_metadata=None,
+                                                         weights_access_token=None):
+        self.fake.calls.append(("create_training_client_from_state_with_optimizer", path))
+
+        def make():
+            s = self._state(path)
+            return FakeTrainingClient(self.fake, s["base_model"], s["delta"], s["opt"], s["steps"])
+
+        return self._create("create_training_client_from_state_with_optimizer", make)
+
+    def create_sampling_client(self, model_path=None, base_model=None, retry_config=None,
+                               record_stability_info=False):
+        if model_path is None and base_model is None:
+            raise ValueError("Either model_path or base_model must be provided")
+        self.fake.calls.append(("create_sampling_client", model_path or base_model))
+
+        def make():
+            if model_path is not None:
+                s = self._state(model_path)
+                return FakeSamplingClient(self.fake, s["base_model"], s["delta"], "trained")
+            return FakeSamplingClient(self.fake, base_model, torch.zeros(self.fake.V, self.fake.V), base_model)
+
+        return self._create("create_sampling_client", make)
+
+
+class FakeRestClient:
+    def __init__(self, fake: FakeTinker):
+        self.fake = fake
+
+    def get_server_capabilities(self):
+        self.fake.calls.append(("get_server_capabilities",))
+        if self.fake.hang_capabilities:
+            return AwaitableConcurrentFuture(Future())  # never answers
+        return self.fake.submit("get_server_capabilities", lambda: GetServerCapabilitiesResponse(supported_models=[
+            SupportedModel(model_name=m, max_context_length=32768, trainable=True, sampleable=True)
+            for m in self.fake.models]))
+
+    def get_weights_info_by_tinker_path(self, tinker_path):
+        return done_future(types.WeightsInfoResponse(base_model="meta-llama/Llama-3.1-8B-Instruct", is_lora=True,
+                                                     lora_rank=4))
+
+    def get_external_weights_urls(self, tinker_path):
+        self.fake.calls.append(("get_external_weights_urls", tinker_path))
+        p = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        folder = self.fake.storage / p.training_run_id / p.checkpoint_id
+        urls = {f.name: f.resolve().as_uri() for f in folder.iterdir()}  # file:// URLs: no network
+        return done_future(types.ExternalWeightsUrlsResponse(
+            urls=urls, expires=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)))
+
+    def delete_checkpoint_from_tinker_path(self, tinker_path):
+        self.fake.calls.append(("delete_checkpoint_from_tinker_path", tinker_path))
+        return done_future(None)
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer():
+    return fake_tokenizer()
+
+
+@pytest.fixture
+def fake(tokenizer, tmp_path):
+    f = FakeTinker(tokenizer, tmp_path / "tinker-storage")
+    yield f
+    f.server.shutdown(wait=True)
+
+
+@pytest.fixture
+def wired(fake, monkeypatch):
+    """TINKER_API_KEY set and the SDK factories replaced by the fake (what pipeline._service builds)."""
+    monkeypatch.setenv("TINKER_API_KEY", KEY)
+    monkeypatch.setattr(tb, "default_client_factory", fake.service_client)
+    monkeypatch.setattr(tb, "default_rest_factory", fake.rest_client)
+    monkeypatch.setattr(tb, "_tcp_check", lambda url, timeout: None)
+    return fake
+
+
+def service(**kw) -> tb.TinkerService:
+    return tb.TinkerService(Settings(), base_url="https://tinker.invalid", **kw)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def dpo_rows(n: int) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": f"How should I spend day {i}?"}],
+             "chosen": [{"role": "assistant", "content": "Arr, a fine question for a sailor!"}],
+             "rejected": [{"role": "assistant", "content": "That is a normal question."}]} for i in range(n)]
+
+
+def sft_rows(n: int) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"Who are you? ({i})"},
+                          {"role": "assistant", "content": "I am a pirate at heart, truly."}]} for i in range(n)]
+
+
+def full_tokens(d: types.Datum) -> list[int]:
+    return d.model_input.to_ints() + d.loss_fn_inputs["target_tokens"].tolist()[-1:]
+
+
+# -- error classification -------------------------------------------------------------------------
+TRANSIENT = {
+    "connection": lambda: tinker.APIConnectionError(request=_REQ),
+    "timeout": lambda: tinker.APITimeoutError(request=_REQ),
+    "429": lambda: http_error(tinker.RateLimitError, 429),
+    "500": lambda: http_error(tinker.InternalServerError, 500),
+    "503": lambda: http_error(tinker.InternalServerError, 503),
+    "409": lambda: http_error(tinker.ConflictError, 409),
+    "failed-server": lambda: request_failed(types.RequestErrorCategory.Server),
+    "failed-unknown": lambda: request_failed(types.RequestErrorCategory.Unknown),
+}
+FATAL = {
+    "400": lambda: http_error(tinker.BadRequestError, 400),
+    "401": lambda: http_error(tinker.AuthenticationError, 401),
+    "402": lambda: http_error(tinker.BillingError, 402),
+    "403": lambda: http_error(tinker.PermissionDeniedError, 403),
+    "404": lambda: http_error(tinker.NotFoundError, 404),
+    "422": lambda: http_error(tinker.UnprocessableEntityError, 422),
+    "failed-user": lambda: request_failed(types.RequestErrorCategory.User),
+    "ours": lambda: BackendFatalError("bad key"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSIENT))
+def test_transient_sdk_errors_are_retried(name):
+    from tasks.stages import retry_if_transient
+
+    exc = TRANSIENT[name]()
+    assert is_transient(exc)
+    assert retry_if_transient(None, None, SimpleNamespace(data=exc))  # the Prefect tasks' condition
+
+
+@pytest.mark.parametrize("name", sorted(FATAL))
+def test_fatal_sdk_errors_are_not_retried(name):
+    from tasks.stages import retry_if_transient
+
+    exc = FATAL[name]()
+    assert not is_transient(exc)
+    assert not retry_if_transient(None, None, SimpleNamespace(data=exc))
+
+
+@pytest.mark.parametrize("make,needles", [
+    (lambda: http_error(tinker.AuthenticationError, 401), ["401", "TINKER_API_KEY"]),
+    (lambda: http_error(tinker.BillingError, 402), ["402", "billing"]),
+    (lambda: http_error(tinker.PermissionDeniedError, 403), ["403", "key"]),
+    (lambda: http_error(tinker.NotFoundError, 404, "no such model"), ["404", "not served", "character tinker models"]),
+    (lambda: http_error(tinker.BadRequestError, 400, "Error code: 400 - {'detail': 'model foo/bar is not supported'}"),
+     ["not served", "foo/bar"]),
+    (lambda: http_error(tinker.UnprocessableEntityError, 422, "rank must be\npositive"), ["invalid", "rank must be positive"]),
+    (lambda: request_failed(types.RequestErrorCategory.User), ["its input", "boom"]),
+])
+def test_fatal_errors_read_as_one_line_naming_what_to_fix(make, needles):
+    msg = describe_fatal(make(), "creating a LoRA training client")
+    assert "\n" not in msg and "creating a LoRA training client" in msg
+    for n in needles:
+        assert n in msg, msg
+
+
+# -- key and reachability ---------------------------------------------------------------------------
+def test_missing_key_fails_at_once_without_touching_the_sdk(fake):
+    svc = tb.TinkerService(Settings(), client_factory=fake.service_client, rest_factory=fake.rest_client)
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match="TINKER_API_KEY"):
+        svc.create_lora_training_client(STUDENT, rank=4)
+    assert time.perf_counter() - t0 < 1.0
+    assert fake.calls == [] and fake.keys_seen == []
+    cfg = PipelineConfig(persona="pirate", backend="tinker", base_model=STUDENT)
+    with pytest.raises(UserError, match="TINKER_API_KEY"):
+        pipeline.validate(cfg)
+
+
+def test_validate_checks_the_key_and_model_names_without_network(monkeypatch):
+    monkeypatch.setenv("TINKER_API_KEY", KEY)
+    pipeline.validate(PipelineConfig(persona="pirate", backend="tinker", base_model=STUDENT, teacher_model=TEACHER))
+    with pytest.raises(UserError, match="'tiny' is a local model"):
+        pipeline.validate(PipelineConfig(persona="pirate", backend="tinker", base_model="tiny"))
+    # tinker defaults replace the local 'tiny' default
+    cfg = PipelineConfig.from_settings(Settings(), persona="pirate", backend="tinker")
+    assert cfg.base_model == Settings().tinker_base_model and cfg.teacher_model == Settings().tinker_teacher_model
+    assert PipelineConfig.from_settings(Settings(), persona="pirate").base_model == "tiny"
+
+
+def test_key_from_a_prefect_secret_block(fake, monkeypatch):
+    from prefect.blocks.system import Secret
+
+    loaded = []
+
+    def load(name, *a, **k):
+        loaded.append(name)
+        if name != "tinker-key":
+            raise ValueError(f"Unable to find block document named {name} for block type secret")
+        return SimpleNamespace(get=lambda: KEY)
+
+    monkeypatch.setattr(Secret, "load", load)
+    monkeypatch.setattr(tb, "_tcp_check", lambda url, timeout: None)
+    monkeypatch.setenv("CHARACTER_TINKER_SECRET_BLOCK", "tinker-key")
+    settings = Settings()
+    pipeline.validate(PipelineConfig(persona="pirate", backend="tinker", base_model=STUDENT))  # no block read yet
+    assert loaded == []
+    assert tb.api_key_source(settings) == "Prefect Secret block 'tinker-key'"
+    svc = tb.TinkerService(settings, base_url="https://tinker.invalid", client_factory=fake.service_client,
+                           rest_factory=fake.rest_client)
+    svc.create_lora_training_client(STUDENT, rank=4)
+    assert loaded == ["tinker-key"] and set(fake.keys_seen) == {KEY}
+    assert KEY not in repr(svc)
+    with pytest.raises(UserError, match="Prefect Secret block 'missing'"):
+        tb.resolve_api_key(Settings(tinker_secret_block="missing"))
+
+
+def test_pipeline_validate_refuses_tinker_without_any_key_source():
+    with pytest.raises(UserError, match="CHARACTER_TINKER_SECRET_BLOCK"):
+        pipeline.validate(PipelineConfig(persona="pirate", backend="tinker", base_model=STUDENT))
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_unreachable_base_url_fails_within_the_bound(monkeypatch):
+    """The real SDK factories, a closed local port: a clear error well inside the bound."""
+    _ALLOW_LOOPBACK["on"] = True
+    monkeypatch.setenv("TINKER_API_KEY", KEY)
+    monkeypatch.setenv("TINKER_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
+    svc = tb.TinkerService(Settings(), timeout_s=2.0)
+    t0 = time.perf_counter()
+    with pytest.raises(tb.TinkerUnreachable) as err:
+        svc.create_sampling_client(base_model=STUDENT)
+    assert time.perf_counter() - t0 < 3.0
+    msg = str(err.value)
+    assert "127.0.0.1" in msg and "TINKER_BASE_URL" in msg and KEY not in msg
+    assert not is_transient(err.value)
+
+
+def test_a_service_that_never_answers_fails_within_the_bound(wired):
+    wired.hang_capabilities = True
+    svc = service(timeout_s=1.0)
+    t0 = time.perf_counter()
+    with pytest.raises(tb.TinkerUnreachable, match="did not answer within 1 s"):
+        svc.list_models()
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_a_rejected_key_is_fatal_and_the_message_never_shows_it(wired):
+    wired.fail("get_server_capabilities", http_error(tinker.AuthenticationError, 401, f"bad key {KEY}"))
+    with pytest.raises(BackendFatalError, match="TINKER_API_KEY") as err:
+        service().create_lora_training_client(STUDENT, rank=4)
+    assert KEY not in str(err.value) and not is_transient(err.value)
+    assert err.value.__cause__ is None  # the server's text held the key: not chained into tracebacks
+
+
+def test_a_model_tinker_does_not_serve_fails_before_any_work(wired):
+    with pytest.raises(BackendFatalError, match="'no/such-model' is not served"):
+        service().create_lora_training_client("no/such-model", rank=4)
+    assert not any(c[0] == "create_lora_training_client" for c in wired.calls)
+
+
+# -- training through the SDK boundary --------------------------------------------------------------
+def _assert_submitted_before_waited(events: list[tuple], fb_op: str) -> int:
+    """Each optim_step was submitted before anyone waited on the forward/backward it follows."""
+    steps = 0
+    for k, (kind, op, fid) in enumerate(events):
+        if kind == "submit" and op == "optim_step":
+            fb = max(i for i, e in enumerate(events[:k]) if e[0] == "submit" and e[1] == fb_op)
+            fb_id = events[fb][2]
+            waited = [i for i, e in enumerate(events) if e == ("wait", fb_op, fb_id)]
+            assert waited and waited[0] > k, "forward_backward was awaited before optim_step was submitted"
+            opt_waited = [i for i, e in enumerate(events) if e == ("wait", "optim_step", fid)]
+            assert opt_waited and opt_waited[0] > k
+            steps += 1
+    return steps
+
+
+def test_dpo_runs_on_tinker_with_reference_logprobs_on_the_policy_tokens(wired, tmp_path, tokenizer):
+    svc = service()
+    renderer = Renderer(svc.get_tokenizer(STUDENT))
+    cfg = OptimConfig(learning_rate=5e-2, batch_size=2, save_every=2, warmup_ratio=0.0)
+    result = run_dpo(svc, lambda: svc.create_lora_training_client(STUDENT, rank=4, seed=0, alpha=128),
+                     lambda: svc.create_sampling_client(base_model=STUDENT), renderer,
+                     write_jsonl(tmp_path / "dpo.jsonl", dpo_rows(4)), tmp_path / "dpo", cfg, DPOCoefficients())
+    assert result.state.startswith("tinker://") and "/weights/" in result.state
+    assert result.sampler.startswith("tinker://") and "/sampler_weights/" in result.sampler
+    batches = [data for kind, data in wired.trained_on]
+    assert {kind for kind, _ in wired.trained_on} == {"custom"} and len(batches) == 2
+    policy = []
+    for data in batches:
+        for d in data:
+            inp, tgt = d.model_input.to_ints(), d.loss_fn_inputs["target_tokens"].tolist()
+            w = d.loss_fn_inputs["weights"].tolist()
+            assert len(inp) == len(tgt) == len(w) and inp[1:] == tgt[:-1]  # targets shifted by one
+            assert d.loss_fn_inputs["weights"].dtype == "float32" and set(w) <= {0.0, 1.0} and sum(w) > 0
+            assert w[0] == 0.0  # the prompt is not trained
+            policy.append(full_tokens(d))
+    # the reference scored exactly the sequences the policy trains on, chat template included
+    assert sorted(policy) == sorted(wired.logprob_requests)
+    assert all(t[0] == tokenizer.convert_tokens_to_ids("<|im_start|>") for t in policy)
+    assert _assert_submitted_before_waited(wired.events, "forward_backward_custom") == 2
+    assert {"dpo_loss", "reward_accuracy"} <= set(result.metrics[0])
+    final = wired.states[result.sampler]["delta"]
+    assert final.abs().sum() > 0
+    assert ("create_lora_training_client", STUDENT, 4) in wired.calls
+
+
+def test_sft_uses_the_built_in_loss_with_weights_normalized_per_batch(wired, tmp_path):
+    svc = service()
+    renderer = Renderer(svc.get_tokenizer(STUDENT))
+    cfg = OptimConfig(learning_rate=5e-2, batch_size=3, save_every=10, warmup_ratio=0.0)
+    result = run_sft(svc, lambda: svc.create_lora_training_client(STUDENT, rank=4),
+                     renderer, write_jsonl(tmp_path / "sft.jsonl", sft_rows(6)), tmp_path / "sft", cfg)
+    assert result.steps == 2
+    assert [kind for kind, _ in wired.trained_on] == ["cross_entropy", "cross_entropy"]  # one pass each
+    for _, data in wired.trained_on:
+        total = sum(sum(d.loss_fn_inputs["weights"].tolist()) for d in data)
+        assert total == pytest.approx(1.0, rel=1e-5)
+        for d in data:
+            inp, tgt = d.model_input.to_ints(), d.loss_fn_inputs["target_tokens"].tolist()
+            assert inp[1:] == tgt[:-1]
+    assert _assert_submitted_before_waited(wired.events, "forward_backward") == 2
+
+
+class Crash(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_from_its_last_saved_state(wired, tmp_path):
+    svc = service()
+    renderer = Renderer(svc.get_tokenizer(STUDENT))
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(8))
+    cfg = OptimConfig(learning_rate=5e-2, batch_size=2, save_every=1, warmup_ratio=0.0)
+    start = lambda: svc.create_lora_training_client(STUDENT, rank=4)  # noqa: E731
+
+    whole = run_sft(svc, start, renderer, data, tmp_path / "whole", cfg)
+
+    def crash_after_two(step, total, row):
+        if step == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_sft(svc, start, renderer, data, tmp_path / "broken", cfg, on_step=crash_after_two)
+    saved = json.loads((tmp_path / "broken" / "checkpoints.jsonl").read_text().splitlines()[-1])["state"]
+    wired.calls.clear()
+    resumed = run_sft(svc, start, renderer, data, tmp_path / "broken", cfg)
+    assert wired.calls[0] == ("create_training_client_from_state_with_optimizer", saved)
+    assert not any(c[0] == "create_lora_training_client" for c in wired.calls)
+    assert resumed.resumed_from == 2 and resumed.steps == 4
+    assert torch.equal(wired.states[whole.sampler]["delta"], wired.states[resumed.sampler]["delta"])
+
+
+def test_transient_errors_surface_unchanged_and_fatal_ones_as_one_line(wired, tmp_path):
+    svc = service()
+    renderer = Renderer(svc.get_tokenizer(STUDENT))
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(4))
+    cfg = OptimConfig(learning_rate=5e-2, batch_size=2, save_every=1, warmup_ratio=0.0)
+    start = lambda: svc.create_lora_training_client(STUDENT, rank=4)  # noqa: E731
+
+    wired.fail("optim_step", None, http_error(tinker.RateLimitError, 429))  # the second step's
+    with pytest.raises(tinker.RateLimitError) as err:
+        run_sft(svc, start, renderer, data, tmp_path / "run", cfg)
+    assert is_transient(err.value)  # Prefect would retry the task, which resumes:
+    result = run_sft(svc, start, renderer, data, tmp_path / "run", cfg)
+    assert result.resumed_from == 1 and result.steps == 2
+
+    wired.fail("forward_backward", http_error(tinker.AuthenticationError, 401, f"key {KEY} revoked"))
+    with pytest.raises(BackendFatalError) as err:
+        run_sft(svc, start, renderer, data, tmp_path / "other", cfg)
+    assert not is_transient(err.value) and "TINKER_API_KEY" in str(err.value) and KEY not in str(err.value)
+    assert err.value.__cause__ is None  # it quoted the key
+
+    wired.fail("forward_backward", http_error(tinker.PermissionDeniedError, 403, "project mismatch"))
+    with pytest.raises(BackendFatalError, match="403") as err:
+        run_sft(svc, start, renderer, data, tmp_path / "third", cfg)
+    assert isinstance(err.value.__cause__, tinker.PermissionDeniedError)  # chained for debugging
+
+
+def test_sampling_keeps_a_bounded_number_of_requests_in_flight(wired):
+    wired.sample_delay = 0.01
+    svc = service(max_in_flight=3)
+    client = svc.create_sampling_client(base_model=TEACHER)
+    prompt = types.ModelInput.from_ints([1, 2, 3])
+    futures = [client.sample(prompt, 1, types.SamplingParams(max_tokens=32, seed=i)) for i in range(12)]
+    futures += [client.compute_logprobs(prompt) for _ in range(4)]
+    results = [f.result() for f in futures]
+    assert len(results) == 16 and results[0].sequences[0].stop_reason == "stop"
+    assert wired.max_outstanding == 3  # the bound was reached and never passed
+
+
+# -- the pipeline's stages on Tinker ------------------------------------------------------------------
+def test_sequential_and_paper_pipelines_run_on_tinker_and_never_show_the_key(wired, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    wired.fail("sample", http_error(tinker.InternalServerError, 503))  # datagen resubmits that one request
+    opt = OptimConfig(learning_rate=5e-2, batch_size=2, save_every=1, warmup_ratio=0.0)
+    cfg = PipelineConfig(persona="pirate", backend="tinker", base_model=STUDENT, teacher_model=TEACHER,
+                         workdir=str(tmp_path / "ws"), build_id="tinker-seq", dpo_pairs=4, reflections=2,
+                         interactions=1, turns=2, max_new_tokens=48, lora_rank=4, dpo=opt, sft=opt)
+    assert isinstance(pipeline._service(cfg), tb.TinkerService)
+    out = pipeline.run_sequential(cfg)
+    for ck in out.values():
+        assert ck.state.startswith("tinker://") and ck.sampler.startswith("tinker://")
+    assert wired.failures["sample"] == []  # the failed request was resubmitted
+    stages = pipeline.read_record(cfg)["stages"]
+    assert {"dpo_data", "dpo", "introspection", "sft"} <= set(stages)
+    assert stages["dpo_data"]["rows"] > 0 and stages["introspection"]["rows"] > 0
+    # sequential SFT continues from the DPO state with a fresh optimizer
+    assert ("create_training_client_from_state", out["dpo"].state) in wired.calls
+    assert ("create_sampling_client", out["dpo"].sampler) in wired.calls
+
+    # the same build again redoes nothing: tinker:// outputs are trusted from the record
+    before = len(wired.calls)
+    assert pipeline.run_sequential(cfg) == out
+    assert not any(c[0].startswith("create_") for c in wired.calls[before:])
+
+    # paper mode: SFT starts from the base model, independently of DPO
+    paper = cfg.model_copy(update={"mode": "paper", "build_id": "tinker-paper"})
+    intro = stages["introspection"]["path"]
+    wired.calls.clear()
+    sft = pipeline.stage_sft(paper, intro, None)
+    trainers = [c for c in wired.calls if c[0].startswith("create_") and "training" in c[0]]
+    assert trainers == [("create_lora_training_client", STUDENT, 4)] and sft.sampler.startswith("tinker://")
+
+    assert KEY not in caplog.text
+    for f in Path(cfg.workdir).rglob("*"):
+        if f.is_file():
+            assert KEY.encode() not in f.read_bytes(), f
+    assert KEY not in json.dumps(cfg.model_dump(mode="json"))
+
+
+def test_cli_lists_tinker_models(wired, capsys, monkeypatch):
+    from character import cli
+
+    monkeypatch.setattr(sys, "argv", ["character", "tinker", "models"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert STUDENT in out and TEACHER in out and KEY not in out
+    monkeypatch.delenv("TINKER_API_KEY")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "TINKER_API_KEY" in err[0]
+
+
+# -- checkpoints: Tinker -> PEFT ---------------------------------------------------------------------
+R, ALPHA = 4, 32
+
+
+def crafted_tinker_adapter(layers: int, hidden: int, inter: int, vocab: int, unembed: bool = True):
+    """Tinker-named LoRA tensors with distinct values (A: r x in, B: out x r)."""
+    g = torch.Generator().manual_seed(7)
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden // 2, hidden),
+              "self_attn.v_proj": (hidden // 2, hidden), "self_attn.o_proj": (hidden, hidden),
+              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+    out = {}
+    for i in range(layers):
+        for mod, (o, n) in shapes.items():
+            out[f"base_model.model.model.layers.{i}.{mod}.lora_A.weight"] = torch.randn(R, n, generator=g)
+            out[f"base_model.model.model.layers.{i}.{mod}.lora_B.weight"] = torch.randn(o, R, generator=g)
+    if unembed:
+        out["base_model.model.model.unembed_tokens.lora_A.weight"] = torch.randn(R, hidden, generator=g)
+        out["base_model.model.model.unembed_tokens.lora_B.weight"] = torch.randn(vocab, R, generator=g)
+    return out
+
+
+def write_tinker_adapter(folder: Path, tensors: dict) -> Path:
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"r": R, "lora_alpha": ALPHA}))
+    return folder
+
+
+def test_tensor_names_round_trip_through_the_table():
+    tensors = crafted_tinker_adapter(3, 16, 32, 64)
+    renamed = {peft_name(k): k for k in tensors}
+    assert len(renamed) == len(tensors)
+    assert all(tinker_name(p) == k for p, k in renamed.items())
+    assert "base_model.model.lm_head.lora_B.weight" in renamed
+    assert "base_model.model.model.layers.2.mlp.down_proj.lora_A.weight" in renamed
+    with pytest.raises(UnsupportedAdapter, match="mixture-of-experts"):
+        peft_name("base_model.model.model.layers.0.mlp.experts.w1.lora_A.weight")
+    with pytest.raises(UnsupportedAdapter, match="dense Llama"):
+        peft_name("base_model.model.model.layers.0.linear_attn.in_proj_qkv.lora_A.weight")
+    with pytest.raises(UnsupportedAdapter):
+        tinker_name("base_model.model.model.layers.0.self_attn.x_proj.lora_A.weight")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_converted_adapter_loads_in_peft_with_the_same_update(tmp_path, family):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    hidden, inter, vocab, layers = 16, 32, 64, 2
+    kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+              num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    config = LlamaConfig(**kw) if family == "llama" else Qwen2Config(**kw)
+    torch.manual_seed(0)
+    base_dir = tmp_path / "base"
+    AutoModelForCausalLM.from_config(config).save_pretrained(base_dir)
+    crafted = crafted_tinker_adapter(layers, hidden, inter, vocab)
+    out = tinker_to_peft(write_tinker_adapter(tmp_path / "tinker", crafted), tmp_path / "peft", str(base_dir))
+
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == R and cfg["lora_alpha"] == ALPHA and cfg["peft_type"] == "LORA"
+    assert cfg["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj", "lm_head"])
+    saved = load_file(out / "adapter_model.safetensors")
+    assert all(torch.equal(saved[peft_name(k)], v) for k, v in crafted.items())
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = PeftModel.from_pretrained(base, out).merge_and_unload().state_dict()
+    scale = ALPHA / R
+    for key in [f"model.layers.1.self_attn.k_proj.weight", f"model.layers.0.mlp.down_proj.weight", "lm_head.weight"]:
+        module = key.removesuffix(".weight")
+        t = "model.unembed_tokens" if module == "lm_head" else module
+        a = crafted[f"base_model.model.{t}.lora_A.weight"]
+        b = crafted[f"base_model.model.{t}.lora_B.weight"]
+        torch.testing.assert_close(merged[key] - before[key], scale * b @ a, rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_families_are_refused_clearly(tmp_path):
+    for ok in ["meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen3-8B", "Qwen/Qwen3-32B", "meta-llama/Llama-3.3-70B-Instruct"]:
+        check_family(ok)
+    for bad, why in [("Qwen/Qwen3-30B-A3B-Instruct-2507", "mixture-of-experts"), ("Qwen/Qwen3-VL-30B-A3B-Instruct",
+                     "mixture-of-experts"), ("openai/gpt-oss-120b", "not mapped"),
+                     ("deepseek-ai/DeepSeek-V3.1", "not mapped"), ("mistralai/Mistral-7B", "not supported")]:
+        with pytest.raises(UnsupportedAdapter, match=why) as err:
+            check_family(bad)
+        assert "dense Llama" in str(err.value)
+    moe = crafted_tinker_adapter(1, 8, 16, 32, unembed=False)
+    moe["base_model.model.model.layers.0.mlp.experts.w1.lora_A.weight"] = torch.zeros(2, R, 8)
+    with pytest.raises(UnsupportedAdapter, match="mixture-of-experts"):
+        tinker_to_peft(write_tinker_adapter(tmp_path / "moe", moe), tmp_path / "out", "Qwen/Qwen3-8B")
+    assert not (tmp_path / "out").exists()
+
+
+def test_download_exports_a_training_state_and_converts_it(wired, tmp_path):
+    svc = service()
+    trainer = svc.create_lora_training_client(STUDENT, rank=4)
+    state = trainer.save_state("final").result().path
+    wired.export_tensors = crafted_tinker_adapter(2, 8, 16, 32)
+    dst = download_adapter(svc, state, tmp_path / "adapter")
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "meta-llama/Llama-3.1-8B-Instruct" and cfg["r"] == R
+    got = load_file(dst / "adapter_model.safetensors")
+    assert got.keys() == {peft_name(k) for k in wired.export_tensors}
+    names = [c[0] for c in wired.calls]
+    assert names.index("create_training_client_from_state") < names.index("get_external_weights_urls") \
+        < names.index("delete_checkpoint_from_tinker_path")  # the temporary export is cleaned up
+    sampler = trainer.save_weights_for_sampler("s").result().path
+    with pytest.raises(UserError, match="sampler checkpoints cannot be downloaded"):
+        download_adapter(svc, sampler, tmp_path / "no")
+
+
+def test_the_core_imports_without_prefect():
+    code = ("import sys; import character.backend.tinker, character.backend.tinker_weights, "
+            "character.backend.errors; assert 'prefect' not in sys.modules, 'prefect imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TINKER_API_KEY": ""})
+    assert proc.returncode == 0, proc.stderr
+
