@@ -103,12 +103,19 @@ def pipeline(
     turns: Optional[int] = _TURNS,
     samples_per_prompt: Optional[int] = _SAMPLES,
     expand_questions: Optional[int] = _EXPAND,
+    paper_mode: bool = typer.Option(False, "--paper-mode", help="SFT from the base model, as in the paper"),
+    merge: bool = typer.Option(False, "--merge", help="paper mode: also write the merge 1.0 x DPO + 0.25 x SFT"),
+    no_eval: bool = typer.Option(False, "--no-eval", help="skip the evaluation at the end"),
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line describing the result"),
 ) -> None:
-    """Run the whole pipeline for one persona as a Prefect flow (sequential mode)."""
+    """Run the whole pipeline for one persona as a Prefect flow (sequential mode unless --paper-mode)."""
     from character.pipeline import validate
 
+    if merge and not paper_mode:
+        raise UserError("--merge needs --paper-mode: in sequential mode the final checkpoint already holds "
+                        "both DPO and SFT, there is nothing to merge")
     cfg = _config(workdir, persona=persona, scale=scale, backend=backend, base_model=base_model,
+                  mode="paper" if paper_mode else "sequential", merge=merge, evaluate=not no_eval,
                   teacher_model=teacher_model, build_id=build_id, seed=seed, dpo_pairs=dpo_pairs,
                   reflections=reflections, interactions=interactions, turns=turns,
                   samples_per_prompt=samples_per_prompt, expand_questions=expand_questions)
@@ -116,14 +123,39 @@ def pipeline(
 
     # The ephemeral Prefect server can take longer than the default 20 s to start on a small machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    from flows.sequential import sequential
+    if paper_mode:
+        from flows.paper import paper as run_flow
+    else:
+        from flows.sequential import sequential as run_flow
 
-    result = sequential(cfg)
+    result = run_flow(cfg)
     for stage, uri in result.checkpoints.items():
         typer.echo(f"{stage:>6}: {uri}")
     if as_json:
         typer.echo(json.dumps(result.model_dump(include={"persona", "mode", "base_model", "workdir",
                                                          "checkpoints"})))
+
+
+checkpoints_app = typer.Typer(no_args_is_help=True, help="Checkpoints recorded in the workspace.")
+app.add_typer(checkpoints_app, name="checkpoints")
+
+
+@checkpoints_app.command("list")
+def checkpoints_list(
+    persona: Optional[str] = typer.Option(None, help="only this persona"),
+    workdir: Optional[Path] = _WORKDIR,
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
+) -> None:
+    """Every checkpoint URI recorded by every build, newest first."""
+    from character.pipeline import list_checkpoints
+    from character.settings import check_name
+
+    if persona:
+        check_name(persona, "persona")
+    rows = list_checkpoints(_settings(workdir).workdir, persona)
+    for r in rows:
+        typer.echo(json.dumps(r) if as_json else
+                   f"{r['persona']:<14} {r['build_id']:<22} {r['stage']:<7} {r['finished_at'][:19]}  {r['uri']}")
 
 
 @app.command()
@@ -169,6 +201,102 @@ def generate(
     typer.echo(f"{out}")
     typer.echo(json.dumps({"build_id": cfg.build_id, "path": out,
                            "stats": stats.get({"dpo": "dpo_data"}.get(stage, stage), {})}))
+
+
+tinker_app = typer.Typer(no_args_is_help=True, help="The Tinker service (key: TINKER_API_KEY or a Prefect Secret).")
+app.add_typer(tinker_app, name="tinker")
+
+
+@tinker_app.command("models")
+def tinker_models(
+    timeout: Optional[float] = typer.Option(None, help="seconds to wait for Tinker (env CHARACTER_TINKER_TIMEOUT_S)"),
+) -> None:
+    """The models Tinker serves: name, context length, trainable, sampleable."""
+    from character.backend.tinker import TinkerService
+
+    service = TinkerService(_settings(None), timeout_s=timeout)
+    models = service.list_models()
+    flag = {True: "yes", False: "no", None: "?"}
+    typer.echo(f"{'model':<48} {'context':>8}  train  sample")
+    for m in models:
+        typer.echo(f"{m.model_name:<48} {m.max_context_length or '?':>8}  {flag[m.trainable]:<5}  {flag[m.sampleable]}")
+
+
+@app.command()
+def merge(
+    dpo: str = typer.Argument(..., help="DPO adapter: a PEFT adapter folder or file:// URI"),
+    sft: str = typer.Argument(..., help="SFT adapter: a PEFT adapter folder or file:// URI"),
+    output: Path = typer.Option(..., "--output", "-o", help="folder to write the merged adapter to"),
+    dpo_weight: float = typer.Option(1.0, help="weight of the DPO update"),
+    sft_weight: float = typer.Option(0.25, help="weight of the SFT update"),
+    method: str = typer.Option("exact", help="exact: w1*dW1 + w2*dW2 at rank r1+r2 | svd: its best rank-R "
+                               "approximation | linear: PEFT's add_weighted_adapter 'linear', bit for bit"),
+    rank: Optional[int] = typer.Option(None, help="output rank for svd (default: the larger input rank)"),
+    normalize: bool = typer.Option(False, "--normalize", help="rescale the weights to sum to 1 (this changes "
+                                   "the magnitude of both updates)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+) -> None:
+    """Merge a DPO and an SFT LoRA adapter from their files (the base model is never loaded)."""
+    from character.merge import merge_adapters
+
+    res = merge_adapters(dpo, sft, output, dpo_weight=dpo_weight, sft_weight=sft_weight, method=method,
+                         rank=rank, normalize=normalize, overwrite=overwrite)
+    for w in res.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    typer.echo(f"merged ({res.method}, r={res.rank}): {res.weights[0]:g} x DPO + {res.weights[1]:g} x SFT "
+               f"-> {res.output}")
+
+
+@app.command()
+def fold(
+    adapter: str = typer.Argument(..., help="a PEFT adapter folder or file:// URI"),
+    output: Path = typer.Option(..., "--output", "-o", help="folder to write the full model to"),
+    base_model: Optional[str] = typer.Option(None, help="'tiny' or a local Hugging Face model folder "
+                                             "(default: the adapter's base model)"),
+    max_shard_size: Optional[str] = typer.Option(None, help="e.g. 2GB; default: keep the base model's shards"),
+    workdir: Optional[Path] = typer.Option(None, help="workspace folder (env CHARACTER_WORKDIR)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+) -> None:
+    """Fold an adapter into its base model: a full Hugging Face model folder, written shard by shard."""
+    from character.fold import fold_adapter
+
+    out = fold_adapter(adapter, output, base_model=base_model, workdir=_settings(workdir).workdir,
+                       max_shard_size=max_shard_size, overwrite=overwrite)
+    typer.echo(f"folded: {out}")
+
+
+@app.command("eval")
+def eval_command(
+    checkpoints: list[str] = typer.Argument(..., help="adapter folders, merged adapters or folded model folders"),
+    persona: str = typer.Option(..., help="shipped persona name or path to a constitution .json"),
+    as_json: bool = typer.Option(False, "--json", help="end with one JSON line: per-checkpoint metrics"),
+    workdir: Optional[Path] = typer.Option(None, help="workspace folder (env CHARACTER_WORKDIR)"),
+    base_model: Optional[str] = typer.Option(None, help="reference model (default: the checkpoints' base model)"),
+    dpo_data: Optional[Path] = typer.Option(None, help="DPO pairs .jsonl (default: the persona's latest build)"),
+    introspection_data: Optional[Path] = typer.Option(None, help="introspection .jsonl (default: latest build)"),
+    judge_model: Optional[str] = typer.Option(None, help="'tiny', a model folder or an adapter that rates answers"),
+    out_dir: Optional[Path] = typer.Option(None, help="report folder (default: <build>/eval/<time>)"),
+    limit: Optional[int] = typer.Option(None, help="use at most this many rows of each data file"),
+    max_new_tokens: int = typer.Option(256, help="length limit of each generated answer"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+) -> None:
+    """Evaluate checkpoints against the base model; writes a markdown report with plots."""
+    from character.evaluate import evaluate_checkpoints
+
+    settings = _settings(workdir)
+    res = evaluate_checkpoints(
+        checkpoints, persona, settings.workdir, base_model=base_model, dpo_data=dpo_data,
+        introspection_data=introspection_data, judge_model=judge_model, out_dir=out_dir, limit=limit,
+        max_new_tokens=max_new_tokens, device=device or settings.device, seed=settings.seed,
+    )
+    for label, m in res["checkpoints"].items():
+        shown = {k: m[k] for k in ("dpo_accuracy", "dpo_margin", "introspection_nll", "judge_score")
+                 if m.get(k) is not None}
+        typer.echo(f"{label:>16}: " + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+    typer.echo(f"report: {res['report']['markdown']}")
+    if as_json:
+        typer.echo(json.dumps({k: res[k] for k in ("persona", "base_model", "data", "checkpoints")}
+                              | {"report": {k: v for k, v in res["report"].items() if k != "table"}}))
 
 
 def main() -> None:

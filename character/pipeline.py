@@ -52,6 +52,10 @@ class PipelineConfig(BaseModel):
     samples_per_prompt: int = Field(1, ge=1, description="DPO samples per prompt from teacher and student")
     expand_questions: int = Field(0, ge=0, description="extra questions per trait from the teacher (paper: 50)")
     max_in_flight: int = Field(64, ge=1, description="sampling requests in flight at once")
+    heldout_fraction: float = Field(0.1, ge=0, lt=1, description="share of generated rows kept for evaluation")
+    merge: bool = Field(False, description="paper mode: also merge dpo_weight x DPO + sft_weight x SFT")
+    merge_weights: tuple[float, float] = (1.0, 0.25)
+    evaluate: bool = Field(True, description="evaluate the checkpoints at the end of the build")
     max_new_tokens: int = Field(1024, ge=1)
     lora_rank: int = Field(64, ge=1)
     lora_alpha: int | None = Field(None, ge=1, description="defaults to 2 x rank")
@@ -65,6 +69,9 @@ class PipelineConfig(BaseModel):
     @model_validator(mode="after")
     def _names(self):
         check_name(self.build_id, "build id")
+        if self.merge and self.mode != "paper":
+            raise ValueError("merge needs paper mode: in sequential mode the final checkpoint already holds "
+                             "both DPO and SFT, there is nothing to merge")
         return self
 
     @classmethod
@@ -142,6 +149,18 @@ def record_stage(cfg: PipelineConfig, stage: str, value: dict) -> None:
     write_json_atomic(path, rec)
 
 
+def list_checkpoints(workdir: str | Path, persona: str | None = None) -> list[dict]:
+    """Every checkpoint any build recorded in this workspace, newest first."""
+    rows = []
+    for path in (Path(workdir).expanduser() / "builds").glob(f"{persona or '*'}/*/record.json"):
+        rec = json.loads(path.read_text())
+        for stage, st in rec.get("stages", {}).items():
+            if "sampler" in st:
+                rows.append({"persona": rec["persona"], "build_id": rec["build_id"], "stage": stage,
+                             "uri": st["sampler"], "state": st.get("state"), "finished_at": st["finished_at"]})
+    return sorted(rows, key=lambda r: r["finished_at"], reverse=True)
+
+
 def recorded(cfg: PipelineConfig, stage: str, key: str) -> str | None:
     """A value a finished stage of this build recorded (e.g. its output path), if any."""
     return (read_record(cfg).get("stages", {}).get(stage) or {}).get(key)
@@ -156,6 +175,24 @@ def _finished(cfg: PipelineConfig, stage: str) -> dict | None:
                 and not uri_to_path(done[key]).exists():  # tinker:// outputs live on the service
             return None  # recorded but its output is gone: redo
     return done
+
+
+# -- held-out split ----------------------------------------------------------------------------------
+def split_heldout(path: Path, fraction: float, seed: int) -> tuple[Path, Path]:
+    """Write <data>/train/<name> and <data>/heldout/<name>; the split depends only on each row's item."""
+    from character.datagen import item_seed
+    from character.storage import read_jsonl, write_text_atomic
+
+    rows = read_jsonl(path)
+    keys = [(r.get("kind", ""), r["meta"]["index"]) for r in rows]
+    items = sorted(set(keys))
+    n_held = min(len(items) - 1, max(1 if fraction > 0 else 0, round(fraction * len(items))))
+    held = set(sorted(items, key=lambda k: item_seed(seed, "heldout", *k))[:max(0, n_held)])
+    train_path, held_path = path.parent / "train" / path.name, path.parent / "heldout" / path.name
+    for out, keep in ((train_path, False), (held_path, True)):
+        write_text_atomic(out, "".join(json.dumps(r, sort_keys=True) + "\n"
+                                       for r, k in zip(rows, keys) if (k in held) == keep))
+    return train_path, held_path
 
 
 # -- stages ---------------------------------------------------------------------------------------
@@ -199,8 +236,10 @@ def stage_dpo_data(cfg: PipelineConfig, questions_path: str | None = None) -> st
     )
     if stats["rows"] == 0:
         raise RuntimeError(f"no DPO pairs survived the filters (dropped: {stats['dropped']})")
-    record_stage(cfg, "dpo_data", {"path": str(out), **stats, "seconds": round(time.perf_counter() - t0, 2)})
-    return str(out)
+    train, held = split_heldout(out, cfg.heldout_fraction, cfg.seed)
+    record_stage(cfg, "dpo_data", {"path": str(train), "all": str(out), "heldout": str(held), **stats,
+                                   "seconds": round(time.perf_counter() - t0, 2)})
+    return str(train)
 
 
 def stage_dpo(cfg: PipelineConfig, data_path: str, on_step=None) -> Checkpoint:
@@ -237,8 +276,10 @@ def stage_introspection(cfg: PipelineConfig, dpo: Checkpoint) -> str:
     )
     if stats["rows"] == 0:
         raise RuntimeError("no introspection data was produced")
-    record_stage(cfg, "introspection", {"path": str(out), **stats, "seconds": round(time.perf_counter() - t0, 2)})
-    return str(out)
+    train, held = split_heldout(out, cfg.heldout_fraction, cfg.seed)
+    record_stage(cfg, "introspection", {"path": str(train), "all": str(out), "heldout": str(held), **stats,
+                                        "seconds": round(time.perf_counter() - t0, 2)})
+    return str(train)
 
 
 def stage_sft(cfg: PipelineConfig, data_path: str, dpo: Checkpoint | None, on_step=None) -> Checkpoint:
@@ -260,6 +301,53 @@ def stage_sft(cfg: PipelineConfig, data_path: str, dpo: Checkpoint | None, on_st
     record_stage(cfg, "sft", {**ckpt.model_dump(), "learning_rate": opt.learning_rate,
                               "seconds": round(time.perf_counter() - t0, 2)})
     return ckpt
+
+
+def _local_adapter(cfg: PipelineConfig, ckpt: Checkpoint) -> str:
+    """A local adapter folder for a checkpoint; Tinker checkpoints are downloaded and converted once."""
+    if not ckpt.sampler.startswith("tinker://"):
+        return ckpt.sampler
+    from character.backend.tinker_weights import download_adapter
+
+    dst = cfg.build_dir() / "downloads" / ckpt.stage
+    if not (dst / "adapter_config.json").is_file():
+        download_adapter(_service(cfg), ckpt.state, dst, base_model=cfg.base_model)
+    return str(dst)
+
+
+def stage_merge(cfg: PipelineConfig, dpo: Checkpoint, sft: Checkpoint) -> Checkpoint:
+    """Paper mode: the exact merge dpo_weight x dW_dpo + sft_weight x dW_sft (no renormalization)."""
+    if done := _finished(cfg, "merged"):
+        return Checkpoint(**{k: done[k] for k in ("stage", "state", "sampler", "steps")})
+    from character.merge import merge_adapters
+    from character.storage import file_uri
+
+    out = cfg.build_dir() / "merged"
+    w_dpo, w_sft = cfg.merge_weights
+    res = merge_adapters(_local_adapter(cfg, dpo), _local_adapter(cfg, sft), out, dpo_weight=w_dpo,
+                         sft_weight=w_sft, method="exact", overwrite=True)
+    ckpt = Checkpoint(stage="merged", state=file_uri(res.output), sampler=file_uri(res.output), steps=0)
+    record_stage(cfg, "merged", {**ckpt.model_dump(), "method": res.method, "rank": res.rank,
+                                 "weights": list(res.weights)})
+    return ckpt
+
+
+def stage_evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> dict:
+    """Evaluate the named checkpoints against the base model on the build's held-out data."""
+    from character.evaluate import evaluate_checkpoints
+
+    rec = read_record(cfg).get("stages", {})
+    uris = [_local_adapter(cfg, c) for c in checkpoints.values()]
+    base = cfg.base_model if cfg.backend == "local" else None
+    result = evaluate_checkpoints(
+        uris, persona=cfg.persona, workdir=cfg.workdir, base_model=base,
+        dpo_data=(rec.get("dpo_data") or {}).get("heldout"),
+        introspection_data=(rec.get("introspection") or {}).get("heldout"),
+        out_dir=cfg.build_dir() / "eval", seed=cfg.seed, device=cfg.device, build_dir=cfg.build_dir(),
+        max_length=cfg.dpo_max_length, sft_max_length=cfg.sft_max_length, beta=cfg.dpo_loss.beta,
+    )
+    record_stage(cfg, "eval", {"report": result.get("report", {}), "names": list(checkpoints)})
+    return result
 
 
 def run_sequential(cfg: PipelineConfig) -> dict[str, Checkpoint]:

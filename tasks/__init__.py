@@ -1,5 +1,8 @@
 """Prefect tasks: one per pipeline stage, thin wrappers over `character.pipeline`."""
 
-from tasks.stages import dpo_data, expand_questions, introspection_data, train_dpo, train_sft
+from tasks.stages import (
+    build_summary, dpo_data, evaluate, expand_questions, introspection_data, merge, train_dpo, train_sft,
+)
 
-__all__ = ["expand_questions", "dpo_data", "train_dpo", "introspection_data", "train_sft"]
+__all__ = ["expand_questions", "dpo_data", "train_dpo", "introspection_data", "train_sft", "merge", "evaluate",
+           "build_summary"]

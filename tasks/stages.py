@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import re
+import time
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_link_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.tasks import exponential_backoff
 
 from character import pipeline
 from character.backend.errors import is_transient
-from character.pipeline import Checkpoint, PipelineConfig
+from character.pipeline import Checkpoint, PipelineConfig, PipelineResult
+from character.summary import build_summary_markdown, evaluation_rows
 
 
 def retry_if_transient(task, task_run, state) -> bool:
@@ -32,24 +37,35 @@ def artifact_key(persona: str, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{persona}-{what}".lower()).strip("-")
 
 
-def _publish_checkpoint(cfg: PipelineConfig, ckpt: Checkpoint) -> None:
-    persona = cfg.constitution().name
+def _persona(cfg: PipelineConfig) -> str:
+    return cfg.constitution().name
+
+
+def publish_checkpoint(cfg: PipelineConfig, ckpt: Checkpoint, stage: str | None = None) -> None:
+    persona, stage = _persona(cfg), stage or ckpt.stage
     create_link_artifact(
-        key=artifact_key(persona, f"{ckpt.stage}-checkpoint"),
+        key=artifact_key(persona, f"{stage}-checkpoint"),
         link=ckpt.sampler,
-        link_text=f"{persona} {ckpt.stage} adapter",
-        description=f"{persona} {ckpt.stage} after {ckpt.steps} steps; resumable state: {ckpt.state}",
+        link_text=f"{persona} {stage} adapter",
+        description=f"{persona} {stage} ({ckpt.steps} steps); resumable state: {ckpt.state}",
     )
-    get_run_logger().info("%s checkpoint: %s", ckpt.stage, ckpt.sampler)
+    get_run_logger().info("%s checkpoint: %s", stage, ckpt.sampler)
 
 
-def _progress(cfg: PipelineConfig, stage: str):
-    """A progress artifact updated as training steps finish."""
-    art = create_progress_artifact(0.0, key=artifact_key(cfg.constitution().name, f"{stage}-progress"),
+def _progress(cfg: PipelineConfig, stage: str, every_s: float = 10.0):
+    """A progress artifact updated as steps finish; a log line at most every `every_s` seconds."""
+    art = create_progress_artifact(0.0, key=artifact_key(_persona(cfg), f"{stage}-progress"),
                                    description=f"{stage} training")
+    logger = get_run_logger()
+    last = [0.0]
 
     def on_step(step: int, total: int, metrics: dict) -> None:
         update_progress_artifact(art, 100.0 * step / total)
+        now = time.monotonic()
+        if now - last[0] >= every_s or step == total:
+            last[0] = now
+            loss = metrics.get("loss", metrics.get("loss:sum"))
+            logger.info("%s step %d/%d loss %.4f lr %.3g", stage, step, total, loss or 0.0, metrics["lr"])
 
     return on_step
 
@@ -67,7 +83,7 @@ def dpo_data(cfg: PipelineConfig, questions_path: str | None = None) -> str:
 @task(name="train-dpo", **RETRYING)
 def train_dpo(cfg: PipelineConfig, data_path: str) -> Checkpoint:
     ckpt = pipeline.stage_dpo(cfg, data_path, on_step=_progress(cfg, "dpo"))
-    _publish_checkpoint(cfg, ckpt)
+    publish_checkpoint(cfg, ckpt)
     return ckpt
 
 
@@ -79,5 +95,39 @@ def introspection_data(cfg: PipelineConfig, dpo: Checkpoint) -> str:
 @task(name="train-sft", **RETRYING)
 def train_sft(cfg: PipelineConfig, data_path: str, dpo: Checkpoint | None) -> Checkpoint:
     ckpt = pipeline.stage_sft(cfg, data_path, dpo, on_step=_progress(cfg, "sft"))
-    _publish_checkpoint(cfg, ckpt)
+    publish_checkpoint(cfg, ckpt)
     return ckpt
+
+
+@task(name="merge", **RETRYING)
+def merge(cfg: PipelineConfig, dpo: Checkpoint, sft: Checkpoint) -> Checkpoint:
+    ckpt = pipeline.stage_merge(cfg, dpo, sft)
+    publish_checkpoint(cfg, ckpt)
+    return ckpt
+
+
+@task(name="evaluate", **RETRYING)
+def evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> dict:
+    if not cfg.evaluate:
+        return {}
+    if cfg.backend != "local":
+        get_run_logger().info("evaluation runs locally: use `character eval` on downloaded checkpoints")
+        return {}
+    result = pipeline.stage_evaluate(cfg, checkpoints)
+    persona = _persona(cfg)
+    create_table_artifact(key=artifact_key(persona, "evaluation"), table=evaluation_rows(result),
+                          description=f"{persona}: held-out metrics per checkpoint against the base model")
+    report = result.get("report", {}).get("markdown")
+    if report:
+        from pathlib import Path
+
+        create_markdown_artifact(key=artifact_key(persona, "evaluation-report"), markdown=Path(report).read_text())
+    return result["checkpoints"]
+
+
+@task(name="build-summary")
+def build_summary(cfg: PipelineConfig, result: PipelineResult) -> str:
+    md = build_summary_markdown(pipeline.read_record(cfg), result.checkpoints)
+    create_markdown_artifact(key=artifact_key(result.persona, "build-summary"), markdown=md,
+                             description=f"{result.persona} build {result.build_id} ({result.mode})")
+    return md

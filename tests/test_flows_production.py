@@ -1,0 +1,116 @@
+"""Paper mode, the nightly flow, retries that only repeat transient failures, the artifacts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from character.backend.errors import TransientBackendError
+from character.pipeline import PipelineConfig, read_record
+from character.storage import uri_to_path
+
+SMALL = dict(dpo_pairs=8, reflections=8, interactions=2, turns=2, lora_rank=4, max_new_tokens=64)
+
+
+def _ws(tmp_path_factory, models_dir, name):
+    ws = tmp_path_factory.mktemp(name) / "ws"
+    ws.mkdir()
+    (ws / "models").symlink_to(models_dir, target_is_directory=True)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def paper_run(prefect_harness, tmp_path_factory, models_dir):
+    from flows.paper import paper
+
+    ws = _ws(tmp_path_factory, models_dir, "paper")
+    cfg = PipelineConfig(persona="pirate", workdir=str(ws), build_id="paper-test", mode="paper", merge=True, **SMALL)
+    return cfg, paper(cfg, return_state=True)
+
+
+def test_paper_flow_trains_sft_from_base_and_merges(paper_run, tiny_dir):
+    from prefect.artifacts import Artifact
+
+    cfg, state = paper_run
+    assert state.is_completed(), state.message
+    uris = state.result().checkpoints
+    assert set(uris) == {"dpo", "sft", "merged", "final"} and uris["final"] == uris["merged"]
+    stages = read_record(cfg)["stages"]
+    assert stages["merged"]["method"] == "exact" and stages["merged"]["weights"] == [1.0, 0.25]
+    # SFT started from the base: its run has no parent state
+    sft_state = json.loads((uri_to_path(stages["sft"]["state"]) / "character_state.json").read_text())
+    assert "parent" not in sft_state
+    merged_cfg = json.loads((uri_to_path(uris["merged"]) / "adapter_config.json").read_text())
+    assert merged_cfg["r"] == 8  # exact merge: ranks concatenated (4 + 4)
+    for key in ("pirate-dpo-checkpoint", "pirate-sft-checkpoint", "pirate-merged-checkpoint",
+                "pirate-build-summary", "pirate-evaluation"):
+        assert Artifact.get(key) is not None, key
+    table = Artifact.get("pirate-evaluation").data
+    for label in ("base", "dpo", "sft", "merged"):
+        assert label in str(table)
+    summary = Artifact.get("pirate-build-summary").data
+    assert uris["merged"] in summary and "dpo_data" in summary
+
+
+def test_nightly_builds_each_persona_and_isolates_failures(prefect_harness, tmp_path_factory, models_dir):
+    from prefect.artifacts import Artifact
+
+    from flows.nightly import nightly
+
+    ws = _ws(tmp_path_factory, models_dir, "nightly")
+    state = nightly(["nosuch", "loving"], workdir=str(ws), build_id="night-1", overrides=SMALL,
+                    return_state=True)
+    assert state.is_failed() and "nosuch" in state.message and "loving" not in state.message.split(":")[-1]
+    rows = {r["persona"]: r for r in json.loads(Artifact.get("nightly-summary").data)}
+    assert rows["nosuch"]["state"] == "Failed" and "unknown persona" in rows["nosuch"]["message"]
+    assert rows["loving"]["state"] == "Completed" and rows["loving"]["final"].startswith("file://")
+    rec = read_record(PipelineConfig(persona="loving", workdir=str(ws), build_id="night-1"))
+    assert rec["stages"]["sft"]["sampler"] == rows["loving"]["final"]
+
+
+def test_transient_errors_are_retried_and_fatal_ones_are_not(prefect_harness, monkeypatch, tmp_path):
+    from prefect import flow
+
+    from character import pipeline
+    from tasks import dpo_data
+
+    calls = []
+
+    def flaky(cfg, questions_path=None):
+        calls.append(1)
+        if len(calls) < 3:
+            raise TransientBackendError("503 from the service")
+        return "done.jsonl"
+
+    def fatal(cfg, questions_path=None):
+        calls.append(1)
+        raise ValueError("400: bad request")
+
+    cfg = PipelineConfig(persona="pirate", workdir=str(tmp_path), build_id="retry")
+    task = dpo_data.with_options(retry_delay_seconds=0)
+
+    @flow
+    def one():
+        return task(cfg, None)
+
+    monkeypatch.setattr(pipeline, "stage_dpo_data", flaky)
+    state = one(return_state=True)
+    assert state.is_completed() and state.result() == "done.jsonl" and len(calls) == 3
+
+    calls.clear()
+    monkeypatch.setattr(pipeline, "stage_dpo_data", fatal)
+    state = one(return_state=True)
+    assert state.is_failed() and len(calls) == 1 and "400: bad request" in state.message
+
+
+def test_checkpoints_list_reads_the_records(paper_run):
+    cfg, _ = paper_run
+    out = subprocess.run([sys.executable, "-m", "character.cli", "checkpoints", "list", "--workdir", cfg.workdir,
+                          "--persona", "pirate", "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert {r["stage"] for r in rows} == {"dpo", "sft", "merged"}
+    assert all(r["persona"] == "pirate" and r["build_id"] == "paper-test" for r in rows)
