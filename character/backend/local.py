@@ -327,14 +327,23 @@ class LocalService:
         if base_model is not None:
             model_dir = resolve_model(base_model, self.ws)
             model = _load_base(model_dir, self.device)
+        elif not (uri_to_path(model_path) / "adapter_config.json").is_file():
+            # A full model folder (e.g. written by `character fold`): loaded like a base model.
+            model_dir = uri_to_path(model_path)
+            if not (model_dir / "config.json").is_file():
+                raise UserError(f"{model_path}: not an adapter checkpoint or a model folder "
+                                "(no adapter_config.json or config.json)")
+            model = _load_base(model_dir, self.device)
         else:
             from peft import PeftModel
 
             folder = uri_to_path(model_path)
-            if not (folder / "adapter_config.json").is_file():
-                raise UserError(f"{model_path}: not an adapter checkpoint (no adapter_config.json)")
             model_dir = Path(json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"])
-            # Folding the adapter in makes sampling as fast as the base model.
-            model = PeftModel.from_pretrained(_load_base(model_dir, self.device), folder).merge_and_unload()
+            model = PeftModel.from_pretrained(_load_base(model_dir, self.device), folder)
+            # Folding the adapter in makes sampling as fast as the base model, except for a head tied to the
+            # input embedding: merging into the shared matrix would change the embedding too.
+            tied = getattr(model.base_model, "_get_tied_target_modules", lambda _: [])(model.base_model.model)
+            if not tied:
+                model = model.merge_and_unload()
         return LocalSamplingClient(model, _tokenizer(str(model_dir)), self.sample_batch_size,
                                    self.seed if seed is None else seed)
