@@ -17,7 +17,6 @@ import hashlib
 import json
 import random
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -25,7 +24,7 @@ from typing import Callable, Iterable
 from tinker import types
 
 from character.backend import SamplingClient
-from character.backend.errors import is_transient
+from character.backend.retry import Call
 from character.chat import Renderer
 from character.constitution import Constitution
 from character.prompts import (
@@ -112,41 +111,14 @@ def windows(items: list, size: int) -> Iterable[list]:
         yield items[k: k + size]
 
 
-def resolve(submit: Callable[[], object], attempts: int = 5, backoff_s: float = 1.0):
-    """Wait for one request; on a transient failure resubmit it (this request only)."""
-    for attempt in range(attempts):
-        try:
-            return submit().result()
-        except Exception as e:  # noqa: BLE001 - classification decides
-            if not is_transient(e) or attempt == attempts - 1:
-                raise
-            time.sleep(backoff_s * 2**attempt)
-
-
 class Requests:
-    """Submit now, wait later, retry one request on a transient error."""
+    """Submit now, wait later; a transient failure makes that one request again."""
 
     def __init__(self, client: SamplingClient):
         self.client = client
 
     def submit(self, tokens: list[int], params: types.SamplingParams, n: int = 1):
-        make = lambda: self.client.sample(types.ModelInput.from_ints(tokens), n, params)  # noqa: E731
-        try:
-            fut = make()
-        except Exception as e:  # noqa: BLE001
-            if not is_transient(e):
-                raise
-            fut = None
-        return lambda: resolve(make) if fut is None else _first_try(fut, make)
-
-
-def _first_try(fut, make):
-    try:
-        return fut.result()
-    except Exception as e:  # noqa: BLE001
-        if not is_transient(e):
-            raise
-        return resolve(make)
+        return Call(lambda: self.client.sample(types.ModelInput.from_ints(tokens), n, params)).result
 
 
 # -- DPO distillation pairs ------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 from tinker import types
 
 from character.backend import SamplingClient, ServiceClient, TrainingClient
+from character.backend.retry import Call, retry_transient
 from character.chat import Renderer, to_datum
 from character.losses import DPOCoefficients, make_dpo_loss_fn
 from character.storage import read_jsonl, write_json_atomic
@@ -34,8 +35,8 @@ def pair_sequences(renderer: Renderer, row: dict, max_length: int) -> tuple[tupl
 
 def reference_logprobs(sampler: SamplingClient, sequences: list[list[int]]) -> list[list[float]]:
     """Per-target log-probs under the reference (the starting weights) on exactly these sequences."""
-    futures = [sampler.compute_logprobs(types.ModelInput.from_ints(s)) for s in sequences]
-    return [[float(x) for x in f.result()[1:]] for f in futures]
+    calls = [Call(lambda s=s: sampler.compute_logprobs(types.ModelInput.from_ints(s))) for s in sequences]
+    return [[float(x) for x in c.result()[1:]] for c in calls]
 
 
 def run_dpo(
@@ -58,7 +59,7 @@ def run_dpo(
     if ref_path.is_file():  # computed once; a resumed run reuses them
         refs = json.loads(ref_path.read_text())
     else:
-        refs = reference_logprobs(reference(), [t for t, _ in flat])
+        refs = reference_logprobs(retry_transient(reference), [t for t, _ in flat])
         write_json_atomic(ref_path, refs)
     pairs = [
         Pair(to_datum(*c), to_datum(*r), refs[2 * i], refs[2 * i + 1]) for i, (c, r) in enumerate(seqs)

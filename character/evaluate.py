@@ -130,11 +130,20 @@ def _pick(build: Path | None, names: tuple[str, ...]) -> tuple[Path | None, bool
 
 
 def _read_rows(path: Path, what: str, keys: tuple[str, ...]) -> list[dict]:
+    """Rows whose `keys` each hold a conversation: a list of {"role", "content"} messages."""
     rows = read_jsonl(path)
     for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise UserError(f"{what} {path}: line {i + 1} is not a JSON object")
         missing = [k for k in keys if k not in r]
         if missing:
             raise UserError(f"{what} {path}: line {i + 1} has no field '{missing[0]}'")
+        for k in keys:
+            if not isinstance(r[k], list) or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in r[k]):
+                raise UserError(f"{what} {path}: line {i + 1}, field '{k}': expected a list of "
+                                "{role, content} messages")
     return rows
 
 

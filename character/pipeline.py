@@ -22,7 +22,7 @@ from character.dpo import run_dpo
 from character.errors import UserError
 from character.losses import DPOCoefficients
 from character.scales import SCALES, Scale, ScaleName
-from character.settings import Settings, Workspace, check_name
+from character.settings import DEVICE_PATTERN, Settings, Workspace, check_name
 from character.sft import run_sft
 from character.storage import uri_to_path, write_json_atomic
 from character.training import OptimConfig
@@ -44,7 +44,7 @@ class PipelineConfig(BaseModel):
     workdir: str = "workspace"
     build_id: str = Field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
     seed: int = 0
-    device: str = "auto"
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
     dpo_pairs: int | None = Field(None, ge=1)
     reflections: int | None = Field(None, ge=0)
     interactions: int | None = Field(None, ge=0)
@@ -109,9 +109,28 @@ class Checkpoint(BaseModel):
     steps: int
 
 
+# Settings that may change between runs of one build without changing what it produces.
+_RUN_ONLY = {"workdir", "device", "max_in_flight", "evaluate", "merge", "build_id"}
+
+
+def check_same_build(cfg: PipelineConfig) -> None:
+    """A build id names one set of inputs: rerunning it with others would mix two builds' stages."""
+    old = read_record(cfg).get("config")
+    if not old:
+        return
+    new = cfg.model_dump(mode="json")
+    changed = sorted(k for k in set(old) | set(new) if k not in _RUN_ONLY and old.get(k) != new.get(k))
+    if changed:
+        raise UserError(f"build {cfg.build_id!r} of {cfg.constitution().name} was started with other settings "
+                        f"({', '.join(changed)}); rerun it unchanged or use a new --build-id")
+
+
 def validate(cfg: PipelineConfig) -> Constitution:
     """Everything that can be checked before a model is loaded or an API call is paid for."""
     c = cfg.constitution()
+    if Path(cfg.workdir).expanduser().exists() and not Path(cfg.workdir).expanduser().is_dir():
+        raise UserError(f"workdir {cfg.workdir}: exists and is not a folder")
+    check_same_build(cfg)
     if cfg.backend == "tinker":
         from character.backend.tinker import check_ready
 
@@ -126,13 +145,17 @@ def validate(cfg: PipelineConfig) -> Constitution:
 
 
 def _service(cfg: PipelineConfig):
+    from character.backend.faults import with_faults
+
+    settings = Settings()
     if cfg.backend == "tinker":
         from character.backend.tinker import TinkerService
 
-        return TinkerService(Settings())
+        return with_faults(TinkerService(settings), settings.fault_rate, settings.fault_seed)
     from character.backend.local import LocalService
 
-    return LocalService(Workspace(cfg.workdir), device=cfg.device, seed=cfg.seed)
+    svc = LocalService(Workspace(cfg.workdir), device=cfg.device, seed=cfg.seed)
+    return with_faults(svc, settings.fault_rate, settings.fault_seed)
 
 
 # -- build record -------------------------------------------------------------------------------
@@ -336,6 +359,10 @@ def stage_evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> d
     """Evaluate the named checkpoints against the base model on the build's held-out data."""
     from character.evaluate import evaluate_checkpoints
 
+    done = _finished(cfg, "eval")
+    metrics_json = ((done or {}).get("report") or {}).get("metrics_json")
+    if done and done.get("names") == list(checkpoints) and metrics_json and Path(metrics_json).is_file():
+        return json.loads(Path(metrics_json).read_text())
     rec = read_record(cfg).get("stages", {})
     uris = [_local_adapter(cfg, c) for c in checkpoints.values()]
     base = cfg.base_model if cfg.backend == "local" else None

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from character.errors import UserError
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
 
 
 class Settings(BaseSettings):
@@ -21,7 +22,7 @@ class Settings(BaseSettings):
     backend: Literal["local", "tinker"] = "local"
     base_model: str = "tiny"
     teacher_model: str | None = None
-    device: str = "auto"
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda or cuda:N")
     seed: int = 0
     # Tinker (backend "tinker"): models it serves, where the key lives, and how long to wait for it.
     tinker_base_model: str = "meta-llama/Llama-3.1-8B-Instruct"
@@ -30,6 +31,9 @@ class Settings(BaseSettings):
         None, description="name of a Prefect Secret block holding the Tinker key (used when TINKER_API_KEY is unset)")
     tinker_timeout_s: float = Field(60.0, gt=0, description="how long to wait for Tinker to answer at all")
     tinker_max_in_flight: int = Field(32, ge=1, description="sampling requests in flight at once on Tinker")
+    # Reliability testing: this share of backend calls fails with a transient error (character.backend.faults).
+    fault_rate: float = Field(0.0, ge=0, le=1, description="share of backend calls made to fail transiently (0: off)")
+    fault_seed: int = Field(0, description="which calls fail, when fault_rate is set")
 
 
 def check_name(name: str, what: str) -> str:

@@ -4,10 +4,13 @@ Flat and resumable, like tinker-cookbook's sl_loop: resume from the last recorde
 the batch, submit forward/backward and the optimizer step before waiting on either, log, save
 every N steps. Progress lives in `<run_dir>/checkpoints.jsonl`; a state URI is recorded only
 after the state is fully written, so a crash at any point resumes from a complete state.
+A backend call that fails transiently is made again (`Call`); steps after the last save are
+redone on resume, and their metrics rows from the interrupted run are dropped.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -19,7 +22,8 @@ from pydantic import BaseModel, Field
 from tinker import types
 
 from character.backend import Future, ServiceClient, TrainingClient
-from character.storage import append_jsonl, read_jsonl
+from character.backend.retry import Call, retry_transient
+from character.storage import append_jsonl, read_jsonl, write_text_atomic
 
 
 class OptimConfig(BaseModel):
@@ -91,11 +95,12 @@ def train(
     if last and last.get("final"):
         return TrainResult(last["state"], last["sampler"], total, resumed_from=total)
     if last:
-        client = service.create_training_client_from_state_with_optimizer(last["state"])
+        client = retry_transient(lambda: service.create_training_client_from_state_with_optimizer(last["state"]))
         first = last["step"]
     else:
-        client = start()
+        client = retry_transient(start)
         first = 0
+    _forget_metrics_after(run_dir / "metrics.jsonl", first)  # steps after the last save are redone
 
     metrics: list[dict] = []
     state = last["state"] if last else None
@@ -103,11 +108,10 @@ def train(
         t0 = time.perf_counter()
         batch = [examples[i] for i in batches[step]]
         lr = lr_at(step, total, cfg)
-        fb = submit(client, batch)
-        opt = client.optim_step(types.AdamParams(
-            learning_rate=lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-            weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm,
-        ))
+        adam = types.AdamParams(learning_rate=lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
+                                weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm)
+        fb = Call(lambda: submit(client, batch))
+        opt = Call(lambda: client.optim_step(adam))
         out, opt_out = fb.result(), opt.result()
         row = {"step": step + 1, "total": total, "lr": lr, **out.metrics,
                **({"grad_norm": opt_out["grad_norm"]} if isinstance(opt_out, dict) and "grad_norm" in opt_out else {}),
@@ -115,11 +119,19 @@ def train(
         metrics.append(row)
         append_jsonl(run_dir / "metrics.jsonl", row)
         if (step + 1) % cfg.save_every == 0 or step + 1 == total:
-            state = client.save_state(f"step-{step + 1:06d}").result().path
+            state = Call(lambda: client.save_state(f"step-{step + 1:06d}")).result().path
             append_jsonl(log_path, {"step": step + 1, "state": state})
         if on_step is not None:
             on_step(step + 1, total, row)
 
-    sampler = client.save_weights_for_sampler("final").result().path
+    sampler = Call(lambda: client.save_weights_for_sampler("final")).result().path
     append_jsonl(log_path, {"step": total, "state": state, "sampler": sampler, "final": True})
     return TrainResult(state, sampler, total, resumed_from=first, metrics=metrics)
+
+
+def _forget_metrics_after(path: Path, step: int) -> None:
+    """Keep one metrics row per step: rows of steps after the resume point belong to lost work."""
+    rows = read_jsonl(path)
+    if any(r.get("step", 0) > step for r in rows):
+        kept = [r for r in rows if r.get("step", 0) <= step]
+        write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))

@@ -66,6 +66,7 @@ def test_pipeline_refuses_a_malformed_constitution_before_doing_anything(tmp_pat
     (["generate", "banana", "pirate"], "unknown stage 'banana'"),
     (["pipeline", "pirate", "--dpo-pairs", "0"], "--dpo-pairs"),
     (["pipeline", "pirate", "--merge"], "--merge needs --paper-mode"),
+    (["merge", "tinker://run-1/weights/final", "tinker://run-1/weights/sft", "--output", "m"], "no Tinker API key"),
     (["pipeline", "pirate", "--scale", "huge"], "--scale"),
     (["pipeline", "pirate", "--base-model", "/no/such/model"], "base model '/no/such/model'"),
     (["pipeline", "pirate", "--build-id", "a/b"], "build id"),

@@ -170,9 +170,10 @@ def test_resumed_generation_equals_uninterrupted(local, tmp_path, kind):
 
 
 def test_a_transient_failure_retries_only_that_request(local, tmp_path, monkeypatch):
+    import character.backend.retry as retry
     import character.datagen as dg
 
-    monkeypatch.setattr(dg.time, "sleep", lambda s: None)
+    monkeypatch.setattr(retry, "BACKOFF_S", 0.0)
     client, r = local
     c = load_constitution("poetic")
     clean = tmp_path / "clean.jsonl"

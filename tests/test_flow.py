@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from character.pipeline import PipelineConfig, read_record
-from character.storage import uri_to_path
+from pathlib import Path
+
+from character.storage import read_jsonl, uri_to_path
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +31,16 @@ def test_smoke_flow_completes(smoke_run):
     assert set(result.checkpoints) == {"dpo", "sft", "final"}
     assert result.checkpoints["final"] == result.checkpoints["sft"] != result.checkpoints["dpo"]
     stages = read_record(cfg)["stages"]
-    assert set(stages) == {"dpo_data", "dpo", "introspection", "sft"}
+    assert set(stages) == {"dpo_data", "dpo", "introspection", "sft", "eval"}
     assert stages["dpo_data"]["rows"] > 0 and stages["introspection"]["rows"] > 0
+    # evaluation ran on the held-out rows, which training never saw
+    held = stages["dpo_data"]["heldout"]
+    assert "/heldout/" in held and stages["dpo_data"]["path"].endswith("/train/dpo.jsonl")
+    train_prompts = {r["prompt"][0]["content"] + r["chosen"][0]["content"]
+                     for r in read_jsonl(Path(stages["dpo_data"]["path"]))}
+    held_rows = read_jsonl(Path(held))
+    assert held_rows and not any(r["prompt"][0]["content"] + r["chosen"][0]["content"] in train_prompts
+                                 for r in held_rows)
 
 
 def test_artifacts_hold_the_checkpoint_uris(smoke_run):
@@ -38,6 +48,8 @@ def test_artifacts_hold_the_checkpoint_uris(smoke_run):
 
     _, state = smoke_run
     uris = state.result().checkpoints
+    assert Artifact.get("sarcastic-evaluation") is not None
+    assert Artifact.get("sarcastic-build-summary") is not None
     for key, stage in [("sarcastic-dpo-checkpoint", "dpo"), ("sarcastic-sft-checkpoint", "sft"),
                        ("sarcastic-final-checkpoint", "final")]:
         art = Artifact.get(key)

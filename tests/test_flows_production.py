@@ -114,3 +114,15 @@ def test_checkpoints_list_reads_the_records(paper_run):
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert {r["stage"] for r in rows} == {"dpo", "sft", "merged"}
     assert all(r["persona"] == "pirate" and r["build_id"] == "paper-test" for r in rows)
+
+
+def test_a_build_id_refuses_other_inputs(tmp_path):
+    from character.errors import UserError
+    from character.pipeline import record_stage, validate
+
+    cfg = PipelineConfig(persona="pirate", workdir=str(tmp_path), build_id="b1", dpo_pairs=8)
+    record_stage(cfg, "dpo_data", {"path": "x"})
+    validate(cfg.model_copy(update={"max_in_flight": 3, "evaluate": False}))  # run-only settings may change
+    with pytest.raises(UserError, match=r"build 'b1' of pirate was started with other settings \(dpo_pairs\)"):
+        validate(cfg.model_copy(update={"dpo_pairs": 9}))
+    validate(cfg.model_copy(update={"dpo_pairs": 9, "build_id": "b2"}))  # a new id starts fresh

@@ -711,17 +711,27 @@ def test_an_interrupted_run_resumes_from_its_last_saved_state(wired, tmp_path):
     assert torch.equal(wired.states[whole.sampler]["delta"], wired.states[resumed.sampler]["delta"])
 
 
-def test_transient_errors_surface_unchanged_and_fatal_ones_as_one_line(wired, tmp_path):
+def test_transient_errors_are_retried_then_surface_unchanged_and_fatal_ones_as_one_line(wired, tmp_path,
+                                                                                       monkeypatch):
+    import character.backend.retry as retry
+
+    monkeypatch.setattr(retry, "BACKOFF_S", 0.0)
     svc = service()
     renderer = Renderer(svc.get_tokenizer(STUDENT))
     data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(4))
     cfg = OptimConfig(learning_rate=5e-2, batch_size=2, save_every=1, warmup_ratio=0.0)
     start = lambda: svc.create_lora_training_client(STUDENT, rank=4)  # noqa: E731
 
-    wired.fail("optim_step", None, http_error(tinker.RateLimitError, 429))  # the second step's
+    rate_limited = http_error(tinker.RateLimitError, 429)
+    wired.fail("optim_step", None, rate_limited)  # the second step's, once: the loop makes that call again
+    once = run_sft(svc, start, renderer, data, tmp_path / "once", cfg)
+    assert once.steps == 2 and once.resumed_from == 0 and not wired.failures["optim_step"]
+
+    wired.fail("optim_step", None, *[rate_limited] * 10)  # every attempt at the second step's
     with pytest.raises(tinker.RateLimitError) as err:
         run_sft(svc, start, renderer, data, tmp_path / "run", cfg)
     assert is_transient(err.value)  # Prefect would retry the task, which resumes:
+    wired.failures.clear()
     result = run_sft(svc, start, renderer, data, tmp_path / "run", cfg)
     assert result.resumed_from == 1 and result.steps == 2
 
