@@ -45,6 +45,25 @@ def tiny_dir(models_dir) -> Path:
     return tiny_model_path(models_dir)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread: two busy processes on two cores slow each other badly (OpenMP spinning)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_dir):
+    """The tiny model as plain transformers loads it, for reference computations."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness

@@ -16,24 +16,13 @@ from character.errors import UserError
 from character.fold import fold_adapter, parse_size
 from character.merge import read_header, tensor_nbytes
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*(tie_word_embeddings|save_embedding_layers).*:UserWarning")
 IDS = torch.tensor([[1, 7, 42, 300, 512, 9, 88, 3]])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two cores are shared with other jobs: one thread avoids OpenMP oversubscription.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def base(tiny_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:.*(tie_word_embeddings|save_embedding_layers).*:UserWarning"),
+]
 
 
 def make_adapter(base, out, targets, seed=0, r=4, alpha=8):

@@ -18,24 +18,14 @@ from safetensors.torch import load_file, save_file
 from character.errors import UserError
 from character.merge import load_adapter, merge_adapters
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*tie_word_embeddings.*:UserWarning")
 # Two cores are shared with other jobs: one thread avoids OpenMP oversubscription (100x slower here).
 ENV_1T = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def base(tiny_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:.*tie_word_embeddings.*:UserWarning"),
+]
 
 
 def make_adapter(base, out: Path, r: int, alpha: int, seed: int, targets=("q_proj", "v_proj", "down_proj"), **kw):

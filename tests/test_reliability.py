@@ -39,12 +39,7 @@ DRIVER = ("import json, sys; from character.pipeline import PipelineConfig, run_
           "run_sequential(PipelineConfig(**json.loads(sys.argv[1])))")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ws(tmp_path_factory, models_dir, name: str) -> Path:
