@@ -13,13 +13,14 @@ warning); so the head is written as its own tensor and the output config unties 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from character.errors import UserError
 from character.merge import (
-    StreamingSafetensorsWriter, file_sha256, load_adapter, open_safetensors, read_header, read_tensor, tensor_nbytes,
+    StreamingSafetensorsWriter, file_sha256, load_adapter, open_safetensors, read_header, tensor_nbytes,
 )
 from character.storage import atomic_dir
 
@@ -77,6 +78,9 @@ def read_base_weights(folder: Path) -> BaseWeights:
     return BaseWeights(folder, shards, specs, file_of)
 
 
+_IN_BLOCK = re.compile(r"\.\d+\.")
+
+
 def _embedding_keys(config_path: Path) -> tuple[str | None, str | None]:
     """Checkpoint names of the input and output embeddings, from a meta-device model (no weights)."""
     import torch
@@ -128,7 +132,9 @@ def fold_adapter(
     keys = {f"{mname}.weight": mname for mname in ad.modules}
     extra: dict[str, str] = {}  # new key -> key whose base values it starts from
     untie = False
-    if tied:
+    # Embeddings never sit inside the numbered blocks; an adapter that touches only blocks cannot
+    # touch a tied pair (and we skip building a meta model to find the pair's names).
+    if tied and any(not _IN_BLOCK.search(f".{mname}.") for mname in ad.modules):
         in_key, out_key = _embedding_keys(base_dir / "config.json")
         # Adapting either side of a tied pair: each side must change alone, so the output is untied
         # and the head gets its own copy if the checkpoint stores only the embedding.
@@ -200,23 +206,27 @@ def fold_adapter(
                             fpath = base.file_of[src]
                             if fpath not in handles:
                                 handles[fpath] = open_safetensors(base_dir / fpath, "base model").__enter__()
-                            t = handles[fpath].get_tensor(src)
-                            if k in target and target[k] in ad.saved_base:
-                                saved = fa.get_tensor(ad.saved_base[target[k]][0])
-                                if not torch.equal(saved.to(t.dtype), t):
-                                    raise UserError(f"adapter {adapter}: its saved base weight for {target[k]} "
-                                                    f"differs from base model {base_dir} (trained base layers are "
-                                                    "not supported)")
-                            if k in target:
+                            if k not in target:  # unchanged: its bytes stream through, never whole in memory
+                                handles[fpath].copy_raw(src, w, as_name=k)
+                            else:
                                 m = ad.modules[target[k]]
-                                a = read_tensor(fa, m.a_key, ad.label).float()
-                                b = read_tensor(fa, m.b_key, ad.label).float()
-                                # PEFT's merge arithmetic: (B @ A), transposed for Conv1D/embeddings, x scaling.
-                                delta = b @ a
+                                t = handles[fpath].get_tensor(src)
+                                if m.name in ad.saved_base:
+                                    saved = fa.get_tensor(ad.saved_base[m.name][0])
+                                    if not torch.equal(saved.to(t.dtype), t):
+                                        raise UserError(f"adapter {adapter}: its saved base weight for {m.name} "
+                                                        f"differs from base model {base_dir} (trained base layers "
+                                                        "are not supported)")
+                                a = fa.get_tensor(m.a_key).float()  # finite: checked above
+                                b = fa.get_tensor(m.b_key).float()
+                                # PEFT's merge arithmetic: W + scaling x (B @ A), transposed for Conv1D and
+                                # embeddings; one fused multiply-add into a float32 copy of W.
+                                out = t.float()
                                 if fan_in_fan_out or m.embedding:
-                                    delta = delta.T
-                                t = (t.float() + delta * m.scaling).to(t.dtype)
-                            w.write(k, t)
+                                    out.T.addmm_(b, a, alpha=m.scaling)
+                                else:
+                                    out.addmm_(b, a, alpha=m.scaling)
+                                w.write(k, out.to(t.dtype))
                             weight_map[k] = fname
                             total_size += tensor_nbytes(*base.specs[k])
             finally:

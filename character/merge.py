@@ -26,14 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
+
 from character.errors import UserError
 from character.storage import atomic_dir, uri_to_path
 
 if TYPE_CHECKING:
     import torch
 
-# torch is imported where tensors are read: checks on configs and headers then answer in well
-# under a second, which keeps bad input cheap.
+# The merge itself needs only numpy: importing torch would cost more time and memory than the
+# merge of a 1B model's adapters. torch is imported for `svd` and by fold (bfloat16 rounding).
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -58,6 +60,10 @@ def _torch_dtype_name(dtype) -> str:
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
     return names[dtype]
+
+
+_NUMPY_NAMES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+                np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.uint8): "U8"}
 
 
 def tensor_nbytes(dtype: str, shape) -> int:
@@ -121,14 +127,32 @@ class StreamingSafetensorsWriter:
         self._f.write(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
 
-    def write(self, name: str, tensor: "torch.Tensor") -> None:
-        import torch
-
+    def write(self, name: str, tensor: "torch.Tensor | np.ndarray") -> None:
         exp_name, exp_dtype, exp_shape = self._specs[self._next]
-        if name != exp_name or _torch_dtype_name(tensor.dtype) != exp_dtype or tuple(tensor.shape) != tuple(exp_shape):
+        if isinstance(tensor, np.ndarray):
+            dtype, data = _NUMPY_NAMES.get(tensor.dtype), np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)
+        else:
+            import torch
+
+            dtype = _torch_dtype_name(tensor.dtype)
+            data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if name != exp_name or dtype != exp_dtype or tuple(tensor.shape) != tuple(exp_shape):
             raise RuntimeError(f"streamed tensor {name} {tuple(tensor.shape)} does not match the header's "
                                f"{exp_name} {exp_dtype} {tuple(exp_shape)}")
-        self._f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self._f.write(data.data)
+        self._next += 1
+
+    def write_raw(self, name: str, dtype: str, shape, chunks) -> None:
+        """A tensor given as its raw bytes, in pieces (copied from another safetensors file)."""
+        exp_name, exp_dtype, exp_shape = self._specs[self._next]
+        if (name, dtype, tuple(shape)) != (exp_name, exp_dtype, tuple(exp_shape)):
+            raise RuntimeError(f"streamed tensor {name} does not match the header's {exp_name}")
+        written = 0
+        for piece in chunks:
+            self._f.write(piece)
+            written += len(piece)
+        if written != tensor_nbytes(dtype, shape):
+            raise RuntimeError(f"tensor {name}: {written} bytes streamed, {tensor_nbytes(dtype, shape)} expected")
         self._next += 1
 
     def close(self) -> None:
@@ -146,14 +170,93 @@ class StreamingSafetensorsWriter:
             self._f.close()
 
 
-def open_safetensors(path: Path, what: str):
-    """safe_open (lazy, per-tensor reads) with a one-line error for an unreadable file."""
-    from safetensors import safe_open
+class TensorFile:
+    """A .safetensors file read tensor by tensor with plain reads into fresh buffers.
 
-    read_header(path, what)
+    safetensors' safe_open maps the whole file: every page a read touches stays resident in this
+    process until the file is closed, so reading a 2.5 GB checkpoint once costs 2.5 GB of resident
+    memory. Here a tensor's memory is freed as soon as the caller drops it.
+    """
+
+    def __init__(self, path: Path, what: str):
+        self.path = Path(path)
+        self.specs = read_header(self.path, what)
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        self._start = 8 + n
+        self._offsets = {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
+        self._f = open(self.path, "rb")
+
+    def keys(self) -> list[str]:
+        return list(self.specs)
+
+    def _read(self, key: str) -> np.ndarray:
+        begin, end = self._offsets[key]
+        buf = np.empty(end - begin, dtype=np.uint8)  # uninitialized: the read fills it
+        self._f.seek(self._start + begin)
+        if self._f.readinto(memoryview(buf)) != len(buf):
+            raise ValueError(f"short read of tensor {key}")
+        return buf
+
+    def get_tensor(self, key: str) -> "torch.Tensor":
+        import torch
+
+        dtype, shape = self.specs[key]
+        buf = self._read(key)
+        torch_dtype = getattr(torch, _TORCH_NAMES[dtype])
+        if not len(buf):
+            return torch.empty(shape, dtype=torch_dtype)
+        return torch.from_numpy(buf).view(torch_dtype).reshape(shape)
+
+    def get_array(self, key: str) -> np.ndarray:
+        """The tensor as a numpy array; bfloat16 (which numpy lacks) widens exactly to float32."""
+        dtype, shape = self.specs[key]
+        if dtype == "BF16":
+            bits = self._read(key).view(np.uint16).astype(np.uint32) << 16
+            return bits.view(np.float32).reshape(shape)
+        if dtype not in _NUMPY:
+            return self.get_tensor(key).float().numpy()  # float8: through torch
+        return self._read(key).view(_NUMPY[dtype]).reshape(shape)
+
+    def copy_raw(self, key: str, writer: "StreamingSafetensorsWriter", as_name: str | None = None,
+                 chunk: int = 16 << 20) -> None:
+        """Stream a tensor's bytes unchanged into `writer` (never all in memory), optionally renamed."""
+        begin, end = self._offsets[key]
+        self._f.seek(self._start + begin)
+        writer.write_raw(as_name or key, *self.specs[key], _chunks(self._f, end - begin, chunk))
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.close()
+
+
+def _chunks(f, n: int, size: int):
+    while n > 0:
+        data = f.read(min(size, n))
+        if not data:
+            raise ValueError("file ended inside a tensor")
+        n -= len(data)
+        yield data
+
+
+_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+          "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def open_safetensors(path: Path, what: str) -> TensorFile:
+    """A TensorFile, with a one-line error for an unreadable file."""
     try:
-        return safe_open(str(path), framework="pt")
-    except Exception as e:  # safetensors raises its own error types, and OSError
+        return TensorFile(path, what)
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{what}: {path} is not a readable safetensors file ({_first_line(e)})") from None
 
 
@@ -164,9 +267,20 @@ def read_tensor(handle, key: str, what: str) -> "torch.Tensor":
         t = handle.get_tensor(key)
     except Exception as e:
         raise UserError(f"{what}: tensor {key} cannot be read ({_first_line(e)})") from None
-    if t.is_floating_point() and not torch.isfinite(t).all():
+    # A float64 sum is finite exactly when every element is (it cannot overflow for these sizes).
+    if t.is_floating_point() and not math.isfinite(float(t.sum(dtype=torch.float64))):
         raise UserError(f"{what}: tensor {key} contains NaN or Inf")
     return t
+
+
+def read_array(handle: TensorFile, key: str, what: str) -> np.ndarray:
+    try:
+        a = handle.get_array(key)
+    except Exception as e:
+        raise UserError(f"{what}: tensor {key} cannot be read ({_first_line(e)})") from None
+    if a.dtype.kind == "f" and not math.isfinite(float(a.sum(dtype=np.float64))):
+        raise UserError(f"{what}: tensor {key} contains NaN or Inf")
+    return a
 
 
 def file_sha256(path: Path) -> str:
@@ -223,10 +337,10 @@ class Adapter:
         """Reads every tensor once (one at a time) so that a NaN fails before anything is written."""
         with self.open() as f:
             for m in self.modules.values():
-                read_tensor(f, m.a_key, self.label)
-                read_tensor(f, m.b_key, self.label)
+                read_array(f, m.a_key, self.label)
+                read_array(f, m.b_key, self.label)
             for key, _, _ in self.saved_base.values():
-                read_tensor(f, key, self.label)
+                read_array(f, key, self.label)
 
 
 def load_adapter(source: str, label: str = "adapter") -> Adapter:
@@ -323,16 +437,17 @@ def check_compatible(x: Adapter, y: Adapter) -> None:
 
 
 # -- the three methods, per module ----------------------------------------------------------------
-def exact_factors(a1, b1, c1: float, a2, b2, c2: float) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """(A, B) with B @ A == c1 * B1 @ A1 + c2 * B2 @ A2, where c = weight x scaling (float64 inside)."""
-    import torch
+def exact_factors(a1, b1, c1: float, a2, b2, c2: float) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) with B @ A == c1 * B1 @ A1 + c2 * B2 @ A2, where c = weight x scaling.
 
-    a = torch.cat([a1.double(), a2.double()], dim=0)
-    b = torch.cat([b1.double() * c1, b2.double() * c2], dim=1)
+    Each B is scaled in float64 and rounded once to float32; the A's are copied as they are."""
+    a = np.concatenate([a1, a2], axis=0).astype(np.float32, copy=False)
+    b = np.concatenate([(b1.astype(np.float64) * c1).astype(np.float32),
+                        (b2.astype(np.float64) * c2).astype(np.float32)], axis=1)
     return a, b
 
 
-def svd_factors(a: "torch.Tensor", b: "torch.Tensor", rank: int) -> tuple["torch.Tensor", ...]:
+def svd_factors(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Best rank-`rank` (A', B') of B @ A, and the singular values it discards.
 
     B = Qb Rb and A^T = Qa Ra give B A = Qb (Rb Ra^T) Qa^T; only the small K x K core is
@@ -341,8 +456,9 @@ def svd_factors(a: "torch.Tensor", b: "torch.Tensor", rank: int) -> tuple["torch
     """
     import torch
 
-    qb, rb = torch.linalg.qr(b.double())
-    qa, ra = torch.linalg.qr(a.double().T)
+    a, b = torch.from_numpy(np.asarray(a, dtype=np.float64)), torch.from_numpy(np.asarray(b, dtype=np.float64))
+    qb, rb = torch.linalg.qr(b)
+    qa, ra = torch.linalg.qr(a.T)
     u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
     keep = min(rank, s.numel())
     root = s[:keep].sqrt()
@@ -350,28 +466,23 @@ def svd_factors(a: "torch.Tensor", b: "torch.Tensor", rank: int) -> tuple["torch
     new_a = torch.zeros(rank, a.shape[1], dtype=torch.float64)
     new_b[:, :keep] = (qb @ u[:, :keep]) * root
     new_a[:keep] = (root[:, None] * vh[:keep]) @ qa.T
-    return new_a, new_b, s[keep:]
+    return new_a.numpy(), new_b.numpy(), s[keep:].numpy()
 
 
-def peft_linear_factors(a1, b1, c1: float, a2, b2, c2: float) -> tuple[torch.Tensor, torch.Tensor]:
+def peft_linear_factors(a1, b1, c1: float, a2, b2, c2: float) -> tuple[np.ndarray, np.ndarray]:
     """PEFT's `_generalized_task_arithmetic_weighted_adapter` for "linear", with the same float ops.
 
-    c = weight x scaling (Python floats, as PEFT computes them). The sign goes on A only.
+    c = weight x scaling (Python floats, as PEFT computes them); PEFT turns the per-adapter factors
+    into a float32 tensor and sums the weighted stack. The sign goes on A only.
     """
-    import torch
-
     wa, wb = [], []
     for c in (c1, c2):
         sign = 1 if c >= 0 else -1
-        wa.append(math.sqrt(abs(c)) * sign)
-        wb.append(math.sqrt(abs(c)))
-    out = []
-    for tensors, w in (([a1, a2], wa), ([b1, b2], wb)):
-        stacked = torch.stack(tensors, dim=0)
-        weights = torch.tensor(w).to(stacked.device)
-        weights = weights.view(weights.shape + (1,) * (stacked.dim() - weights.dim()))
-        out.append((stacked * weights).sum(dim=0).to(tensors[0].dtype))
-    return out[0], out[1]
+        wa.append(np.float32(math.sqrt(abs(c)) * sign))
+        wb.append(np.float32(math.sqrt(abs(c))))
+    a = a1.astype(np.float32, copy=False) * wa[0] + a2.astype(np.float32, copy=False) * wa[1]
+    b = b1.astype(np.float32, copy=False) * wb[0] + b2.astype(np.float32, copy=False) * wb[1]
+    return a, b
 
 
 # -- the merge ------------------------------------------------------------------------------------
@@ -431,13 +542,11 @@ def merge_adapters(
         warnings.append(f"--normalize rescales the weights {dpo_weight:g}/{sft_weight:g} to {w1:g}/{w2:g}: this "
                         "changes the magnitude of both updates, it is not the same model")
 
-    x.check_finite()
+    x.check_finite()  # a NaN fails here, before anything is written
     y.check_finite()
-    import torch
-
     with x.open() as fx, y.open() as fy:
         for n, (key, _, _) in x.saved_base.items():
-            if not torch.equal(fx.get_tensor(key), fy.get_tensor(y.saved_base[n][0])):
+            if not np.array_equal(fx.get_array(key), fy.get_array(y.saved_base[n][0])):
                 raise UserError(f"{x.label} and {y.label} carry different saved base weights for {n}")
 
     names = sorted(x.modules)
@@ -478,26 +587,27 @@ def merge_adapters(
         with x.open() as fx, y.open() as fy, StreamingSafetensorsWriter(tmp / ADAPTER_WEIGHTS, specs) as writer:
             # A module's A and B are computed together; the one written second waits in `pending`
             # (sorted keys put them next to each other, so at most one module is held).
-            pending: dict[str, torch.Tensor] = {}
+            pending: dict[str, np.ndarray] = {}
             for key, _, _ in specs:
                 if key not in module_of:  # a saved base weight, identical in both inputs
-                    writer.write(key, fx.get_tensor(key))
+                    fx.copy_raw(key, writer)
                     continue
                 n = module_of[key]
                 if key not in pending:
                     mx, my = x.modules[n], y.modules[n]
-                    a1, b1 = read_tensor(fx, mx.a_key, x.label), read_tensor(fx, mx.b_key, x.label)
-                    a2, b2 = read_tensor(fy, my.a_key, y.label), read_tensor(fy, my.b_key, y.label)
+                    a1, b1 = fx.get_array(mx.a_key), fx.get_array(mx.b_key)  # checked by check_finite
+                    a2, b2 = fy.get_array(my.a_key), fy.get_array(my.b_key)
                     c1, c2 = w1 * mx.scaling, w2 * my.scaling
                     if method == "linear":
                         # PEFT computes in the loaded model's dtype: float32 for a float32 base.
-                        a, b = peft_linear_factors(a1.float(), b1.float(), c1, a2.float(), b2.float(), c2)
+                        a, b = peft_linear_factors(a1, b1, c1, a2, b2, c2)
                     else:
                         a, b = exact_factors(a1, b1, c1, a2, b2, c2)
                         if method == "svd":
                             a, b, rest = svd_factors(a, b, out_rank[n])
-                            discarded[n] = float(rest.square().sum().sqrt())
-                    pending[mx.a_key], pending[mx.b_key] = a.float(), b.float()
+                            discarded[n] = float(np.sqrt(np.square(rest).sum()))
+                    pending[mx.a_key] = a.astype(np.float32, copy=False)
+                    pending[mx.b_key] = b.astype(np.float32, copy=False)
                 writer.write(key, pending.pop(key))
         provenance = {
             "method": method,

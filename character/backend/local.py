@@ -243,11 +243,11 @@ class LocalSamplingClient:
         for (_, slot), res in zip(pending, results):
             slot.setdefault("results", []).append(res)
         lps, self._pending_logprobs = self._pending_logprobs, []
-        for k in range(0, len(lps), self.batch_size):
-            chunk = lps[k: k + self.batch_size]
+        if lps:
             with torch.inference_mode():
-                out = token_logprobs(self.model, [t for t, _ in chunk], self.tokenizer.pad_token_id)
-            for (_, slot), lp in zip(chunk, out):
+                out = token_logprobs(self.model, [t for t, _ in lps], self.tokenizer.pad_token_id,
+                                     max_rows=self.batch_size)
+            for (_, slot), lp in zip(lps, out):
                 slot["logprobs"] = [None] + lp.float().cpu().tolist()
 
     def _decode(self, tokens: list[int]) -> str:
