@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
+
+from benchmarks.measure import Row, alternate
 
 PAIRS, BATCH, RANK, MAX_LENGTH, LR, BETA = 128, 8, 32, 512, 5e-5, 0.1
 
@@ -35,6 +38,7 @@ def ours(workdir: str, pairs: int = PAIRS) -> dict:
     from benchmarks.data import preference_rows
 
     _warm_imports()
+    shutil.rmtree(Path(workdir) / "dpo", ignore_errors=True)  # a finished run would be resumed, not redone
     torch.manual_seed(0)
     data = Path(workdir) / "pairs.jsonl"
     write_text_atomic(data, "".join(json.dumps(r) + "\n" for r in preference_rows(pairs)))
@@ -65,6 +69,7 @@ def trl(workdir: str, pairs: int = PAIRS) -> dict:
 
     hf_logging.set_verbosity_error()
     _warm_imports()
+    shutil.rmtree(Path(workdir) / "trl", ignore_errors=True)
     torch.manual_seed(0)
     rows = preference_rows(pairs)
     model_dir = tiny_model_path(Path(workdir) / "models")
@@ -89,3 +94,24 @@ def trl(workdir: str, pairs: int = PAIRS) -> dict:
     trainer.save_model(str(Path(workdir) / "trl" / "final"))
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "steps": out.global_step, "final_loss": float(out.training_loss)}
+
+
+def compare(root: Path, models: Path, repeats: int) -> list[Row]:
+    from benchmarks.data import workspace
+
+    wd = {side: str(workspace(root / f"dpo-{side}", models)) for side in ("ours", "trl")}
+    s = alternate({side: (f"benchmarks.dpo_vs_trl:{side}", dict(workdir=wd[side])) for side in wd}, repeats)
+    name = f"1. local DPO vs TRL DPOTrainer ({PAIRS} pairs, batch {BATCH}, LoRA r={RANK}, max length {MAX_LENGTH})"
+    peer = f"TRL {_version('trl')} DPOTrainer"
+    steps = f"{s['ours'].runs[-1]['steps']} steps each"
+    return [
+        Row(name, "wall time", s["ours"].median("seconds"), s["trl"].median("seconds"), peer, "s", "<= 0.8", steps),
+        Row(name, "peak memory (process RSS)", s["ours"].median("peak_rss_mb"), s["trl"].median("peak_rss_mb"),
+            peer, "MB", "<= 1"),
+    ]
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)

@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,8 @@ def run_child(target: str, timeout_s: float = 1800, **kwargs) -> dict:
     with tempfile.TemporaryDirectory(prefix="character-bench-") as tmp:
         out = Path(tmp) / "result.json"
         env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false"}
+        if kwargs.get("launched") == "now":  # the child measures from its own launch
+            kwargs = {**kwargs, "launched": time.time()}
         proc = subprocess.Popen([sys.executable, "-m", "benchmarks.child", target, json.dumps(kwargs), str(out)],
                                 cwd=ROOT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)

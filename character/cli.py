@@ -160,11 +160,19 @@ def pipeline(
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_no_traceback_for_user_errors)
+    from flows.ephemeral import start_ephemeral_api_early
+
+    api_ready = start_ephemeral_api_early()
     if paper_mode:
         from flows.paper import paper as run_flow
     else:
         from flows.sequential import sequential as run_flow
+    if cfg.backend == "local":  # loads while the API starts; the stages need these anyway
+        import peft.tuners.lora  # noqa: F401
+        import transformers.models.auto.modeling_auto  # noqa: F401
 
+        import character.backend.local  # noqa: F401
+    api_ready()
     result = run_flow(cfg)
     for stage, uri in result.checkpoints.items():
         typer.echo(f"{stage:>6}: {uri}")

@@ -57,11 +57,14 @@ def _progress(cfg: PipelineConfig, stage: str, every_s: float = 10.0):
     art = create_progress_artifact(0.0, key=artifact_key(_persona(cfg), f"{stage}-progress"),
                                    description=f"{stage} training")
     logger = get_run_logger()
-    last = [0.0]
+    last, shown = [0.0], [0.0]
 
     def on_step(step: int, total: int, metrics: dict) -> None:
-        update_progress_artifact(art, 100.0 * step / total)
         now = time.monotonic()
+        # Each update is an API call made between training steps: at most one a second.
+        if now - shown[0] >= 1.0 or step == total:
+            shown[0] = now
+            update_progress_artifact(art, 100.0 * step / total)
         if now - last[0] >= every_s or step == total:
             last[0] = now
             loss = metrics.get("loss", metrics.get("loss:sum"))

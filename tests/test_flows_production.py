@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -126,3 +127,44 @@ def test_a_build_id_refuses_other_inputs(tmp_path):
     with pytest.raises(UserError, match=r"build 'b1' of pirate was started with other settings \(dpo_pairs\)"):
         validate(cfg.model_copy(update={"dpo_pairs": 9}))
     validate(cfg.model_copy(update={"dpo_pairs": 9, "build_id": "b2"}))  # a new id starts fresh
+
+
+def test_cli_starts_the_ephemeral_api_early_and_prefect_reuses_it(tmp_path):
+    """The CLI starts Prefect's temporary API while libraries load; the flow then finds that one server."""
+    script = """
+from prefect import flow
+from prefect.server.api.server import SubprocessASGIServer
+from flows.ephemeral import start_ephemeral_api_early
+
+wait = start_ephemeral_api_early()
+wait()
+server = SubprocessASGIServer()
+assert server.running and server.server_process.poll() is None
+
+@flow
+def answer():
+    return 42
+
+assert answer() == 42
+assert list(SubprocessASGIServer._instances.values()) == [server], SubprocessASGIServer._instances
+print("ok", server.api_url)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("ok http://127.0.0.1:")
+
+
+def test_early_start_does_nothing_when_an_api_url_is_set(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.ephemeral import start_ephemeral_api_early
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    before = {k: s.running for k, s in SubprocessASGIServer._instances.items()}
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:1/api"}):
+        wait = start_ephemeral_api_early()
+    assert wait() is None
+    assert {k: s.running for k, s in SubprocessASGIServer._instances.items()} == before  # nothing started

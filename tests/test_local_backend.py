@@ -148,3 +148,56 @@ def test_stop_tokens_and_strings(service):
     s2 = by_string.result().sequences[0]
     assert s2.stop_reason == "stop" and " " in tok.decode(s2.tokens) and " " not in tok.decode(s2.tokens[:-1])
     assert len(s2.tokens) < len(seq.tokens)
+
+
+def test_length_chunks_group_similar_lengths_and_cover_every_index():
+    from character.backend.generation import length_chunks
+
+    lengths = [300, 20, 290, 25, 150, 160, 22, 310]
+    chunks = length_chunks(lengths, min_tokens=1)
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    for c in chunks:  # within a chunk, padding stays under 20% of the longest
+        assert min(lengths[i] for i in c) >= 0.8 * max(lengths[i] for i in c)
+    small = [n // 10 for n in lengths]  # under min_tokens padded: one chunk, longest first
+    assert length_chunks(small) == [sorted(range(8), key=lambda i: -small[i])]
+    assert all(len(c) <= 3 for c in length_chunks(lengths, max_rows=3))
+
+
+def test_chunked_logprobs_equal_one_sequence_at_a_time(base, one_thread):
+    import random
+
+    from character.backend.generation import token_logprobs
+
+    rng = random.Random(0)
+    seqs = [[rng.randrange(3, 1000) for _ in range(n)] for n in (5, 300, 40, 41, 180, 7, 250, 64)]
+    chunked = token_logprobs(base, seqs, pad_id=0, max_rows=3)
+    for s, got in zip(seqs, chunked):
+        alone = token_logprobs(base, [s], pad_id=0)[0]
+        assert got.shape == (len(s) - 1,)
+        assert torch.allclose(got, alone, atol=1e-5), float((got - alone).abs().max())
+
+
+def test_vectorized_sampler_draws_from_the_softmax_with_top_k_and_top_p():
+    from character.backend.generation import SampleRequest, _pick_rows
+
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
+    n = 4000
+
+    def draws(temperature=1.0, top_p=1.0, top_k=0):
+        reqs = [SampleRequest([1], i, 1, temperature, top_p, top_k, frozenset(), ()) for i in range(n)]
+        gens = [torch.Generator().manual_seed(i) for i in range(n)]
+        picks = _pick_rows(logits.expand(n, -1).clone(), list(range(n)), reqs, gens)
+        toks = torch.tensor([picks[i][0] for i in range(n)])
+        return torch.bincount(toks, minlength=5).float() / n, picks
+
+    freq, picks = draws()
+    assert torch.allclose(freq, torch.softmax(logits, -1), atol=0.03), freq
+    t, lp = picks[0]
+    assert lp == pytest.approx(float(torch.log_softmax(logits, -1)[t]), abs=1e-6)
+    freq, _ = draws(top_k=2)  # only the two best, renormalized
+    want = torch.cat([torch.softmax(logits[:2], -1), torch.zeros(3)])
+    assert torch.allclose(freq, want, atol=0.03) and freq[2:].sum() == 0, freq
+    freq, _ = draws(top_p=0.5)  # the top token alone holds more than half the mass
+    assert freq[0] == 1.0
+    freq, _ = draws(temperature=0.0)
+    assert freq[0] == 1.0

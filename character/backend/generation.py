@@ -32,24 +32,41 @@ class SampleResult:
     stop_reason: str  # "stop" | "length"
 
 
-def _pick(logits: torch.Tensor, req: SampleRequest, gen: torch.Generator) -> tuple[int, float]:
-    if req.temperature <= 0:
-        logp = torch.log_softmax(logits, -1)
-        tok = int(torch.argmax(logits))
-        return tok, float(logp[tok])
-    logp = torch.log_softmax(logits / req.temperature, -1)
-    probs = logp.exp()
-    if req.top_k > 0 and req.top_k < probs.numel():
-        kth = torch.topk(probs, req.top_k).values[-1]
-        probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
-    if req.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= req.top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-    tok = int(torch.multinomial(probs, 1, generator=gen))
-    return tok, float(logp[tok])
+def _pick_rows(logits: torch.Tensor, rows: list[int], requests: list[SampleRequest],
+               gens: list[torch.Generator]) -> dict[int, tuple[int, float]]:
+    """The next token and its log-prob for each row in `rows`, rows with the same settings at once.
+
+    Sampling is by inverse CDF with one uniform draw from the row's own generator, so a row's
+    token depends on its seed and logits alone, never on the other rows.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i in rows:
+        r = requests[i]
+        groups.setdefault((r.temperature, r.top_p, r.top_k), []).append(i)
+    out: dict[int, tuple[int, float]] = {}
+    for (temperature, top_p, top_k), idx in groups.items():
+        x = logits[idx]
+        if temperature <= 0:
+            logp = torch.log_softmax(x, -1)
+            tok = x.argmax(-1)
+        else:
+            logp = torch.log_softmax(x / temperature, -1)
+            probs = logp.exp()
+            if 0 < top_k < probs.shape[-1]:
+                kth = torch.topk(probs, top_k, dim=-1).values[:, -1:]
+                probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
+            if top_p < 1.0:
+                sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+                # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+                drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+                probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+            cdf = probs.cumsum(-1)
+            u = torch.stack([torch.rand((), generator=gens[i], dtype=cdf.dtype) for i in idx])
+            tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
+        chosen = logp.gather(-1, tok[:, None])[:, 0]
+        for i, t, lp in zip(idx, tok.tolist(), chosen.tolist()):
+            out[i] = (t, lp)
+    return out
 
 
 @torch.inference_mode()
@@ -79,12 +96,13 @@ def sample_batch(model, requests: list[SampleRequest], pad_id: int, decode=None)
     for step in range(max(r.max_tokens for r in requests)):
         next_ids = torch.full((n,), pad_id, dtype=torch.long)
         for i, r in enumerate(requests):
-            if reasons[i] is not None:
-                continue
-            if step >= r.max_tokens:
+            if reasons[i] is None and step >= r.max_tokens:
                 reasons[i] = "length"
-                continue
-            tok, lp = _pick(logits[i], r, gens[i])
+        live = [i for i in range(n) if reasons[i] is None]
+        picks = _pick_rows(logits, live, requests, gens)
+        for i in live:
+            r = requests[i]
+            tok, lp = picks[i]
             out_tokens[i].append(tok)
             out_logps[i].append(lp)
             next_ids[i] = tok
