@@ -20,7 +20,7 @@ from pathlib import Path
 
 from character.errors import UserError
 from character.merge import (
-    StreamingSafetensorsWriter, file_sha256, load_adapter, open_safetensors, read_header, tensor_nbytes,
+    StreamingSafetensorsWriter, load_adapter, open_safetensors, read_header, sha256_in_background, tensor_nbytes,
 )
 from character.storage import atomic_dir
 
@@ -153,7 +153,8 @@ def fold_adapter(
             raise UserError(f"adapter {adapter}: module {mname} expects a {want} weight but base model "
                             f"{base_dir} has {tuple(shape)}")
         target[key] = mname
-    ad.check_finite()
+    ad.check_finite()  # before the long part: a NaN fails in a second, not after the whole model
+    adapter_hash = sha256_in_background(ad.weights)
     import torch
 
     # Output layout: the base's shards (the untied head joins the shard of its source), or a new packing.
@@ -221,12 +222,12 @@ def fold_adapter(
                                 b = fa.get_tensor(m.b_key).float()
                                 # PEFT's merge arithmetic: W + scaling x (B @ A), transposed for Conv1D and
                                 # embeddings; one fused multiply-add into a float32 copy of W.
-                                out = t.float()
+                                merged = t.float()
                                 if fan_in_fan_out or m.embedding:
-                                    out.T.addmm_(b, a, alpha=m.scaling)
+                                    merged.T.addmm_(b, a, alpha=m.scaling)
                                 else:
-                                    out.addmm_(b, a, alpha=m.scaling)
-                                w.write(k, out.to(t.dtype))
+                                    merged.addmm_(b, a, alpha=m.scaling)
+                                w.write(k, merged.to(t.dtype))
                             weight_map[k] = fname
                             total_size += tensor_nbytes(*base.specs[k])
             finally:
@@ -235,7 +236,7 @@ def fold_adapter(
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / FOLD_FILE).write_text(json.dumps({
-            "adapter": adapter, "adapter_path": str(ad.folder.resolve()), "adapter_sha256": file_sha256(ad.weights),
+            "adapter": adapter, "adapter_path": str(ad.folder.resolve()), "adapter_sha256": adapter_hash(),
             "base_model": str(base_dir), "untied_embeddings": untie, "shards": total_files,
             "max_shard_size": limit,
         }, indent=2, sort_keys=True) + "\n")

@@ -22,9 +22,10 @@ import json
 import math
 import re
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import numpy as np
 
@@ -283,6 +284,31 @@ def read_array(handle: TensorFile, key: str, what: str) -> np.ndarray:
     return a
 
 
+def sha256_in_background(path: Path) -> Callable[[], str]:
+    """Start hashing a file on a thread (hashlib releases the GIL); returns `result()`.
+
+    The merge and fold read the same files tensor by tensor meanwhile, so on a multi-core
+    machine the provenance hash costs almost no wall time."""
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(_try(file_sha256, path)), daemon=True)
+    thread.start()
+
+    def result() -> str:
+        thread.join()
+        if isinstance(out[0], BaseException):
+            raise out[0]
+        return out[0]
+
+    return result
+
+
+def _try(fn, *args):
+    try:
+        return fn(*args)
+    except BaseException as e:  # noqa: BLE001 - handed to result()
+        return e
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -480,9 +506,12 @@ def peft_linear_factors(a1, b1, c1: float, a2, b2, c2: float) -> tuple[np.ndarra
         sign = 1 if c >= 0 else -1
         wa.append(np.float32(math.sqrt(abs(c)) * sign))
         wb.append(np.float32(math.sqrt(abs(c))))
-    a = a1.astype(np.float32, copy=False) * wa[0] + a2.astype(np.float32, copy=False) * wa[1]
-    b = b1.astype(np.float32, copy=False) * wb[0] + b2.astype(np.float32, copy=False) * wb[1]
-    return a, b
+    out = []
+    for x, y, (wx, wy) in ((a1, a2, wa), (b1, b2, wb)):
+        z = np.multiply(x, wx, dtype=np.float32)  # x*wx + y*wy, each product rounded as PEFT's are
+        z += np.multiply(y, wy, dtype=np.float32)
+        out.append(z)
+    return out[0], out[1]
 
 
 # -- the merge ------------------------------------------------------------------------------------
@@ -542,8 +571,9 @@ def merge_adapters(
         warnings.append(f"--normalize rescales the weights {dpo_weight:g}/{sft_weight:g} to {w1:g}/{w2:g}: this "
                         "changes the magnitude of both updates, it is not the same model")
 
-    x.check_finite()  # a NaN fails here, before anything is written
-    y.check_finite()
+    hashes = sha256_in_background(x.weights), sha256_in_background(y.weights)
+    # A NaN or Inf is found as each tensor is read below; the output folder only appears (by rename)
+    # once everything succeeded, so a bad input leaves nothing behind.
     with x.open() as fx, y.open() as fy:
         for n, (key, _, _) in x.saved_base.items():
             if not np.array_equal(fx.get_array(key), fy.get_array(y.saved_base[n][0])):
@@ -595,8 +625,8 @@ def merge_adapters(
                 n = module_of[key]
                 if key not in pending:
                     mx, my = x.modules[n], y.modules[n]
-                    a1, b1 = fx.get_array(mx.a_key), fx.get_array(mx.b_key)  # checked by check_finite
-                    a2, b2 = fy.get_array(my.a_key), fy.get_array(my.b_key)
+                    a1, b1 = read_array(fx, mx.a_key, x.label), read_array(fx, mx.b_key, x.label)
+                    a2, b2 = read_array(fy, my.a_key, y.label), read_array(fy, my.b_key, y.label)
                     c1, c2 = w1 * mx.scaling, w2 * my.scaling
                     if method == "linear":
                         # PEFT computes in the loaded model's dtype: float32 for a float32 base.
@@ -613,9 +643,9 @@ def merge_adapters(
             "method": method,
             "sources": [
                 {"role": "dpo", "source": dpo, "path": str(x.folder.resolve()), "r": int(x.config["r"]),
-                 "lora_alpha": x.config["lora_alpha"], "sha256": file_sha256(x.weights)},
+                 "lora_alpha": x.config["lora_alpha"], "sha256": hashes[0]()},
                 {"role": "sft", "source": sft, "path": str(y.folder.resolve()), "r": int(y.config["r"]),
-                 "lora_alpha": y.config["lora_alpha"], "sha256": file_sha256(y.weights)},
+                 "lora_alpha": y.config["lora_alpha"], "sha256": hashes[1]()},
             ],
             "weights": {"dpo": dpo_weight, "sft": sft_weight},
             "effective_weights": {"dpo": w1, "sft": w2},
