@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 from benchmarks.measure import Row, alternate
@@ -102,7 +103,7 @@ def compare(root: Path, models: Path, repeats: int) -> list[Row]:
     wd = {side: str(workspace(root / f"dpo-{side}", models)) for side in ("ours", "trl")}
     s = alternate({side: (f"benchmarks.dpo_vs_trl:{side}", dict(workdir=wd[side])) for side in wd}, repeats)
     name = f"1. local DPO vs TRL DPOTrainer ({PAIRS} pairs, batch {BATCH}, LoRA r={RANK}, max length {MAX_LENGTH})"
-    peer = f"TRL {_version('trl')} DPOTrainer"
+    peer = f"TRL {version('trl')} DPOTrainer"
     steps = f"{s['ours'].runs[-1]['steps']} steps each"
     return [
         Row(name, "wall time", s["ours"].median("seconds"), s["trl"].median("seconds"), peer, "s", "<= 0.8", steps),
@@ -110,8 +111,3 @@ def compare(root: Path, models: Path, repeats: int) -> list[Row]:
             peer, "MB", "<= 1"),
     ]
 
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)

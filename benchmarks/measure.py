@@ -48,10 +48,6 @@ class Samples:
     def median(self, key: str) -> float:
         return statistics.median(r[key] for r in self.runs)
 
-    def spread(self, key: str) -> str:
-        vals = [r[key] for r in self.runs]
-        return f"{min(vals):.3g}-{max(vals):.3g}"
-
 
 def alternate(sides: dict[str, tuple[str, dict]], repeats: int) -> dict[str, Samples]:
     """Measure each side `repeats` times, interleaved (A B A B ...) so drift hits both alike."""

@@ -236,7 +236,7 @@ def fold_adapter(
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / FOLD_FILE).write_text(json.dumps({
-            "adapter": adapter, "adapter_path": str(ad.folder.resolve()), "adapter_sha256": adapter_hash(),
+            "adapter": adapter, "adapter_path": str(ad.folder.resolve()), "adapter_sha256": adapter_hash.result(),
             "base_model": str(base_dir), "untied_embeddings": untie, "shards": total_files,
             "max_shard_size": limit,
         }, indent=2, sort_keys=True) + "\n")

@@ -22,10 +22,10 @@ import json
 import math
 import re
 import struct
-import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -54,17 +54,19 @@ _SIZES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, 
           "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
+# safetensors dtype names <-> numpy and torch dtypes (torch by attribute name: imported only when used)
+_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+          "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_NUMPY_NAMES = {np.dtype(v): k for k, v in _NUMPY.items()}
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
 def _torch_dtype_name(dtype) -> str:
     import torch
 
-    names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
-    return names[dtype]
-
-
-_NUMPY_NAMES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-                np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.uint8): "U8"}
+    return {getattr(torch, v): k for k, v in _TORCH_NAMES.items()}[dtype]
 
 
 def tensor_nbytes(dtype: str, shape) -> int:
@@ -81,6 +83,11 @@ def read_header(path: Path, what: str) -> dict[str, tuple[str, tuple[int, ...]]]
 
     A truncated or garbled file fails here, with one line, before any tensor is read.
     """
+    return _parse_header(path, what)[0]
+
+
+def _parse_header(path: Path, what: str) -> tuple[dict, dict[str, tuple[int, int]], int]:
+    """(specs, {name: (begin, end)} data offsets, where the data starts)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what}: missing file {path}")
@@ -92,7 +99,7 @@ def read_header(path: Path, what: str) -> dict[str, tuple[str, tuple[int, ...]]]
             if n > size - 8 or n > 100_000_000:
                 raise ValueError("header length beyond the end of the file")
             header = json.loads(f.read(n))
-        out, end = {}, 0
+        out, offsets, end = {}, {}, 0
         for name, info in header.items():
             if name == "__metadata__":
                 continue
@@ -100,12 +107,13 @@ def read_header(path: Path, what: str) -> dict[str, tuple[str, tuple[int, ...]]]
             if dtype not in _SIZES or stop - begin != tensor_nbytes(dtype, shape):
                 raise ValueError(f"tensor {name} has an inconsistent dtype, shape or size")
             out[name] = (dtype, shape)
+            offsets[name] = (int(begin), int(stop))
             end = max(end, stop)
         if 8 + n + end > size:
             raise ValueError("truncated: tensor data runs past the end of the file")
     except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as e:
         raise UserError(f"{bad} ({_first_line(e)})") from None
-    return out
+    return out, offsets, 8 + n
 
 
 class StreamingSafetensorsWriter:
@@ -181,16 +189,8 @@ class TensorFile:
 
     def __init__(self, path: Path, what: str):
         self.path = Path(path)
-        self.specs = read_header(self.path, what)
-        with open(self.path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        self._start = 8 + n
-        self._offsets = {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
+        self.specs, self._offsets, self._start = _parse_header(self.path, what)
         self._f = open(self.path, "rb")
-
-    def keys(self) -> list[str]:
-        return list(self.specs)
 
     def _read(self, key: str) -> np.ndarray:
         begin, end = self._offsets[key]
@@ -246,13 +246,6 @@ def _chunks(f, n: int, size: int):
         yield data
 
 
-_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-          "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
-
 def open_safetensors(path: Path, what: str) -> TensorFile:
     """A TensorFile, with a one-line error for an unreadable file."""
     try:
@@ -261,52 +254,26 @@ def open_safetensors(path: Path, what: str) -> TensorFile:
         raise UserError(f"{what}: {path} is not a readable safetensors file ({_first_line(e)})") from None
 
 
-def read_tensor(handle, key: str, what: str) -> "torch.Tensor":
-    import torch
-
-    try:
-        t = handle.get_tensor(key)
-    except Exception as e:
-        raise UserError(f"{what}: tensor {key} cannot be read ({_first_line(e)})") from None
-    # A float64 sum is finite exactly when every element is (it cannot overflow for these sizes).
-    if t.is_floating_point() and not math.isfinite(float(t.sum(dtype=torch.float64))):
-        raise UserError(f"{what}: tensor {key} contains NaN or Inf")
-    return t
-
-
 def read_array(handle: TensorFile, key: str, what: str) -> np.ndarray:
     try:
         a = handle.get_array(key)
     except Exception as e:
         raise UserError(f"{what}: tensor {key} cannot be read ({_first_line(e)})") from None
+    # A float64 sum is finite exactly when every element is (it cannot overflow for these sizes).
     if a.dtype.kind == "f" and not math.isfinite(float(a.sum(dtype=np.float64))):
         raise UserError(f"{what}: tensor {key} contains NaN or Inf")
     return a
 
 
-def sha256_in_background(path: Path) -> Callable[[], str]:
-    """Start hashing a file on a thread (hashlib releases the GIL); returns `result()`.
+def sha256_in_background(path: Path) -> "Future[str]":
+    """Hash a file on a worker thread (hashlib releases the GIL); `.result()` gives the hex digest.
 
     The merge and fold read the same files tensor by tensor meanwhile, so on a multi-core
     machine the provenance hash costs almost no wall time."""
-    out: list = []
-    thread = threading.Thread(target=lambda: out.append(_try(file_sha256, path)), daemon=True)
-    thread.start()
-
-    def result() -> str:
-        thread.join()
-        if isinstance(out[0], BaseException):
-            raise out[0]
-        return out[0]
-
-    return result
-
-
-def _try(fn, *args):
-    try:
-        return fn(*args)
-    except BaseException as e:  # noqa: BLE001 - handed to result()
-        return e
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(file_sha256, path)
+    pool.shutdown(wait=False)  # the thread ends with the hash
+    return future
 
 
 def file_sha256(path: Path) -> str:
@@ -643,9 +610,9 @@ def merge_adapters(
             "method": method,
             "sources": [
                 {"role": "dpo", "source": dpo, "path": str(x.folder.resolve()), "r": int(x.config["r"]),
-                 "lora_alpha": x.config["lora_alpha"], "sha256": hashes[0]()},
+                 "lora_alpha": x.config["lora_alpha"], "sha256": hashes[0].result()},
                 {"role": "sft", "source": sft, "path": str(y.folder.resolve()), "r": int(y.config["r"]),
-                 "lora_alpha": y.config["lora_alpha"], "sha256": hashes[1]()},
+                 "lora_alpha": y.config["lora_alpha"], "sha256": hashes[1].result()},
             ],
             "weights": {"dpo": dpo_weight, "sft": sft_weight},
             "effective_weights": {"dpo": w1, "sft": w2},

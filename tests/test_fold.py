@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from adapters import make_adapter
 from character.errors import UserError
 from character.fold import fold_adapter, parse_size
 from character.merge import read_header, tensor_nbytes
@@ -23,19 +24,6 @@ pytestmark = [
     pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:.*(tie_word_embeddings|save_embedding_layers).*:UserWarning"),
 ]
-
-
-def make_adapter(base, out, targets, seed=0, r=4, alpha=8):
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets)))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-    model.save_pretrained(out)
-    return out
 
 
 def logits(model):
@@ -52,7 +40,7 @@ def load(folder):
 @pytest.fixture(scope="module")
 def adapter(base, tmp_path_factory):
     return make_adapter(base, tmp_path_factory.mktemp("a") / "ad",
-                        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+                        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 
 
 def test_fold_equals_peft_merge_and_unload(base, adapter, tmp_path, tiny_dir):
@@ -91,7 +79,7 @@ def test_tied_embeddings_are_untied_and_match_the_adapted_model(base, tmp_path, 
     """PEFT's merge_and_unload would fold one side's update into the shared matrix, changing both."""
     from peft import PeftModel
 
-    ad = make_adapter(base, tmp_path / "ad", ("q_proj", side), seed=5)
+    ad = make_adapter(base, tmp_path / "ad", seed=5, targets=("q_proj", side))
     out = fold_adapter(str(ad), tmp_path / "full", base_model=str(tiny_dir))
     cfg = json.loads((out / "config.json").read_text())
     assert base.config.tie_word_embeddings and cfg["tie_word_embeddings"] is False

@@ -160,7 +160,6 @@ def test_length_chunks_group_similar_lengths_and_cover_every_index():
         assert min(lengths[i] for i in c) >= 0.8 * max(lengths[i] for i in c)
     small = [n // 10 for n in lengths]  # under min_tokens padded: one chunk, longest first
     assert length_chunks(small) == [sorted(range(8), key=lambda i: -small[i])]
-    assert all(len(c) <= 3 for c in length_chunks(lengths, max_rows=3))
 
 
 def test_chunked_logprobs_equal_one_sequence_at_a_time(base, one_thread):
@@ -168,9 +167,13 @@ def test_chunked_logprobs_equal_one_sequence_at_a_time(base, one_thread):
 
     from character.backend.generation import token_logprobs
 
+    from character.backend.generation import length_chunks
+
     rng = random.Random(0)
-    seqs = [[rng.randrange(3, 1000) for _ in range(n)] for n in (5, 300, 40, 41, 180, 7, 250, 64)]
-    chunked = token_logprobs(base, seqs, pad_id=0, max_rows=3)
+    lengths = (900, 5, 850, 300, 40, 41, 700, 180, 7, 250, 64)
+    assert len(length_chunks(list(lengths))) >= 3  # the batch really is split
+    seqs = [[rng.randrange(3, 1000) for _ in range(n)] for n in lengths]
+    chunked = token_logprobs(base, seqs, pad_id=0)
     for s, got in zip(seqs, chunked):
         alone = token_logprobs(base, [s], pad_id=0)[0]
         assert got.shape == (len(s) - 1,)

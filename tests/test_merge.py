@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from adapters import make_adapter
 from character.errors import UserError
 from character.merge import load_adapter, merge_adapters
 
@@ -26,20 +27,6 @@ pytestmark = [
     pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:.*tie_word_embeddings.*:UserWarning"),
 ]
-
-
-def make_adapter(base, out: Path, r: int, alpha: int, seed: int, targets=("q_proj", "v_proj", "down_proj"), **kw):
-    """A PEFT LoRA adapter on the tiny model with random non-zero A and B."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), **kw))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-    model.save_pretrained(out)
-    return out
 
 
 def deltas(base, folder: Path) -> dict[str, torch.Tensor]:

@@ -127,30 +127,27 @@ def sample_batch(model, requests: list[SampleRequest], pad_id: int, decode=None)
     return [SampleResult(t, lp, r or "length") for t, lp, r in zip(out_tokens, out_logps, reasons)]
 
 
-def length_chunks(lengths: list[int], max_rows: int | None = None, min_tokens: int = 2048,
-                  keep: float = 0.8) -> list[list[int]]:
+def length_chunks(lengths: list[int], min_tokens: int = 2048, keep: float = 0.8) -> list[list[int]]:
     """Indices grouped by similar length, longest first, so padding stays under about 1 - keep of
     each chunk; a chunk is split only once it holds min_tokens, so small batches stay whole."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     chunks: list[list[int]] = []
     for i in order:
         cur = chunks[-1] if chunks else None
-        if (cur is None or (max_rows is not None and len(cur) >= max_rows)
-                or (lengths[i] < keep * lengths[cur[0]] and len(cur) * lengths[cur[0]] >= min_tokens)):
+        if cur is None or (lengths[i] < keep * lengths[cur[0]] and len(cur) * lengths[cur[0]] >= min_tokens):
             chunks.append([])
         chunks[-1].append(i)
     return chunks
 
 
-def token_logprobs(model, sequences: list[list[int]], pad_id: int, grad: bool = False,
-                   max_rows: int | None = None) -> list[torch.Tensor]:
+def token_logprobs(model, sequences: list[list[int]], pad_id: int, grad: bool = False) -> list[torch.Tensor]:
     """log p(tokens[t] | tokens[:t]) for t >= 1, per sequence, in the order given.
 
     Sequences run in right-padded chunks of similar length (one forward each): padding to the
     longest sequence of a mixed batch would waste a third or more of the compute on real data.
     """
     out: list[torch.Tensor | None] = [None] * len(sequences)
-    for chunk in length_chunks([len(s) for s in sequences], max_rows):
+    for chunk in length_chunks([len(s) for s in sequences]):
         for i, lp in zip(chunk, _padded_logprobs(model, [sequences[i] for i in chunk], pad_id, grad)):
             out[i] = lp
     return out
