@@ -142,7 +142,7 @@ def pipeline(
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line describing the result"),
 ) -> None:
     """Run the whole pipeline for one persona as a Prefect flow (sequential mode unless --paper-mode)."""
-    from character.pipeline import validate
+    from character.pipeline import lock_build, validate
 
     if merge and not paper_mode:
         raise UserError("--merge needs --paper-mode: in sequential mode the final checkpoint already holds "
@@ -155,7 +155,11 @@ def pipeline(
                   max_new_tokens=max_new_tokens, max_in_flight=max_in_flight,
                   dpo=_optim(batch_size, save_every), sft=_optim(batch_size, save_every))
     validate(cfg)  # before Prefect starts or any model loads
+    with lock_build(cfg):  # a second run of this build is refused here, before it writes anything
+        _run_pipeline(cfg, paper_mode, as_json)
 
+
+def _run_pipeline(cfg, paper_mode: bool, as_json: bool) -> None:
     # The ephemeral Prefect server can take longer than the default 20 s to start on a small machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     for name in ("prefect.flow_runs", "prefect.task_runs"):
@@ -233,17 +237,18 @@ def generate(
                   interactions=interactions, turns=turns, samples_per_prompt=samples_per_prompt,
                   expand_questions=expand_questions, max_new_tokens=max_new_tokens, max_in_flight=max_in_flight)
     p.validate(cfg)
-    if stage == "questions":
-        if not cfg.expand_questions:
-            raise UserError("generate questions needs --expand-questions N (questions per trait)")
-        out = p.stage_expand_questions(cfg)
-    elif stage == "dpo":
-        out = p.stage_dpo_data(cfg, p.recorded(cfg, "questions", "path"))
-    else:
-        uri = model or p.recorded(cfg, "dpo", "sampler")
-        if uri is None:
-            raise UserError(f"no DPO checkpoint recorded for build {cfg.build_id!r}: give --model URI")
-        out = p.stage_introspection(cfg, p.Checkpoint(stage="dpo", state=uri, sampler=uri, steps=0))
+    if stage == "questions" and not cfg.expand_questions:
+        raise UserError("generate questions needs --expand-questions N (questions per trait)")
+    uri = (model or p.recorded(cfg, "dpo", "sampler")) if stage == "introspection" else None
+    if stage == "introspection" and uri is None:
+        raise UserError(f"no DPO checkpoint recorded for build {cfg.build_id!r}: give --model URI")
+    with p.lock_build(cfg):
+        if stage == "questions":
+            out = p.stage_expand_questions(cfg)
+        elif stage == "dpo":
+            out = p.stage_dpo_data(cfg, p.recorded(cfg, "questions", "path"))
+        else:
+            out = p.stage_introspection(cfg, p.Checkpoint(stage="dpo", state=uri, sampler=uri, steps=0))
     stats = {k: v for k, v in p.read_record(cfg)["stages"].items()}
     typer.echo(f"{out}")
     typer.echo(json.dumps({"build_id": cfg.build_id, "path": out,

@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from character.buildlock import build_lock
 from character.chat import Renderer
 from character.constitution import Constitution, load_constitution
 from character.datagen import expand_questions, generate_dpo_pairs, generate_introspection, load_expanded_questions
@@ -156,6 +157,11 @@ def _service(cfg: PipelineConfig):
 
     svc = LocalService(Workspace(cfg.workdir), device=cfg.device, seed=cfg.seed)
     return with_faults(svc, settings.fault_rate, settings.fault_seed)
+
+
+def lock_build(cfg: PipelineConfig):
+    """The build's one-writer lock (character.buildlock), held for a whole run; re-entrant in a process."""
+    return build_lock(cfg.build_dir(), f"{cfg.constitution().name}/{cfg.build_id}")
 
 
 # -- build record -------------------------------------------------------------------------------
@@ -380,11 +386,12 @@ def stage_evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> d
 def run_sequential(cfg: PipelineConfig) -> dict[str, Checkpoint]:
     """The sequential pipeline without Prefect (the flow runs the same stages as tasks)."""
     validate(cfg)
-    questions = stage_expand_questions(cfg)
-    data = stage_dpo_data(cfg, questions)
-    dpo = stage_dpo(cfg, data)
-    intro = stage_introspection(cfg, dpo)
-    sft = stage_sft(cfg, intro, dpo)
+    with lock_build(cfg):
+        questions = stage_expand_questions(cfg)
+        data = stage_dpo_data(cfg, questions)
+        dpo = stage_dpo(cfg, data)
+        intro = stage_introspection(cfg, dpo)
+        sft = stage_sft(cfg, intro, dpo)
     return {"dpo": dpo, "sft": sft, "final": sft}
 
 

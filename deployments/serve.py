@@ -22,19 +22,22 @@ def main(argv: list[str] | None = None) -> None:
 
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from prefect import serve
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.schedules import Cron
 
     from flows.nightly import nightly
     from flows.paper import paper
     from flows.sequential import sequential
 
+    # As in prefect.yaml: a second run of a deployment waits in the UI instead of starting.
+    one = dict(concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE))
     serve(
-        sequential.to_deployment(name="sequential", parameters={"config": {"persona": "sarcastic"}}),
+        sequential.to_deployment(name="sequential", parameters={"config": {"persona": "sarcastic"}}, **one),
         paper.to_deployment(name="paper", parameters={"config": {"persona": "sarcastic", "mode": "paper",
-                                                                  "merge": True}}),
+                                                                  "merge": True}}, **one),
         nightly.to_deployment(
             name="nightly", schedule=Cron(args.nightly_cron, timezone=args.timezone),
-            parameters={"personas": args.personas.split(","), "scale": args.scale},
+            parameters={"personas": args.personas.split(","), "scale": args.scale}, **one,
         ),
     )
 

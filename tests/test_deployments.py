@@ -26,6 +26,11 @@ def test_prefect_yaml_deployments_load_and_validate():
         validated = flow.validate_parameters(d.get("parameters", {}))
         assert validated
     assert deps["nightly"]["schedules"][0]["cron"] == "0 2 * * *"
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    for d in deps.values():  # a second run of a deployment waits (AwaitingConcurrencySlot) rather than runs
+        limit = ConcurrencyLimitConfig.model_validate(d["concurrency_limit"])
+        assert limit.limit == 1 and limit.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
     assert deps["nightly"]["schedules"][0]["timezone"]
     paper_cfg = _flow(deps["paper"]["entrypoint"]).validate_parameters(deps["paper"]["parameters"])["config"]
     assert paper_cfg.merge is True and paper_cfg.mode == "paper"
@@ -57,3 +62,4 @@ def test_serve_builds_all_three_deployments(monkeypatch):
     assert nightly.parameters["personas"] == ["pirate", "poetic"]
     sched = nightly.schedules[0].schedule
     assert sched.cron == "30 3 * * *" and sched.timezone == "Europe/Paris"
+    assert all(d.concurrency_limit == 1 and d.concurrency_options.collision_strategy == "ENQUEUE" for d in seen)

@@ -1,0 +1,87 @@
+"""One writer per build: an exclusive lock held for the whole run of a build.
+
+The lock is `flock` on `<build>/.lock`. The kernel drops it when its owner exits, however it exits
+(`kill -9` included), so a dead owner never blocks the next run and no stale-lock guessing is
+needed. The file records the owner's pid, host and start time only so that a refused run can say
+who holds the build. A second run of a held build fails at once (a `UserError`: `error:` and exit
+code 2 on the command line) before it writes anything.
+
+Within one process the lock is re-entrant: the CLI takes it before Prefect starts, and the flow it
+runs takes it again (deployment runs, which have no CLI around them, take it there first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from character.errors import UserError
+
+LOCK_NAME = ".lock"
+
+_held: dict[Path, list] = {}  # lock path -> [fd, depth], for this process
+_guard = threading.Lock()
+
+
+def _owner(fd: int) -> dict:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return json.loads(os.read(fd, 4096).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _acquire(path: Path, label: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        who = _owner(fd)
+        os.close(fd)
+        holder = f"pid {who.get('pid', '?')} on {who.get('host', '?')}"
+        since = f" since {who['started'][:19]}Z" if who.get("started") else ""
+        raise UserError(f"build {label} is held by {holder}{since}: another run is writing it; "
+                        "wait for that run to finish, or use another --build-id") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": datetime.now(timezone.utc).isoformat()}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(me).encode(), 0)
+    _held[path] = [fd, 1]
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: Path, label: str) -> Iterator[Path]:
+    """Hold the build's lock for the block; raises UserError at once if another process holds it."""
+    path = (Path(build_dir) / LOCK_NAME).resolve()
+    with _guard:
+        if path in _held:
+            _held[path][1] += 1
+        else:
+            _acquire(path, label)
+    try:
+        yield path
+    finally:
+        with _guard:
+            entry = _held[path]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _held[path]
+                with contextlib.suppress(OSError):
+                    os.ftruncate(entry[0], 0)  # no owner to report once released
+                os.close(entry[0])  # closing the only descriptor releases the flock
+
+
+def holds(build_dir: Path) -> bool:
+    """Whether this process holds the build's lock (for checks and tests)."""
+    return (Path(build_dir) / LOCK_NAME).resolve() in _held
