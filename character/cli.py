@@ -57,12 +57,16 @@ def personas_show(name: str = typer.Argument(..., help="persona name or constitu
 
 @personas_app.command("validate")
 def personas_validate(path: Path = typer.Argument(..., help="constitution .json file")) -> None:
-    """Check a constitution file; errors name the entry and the field."""
-    from character.constitution import load_constitution
+    """Check a constitution file: every problem (up to 20), each naming the entry (from 1) and the field."""
+    from character.constitution import check_constitution
 
     if not path.is_file():
         raise UserError(f"{path}: constitution file not found")
-    c = load_constitution(str(path))
+    c, problems = check_constitution(str(path))
+    if problems:
+        for p in problems:
+            print(f"error: {' '.join(p.split())}", file=sys.stderr)
+        sys.exit(2)
     typer.echo(f"ok: {path}: {len(c.traits)} traits, {len(c.questions)} questions")
 
 
@@ -78,11 +82,11 @@ def _config(workdir: Optional[Path], **options):
     """Settings, then flags: a validated PipelineConfig, or a one-line error naming the option."""
     from pydantic import ValidationError
 
-    from character.pipeline import PipelineConfig
+    from character.config import PipelineConfig  # no torch, tinker or Prefect yet: bad flags fail fast
 
     settings = _settings(workdir)
     try:
-        return PipelineConfig.from_settings(
+        cfg = PipelineConfig.from_settings(
             settings, workdir=str(Path(settings.workdir).expanduser().resolve()), **options)
     except ValidationError as e:
         err = e.errors()[0]
@@ -90,6 +94,8 @@ def _config(workdir: Optional[Path], **options):
         if loc[0] in ("dpo", "sft") and len(loc) > 1:  # --batch-size and --save-every set both
             loc = loc[1:]
         raise UserError(f"--{'-'.join(loc).replace('_', '-')}: {err['msg']}") from None
+    cfg.constitution()  # a bad persona or constitution file, still before the heavy imports
+    return cfg
 
 
 def _optim(batch_size: Optional[int], save_every: Optional[int]) -> Optional[dict]:
@@ -142,8 +148,6 @@ def pipeline(
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line describing the result"),
 ) -> None:
     """Run the whole pipeline for one persona as a Prefect flow (sequential mode unless --paper-mode)."""
-    from character.pipeline import lock_build, validate
-
     if merge and not paper_mode:
         raise UserError("--merge needs --paper-mode: in sequential mode the final checkpoint already holds "
                         "both DPO and SFT, there is nothing to merge")
@@ -154,14 +158,14 @@ def pipeline(
                   samples_per_prompt=samples_per_prompt, expand_questions=expand_questions,
                   max_new_tokens=max_new_tokens, max_in_flight=max_in_flight,
                   dpo=_optim(batch_size, save_every), sft=_optim(batch_size, save_every))
+    from character.pipeline import lock_build, validate
+
     validate(cfg)  # before Prefect starts or any model loads
     with lock_build(cfg):  # a second run of this build is refused here, before it writes anything
         _run_pipeline(cfg, paper_mode, as_json)
 
 
 def _run_pipeline(cfg, paper_mode: bool, as_json: bool) -> None:
-    # The ephemeral Prefect server can take longer than the default 20 s to start on a small machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_no_traceback_for_user_errors)
     from flows.ephemeral import start_ephemeral_api_early
@@ -228,14 +232,14 @@ def generate(
     max_in_flight: Optional[int] = _IN_FLIGHT,
 ) -> None:
     """Run one data-generation stage alone (the pipeline runs the same code). Resumable by build id."""
-    from character import pipeline as p
-
     if stage not in ("questions", "dpo", "introspection"):
         raise UserError(f"unknown stage {stage!r}: use questions, dpo or introspection")
     cfg = _config(workdir, persona=persona, scale=scale, base_model=base_model, teacher_model=teacher_model,
                   build_id=build_id, seed=seed, dpo_pairs=dpo_pairs, reflections=reflections,
                   interactions=interactions, turns=turns, samples_per_prompt=samples_per_prompt,
                   expand_questions=expand_questions, max_new_tokens=max_new_tokens, max_in_flight=max_in_flight)
+    from character import pipeline as p
+
     p.validate(cfg)
     if stage == "questions" and not cfg.expand_questions:
         raise UserError("generate questions needs --expand-questions N (questions per trait)")
@@ -383,7 +387,16 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+# Prefect settings the command line needs, unless the user set them: analytics off (on a busy
+# machine its SQLite writes race the API's and print tracebacks), and a start-up wait that a
+# 2-core machine can meet (Prefect's default 20 s is not always enough).
+PREFECT_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90"}
+
+
 def main() -> None:
+    for name, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)  # before anything imports prefect
     exc = _click_exceptions()
     try:
         code = app(standalone_mode=False)

@@ -13,94 +13,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 
 from character.buildlock import build_lock
 from character.chat import Renderer
-from character.constitution import Constitution, load_constitution
+from character.config import DPOLoss, PipelineConfig  # noqa: F401 - re-exported: defined light, for the CLI
+from character.constitution import Constitution
 from character.datagen import expand_questions, generate_dpo_pairs, generate_introspection, load_expanded_questions
 from character.dpo import run_dpo
 from character.errors import UserError
 from character.losses import DPOCoefficients
-from character.scales import SCALES, Scale, ScaleName
-from character.settings import DEVICE_PATTERN, Settings, Workspace, check_name
+from character.settings import Settings, Workspace
 from character.sft import run_sft
 from character.storage import uri_to_path, write_json_atomic
-from character.training import OptimConfig
-
-
-class DPOLoss(BaseModel):
-    beta: float = Field(0.1, gt=0)
-    nll_coef: float = Field(0.1, ge=0)
-    kl_coef: float = Field(0.001, ge=0)
-
-
-class PipelineConfig(BaseModel):
-    persona: str = Field(description="a shipped persona name or a path to a constitution .json file")
-    mode: Literal["sequential", "paper"] = "sequential"
-    scale: ScaleName = "smoke"
-    backend: Literal["local", "tinker"] = "local"
-    base_model: str = "tiny"
-    teacher_model: str | None = Field(None, description="defaults to the base model")
-    workdir: str = "workspace"
-    build_id: str = Field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
-    seed: int = 0
-    device: str = Field("auto", pattern=DEVICE_PATTERN)
-    dpo_pairs: int | None = Field(None, ge=1)
-    reflections: int | None = Field(None, ge=0)
-    interactions: int | None = Field(None, ge=0)
-    turns: int | None = Field(None, ge=2)
-    samples_per_prompt: int = Field(1, ge=1, description="DPO samples per prompt from teacher and student")
-    expand_questions: int = Field(0, ge=0, description="extra questions per trait from the teacher (paper: 50)")
-    max_in_flight: int = Field(64, ge=1, description="sampling requests in flight at once")
-    heldout_fraction: float = Field(0.1, ge=0, lt=1, description="share of generated rows kept for evaluation")
-    merge: bool = Field(False, description="paper mode: also merge dpo_weight x DPO + sft_weight x SFT")
-    merge_weights: tuple[float, float] = (1.0, 0.25)
-    evaluate: bool = Field(True, description="evaluate the checkpoints at the end of the build")
-    max_new_tokens: int = Field(1024, ge=1)
-    lora_rank: int = Field(64, ge=1)
-    lora_alpha: int | None = Field(None, ge=1, description="defaults to 2 x rank")
-    dpo: OptimConfig = OptimConfig()
-    dpo_loss: DPOLoss = DPOLoss()
-    dpo_max_length: int = Field(1024, ge=8)
-    sft: OptimConfig = OptimConfig()
-    sft_max_length: int = Field(3072, ge=8)
-    sft_lr_multiplier: float = Field(0.25, gt=0)
-
-    @model_validator(mode="after")
-    def _names(self):
-        check_name(self.build_id, "build id")
-        if self.merge and self.mode != "paper":
-            raise ValueError("merge needs paper mode: in sequential mode the final checkpoint already holds "
-                             "both DPO and SFT, there is nothing to merge")
-        return self
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **kw) -> "PipelineConfig":
-        base = {"backend": settings.backend, "base_model": settings.base_model,
-                "teacher_model": settings.teacher_model, "workdir": str(settings.workdir),
-                "seed": settings.seed, "device": settings.device}
-        if (kw.get("backend") or settings.backend) == "tinker":  # 'tiny' is local: Tinker has its own defaults
-            if settings.base_model == "tiny":
-                base["base_model"] = settings.tinker_base_model
-            base["teacher_model"] = settings.teacher_model or settings.tinker_teacher_model
-        return cls(**{**base, **{k: v for k, v in kw.items() if v is not None}})
-
-    @property
-    def counts(self) -> Scale:
-        s = SCALES[self.scale]
-        return Scale(
-            dpo_pairs=self.dpo_pairs or s.dpo_pairs,
-            reflections=s.reflections if self.reflections is None else self.reflections,
-            interactions=s.interactions if self.interactions is None else self.interactions,
-            turns=self.turns or s.turns,
-        )
-
-    def constitution(self) -> Constitution:
-        return load_constitution(self.persona)
-
-    def build_dir(self) -> Path:
-        return Workspace(self.workdir).build_dir(self.constitution().name, self.build_id)
 
 
 class Checkpoint(BaseModel):
@@ -120,6 +45,9 @@ def check_same_build(cfg: PipelineConfig) -> None:
     if not old:
         return
     new = cfg.model_dump(mode="json")
+    for d in (old, new):  # how many old states are kept does not change what a build produces
+        for stage in ("dpo", "sft"):
+            (d.get(stage) or {}).pop("keep_states", None)
     changed = sorted(k for k in set(old) | set(new) if k not in _RUN_ONLY and old.get(k) != new.get(k))
     if changed:
         raise UserError(f"build {cfg.build_id!r} of {cfg.constitution().name} was started with other settings "

@@ -13,32 +13,18 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pydantic import BaseModel, Field
 from tinker import types
 
 from character.backend import Future, ServiceClient, TrainingClient
 from character.backend.retry import Call, retry_transient
-from character.storage import append_jsonl, read_jsonl, write_text_atomic
-
-
-class OptimConfig(BaseModel):
-    learning_rate: float = Field(5e-5, gt=0)
-    batch_size: int = Field(32, ge=1)
-    epochs: int = Field(1, ge=1)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 1.0
-    save_every: int = Field(20, ge=1)
-    seed: int = 0
+from character.config import OptimConfig  # noqa: F401 - defined without torch, for fast validation
+from character.storage import append_jsonl, read_jsonl, uri_to_path, write_text_atomic
 
 
 def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
@@ -121,12 +107,27 @@ def train(
         if (step + 1) % cfg.save_every == 0 or step + 1 == total:
             state = Call(lambda: client.save_state(f"step-{step + 1:06d}")).result().path
             append_jsonl(log_path, {"step": step + 1, "state": state})
+            prune_states(log_path, cfg.keep_states)
         if on_step is not None:
             on_step(step + 1, total, row)
 
     sampler = Call(lambda: client.save_weights_for_sampler("final")).result().path
     append_jsonl(log_path, {"step": total, "state": state, "sampler": sampler, "final": True})
     return TrainResult(state, sampler, total, resumed_from=first, metrics=metrics)
+
+
+def prune_states(log_path: Path, keep: int) -> list[str]:
+    """Retention: delete the local resumable states (LoRA + optimizer) of all but the newest `keep` saves
+    recorded in `log_path`. Called after a save is recorded, so what is left always resumes; the
+    newest (at the end, the final state) is never deleted. Tinker states stay on the service."""
+    saved = list(dict.fromkeys(r["state"] for r in read_jsonl(log_path) if r.get("state")))
+    removed = []
+    for uri in saved[:-keep]:
+        path = uri_to_path(uri) if uri.startswith("file://") else None
+        if path is not None and path.is_dir():
+            shutil.rmtree(path)
+            removed.append(uri)
+    return removed
 
 
 def _forget_metrics_after(path: Path, step: int) -> None:

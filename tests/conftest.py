@@ -19,13 +19,26 @@ os.environ.pop("TINKER_API_KEY", None)  # no test may reach the network
 import pytest  # noqa: E402
 
 
+def _model_cache() -> Path:
+    """Built models outlive a test session: the tiny model takes minutes to build on a busy 2-core
+    machine, and its folder name is the digest of its recipe, so a changed recipe builds anew."""
+    root = os.environ.get("CHARACTER_TEST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "character-tests")
+    return Path(root) / "models"
+
+
 @pytest.fixture(scope="session")
-def models_dir(tmp_path_factory) -> Path:
-    """The tiny model, built once (about 45 s on 2 cores) and shared by every workspace."""
+def models_dir() -> Path:
+    """The tiny model, built once per recipe (cached across sessions) and shared by every workspace."""
+    import fcntl
+
     from character.tinymodel import tiny_model_path
 
-    root = tmp_path_factory.mktemp("models")
-    tiny_model_path(root)
+    root = _model_cache()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".build.lock", "a") as lock:  # two sessions at once build it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        tiny_model_path(root)
     return root
 
 

@@ -78,7 +78,7 @@ def cases():
         "got dict")
     c["constitution-blank-question"] = lambda t, tiny, ad: (
         ["personas", "validate", constitution(t, "blank.json", '[{"trait": "I am kind.", "questions": [" "]}]')],
-        {}, [], "entry 0, field 'questions'")
+        {}, [], "entry 1, field 'questions'")
     def folder(path: Path) -> str:
         path.mkdir()
         return str(path)

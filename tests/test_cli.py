@@ -28,15 +28,15 @@ BAD = {
     "not-json.json": ('[{"trait": "x", ', "not valid JSON"),
     "not-list.json": ('{"trait": "x"}', "expected a JSON array"),
     "empty.json": ("[]", "no traits"),
-    "no-questions.json": ('[{"trait": "I am kind."}]', "entry 0, field 'questions'"),
-    "blank-trait.json": ('[{"trait": "  ", "questions": ["q"]}]', "entry 0, field 'trait'"),
-    "wrong-type.json": ('[{"trait": "I am kind.", "questions": [1, 2]}]', "entry 0, field 'questions.0'"),
+    "no-questions.json": ('[{"trait": "I am kind."}]', "entry 1, field 'questions'"),
+    "blank-trait.json": ('[{"trait": "  ", "questions": ["q"]}]', "entry 1, field 'trait'"),
+    "wrong-type.json": ('[{"trait": "I am kind.", "questions": ["ok", 2]}]', "entry 1, field 'questions.2'"),
     "extra-field.json": ('[{"trait": "I am kind.", "questions": ["q"], "tone": "x"}]', "field 'tone'"),
     "bad.yaml": ("- trait: I am calm.\n  questions: [a, b\n", "not valid YAML"),
-    "yaml-missing.yaml": ("- trait: I am calm.\n", "entry 0, field 'questions'"),
+    "yaml-missing.yaml": ("- trait: I am calm.\n", "entry 1, field 'questions'"),
     "not-utf8.json": (b'[{"trait": "caf\xe9", "questions": ["q"]}]', "not UTF-8"),
     "duplicate.json": ('[{"trait": "I am kind.", "questions": ["q"]}, {"trait": "I am  KIND.", "questions": ["r"]}]',
-                       "entry 1, field 'trait': duplicate of entry 0"),
+                       "entry 2, field 'trait': duplicate of entry 1"),
 }
 
 
