@@ -181,7 +181,10 @@ def _run_pipeline(cfg, paper_mode: bool, as_json: bool) -> None:
 
         import character.backend.local  # noqa: F401
     api_ready()
-    result = run_flow(cfg)
+    from character.progress import ConsoleProgress, listening
+
+    with listening(ConsoleProgress(notes=False)):  # the tasks log notes such as skipped stages
+        result = run_flow(cfg)
     for stage, uri in result.checkpoints.items():
         typer.echo(f"{stage:>6}: {uri}")
     if as_json:
@@ -246,7 +249,9 @@ def generate(
     uri = (model or p.recorded(cfg, "dpo", "sampler")) if stage == "introspection" else None
     if stage == "introspection" and uri is None:
         raise UserError(f"no DPO checkpoint recorded for build {cfg.build_id!r}: give --model URI")
-    with p.lock_build(cfg):
+    from character.progress import ConsoleProgress, listening
+
+    with p.lock_build(cfg), listening(ConsoleProgress()):
         if stage == "questions":
             out = p.stage_expand_questions(cfg)
         elif stage == "dpo":

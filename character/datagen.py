@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 from tinker import types
 
 from character.backend import SamplingClient
+from character import progress
 from character.backend.retry import Call
 from character.chat import Renderer
 from character.constitution import Constitution
@@ -94,6 +95,7 @@ class Ledger:
         append_jsonl(self.out, rows)
         append_jsonl(self.skipped_path, skipped)
         self.done |= {self.key(r) for r in rows} | {self.key(s) for s in skipped}
+        progress.update(len(self.done))  # items finished (kept or dropped) in the current stage
 
     def finish(self, order: Callable[[dict], tuple]) -> tuple[list[dict], dict[str, int]]:
         """Rewrite the output in item order; return the rows and the per-filter drop counts."""

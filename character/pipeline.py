@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from character import progress
 from character.buildlock import build_lock
 from character.chat import Renderer
 from character.config import DPOLoss, PipelineConfig  # noqa: F401 - re-exported: defined light, for the CLI
@@ -123,15 +124,28 @@ def recorded(cfg: PipelineConfig, stage: str, key: str) -> str | None:
     return (read_record(cfg).get("stages", {}).get(stage) or {}).get(key)
 
 
-def _finished(cfg: PipelineConfig, stage: str) -> dict | None:
+def _finished(cfg: PipelineConfig, stage: str, quiet: bool = False) -> dict | None:
+    """The record of a finished stage whose output is still there (a rerun skips it, and says so)."""
     done = read_record(cfg).get("stages", {}).get(stage)
     if not done:
         return None
     for key in ("path", "sampler", "state"):
         if key in done and done[key] and not done[key].startswith("tinker://") \
                 and not uri_to_path(done[key]).exists():  # tinker:// outputs live on the service
-            return None  # recorded but its output is gone: redo
+            progress.note(stage, f"recorded as finished, but {done[key]} is gone: doing it again")
+            return None
+    if not quiet:
+        progress.note(stage, f"skipped: finished at {done['finished_at'][:19]}Z and its output is present")
     return done
+
+
+def _steps(on_step):
+    """Training steps as progress of the current stage, then the caller's own callback."""
+    def both(step: int, total: int, metrics: dict) -> None:
+        progress.update(step, total)
+        if on_step is not None:
+            on_step(step, total, metrics)
+    return both
 
 
 # -- held-out split ----------------------------------------------------------------------------------
@@ -160,6 +174,26 @@ def _teacher_and_student(cfg: PipelineConfig, svc):
     return teacher_name, teacher, student
 
 
+def check_teacher_prompt_fits(cfg: PipelineConfig, c: Constitution, teacher) -> None:
+    """Before any generation: the teacher's system prompt (the traits), the longest question and the
+    answer limit must fit the teacher's context window. Known for local models; a Tinker model's
+    limit is enforced by the service."""
+    from character.prompts import teacher_system_prompt
+
+    config = getattr(getattr(teacher, "model", None), "config", None)
+    context = getattr(config, "max_position_embeddings", None)
+    if not isinstance(context, int):
+        return
+    tok = teacher.get_tokenizer()
+    prompt = len(tok.encode(teacher_system_prompt(c), add_special_tokens=False))
+    question = max(len(tok.encode(q, add_special_tokens=False)) for q in c.questions)
+    need = prompt + question + cfg.max_new_tokens + 16  # + the chat template's own tokens
+    if need > context:
+        raise UserError(f"{c.source}: the teacher prompt does not fit the teacher's context of {context} tokens: "
+                        f"its traits take {prompt} tokens, the longest question {question}, and answers up to "
+                        f"{cfg.max_new_tokens} (--max-new-tokens); shorten the traits or lower --max-new-tokens")
+
+
 def stage_expand_questions(cfg: PipelineConfig) -> str | None:
     """Optional: more questions per trait from the teacher, near-duplicates dropped."""
     if cfg.expand_questions == 0:
@@ -168,10 +202,12 @@ def stage_expand_questions(cfg: PipelineConfig) -> str | None:
         return done["path"]
     svc = _service(cfg)
     _, teacher, _ = _teacher_and_student(cfg, svc)
+    check_teacher_prompt_fits(cfg, cfg.constitution(), teacher)
     out = cfg.build_dir() / "data" / "questions.jsonl"
     t0 = time.perf_counter()
-    stats = expand_questions(cfg.constitution(), teacher, Renderer(teacher.get_tokenizer()), cfg.expand_questions,
-                             cfg.seed, out)
+    with progress.stage("questions"):
+        stats = expand_questions(cfg.constitution(), teacher, Renderer(teacher.get_tokenizer()),
+                                 cfg.expand_questions, cfg.seed, out)
     record_stage(cfg, "questions", {"path": str(out), **stats, "seconds": round(time.perf_counter() - t0, 2)})
     return str(out)
 
@@ -182,15 +218,17 @@ def stage_dpo_data(cfg: PipelineConfig, questions_path: str | None = None) -> st
     c = cfg.constitution()
     svc = _service(cfg)
     teacher_name, teacher, student = _teacher_and_student(cfg, svc)
+    check_teacher_prompt_fits(cfg, c, teacher)
     out = cfg.build_dir() / "data" / "dpo.jsonl"
     t0 = time.perf_counter()
     n_prompts = -(-cfg.counts.dpo_pairs // cfg.samples_per_prompt)
-    stats = generate_dpo_pairs(
-        c, teacher, student, Renderer(teacher.get_tokenizer()), Renderer(student.get_tokenizer()),
-        n_prompts, cfg.seed, out, cfg.max_new_tokens, samples_per_prompt=cfg.samples_per_prompt,
-        window=cfg.max_in_flight, extra_questions=load_expanded_questions(questions_path),
-        provenance={"teacher": teacher_name, "student": cfg.base_model},
-    )
+    with progress.stage("dpo_data", total=n_prompts):
+        stats = generate_dpo_pairs(
+            c, teacher, student, Renderer(teacher.get_tokenizer()), Renderer(student.get_tokenizer()),
+            n_prompts, cfg.seed, out, cfg.max_new_tokens, samples_per_prompt=cfg.samples_per_prompt,
+            window=cfg.max_in_flight, extra_questions=load_expanded_questions(questions_path),
+            provenance={"teacher": teacher_name, "student": cfg.base_model},
+        )
     if stats["rows"] == 0:
         raise RuntimeError(f"no DPO pairs survived the filters (dropped: {stats['dropped']})")
     train, held = split_heldout(out, cfg.heldout_fraction, cfg.seed)
@@ -204,15 +242,17 @@ def stage_dpo(cfg: PipelineConfig, data_path: str, on_step=None) -> Checkpoint:
         return Checkpoint(**{k: done[k] for k in ("stage", "state", "sampler", "steps")})
     svc = _service(cfg)
     t0 = time.perf_counter()
-    result = run_dpo(
-        svc,
-        start=lambda: svc.create_lora_training_client(cfg.base_model, rank=cfg.lora_rank, seed=cfg.seed,
-                                                      alpha=cfg.lora_alpha),
-        reference=lambda: svc.create_sampling_client(base_model=cfg.base_model),
-        renderer=Renderer(svc.get_tokenizer(cfg.base_model)),
-        data_path=Path(data_path), run_dir=cfg.build_dir() / "dpo", cfg=cfg.dpo,
-        coef=DPOCoefficients(**cfg.dpo_loss.model_dump()), max_length=cfg.dpo_max_length, on_step=on_step,
-    )
+    with progress.stage("dpo"):
+        result = run_dpo(
+            svc,
+            start=lambda: svc.create_lora_training_client(cfg.base_model, rank=cfg.lora_rank, seed=cfg.seed,
+                                                          alpha=cfg.lora_alpha),
+            reference=lambda: svc.create_sampling_client(base_model=cfg.base_model),
+            renderer=Renderer(svc.get_tokenizer(cfg.base_model)),
+            data_path=Path(data_path), run_dir=cfg.build_dir() / "dpo", cfg=cfg.dpo,
+            coef=DPOCoefficients(**cfg.dpo_loss.model_dump()), max_length=cfg.dpo_max_length,
+            on_step=_steps(on_step),
+        )
     ckpt = Checkpoint(stage="dpo", state=result.state, sampler=result.sampler, steps=result.steps)
     record_stage(cfg, "dpo", {**ckpt.model_dump(), "seconds": round(time.perf_counter() - t0, 2)})
     return ckpt
@@ -227,10 +267,11 @@ def stage_introspection(cfg: PipelineConfig, dpo: Checkpoint) -> str:
     out = cfg.build_dir() / "data" / "introspection.jsonl"
     n = cfg.counts
     t0 = time.perf_counter()
-    stats = generate_introspection(
-        c, model, Renderer(model.get_tokenizer()), n.reflections, n.interactions, n.turns, cfg.seed, out,
-        cfg.max_new_tokens, window=cfg.max_in_flight, provenance={"model": dpo.sampler},
-    )
+    with progress.stage("introspection", total=n.reflections + n.interactions):
+        stats = generate_introspection(
+            c, model, Renderer(model.get_tokenizer()), n.reflections, n.interactions, n.turns, cfg.seed, out,
+            cfg.max_new_tokens, window=cfg.max_in_flight, provenance={"model": dpo.sampler},
+        )
     if stats["rows"] == 0:
         raise RuntimeError("no introspection data was produced")
     train, held = split_heldout(out, cfg.heldout_fraction, cfg.seed)
@@ -252,8 +293,9 @@ def stage_sft(cfg: PipelineConfig, data_path: str, dpo: Checkpoint | None, on_st
         start = lambda: svc.create_lora_training_client(  # noqa: E731
             cfg.base_model, rank=cfg.lora_rank, seed=cfg.seed, alpha=cfg.lora_alpha)
     t0 = time.perf_counter()
-    result = run_sft(svc, start, Renderer(svc.get_tokenizer(cfg.base_model)), Path(data_path),
-                     cfg.build_dir() / "sft", opt, cfg.sft_max_length, on_step=on_step)
+    with progress.stage("sft"):
+        result = run_sft(svc, start, Renderer(svc.get_tokenizer(cfg.base_model)), Path(data_path),
+                         cfg.build_dir() / "sft", opt, cfg.sft_max_length, on_step=_steps(on_step))
     ckpt = Checkpoint(stage="sft", state=result.state, sampler=result.sampler, steps=result.steps)
     record_stage(cfg, "sft", {**ckpt.model_dump(), "learning_rate": opt.learning_rate,
                               "seconds": round(time.perf_counter() - t0, 2)})
@@ -293,20 +335,22 @@ def stage_evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> d
     """Evaluate the named checkpoints against the base model on the build's held-out data."""
     from character.evaluate import evaluate_checkpoints
 
-    done = _finished(cfg, "eval")
+    done = _finished(cfg, "eval", quiet=True)
     metrics_json = ((done or {}).get("report") or {}).get("metrics_json")
     if done and done.get("names") == list(checkpoints) and metrics_json and Path(metrics_json).is_file():
+        progress.note("eval", f"skipped: finished at {done['finished_at'][:19]}Z for these checkpoints")
         return json.loads(Path(metrics_json).read_text())
     rec = read_record(cfg).get("stages", {})
     uris = [_local_adapter(cfg, c) for c in checkpoints.values()]
     base = cfg.base_model if cfg.backend == "local" else None
-    result = evaluate_checkpoints(
-        uris, persona=cfg.persona, workdir=cfg.workdir, base_model=base,
-        dpo_data=(rec.get("dpo_data") or {}).get("heldout"),
-        introspection_data=(rec.get("introspection") or {}).get("heldout"),
-        out_dir=cfg.build_dir() / "eval", seed=cfg.seed, device=cfg.device, build_dir=cfg.build_dir(),
-        max_length=cfg.dpo_max_length, sft_max_length=cfg.sft_max_length, beta=cfg.dpo_loss.beta,
-    )
+    with progress.stage("eval", total=len(uris)):  # evaluate_checkpoints may update() per checkpoint
+        result = evaluate_checkpoints(
+            uris, persona=cfg.persona, workdir=cfg.workdir, base_model=base,
+            dpo_data=(rec.get("dpo_data") or {}).get("heldout"),
+            introspection_data=(rec.get("introspection") or {}).get("heldout"),
+            out_dir=cfg.build_dir() / "eval", seed=cfg.seed, device=cfg.device, build_dir=cfg.build_dir(),
+            max_length=cfg.dpo_max_length, sft_max_length=cfg.sft_max_length, beta=cfg.dpo_loss.beta,
+        )
     record_stage(cfg, "eval", {"report": result.get("report", {}), "names": list(checkpoints)})
     return result
 

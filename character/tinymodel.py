@@ -15,6 +15,8 @@ import random
 import shutil
 from pathlib import Path
 
+from character import progress
+
 TINY_RECIPE = {
     "version": 1,
     "vocab_size": 1024,
@@ -162,6 +164,7 @@ def _warm_up(model, seqs: list[list[int]], pad: int) -> None:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        progress.report("building the tiny model (once per recipe)", step + 1, steps)
     model.eval()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 
@@ -12,7 +13,7 @@ from prefect.artifacts import (
 )
 from prefect.tasks import exponential_backoff
 
-from character import pipeline
+from character import pipeline, progress
 from character.backend.errors import is_transient
 from character.pipeline import Checkpoint, PipelineConfig, PipelineResult
 from character.summary import build_summary_markdown, evaluation_rows
@@ -53,18 +54,13 @@ def publish_checkpoint(cfg: PipelineConfig, ckpt: Checkpoint, stage: str | None 
 
 
 def _progress(cfg: PipelineConfig, stage: str, every_s: float = 10.0):
-    """A progress artifact updated as steps finish; a log line at most every `every_s` seconds."""
-    art = create_progress_artifact(0.0, key=artifact_key(_persona(cfg), f"{stage}-progress"),
-                                   description=f"{stage} training")
+    """A training log line (loss, learning rate) at most every `every_s` seconds; the progress
+    artifact comes from `_reporting`, like every other stage's."""
     logger = get_run_logger()
-    last, shown = [0.0], [0.0]
+    last = [0.0]
 
     def on_step(step: int, total: int, metrics: dict) -> None:
         now = time.monotonic()
-        # Each update is an API call made between training steps: at most one a second.
-        if now - shown[0] >= 1.0 or step == total:
-            shown[0] = now
-            update_progress_artifact(art, 100.0 * step / total)
         if now - last[0] >= every_s or step == total:
             last[0] = now
             loss = metrics.get("loss", metrics.get("loss:sum"))
@@ -73,31 +69,62 @@ def _progress(cfg: PipelineConfig, stage: str, every_s: float = 10.0):
     return on_step
 
 
+@contextlib.contextmanager
+def _reporting(cfg: PipelineConfig):
+    """The core's progress reports as Prefect progress artifacts (`<persona>-<stage>-progress`, updated at
+    most once a second: each update is an API call) and its notes (e.g. a skipped stage) as log lines."""
+    logger, persona = get_run_logger(), _persona(cfg)
+    artifacts: dict[str, object] = {}
+    shown: dict[str, float] = {}
+
+    def listener(ev: progress.Event) -> None:
+        if ev.message is not None:
+            logger.info("%s: %s", ev.stage, ev.message)
+            return
+        if not ev.total:
+            return
+        now = time.monotonic()
+        if ev.stage not in artifacts:
+            artifacts[ev.stage] = create_progress_artifact(
+                0.0, key=artifact_key(persona, f"{ev.stage}-progress"), description=f"{persona}: {ev.stage}")
+        if ev.finished or now - shown.get(ev.stage, 0.0) >= 1.0:
+            shown[ev.stage] = now
+            update_progress_artifact(artifacts[ev.stage], min(100.0, 100.0 * (ev.done or 0) / ev.total))
+
+    with progress.listening(listener):
+        yield
+
+
 @task(name="expand-questions", **RETRYING)
 def expand_questions(cfg: PipelineConfig) -> str | None:
-    return pipeline.stage_expand_questions(cfg)
+    with _reporting(cfg):
+        return pipeline.stage_expand_questions(cfg)
 
 
 @task(name="dpo-data", **RETRYING)
 def dpo_data(cfg: PipelineConfig, questions_path: str | None = None) -> str:
-    return pipeline.stage_dpo_data(cfg, questions_path)
+    with _reporting(cfg):
+        return pipeline.stage_dpo_data(cfg, questions_path)
 
 
 @task(name="train-dpo", **RETRYING)
 def train_dpo(cfg: PipelineConfig, data_path: str) -> Checkpoint:
-    ckpt = pipeline.stage_dpo(cfg, data_path, on_step=_progress(cfg, "dpo"))
+    with _reporting(cfg):
+        ckpt = pipeline.stage_dpo(cfg, data_path, on_step=_progress(cfg, "dpo"))
     publish_checkpoint(cfg, ckpt)
     return ckpt
 
 
 @task(name="introspection-data", **RETRYING)
 def introspection_data(cfg: PipelineConfig, dpo: Checkpoint) -> str:
-    return pipeline.stage_introspection(cfg, dpo)
+    with _reporting(cfg):
+        return pipeline.stage_introspection(cfg, dpo)
 
 
 @task(name="train-sft", **RETRYING)
 def train_sft(cfg: PipelineConfig, data_path: str, dpo: Checkpoint | None) -> Checkpoint:
-    ckpt = pipeline.stage_sft(cfg, data_path, dpo, on_step=_progress(cfg, "sft"))
+    with _reporting(cfg):
+        ckpt = pipeline.stage_sft(cfg, data_path, dpo, on_step=_progress(cfg, "sft"))
     publish_checkpoint(cfg, ckpt)
     return ckpt
 
@@ -116,7 +143,8 @@ def evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> dict:
     if cfg.backend != "local":
         get_run_logger().info("evaluation runs locally: use `character eval` on downloaded checkpoints")
         return {}
-    result = pipeline.stage_evaluate(cfg, checkpoints)
+    with _reporting(cfg):
+        result = pipeline.stage_evaluate(cfg, checkpoints)
     persona = _persona(cfg)
     create_table_artifact(key=artifact_key(persona, "evaluation"), table=evaluation_rows(result),
                           description=f"{persona}: held-out metrics per checkpoint against the base model")

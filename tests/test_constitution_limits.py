@@ -85,3 +85,17 @@ def test_personas_validate_lists_every_problem_numbered_from_one_up_to_a_cap(tmp
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "entry 2, field 'trait'" in proc.stderr and "more: `character personas validate`" in proc.stderr
     assert not (tmp_path / "ws").exists()
+
+
+def test_a_teacher_prompt_too_long_for_the_model_fails_before_generation_naming_the_limit(workdir, tmp_path):
+    from character import pipeline
+    from character.pipeline import PipelineConfig
+
+    entries = [{"trait": f"I am trait number {i}. " + "very " * 170 + "long.", "questions": OK_Q} for i in range(30)]
+    path = tmp_path / "verbose.json"
+    path.write_text(json.dumps(entries))
+    cfg = PipelineConfig(persona=str(path), workdir=str(workdir), build_id="long", dpo_pairs=4, max_new_tokens=64)
+    pipeline.validate(cfg)  # within every per-field limit
+    with pytest.raises(UserError, match=r"does not fit the teacher's context of 4096 tokens: its traits take \d+"):
+        pipeline.stage_dpo_data(cfg)
+    assert not (cfg.build_dir() / "data" / "dpo.jsonl").exists()  # nothing generated
