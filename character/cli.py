@@ -182,9 +182,13 @@ def _run_pipeline(cfg, paper_mode: bool, as_json: bool) -> None:
         import character.backend.local  # noqa: F401
     api_ready()
     from character.progress import ConsoleProgress, listening
+    from flows.ephemeral import finish_ephemeral_api
 
-    with listening(ConsoleProgress(notes=False)):  # the tasks log notes such as skipped stages
-        result = run_flow(cfg)
+    try:
+        with listening(ConsoleProgress(notes=False)):  # the tasks log notes such as skipped stages
+            result = run_flow(cfg)
+    finally:
+        finish_ephemeral_api()  # flush and stop the temporary server now, not in exit hooks
     for stage, uri in result.checkpoints.items():
         typer.echo(f"{stage:>6}: {uri}")
     if as_json:

@@ -83,12 +83,20 @@ def start_ephemeral_api_early() -> Callable[[], None]:
         return lambda: None
     server = SubprocessASGIServer()  # the instance Prefect's client looks up
     failure: list[BaseException] = []
+    launch = getattr(server, "_run_uvicorn_command", None)
+    if callable(launch):  # watch each server process from the moment it exists, not once it answers
+        def launch_watched():
+            proc = launch()
+            watch_server(proc.pid)
+            return proc
+
+        server._run_uvicorn_command = launch_watched
 
     def start() -> None:
         try:
             with one_start_per_home(Path(PREFECT_HOME.value())):
                 server.start()
-            if server.server_process is not None:
+            if not callable(launch) and server.server_process is not None:
                 watch_server(server.server_process.pid)
         except BaseException as e:  # noqa: BLE001 - handed to wait()
             failure.append(e)
@@ -102,3 +110,24 @@ def start_ephemeral_api_early() -> Callable[[], None]:
             raise failure[0]
 
     return wait
+
+
+def finish_ephemeral_api(timeout: float = 30.0) -> None:
+    """Deliver the logs and events still queued, then stop the temporary server, while the process
+    is still whole. Left to Prefect's exit hooks, a short run (a rerun where every stage is
+    skipped) had the server stopped while events were still being sent: ~150 lines of
+    CancelledError tracebacks after the result. Waits at most about `timeout` seconds per queue."""
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+        from prefect.server.api.server import SubprocessASGIServer
+    except ImportError:  # pragma: no cover - a Prefect without these internals: its exit hooks do it
+        return
+    for service in (APILogWorker, EventsWorker):
+        try:
+            service.drain_all(timeout=timeout)
+        except Exception:  # noqa: BLE001 - delivery is best effort; the run's result is already known
+            pass
+    server = SubprocessASGIServer()  # the instance the flow used, if any
+    if server.running:
+        server.stop()

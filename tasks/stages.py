@@ -139,6 +139,7 @@ def merge(cfg: PipelineConfig, dpo: Checkpoint, sft: Checkpoint) -> Checkpoint:
 @task(name="evaluate", **RETRYING)
 def evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> dict:
     if not cfg.evaluate:
+        get_run_logger().info("eval: skipped: --no-eval")
         return {}
     if cfg.backend != "local":
         get_run_logger().info("evaluation runs locally: use `character eval` on downloaded checkpoints")
