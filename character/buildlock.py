@@ -2,7 +2,7 @@
 
 The lock is `flock` on `<build>/.lock`. The kernel drops it when its owner exits, however it exits
 (`kill -9` included), so a dead owner never blocks the next run and no stale-lock guessing is
-needed. The file records the owner's pid, host and start time only so that a refused run can say
+needed. The file exists only while a run holds it (a killed run leaves it, unlocked). The file records the owner's pid, host and start time only so that a refused run can say
 who holds the build. A second run of a held build fails at once (a `UserError`: `error:` and exit
 code 2 on the command line) before it writes anything.
 
@@ -26,7 +26,7 @@ from character.errors import UserError
 
 LOCK_NAME = ".lock"
 
-_held: dict[Path, list] = {}  # lock path -> [fd, depth], for this process
+_held: dict[Path, list] = {}  # lock path -> [fd, depth, folders created], for this process
 _guard = threading.Lock()
 
 
@@ -39,25 +39,44 @@ def _owner(fd: int) -> dict:
 
 
 def _acquire(path: Path, label: str) -> None:
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # removed again if left empty
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        who = _owner(fd)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = _owner(fd)
+            os.close(fd)
+            holder = f"pid {who.get('pid', '?')} on {who.get('host', '?')}"
+            since = f" since {who['started'][:19]}Z" if who.get("started") else ""
+            raise UserError(f"build {label} is held by {holder}{since}: another run is writing it; "
+                            "wait for that run to finish, or use another --build-id") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the holder before us may have removed the file between our open and our lock: retry
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        holder = f"pid {who.get('pid', '?')} on {who.get('host', '?')}"
-        since = f" since {who['started'][:19]}Z" if who.get("started") else ""
-        raise UserError(f"build {label} is held by {holder}{since}: another run is writing it; "
-                        "wait for that run to finish, or use another --build-id") from None
-    except BaseException:
-        os.close(fd)
-        raise
     me = {"pid": os.getpid(), "host": socket.gethostname(),
           "started": datetime.now(timezone.utc).isoformat()}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(me).encode(), 0)
-    _held[path] = [fd, 1]
+    _held[path] = [fd, 1, made]
+
+
+def _release(path: Path, fd: int, made: list[Path]) -> None:
+    """Remove the lock file while still holding it (a waiting opener then retries on a fresh file),
+    and the folders taking the lock created if nothing else was written there."""
+    with contextlib.suppress(OSError):
+        path.unlink()
+    for d in made:
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only succeeds when empty
+    os.close(fd)  # closing the only descriptor releases the flock
 
 
 @contextlib.contextmanager
@@ -77,9 +96,7 @@ def build_lock(build_dir: Path, label: str) -> Iterator[Path]:
             entry[1] -= 1
             if entry[1] == 0:
                 del _held[path]
-                with contextlib.suppress(OSError):
-                    os.ftruncate(entry[0], 0)  # no owner to report once released
-                os.close(entry[0])  # closing the only descriptor releases the flock
+                _release(path, entry[0], entry[2])
 
 
 def holds(build_dir: Path) -> bool:

@@ -50,7 +50,11 @@ def test_the_lock_is_reentrant_within_a_process_and_released_at_the_end(tmp_path
             assert holds(tmp_path)
         assert holds(tmp_path)
     assert not holds(tmp_path)
-    assert (tmp_path / ".lock").read_text() == ""  # no owner recorded once released
+    assert not (tmp_path / ".lock").exists()  # removed on release
+    build = tmp_path / "ws" / "builds" / "p" / "b"
+    with build_lock(build, "p/b"):
+        pass
+    assert not (tmp_path / "ws").exists()  # a run that wrote nothing leaves nothing, not even folders
     proc = subprocess.run([sys.executable, "-c", HOLDER.replace("time.sleep(600)", "pass"), str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -64,11 +68,11 @@ def test_the_cli_refuses_a_held_build_at_once_and_writes_nothing(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "character.cli", "pipeline", "pirate", "--workdir", str(ws),
                                "--build-id", "busy"], capture_output=True, text=True, timeout=120)
         took = time.monotonic() - t0
+        assert sorted(p.name for p in build.iterdir()) == [".lock"]  # no record, no data
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: build pirate/busy is held by pid "), proc.stderr
     assert f"pid {os.getpid()} " in lines[0]
-    assert sorted(p.name for p in build.iterdir()) == [".lock"]  # no record, no data
     assert took < 60  # refused before Prefect or a model starts (seconds, even on a loaded machine)
 
 
