@@ -98,9 +98,10 @@ def _config(workdir: Optional[Path], **options):
     return cfg
 
 
-def _optim(batch_size: Optional[int], save_every: Optional[int]) -> Optional[dict]:
+def _optim(batch_size: Optional[int], save_every: Optional[int], keep_states: Optional[int] = None) -> Optional[dict]:
     """Training options given on the command line (the rest keep the recipe's defaults)."""
-    given = {k: v for k, v in (("batch_size", batch_size), ("save_every", save_every)) if v is not None}
+    given = {k: v for k, v in (("batch_size", batch_size), ("save_every", save_every), ("keep_states", keep_states))
+             if v is not None}
     return given or None
 
 
@@ -142,6 +143,8 @@ def pipeline(
     batch_size: Optional[int] = typer.Option(None, help="examples per training step, DPO and SFT (default 32)"),
     save_every: Optional[int] = typer.Option(None, help="save the resumable training state every N steps "
                                              "(default 20)"),
+    keep_states: Optional[int] = typer.Option(None, help="resumable states kept per training run, newest first; "
+                                              "older ones are deleted (default 2)"),
     paper_mode: bool = typer.Option(False, "--paper-mode", help="SFT from the base model, as in the paper"),
     merge: bool = typer.Option(False, "--merge", help="paper mode: also write the merge 1.0 x DPO + 0.25 x SFT"),
     no_eval: bool = typer.Option(False, "--no-eval", help="skip the evaluation at the end"),
@@ -157,7 +160,7 @@ def pipeline(
                   reflections=reflections, interactions=interactions, turns=turns,
                   samples_per_prompt=samples_per_prompt, expand_questions=expand_questions,
                   max_new_tokens=max_new_tokens, max_in_flight=max_in_flight,
-                  dpo=_optim(batch_size, save_every), sft=_optim(batch_size, save_every))
+                  dpo=_optim(batch_size, save_every, keep_states), sft=_optim(batch_size, save_every, keep_states))
     from character.pipeline import lock_build, validate
 
     validate(cfg)  # before Prefect starts or any model loads
