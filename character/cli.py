@@ -82,7 +82,7 @@ def _config(workdir: Optional[Path], **options):
     """Settings, then flags: a validated PipelineConfig, or a one-line error naming the option."""
     from pydantic import ValidationError
 
-    from character.config import PipelineConfig  # no torch, tinker or Prefect yet: bad flags fail fast
+    from character.config import PipelineConfig, check_inputs  # no torch, tinker or Prefect: bad flags fail fast
 
     settings = _settings(workdir)
     try:
@@ -94,7 +94,7 @@ def _config(workdir: Optional[Path], **options):
         if loc[0] in ("dpo", "sft") and len(loc) > 1:  # --batch-size and --save-every set both
             loc = loc[1:]
         raise UserError(f"--{'-'.join(loc).replace('_', '-')}: {err['msg']}") from None
-    cfg.constitution()  # a bad persona or constitution file, still before the heavy imports
+    check_inputs(cfg)  # the constitution, the workdir, local model folders: still before the heavy imports
     return cfg
 
 

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 from character.constitution import Constitution, load_constitution
+from character.errors import UserError
 from character.scales import SCALES, Scale, ScaleName
 from character.settings import DEVICE_PATTERN, Settings, Workspace, check_name
 
@@ -104,3 +105,20 @@ class PipelineConfig(BaseModel):
 
     def build_dir(self) -> Path:
         return Workspace(self.workdir).build_dir(self.constitution().name, self.build_id)
+
+
+def check_local_model(name: str) -> None:
+    """'tiny' or a local Hugging Face model folder (the local backend's rule, checked without torch)."""
+    if name != "tiny" and not (Path(name).expanduser() / "config.json").is_file():
+        raise UserError(f"base model {name!r}: not 'tiny' and not a local Hugging Face model folder (no config.json)")
+
+
+def check_inputs(cfg: PipelineConfig) -> Constitution:
+    """The checks that need no model, no network and no heavy import (the command line runs them first)."""
+    c = cfg.constitution()
+    if Path(cfg.workdir).expanduser().exists() and not Path(cfg.workdir).expanduser().is_dir():
+        raise UserError(f"workdir {cfg.workdir}: exists and is not a folder")
+    if cfg.backend == "local":
+        for name in filter(None, (cfg.base_model, cfg.teacher_model)):
+            check_local_model(name)
+    return c

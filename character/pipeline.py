@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from character import progress
 from character.buildlock import build_lock
 from character.chat import Renderer
-from character.config import DPOLoss, PipelineConfig  # noqa: F401 - re-exported: defined light, for the CLI
+from character.config import DPOLoss, PipelineConfig, check_inputs  # noqa: F401 - config is light, for the CLI
 from character.constitution import Constitution
 from character.datagen import expand_questions, generate_dpo_pairs, generate_introspection, load_expanded_questions
 from character.dpo import run_dpo
@@ -57,20 +57,12 @@ def check_same_build(cfg: PipelineConfig) -> None:
 
 def validate(cfg: PipelineConfig) -> Constitution:
     """Everything that can be checked before a model is loaded or an API call is paid for."""
-    c = cfg.constitution()
-    if Path(cfg.workdir).expanduser().exists() and not Path(cfg.workdir).expanduser().is_dir():
-        raise UserError(f"workdir {cfg.workdir}: exists and is not a folder")
+    c = check_inputs(cfg)  # constitution, workdir, local model names
     check_same_build(cfg)
     if cfg.backend == "tinker":
         from character.backend.tinker import check_ready
 
         check_ready(Settings(), cfg.base_model, cfg.teacher_model)  # key and model names, no network
-        return c
-    from character.backend.local import check_model_name
-
-    check_model_name(cfg.base_model)
-    if cfg.teacher_model:
-        check_model_name(cfg.teacher_model)
     return c
 
 

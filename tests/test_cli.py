@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -95,35 +94,6 @@ def test_shipped_personas_are_valid():
         assert len(c.traits) == 10 and all(len(t.questions) == 5 for t in c.traits), name
 
 
-@pytest.mark.slow
-def test_pipeline_cli_prints_json_last_and_a_rerun_skips_everything_quietly(tmp_path, models_dir):
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    (ws / "models").symlink_to(models_dir, target_is_directory=True)
-    args = ("pipeline", "pirate", "--workdir", str(ws), "--json", "--build-id", "cli", "--dpo-pairs", "8",
-            "--reflections", "4", "--interactions", "1", "--turns", "2", "--max-new-tokens", "48")
-    env = {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LOGGING_LEVEL": "INFO", "PREFECT_SERVER_ANALYTICS_ENABLED": "",
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": ""}  # the CLI sets its own defaults
-    env = {k: v for k, v in env.items() if v}
-    base = {k: v for k, v in os.environ.items() if k not in ("PREFECT_SERVER_ANALYTICS_ENABLED",
-                                                            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")}
-    run = lambda: subprocess.run([sys.executable, "-m", "character.cli", *args], capture_output=True,  # noqa: E731
-                                 text=True, timeout=900, env={**base, **env})
-    proc = run()
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["persona"] == "pirate" and summary["mode"] == "sequential" and summary["base_model"] == "tiny"
-    assert summary["workdir"] == str(ws.resolve())
-    assert set(summary["checkpoints"]) == {"dpo", "sft", "final"}
-    for uri in summary["checkpoints"].values():
-        assert uri.startswith("file://")
-    assert "Traceback" not in proc.stdout + proc.stderr
-    for stage in ("dpo_data", "dpo", "introspection", "sft", "eval"):  # progress lines (stderr is no terminal)
-        assert f"\n{stage}: done " in "\n" + proc.stderr, stage
-
-    again = run()  # every stage is skipped: a run of a few seconds, the case that ended in tracebacks
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads(again.stdout.strip().splitlines()[-1]) == summary
-    assert "Traceback" not in again.stdout + again.stderr, again.stderr[-3000:]
-    for stage in ("dpo_data", "dpo", "introspection", "sft", "eval"):
-        assert f"{stage}: skipped: finished at " in again.stderr, stage
+# The pipeline's JSON summary, its progress lines and a quiet rerun of a finished build are checked
+# through the command line in test_reliability.py (test_killed_during_dpo_the_cli_resumes_from_the_last_save),
+# on the build that test has to make anyway.

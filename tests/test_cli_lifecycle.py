@@ -32,6 +32,8 @@ except SystemExit as e:
     ["generate", "dpo", "nosuch"],
     ["generate", "banana", "pirate"],
     ["personas", "validate", "/no/such.json"],
+    ["pipeline", "pirate", "--base-model", "/no/such/model"],
+    ["pipeline", "pirate", "--teacher-model", "/no/such/model"],
 ])
 def test_bad_flags_are_refused_before_torch_tinker_or_prefect_is_imported(tmp_path, args):
     proc = subprocess.run([sys.executable, "-c", PROBE, *args, *(["--workdir", str(tmp_path)]
@@ -84,3 +86,44 @@ def test_a_killed_cli_leaves_no_prefect_server_behind(workdir, tmp_path):
     while "uvicorn" in _cmdline(server) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert "uvicorn" not in _cmdline(server), f"Prefect server {server} outlived the killed CLI"
+
+
+TWO_STARTS = """
+import json, sys
+from character.cli import PREFECT_DEFAULTS
+import os
+for k, v in PREFECT_DEFAULTS.items():
+    os.environ.setdefault(k, v)
+from flows.ephemeral import finish_ephemeral_api, start_ephemeral_api_early
+ready = start_ephemeral_api_early()
+from prefect import flow, task
+
+@task
+def one():
+    return 1
+
+@flow
+def tiny_flow():
+    return one() + one()
+
+ready()
+try:
+    result = tiny_flow()
+finally:
+    finish_ephemeral_api()
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.slow
+def test_two_first_starts_on_one_prefect_home_print_no_traceback(tmp_path):
+    """Both start a temporary server on a fresh PREFECT_HOME at once (the SQLite migration race)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_SERVER_ANALYTICS_ENABLED")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_LOGGING_LEVEL="INFO")
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_STARTS], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert out.strip().splitlines()[-1] == "2"
+        assert "Traceback" not in out + err and "OperationalError" not in err, err[-3000:]

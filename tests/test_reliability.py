@@ -327,7 +327,13 @@ def test_killed_during_dpo_the_cli_resumes_from_the_last_save(prefect_harness, t
 
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    final = json.loads(proc.stdout.strip().splitlines()[-1])["checkpoints"]["final"]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (summary["persona"], summary["mode"], summary["base_model"]) == ("pirate", "sequential", "tiny")
+    assert summary["workdir"] == str(ws.resolve()) and set(summary["checkpoints"]) == {"dpo", "sft", "final"}
+    assert all(uri.startswith("file://") for uri in summary["checkpoints"].values())
+    final = summary["checkpoints"]["final"]
+    for stage in ("dpo", "introspection", "sft"):  # progress on stderr (no terminal: lines)
+        assert f"\n{stage}: done " in "\n" + proc.stderr, stage
     saved = _assert_resumed_training(run_dir, before_metrics, before_saves)
     assert saved >= 2
     # the data and the reference log-probs were not made again
@@ -335,6 +341,20 @@ def test_killed_during_dpo_the_cli_resumes_from_the_last_save(prefect_harness, t
             read_record(cfg)["stages"]["dpo_data"]["finished_at"]) == stamps
     adapter = load_file(uri_to_path(final) / "adapter_model.safetensors")
     assert _max_diff(adapter, ref_adapter) <= 1e-6
+
+    # Once more, finished: every stage is skipped, so the run lasts seconds. With its own temporary
+    # Prefect server and Prefect's defaults left to the CLI, this is the run that used to end in
+    # ~150 lines of CancelledError tracebacks after the summary.
+    ephemeral = {k: v for k, v in env.items() if k not in ("PREFECT_API_URL", "PREFECT_SERVER_ANALYTICS_ENABLED",
+                                                            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")}
+    ephemeral.update(PREFECT_HOME=str(ws.parent / "prefect-home"), PREFECT_LOGGING_LEVEL="INFO")
+    again = subprocess.run(cmd, capture_output=True, text=True, env=ephemeral, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == summary  # the summary is the last line
+    assert "Traceback" not in again.stdout + again.stderr, again.stderr[-3000:]
+    for stage in ("dpo_data", "dpo", "introspection", "sft"):
+        assert f"{stage}: skipped: finished at " in again.stderr, stage
+    assert "eval: skipped: --no-eval" in again.stderr
 
 
 @pytest.mark.slow
