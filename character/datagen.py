@@ -23,8 +23,8 @@ from typing import Callable, Iterable
 
 from tinker import types
 
-from character.backend import SamplingClient
 from character import progress
+from character.backend import SamplingClient
 from character.backend.retry import Call
 from character.chat import Renderer
 from character.constitution import Constitution
