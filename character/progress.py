@@ -68,6 +68,7 @@ def note(stage_name: str, message: str) -> None:
 def stage(name: str, total: int | None = None) -> Iterator[_Stage]:
     """A named stage for the block; `update()` inside it reports against this stage."""
     st = _Stage(name, total)
+    _emit(Event(name, 0, total))  # started: a first line, and the clock for the elapsed time
     token = _current.set(st)
     try:
         yield st

@@ -38,10 +38,11 @@ def test_stage_updates_reach_the_listeners_of_this_context_only():
         bare.start()
         bare.join()
     progress.report("after", 1, 1)
-    assert [(e.stage, e.done, e.total, e.finished) for e in seen if e.stage != "x"][:4] == [
-        ("dpo_data", 1, 4, False), ("dpo_data", 4, 4, False), ("dpo_data", 4, 4, True), ("building", 2, 2, True)]
-    assert seen[4] == Event("sft", message="skipped: finished")
-    assert [e.stage for e in seen].count("x") == 2 and [e.stage for e in other] == ["x", "x"]  # a copied context
+    assert [(e.stage, e.done, e.total, e.finished) for e in seen if e.stage != "x"][:5] == [
+        ("dpo_data", 0, 4, False), ("dpo_data", 1, 4, False), ("dpo_data", 4, 4, False), ("dpo_data", 4, 4, True),
+        ("building", 2, 2, True)]
+    assert seen[5] == Event("sft", message="skipped: finished")
+    assert [e.stage for e in seen].count("x") == 3 and [e.stage for e in other] == ["x"] * 3  # a copied context
     assert not any(e.stage in ("lost", "after") for e in seen)
 
 
@@ -54,7 +55,7 @@ def test_a_failed_stage_does_not_report_itself_finished():
                 raise RuntimeError
         except RuntimeError:
             pass
-    assert [e.finished for e in seen] == [False]
+    assert [e.finished for e in seen] == [False, False]  # started, 2 of 5, and no "done"
 
 
 def test_console_without_a_terminal_writes_a_line_at_start_every_interval_and_at_the_end():
