@@ -258,15 +258,22 @@ app.add_typer(tinker_app, name="tinker")
 def tinker_models(
     timeout: Optional[float] = typer.Option(None, help="seconds to wait for Tinker (env CHARACTER_TINKER_TIMEOUT_S)"),
 ) -> None:
-    """The models Tinker serves: name, context length, trainable, sampleable."""
-    from character.backend.tinker import TinkerService
+    """The models Tinker serves: name, context length, trainable, sampleable, and which can teach or judge
+    (teacher: a chat model at least 4x the configured student's size; judge: a chat model of 30B or more)."""
+    from character.backend.tinker import TinkerService, model_roles
 
-    service = TinkerService(_settings(None), timeout_s=timeout)
+    settings = _settings(None)
+    service = TinkerService(settings, timeout_s=timeout)
     models = service.list_models()
+    student = settings.base_model if settings.base_model != "tiny" else settings.tinker_base_model
     flag = {True: "yes", False: "no", None: "?"}
-    typer.echo(f"{'model':<48} {'context':>8}  train  sample")
+    typer.echo(f"{'model':<48} {'context':>8}  train  sample  can serve as (student {student})")
     for m in models:
-        typer.echo(f"{m.model_name:<48} {m.max_context_length or '?':>8}  {flag[m.trainable]:<5}  {flag[m.sampleable]}")
+        roles = ", ".join(model_roles(m, student)) or "-"
+        if m.model_name == (settings.teacher_model or settings.tinker_teacher_model):
+            roles += " (default teacher)"
+        typer.echo(f"{m.model_name:<48} {m.max_context_length or '?':>8}  {flag[m.trainable]:<5}  "
+                   f"{flag[m.sampleable]:<6}  {roles}")
 
 
 def _downloaded(source: str, dst: Path) -> str:

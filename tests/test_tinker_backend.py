@@ -520,6 +520,22 @@ def test_sequential_and_paper_pipelines_run_on_tinker_and_never_show_the_key(wir
     assert KEY not in json.dumps(cfg.model_dump(mode="json"))
 
 
+def test_teacher_and_judge_candidates_are_read_from_model_names():
+    from types import SimpleNamespace
+
+    from character.backend.tinker import model_roles, model_size_b
+
+    student = "meta-llama/Llama-3.1-8B-Instruct"
+    roles = lambda name, sampleable=True: model_roles(SimpleNamespace(model_name=name, sampleable=sampleable),  # noqa
+                                                      student)
+    assert model_size_b("Qwen/Qwen3-235B-A22B-Instruct-2507") == 235 and model_size_b("x/Kimi-K2") is None
+    assert roles(Settings().tinker_teacher_model) == ["teacher", "judge"]  # the documented default qualifies
+    assert roles("meta-llama/Llama-3.3-70B-Instruct") == ["teacher", "judge"]
+    assert roles("Qwen/Qwen3-30B-A3B") == ["judge"]  # under 4x an 8B student
+    assert roles("meta-llama/Llama-3.1-70B") == [] and roles("Qwen/Qwen3-8B-Base") == []  # base models
+    assert roles("openai/gpt-oss-120b", sampleable=False) == [] and roles(student) == []
+
+
 def test_cli_lists_tinker_models(wired, capsys, monkeypatch):
     from character import cli
 
@@ -529,6 +545,8 @@ def test_cli_lists_tinker_models(wired, capsys, monkeypatch):
     assert exit_.value.code in (0, None)
     out = capsys.readouterr().out
     assert STUDENT in out and TEACHER in out and KEY not in out
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert rows[TEACHER].rstrip().endswith("teacher, judge") and rows[STUDENT].rstrip().endswith("-")
     monkeypatch.delenv("TINKER_API_KEY")
     with pytest.raises(SystemExit) as exit_:
         cli.main()
