@@ -597,6 +597,38 @@ def test_tensor_names_round_trip_through_the_table():
         tinker_name("base_model.model.model.layers.0.self_attn.x_proj.lora_A.weight")
 
 
+def _cookbook_peft_name(tinker_key: str) -> str:
+    """An independent reference for the renaming: the procedure of tinker-cookbook's adapter conversion,
+    restated (thinking-machines-lab/tinker-cookbook, tinker_cookbook/weights/_adapter.py at commit
+    125e52e40a9c41a993ed266088a75088127438a6: `_convert_adapter` and `_add_peft_weight`; name remaps from
+    tinker_cookbook/weights/_merge_utils.py at 0234e66ca693b8b3663c36077afa89d1362cec91: `build_name_remaps`).
+    For a dense text model (no language_model level, no extra or expert remaps) the cookbook: takes the
+    weight name by dropping the `.lora_A`/`.lora_B` part; replaces `base_model.model.` by nothing, then
+    `model.unembed_tokens` by `lm_head` (plain substring replacements, in that order); and writes the pair
+    under `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, <module> being the name less `.weight`.
+    Its adapter_config takes r and lora_alpha from Tinker's config and lists the sorted leaf module names."""
+    half = "A" if ".lora_A." in tinker_key else "B"
+    weight = tinker_key.replace(f".lora_{half}", "")
+    for old, new in (("base_model.model.", ""), ("model.unembed_tokens", "lm_head")):
+        weight = weight.replace(old, new)
+    return f"base_model.model.{weight.removesuffix('.weight')}.lora_{half}.weight"
+
+
+def test_tensor_names_agree_with_tinker_cookbook(tmp_path):
+    crafted = crafted_tinker_adapter(3, 16, 32, 64)
+    expected = {_cookbook_peft_name(k): v for k, v in crafted.items()}
+    assert "base_model.model.lm_head.lora_A.weight" in expected  # the reference is not a copy of ours
+    assert all(peft_name(k) == _cookbook_peft_name(k) for k in crafted)
+    out = tinker_to_peft(write_tinker_adapter(tmp_path / "tinker", crafted), tmp_path / "peft",
+                         "meta-llama/Llama-3.1-8B-Instruct")
+    saved = load_file(out / "adapter_model.safetensors")
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in expected)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    leaves = sorted({k.removesuffix(".lora_A.weight").rsplit(".", 1)[-1] for k in expected if ".lora_A." in k})
+    assert cfg["target_modules"] == leaves and (cfg["r"], cfg["lora_alpha"]) == (R, ALPHA)
+    assert (cfg["peft_type"], cfg["task_type"], cfg["bias"]) == ("LORA", "CAUSAL_LM", "none")
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_converted_adapter_loads_in_peft_with_the_same_update(tmp_path, family):
     from peft import PeftModel
