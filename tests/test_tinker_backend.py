@@ -468,6 +468,32 @@ def test_a_fifth_of_training_calls_failing_on_the_fake_sdk_changes_no_weight(wir
     assert resumed, "no recovery went through a saved state"
 
 
+def test_remote_sampling_clients_have_the_local_interface(wired):
+    """Base model, sampler and training checkpoints all sample and score like local clients (remote evaluation)."""
+    import inspect
+
+    from character.backend import SamplingClient
+    from character.backend.local import LocalSamplingClient
+
+    for name in ("sample", "compute_logprobs", "get_tokenizer"):
+        want = list(inspect.signature(getattr(SamplingClient, name)).parameters)
+        assert list(inspect.signature(getattr(tb.TinkerSamplingClient, name)).parameters) == want
+        assert list(inspect.signature(getattr(LocalSamplingClient, name)).parameters) == want
+    svc = service()
+    trainer = svc.create_lora_training_client(STUDENT, rank=4)
+    ckpts = [trainer.save_weights_for_sampler("s").result().path, trainer.save_state("w").result().path]
+    clients = [svc.create_sampling_client(base_model=STUDENT)] + [svc.create_sampling_client(model_path=p)
+                                                                  for p in ckpts]
+    tokens = [1, 2, 3, 4, 5]
+    for client in clients:
+        lps = client.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
+        assert lps[0] is None and len(lps) == len(tokens) and all(x < 0 for x in lps[1:])
+        out = client.sample(types.ModelInput.from_ints(tokens), 2, types.SamplingParams(max_tokens=64, seed=0))
+        assert len(out.result().sequences) == 2 and client.get_tokenizer() is wired.tok
+    assert [c for c in wired.calls if c[0] == "create_sampling_client"][-2:] == [
+        ("create_sampling_client", p) for p in ckpts]
+
+
 def test_sampling_keeps_a_bounded_number_of_requests_in_flight(wired):
     wired.sample_delay = 0.01
     svc = service(max_in_flight=3)
