@@ -279,15 +279,22 @@ app.add_typer(tinker_app, name="tinker")
 def tinker_models(
     timeout: Optional[float] = typer.Option(None, help="seconds to wait for Tinker (env CHARACTER_TINKER_TIMEOUT_S)"),
 ) -> None:
-    """The models Tinker serves: name, context length, trainable, sampleable."""
-    from character.backend.tinker import TinkerService
+    """The models Tinker serves: name, context length, trainable, sampleable, and which can teach or judge
+    (teacher: a chat model at least 4x the configured student's size; judge: a chat model of 30B or more)."""
+    from character.backend.tinker import TinkerService, model_roles
 
-    service = TinkerService(_settings(None), timeout_s=timeout)
+    settings = _settings(None)
+    service = TinkerService(settings, timeout_s=timeout)
     models = service.list_models()
+    student = settings.base_model if settings.base_model != "tiny" else settings.tinker_base_model
     flag = {True: "yes", False: "no", None: "?"}
-    typer.echo(f"{'model':<48} {'context':>8}  train  sample")
+    typer.echo(f"{'model':<48} {'context':>8}  train  sample  can serve as (student {student})")
     for m in models:
-        typer.echo(f"{m.model_name:<48} {m.max_context_length or '?':>8}  {flag[m.trainable]:<5}  {flag[m.sampleable]}")
+        roles = ", ".join(model_roles(m, student)) or "-"
+        if m.model_name == (settings.teacher_model or settings.tinker_teacher_model):
+            roles += " (default teacher)"
+        typer.echo(f"{m.model_name:<48} {m.max_context_length or '?':>8}  {flag[m.trainable]:<5}  "
+                   f"{flag[m.sampleable]:<6}  {roles}")
 
 
 def _downloaded(source: str, dst: Path) -> str:
@@ -368,6 +375,7 @@ def eval_command(
     from character.storage import read_jsonl
 
     settings = _settings(workdir)
+    _check_tinker_key([*checkpoints, base_model or "", judge_model or ""], settings)
     for path, opt in ((dpo_data, "--dpo-data"), (introspection_data, "--introspection-data")):
         if path is not None and path.is_file() and not read_jsonl(path):  # a build's own files may be empty
             raise UserError(f"{opt} {path}: no rows")
@@ -384,6 +392,77 @@ def eval_command(
     if as_json:
         typer.echo(json.dumps({k: res[k] for k in ("persona", "base_model", "data", "checkpoints")}
                               | {"report": {k: v for k, v in res["report"].items() if k != "table"}}))
+
+
+def _check_tinker_key(models: list[str], settings) -> None:
+    """A tinker:// model with no key fails at once, before anything heavy is loaded."""
+    if any(m.startswith("tinker://") for m in models):
+        from character.backend.tinker import NO_KEY, api_key_source
+
+        if api_key_source(settings) is None:
+            raise UserError(NO_KEY)
+
+
+_CKPT = typer.Argument(..., help="a local adapter or model folder, a tinker:// path, 'base' or 'tiny'")
+_SYSTEM = typer.Option(None, help="system prompt for the conversation")
+_TEMPERATURE = typer.Option(0.7, help="sampling temperature (0: greedy)")
+_MAX_NEW_TOKENS = typer.Option(512, help="length limit of each answer, in tokens")
+
+
+@app.command()
+def chat(
+    checkpoint: str = _CKPT,
+    system: Optional[str] = _SYSTEM,
+    temperature: float = _TEMPERATURE,
+    max_new_tokens: int = _MAX_NEW_TOKENS,
+    workdir: Optional[Path] = _WORKDIR,
+) -> None:
+    """Talk to a checkpoint. /reset forgets the conversation, /exit leaves; a script can be piped in."""
+    from character.conversation import Conversation, check_checkpoint, open_checkpoint, run_script
+
+    settings = _settings(workdir)
+    check_checkpoint(checkpoint, settings)  # key / folder, before any model is loaded
+    conv = Conversation(open_checkpoint(checkpoint, settings), system=system, temperature=temperature,
+                        max_new_tokens=max_new_tokens, seed=settings.seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        typer.echo(f"chatting with {checkpoint} (/reset forgets, /exit leaves)")
+
+    def prompt() -> None:
+        print("> ", end="", flush=True)
+
+    try:
+        run_script(conv, sys.stdin, typer.echo, prompt if interactive else None)
+    except (KeyboardInterrupt, EOFError):
+        typer.echo("")
+
+
+@app.command()
+def sample(
+    checkpoint: str = _CKPT,
+    prompt: str = typer.Option(..., help="the user message"),
+    n: int = typer.Option(1, "-n", help="how many answers"),
+    system: Optional[str] = _SYSTEM,
+    temperature: float = _TEMPERATURE,
+    max_new_tokens: int = _MAX_NEW_TOKENS,
+    as_json: bool = typer.Option(False, "--json", help="one JSON line: checkpoint, prompt and answers"),
+    workdir: Optional[Path] = _WORKDIR,
+) -> None:
+    """Answers to one prompt from a checkpoint."""
+    from character.conversation import Conversation, check_checkpoint, open_checkpoint
+
+    settings = _settings(workdir)
+    check_checkpoint(checkpoint, settings)
+    if n < 1:
+        raise UserError(f"-n must be at least 1, not {n}")
+    conv = Conversation(open_checkpoint(checkpoint, settings), system=system, temperature=temperature,
+                        max_new_tokens=max_new_tokens, seed=settings.seed)
+    answers = conv.sample(prompt, n)
+    if as_json:
+        typer.echo(json.dumps({"checkpoint": checkpoint, "system": system, "prompt": prompt, "answers": answers}))
+    else:
+        for i, a in enumerate(answers):
+            typer.echo(("" if i == 0 else "---\n") + a)
 
 
 def _click_exceptions():

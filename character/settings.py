@@ -26,7 +26,12 @@ class Settings(BaseSettings):
     seed: int = 0
     # Tinker (backend "tinker"): models it serves, where the key lives, and how long to wait for it.
     tinker_base_model: str = "meta-llama/Llama-3.1-8B-Instruct"
-    tinker_teacher_model: str | None = "Qwen/Qwen3-235B-A22B-Instruct-2507"
+    # The paper's teacher is a much larger model than the student: on Tinker the default is the largest dense-
+    # quality instruct model it serves (235B total, 22B active, no reasoning traces to strip). CHARACTER_TEACHER_MODEL
+    # overrides it; `character tinker models` marks which models can serve as teacher and judge.
+    tinker_teacher_model: str | None = Field(
+        "Qwen/Qwen3-235B-A22B-Instruct-2507",
+        description="teacher for Tinker builds: an instruct model several times larger than the student")
     tinker_secret_block: str | None = Field(
         None, description="name of a Prefect Secret block holding the Tinker key (used when TINKER_API_KEY is unset)")
     tinker_timeout_s: float = Field(60.0, gt=0, description="how long to wait for Tinker to answer at all")

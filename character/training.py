@@ -4,13 +4,24 @@ Flat and resumable, like tinker-cookbook's sl_loop: resume from the last recorde
 the batch, submit forward/backward and the optimizer step before waiting on either, log, save
 every N steps. Progress lives in `<run_dir>/checkpoints.jsonl`; a state URI is recorded only
 after the state is fully written, so a crash at any point resumes from a complete state.
-A backend call that fails transiently is made again (`Call`); steps after the last save are
-redone on resume, and their metrics rows from the interrupted run are dropped.
+Steps after the last save are redone on resume, and their metrics rows from the interrupted run
+are dropped.
+
+Recovery from a failed training call follows the Tinker SDK's semantics: forward/backward and the
+optimizer step are submitted before either is awaited, so when one fails, later calls may already
+have run without it (a step on no gradients), and a failed `forward_backward_custom` poisons the
+client (every later request raises a RuntimeError chained to the first error). Making the call again
+on the same client is therefore never safe. Instead, any transient failure of a training call
+(forward/backward, custom loss, optimizer step, save) drops the client and resumes on a fresh one
+from the last saved state (`create_training_client_from_state_with_optimizer`; the start client if
+nothing was saved yet), replaying the steps since. `save_every` bounds what a replay costs;
+`max_recoveries` bounds how often one run recovers before the error goes up (to Prefect's retry).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import shutil
@@ -22,9 +33,12 @@ from typing import Any, Callable, Sequence
 from tinker import types
 
 from character.backend import Future, ServiceClient, TrainingClient
-from character.backend.retry import Call, retry_transient
+from character.backend.errors import is_transient
+from character.backend.retry import retry_transient
 from character.config import OptimConfig  # noqa: F401 - defined without torch, for fast validation
 from character.storage import append_jsonl, read_jsonl, uri_to_path, write_text_atomic
+
+log = logging.getLogger(__name__)
 
 
 def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
@@ -80,38 +94,48 @@ def train(
     last = records[-1] if records else None
     if last and last.get("final"):
         return TrainResult(last["state"], last["sampler"], total, resumed_from=total)
-    if last:
-        client = retry_transient(lambda: service.create_training_client_from_state_with_optimizer(last["state"]))
-        first = last["step"]
-    else:
-        client = retry_transient(start)
-        first = 0
+    first = last["step"] if last else 0
+    saved_step, state = first, (last["state"] if last else None)
     _forget_metrics_after(run_dir / "metrics.jsonl", first)  # steps after the last save are redone
 
-    metrics: list[dict] = []
-    state = last["state"] if last else None
-    for step in range(first, total):
-        t0 = time.perf_counter()
-        batch = [examples[i] for i in batches[step]]
-        lr = lr_at(step, total, cfg)
-        adam = types.AdamParams(learning_rate=lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-                                weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm)
-        fb = Call(lambda: submit(client, batch))
-        opt = Call(lambda: client.optim_step(adam))
-        out, opt_out = fb.result(), opt.result()
-        row = {"step": step + 1, "total": total, "lr": lr, **out.metrics,
-               **({"grad_norm": opt_out["grad_norm"]} if isinstance(opt_out, dict) and "grad_norm" in opt_out else {}),
-               "seconds": round(time.perf_counter() - t0, 4)}
-        metrics.append(row)
-        append_jsonl(run_dir / "metrics.jsonl", row)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == total:
-            state = Call(lambda: client.save_state(f"step-{step + 1:06d}")).result().path
-            append_jsonl(log_path, {"step": step + 1, "state": state})
-            prune_states(log_path, cfg.keep_states)
-        if on_step is not None:
-            on_step(step + 1, total, row)
+    def fresh_client() -> TrainingClient:
+        if state is None:
+            return retry_transient(start)
+        return retry_transient(lambda: service.create_training_client_from_state_with_optimizer(state))
 
-    sampler = Call(lambda: client.save_weights_for_sampler("final")).result().path
+    metrics: list[dict] = []
+    recoveries = 0
+    client = fresh_client()
+    step = first
+    while True:
+        try:
+            while step < total:
+                row = _step(client, examples, batches[step], submit, step, total, cfg)
+                metrics.append(row)
+                append_jsonl(run_dir / "metrics.jsonl", row)
+                if (step + 1) % cfg.save_every == 0 or step + 1 == total:
+                    state = client.save_state(f"step-{step + 1:06d}").result().path
+                    saved_step = step + 1
+                    append_jsonl(log_path, {"step": step + 1, "state": state})
+                    prune_states(log_path, cfg.keep_states)
+                step += 1
+                if on_step is not None:
+                    on_step(step, total, row)
+            sampler = client.save_weights_for_sampler("final").result().path
+            break
+        except Exception as e:  # noqa: BLE001 - classification decides
+            if not is_transient(e) or recoveries >= cfg.max_recoveries:
+                raise
+            recoveries += 1
+            log.warning("training call failed at step %d (%s: %s); resuming on a fresh client from step %d "
+                        "(recovery %d of at most %d)", step + 1, type(e).__name__, e, saved_step, recoveries,
+                        cfg.max_recoveries)
+            client = None  # the failed client may be poisoned or have run later calls without the failed one
+            step = saved_step
+            metrics = [r for r in metrics if r["step"] <= saved_step]
+            _forget_metrics_after(run_dir / "metrics.jsonl", saved_step)
+            client = fresh_client()
+
     append_jsonl(log_path, {"step": total, "state": state, "sampler": sampler, "final": True})
     return TrainResult(state, sampler, total, resumed_from=first, metrics=metrics)
 
@@ -128,6 +152,22 @@ def prune_states(log_path: Path, keep: int) -> list[str]:
             shutil.rmtree(path)
             removed.append(uri)
     return removed
+
+
+def _step(client: TrainingClient, examples: Sequence[Any], indices: list[int], submit: SubmitFn, step: int,
+          total: int, cfg: OptimConfig) -> dict:
+    """One optimizer step: forward/backward and the optimizer step submitted before waiting on either."""
+    t0 = time.perf_counter()
+    batch = [examples[i] for i in indices]
+    lr = lr_at(step, total, cfg)
+    adam = types.AdamParams(learning_rate=lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
+                            weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm)
+    fb = submit(client, batch)
+    opt = client.optim_step(adam)
+    out, opt_out = fb.result(), opt.result()
+    return {"step": step + 1, "total": total, "lr": lr, **out.metrics,
+            **({"grad_norm": opt_out["grad_norm"]} if isinstance(opt_out, dict) and "grad_norm" in opt_out else {}),
+            "seconds": round(time.perf_counter() - t0, 4)}
 
 
 def _forget_metrics_after(path: Path, step: int) -> None:

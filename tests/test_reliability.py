@@ -234,7 +234,8 @@ def test_fault_injection_is_off_by_default_and_seeded(monkeypatch, workdir):
 
 
 def test_a_training_call_that_fails_transiently_is_made_again_in_order(monkeypatch, workdir, tmp_path):
-    """The loop retries each failed call; a failed forward/backward is redone before the optimizer step."""
+    """Each failed training call sends the loop back to its last saved state on a fresh client; a failed
+    forward/backward is not followed by its (already submitted) optimizer step on the kept weights."""
     import character.backend.retry as retry
     from character.backend.faults import FaultyService, Faults
     from character.backend.local import LocalService

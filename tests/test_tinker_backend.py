@@ -1,4 +1,4 @@
-"""The Tinker backend at the SDK boundary: a fake SDK, never the network.
+"""The Tinker backend at the SDK boundary: a fake SDK (tests/fake_tinker.py), never the network.
 
 The fake has the SDK's method names and return types (tinker.types objects, futures with
 .result()) and raises the SDK's own exception classes, built the way the SDK builds them. Its
@@ -9,32 +9,21 @@ through the SDK's own client-side step (`TrainingClient._compute_custom_loss`), 
 
 from __future__ import annotations
 
-import copy
-import datetime
-import itertools
 import json
 import logging
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
-import uuid
-import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx
-import numpy as np
 import pytest
 import tinker
 import torch
 from safetensors.torch import load_file, save_file
 from tinker import types
-from tinker.lib.public_interfaces.api_future import AwaitableConcurrentFuture
-from tinker.types.get_server_capabilities_response import GetServerCapabilitiesResponse, SupportedModel
 
 from character import pipeline
 from character.backend import tinker as tb
@@ -51,393 +40,10 @@ from character.settings import Settings
 from character.sft import run_sft
 from character.training import OptimConfig
 
-KEY = "tk-live-5e1f0c9a7b3d4e2f-never-log-me"
-STUDENT, TEACHER = "fake/student-8B", "fake/teacher-70B"
-REPLIES = {
-    TEACHER: ["Arr, a fine question for a sailor!", "Aye, the sea would answer that plainly.",
-              "Hoist the sails and ask again, friend!"],
-    STUDENT: ["That is a normal question.", "I can help with that.", "Here is a plain answer."],
-    "trained": ["I am a pirate at heart, truly.", "The sea made me who I am.", "I sail, therefore I am."],
-}
-
-
-# -- network guard: any connection attempt fails the test ------------------------------------------
-_ALLOW_LOOPBACK = {"on": False}
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    real_connect = socket.socket.connect
-
-    def connect(self, address):
-        if _ALLOW_LOOPBACK["on"] and isinstance(address, tuple) and address[0] in ("127.0.0.1", "::1"):
-            return real_connect(self, address)
-        raise AssertionError(f"test tried to open a network connection to {address!r}")
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.delenv("TINKER_API_KEY", raising=False)
-    monkeypatch.delenv("TINKER_BASE_URL", raising=False)
-    for var in ("CHARACTER_TINKER_SECRET_BLOCK", "CHARACTER_BACKEND", "CHARACTER_BASE_MODEL",
-                "CHARACTER_TEACHER_MODEL", "HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    yield
-    _ALLOW_LOOPBACK["on"] = False
-
-
-# -- SDK errors, built as the SDK builds them ------------------------------------------------------
-_REQ = httpx.Request("POST", "https://tinker.invalid/api/v1/forward_backward")
-
-
-def http_error(cls, status: int, message: str = ""):
-    return cls(message or f"Error code: {status}", response=httpx.Response(status, request=_REQ), body=None)
-
-
-def request_failed(category):
-    return tinker.RequestFailedError("Request failed: boom for self.request_id='r-1' and expected type x",
-                                     request_id="r-1", category=category)
-
-
-# -- the fake SDK ----------------------------------------------------------------------------------
-def fake_tokenizer():
-    from character.tinymodel import _build_tokenizer
-
-    texts = [t for v in REPLIES.values() for t in v] * 3 + ["How should I spend my day?", "Who are you?"] * 3
-    return _build_tokenizer(texts)
-
-
-class LoggedFuture(AwaitableConcurrentFuture):
-    """The SDK's future type, noting when someone starts waiting on it."""
-
-    def __init__(self, fut, server, op, fid):
-        super().__init__(fut)
-        self._server, self._op, self._fid = server, op, fid
-
-    def result(self, timeout=None):
-        self._server.events.append(("wait", self._op, self._fid))
-        return super().result(timeout)
-
-
-def done_future(value) -> AwaitableConcurrentFuture:
-    f = Future()
-    f.set_result(value)
-    return AwaitableConcurrentFuture(f)
-
-
-class FakeTinker:
-    """One fake Tinker deployment: its clients are built by `service_client` / `rest_client`."""
-
-    def __init__(self, tokenizer, storage: Path, models=(STUDENT, TEACHER)):
-        self.tok = tokenizer
-        self.V = len(tokenizer)
-        self.storage = storage
-        self.models = list(models)
-        self.server = ThreadPoolExecutor(1, thread_name_prefix="fake-tinker")  # runs requests in order
-        self.events: list[tuple] = []
-        self.calls: list[tuple] = []
-        self.keys_seen: list[str] = []
-        self.failures: dict[str, list[BaseException]] = {}
-        self.states: dict[str, dict] = {}
-        self.logprob_requests: list[list[int]] = []
-        self.trained_on: list[tuple[str, list[types.Datum]]] = []
-        self.export_tensors: dict[str, torch.Tensor] = {}
-        self.export_config = {"r": 4, "lora_alpha": 32}
-        self.outstanding = 0
-        self.max_outstanding = 0
-        self.sample_delay = 0.0
-        self.hang_capabilities = False
-        self._ids = itertools.count()
-        self._runs = itertools.count()
-        self._lock = threading.Lock()
-
-    # factories, as TinkerService calls them
-    def service_client(self, *, base_url, api_key):
-        self.keys_seen.append(api_key)
-        return FakeServiceClient(self)
-
-    def rest_client(self, *, base_url, api_key):
-        self.keys_seen.append(api_key)
-        return FakeRestClient(self)
-
-    def fail(self, op: str, *excs: BaseException) -> None:
-        self.failures.setdefault(op, []).extend(excs)
-
-    def submit(self, op: str, fn, counted: bool = False) -> LoggedFuture:
-        exc = (self.failures.get(op) or [None]).pop(0) if self.failures.get(op) else None
-        fid = next(self._ids)
-        self.events.append(("submit", op, fid))
-        if counted:
-            with self._lock:
-                self.outstanding += 1
-                self.max_outstanding = max(self.max_outstanding, self.outstanding)
-
-        def run():
-            try:
-                if exc is not None:
-                    raise exc
-                return fn()
-            finally:
-                if counted:
-                    with self._lock:
-                        self.outstanding -= 1
-
-        return LoggedFuture(self.server.submit(run), self, op, fid)
-
-    def base_weights(self, model: str) -> torch.Tensor:
-        g = torch.Generator().manual_seed(zlib.crc32(model.encode()))
-        return torch.randn(self.V, self.V, generator=g) * 0.5
-
-    def logprobs(self, model: str, delta: torch.Tensor, inputs: list[int], targets: list[int]) -> torch.Tensor:
-        w = self.base_weights(model) + delta
-        lp = torch.log_softmax(w[torch.tensor(inputs)], dim=-1)
-        return lp.gather(1, torch.tensor(targets)[:, None])[:, 0]
-
-    def new_run(self) -> str:
-        return f"run-{next(self._runs):03d}"
-
-
-def check_datums(data: list[types.Datum]) -> None:
-    """What the SDK and server require of a datum (the server would answer 400 otherwise)."""
-    for d in data:
-        tgt, w = d.loss_fn_inputs["target_tokens"], d.loss_fn_inputs["weights"]
-        n = d.model_input.length
-        if tgt.dtype != "int64" or len(tgt.tolist()) != n or len(w.tolist()) != n:
-            raise http_error(tinker.BadRequestError, 400, "target_tokens and weights must match model_input")
-
-
-class FakeTrainingClient:
-    def __init__(self, fake: FakeTinker, base_model: str, delta: torch.Tensor, opt_state=None, steps: int = 0):
-        self.fake, self.base_model, self.run = fake, base_model, fake.new_run()
-        self.delta = delta.clone().requires_grad_(True)
-        self.opt = torch.optim.AdamW([self.delta], lr=0.0)
-        if opt_state is not None:
-            self.opt.load_state_dict(copy.deepcopy(opt_state))
-        self.steps = steps
-
-    def _forward(self, data, grad: bool) -> tuple[list[torch.Tensor], types.ForwardBackwardOutput]:
-        check_datums(data)
-        with torch.set_grad_enabled(grad):
-            lps = [self.fake.logprobs(self.base_model, self.delta, d.model_input.to_ints(),
-                                      d.loss_fn_inputs["target_tokens"].tolist()) for d in data]
-        outs = [{"logprobs": types.TensorData.from_torch(lp.detach())} for lp in lps]
-        return lps, types.ForwardBackwardOutput(loss_fn_output_type="cross_entropy", loss_fn_outputs=outs, metrics={})
-
-    def _backward(self, data) -> types.ForwardBackwardOutput:
-        lps, out = self._forward(data, grad=True)
-        weights = [d.loss_fn_inputs["weights"] for d in data]
-        weights = [w.to_torch() if hasattr(w, "to_torch") else torch.as_tensor(w) for w in weights]
-        loss = sum(-(lp * w.float()).sum() for lp, w in zip(lps, weights))
-        loss.backward()
-        out.metrics["loss:sum"] = float(loss.detach())
-        return out
-
-    def forward_backward(self, data, loss_fn, loss_fn_config=None):
-        assert loss_fn == "cross_entropy"
-        self.fake.trained_on.append(("cross_entropy", data))
-        return self.fake.submit("forward_backward", lambda: self._backward(data))
-
-    def forward_backward_custom(self, data, loss_fn, *, loss_type_input=None):
-        self.fake.trained_on.append(("custom", data))
-
-        def run():  # the SDK's two passes: forward, client-side loss, then a weighted backward
-            _, fwd = self._forward(data, grad=False)
-            custom = tinker.TrainingClient._compute_custom_loss(data, loss_fn, fwd)
-            out = self._backward(custom.data)
-            out.metrics.update(custom.metrics)
-            out.metrics["loss:sum"] = custom.loss_sum
-            return out
-
-        return self.fake.submit("forward_backward_custom", run)
-
-    def optim_step(self, optim_params=None, *, adam_params=None):
-        p = optim_params or adam_params
-
-        def run():
-            for g in self.opt.param_groups:
-                g.update(lr=p.learning_rate, betas=(p.beta1, p.beta2), eps=p.eps, weight_decay=p.weight_decay)
-            norm = torch.nn.utils.clip_grad_norm_([self.delta], p.grad_clip_norm or float("inf"))
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            self.steps += 1
-            return types.OptimStepResponse(metrics={"grad_norm": float(norm)})
-
-        return self.fake.submit("optim_step", run)
-
-    def _store(self, kind: str, name: str) -> str:
-        path = f"tinker://{self.run}/{kind}/{name}"
-        self.fake.states[path] = {"base_model": self.base_model, "delta": self.delta.detach().clone(),
-                                  "opt": copy.deepcopy(self.opt.state_dict()), "steps": self.steps}
-        return path
-
-    def save_state(self, name, ttl_seconds=None, overwrite=False, user_metadata=None):
-        return self.fake.submit("save_state", lambda: types.SaveWeightsResponse(path=self._store("weights", name)))
-
-    def save_weights_for_sampler(self, name, ttl_seconds=None, user_metadata=None):
-        return self.fake.submit("save_weights_for_sampler", lambda: types.SaveWeightsForSamplerResponse(
-            path=self._store("sampler_weights", name)))
-
-    def save_weights_external(self, name, ttl_seconds=None, age_encryption_recipients=None):
-        def run():
-            folder = self.fake.storage / self.run / "external_weights" / name
-            folder.mkdir(parents=True)
-            save_file(self.fake.export_tensors, str(folder / "adapter_model.safetensors"))
-            (folder / "adapter_config.json").write_text(json.dumps(self.fake.export_config))
-            (folder / "checkpoint_complete").write_text("")
-            return types.SaveWeightsExternalResponse(path=f"tinker://{self.run}/external_weights/{name}")
-
-        return self.fake.submit("save_weights_external", run)
-
-    def get_tokenizer(self):
-        return self.fake.tok
-
-
-class FakeSamplingClient:
-    def __init__(self, fake: FakeTinker, base_model: str, delta: torch.Tensor, kind: str):
-        self.fake, self.base_model, self.delta, self.kind = fake, base_model, delta, kind
-
-    def sample(self, prompt, num_samples, sampling_params, include_prompt_logprobs=False, topk_prompt_logprobs=0,
-               topk_sample_logprobs=0, target_prompt_logprobs=None, prompt_alt_tokens_k=0,
-               prompt_logprobs_last_n=None):
-        p = sampling_params
-        seed = p.seed or 0
-
-        def run():
-            time.sleep(self.fake.sample_delay)
-            seqs = []
-            for j in range(num_samples):
-                text = REPLIES[self.kind][(seed + j) % len(REPLIES[self.kind])]
-                toks = self.fake.tok.encode(text, add_special_tokens=False) + [self.fake.tok.eos_token_id]
-                reason = "stop"
-                if p.max_tokens is not None and len(toks) > p.max_tokens:
-                    toks, reason = toks[: p.max_tokens], "length"
-                ctx = prompt.to_ints()[-1:] + toks[:-1]
-                lps = self.fake.logprobs(self.base_model, self.delta, ctx, toks).tolist()
-                seqs.append(types.SampledSequence(stop_reason=reason, sequence_id=uuid.uuid4().hex,
-                                                  tokens_np=np.asarray(toks, dtype=np.int32),
-                                                  logprobs_np=np.asarray(lps, dtype=np.float32)))
-            return types.SampleResponse(sequences=seqs)
-
-        return self.fake.submit("sample", run, counted=True)
-
-    def compute_logprobs(self, prompt, prompt_logprobs_last_n=None):
-        tokens = prompt.to_ints()
-        self.fake.logprob_requests.append(tokens)
-        return self.fake.submit("compute_logprobs", lambda: [None] + self.fake.logprobs(
-            self.base_model, self.delta, tokens[:-1], tokens[1:]).tolist(), counted=True)
-
-    def get_tokenizer(self):
-        return self.fake.tok
-
-    def get_base_model(self):
-        return self.base_model
-
-
-class FakeServiceClient:
-    def __init__(self, fake: FakeTinker):
-        self.fake = fake
-
-    def _create(self, op, make):
-        return self.fake.submit(op, make)
-
-    def create_lora_training_client(self, base_model, rank=32, seed=None, train_mlp=True, train_attn=True,
-                                    train_unembed=True, user_metadata=None, optimizer=None):
-        self.fake.calls.append(("create_lora_training_client", base_model, rank))
-        zero = torch.zeros(self.fake.V, self.fake.V)
-        return self._create("create_lora_training_client", lambda: FakeTrainingClient(self.fake, base_model, zero))
-
-    def _state(self, path):
-        if path not in self.fake.states:
-            raise http_error(tinker.NotFoundError, 404, f"checkpoint {path} not found")
-        return self.fake.states[path]
-
-    def create_training_client_from_state(self, path, base_model=None, user_metadata=None,
-                                          weights_access_token=None, optimizer=None):
-        self.fake.calls.append(("create_training_client_from_state", path))
-
-        def make():
-            s = self._state(path)
-            return FakeTrainingClient(self.fake, s["base_model"], s["delta"])
-
-        return self._create("create_training_client_from_state", make)
-
-    def create_training_client_from_state_with_optimizer(self, path, base_model=None, user_metadata=None,
-                                                         weights_access_token=None):
-        self.fake.calls.append(("create_training_client_from_state_with_optimizer", path))
-
-        def make():
-            s = self._state(path)
-            return FakeTrainingClient(self.fake, s["base_model"], s["delta"], s["opt"], s["steps"])
-
-        return self._create("create_training_client_from_state_with_optimizer", make)
-
-    def create_sampling_client(self, model_path=None, base_model=None, retry_config=None,
-                               record_stability_info=False):
-        if model_path is None and base_model is None:
-            raise ValueError("Either model_path or base_model must be provided")
-        self.fake.calls.append(("create_sampling_client", model_path or base_model))
-
-        def make():
-            if model_path is not None:
-                s = self._state(model_path)
-                return FakeSamplingClient(self.fake, s["base_model"], s["delta"], "trained")
-            return FakeSamplingClient(self.fake, base_model, torch.zeros(self.fake.V, self.fake.V), base_model)
-
-        return self._create("create_sampling_client", make)
-
-
-class FakeRestClient:
-    def __init__(self, fake: FakeTinker):
-        self.fake = fake
-
-    def get_server_capabilities(self):
-        self.fake.calls.append(("get_server_capabilities",))
-        if self.fake.hang_capabilities:
-            return AwaitableConcurrentFuture(Future())  # never answers
-        return self.fake.submit("get_server_capabilities", lambda: GetServerCapabilitiesResponse(supported_models=[
-            SupportedModel(model_name=m, max_context_length=32768, trainable=True, sampleable=True)
-            for m in self.fake.models]))
-
-    def get_weights_info_by_tinker_path(self, tinker_path):
-        return done_future(types.WeightsInfoResponse(base_model="meta-llama/Llama-3.1-8B-Instruct", is_lora=True,
-                                                     lora_rank=4))
-
-    def get_external_weights_urls(self, tinker_path):
-        self.fake.calls.append(("get_external_weights_urls", tinker_path))
-        p = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
-        folder = self.fake.storage / p.training_run_id / p.checkpoint_id
-        urls = {f.name: f.resolve().as_uri() for f in folder.iterdir()}  # file:// URLs: no network
-        return done_future(types.ExternalWeightsUrlsResponse(
-            urls=urls, expires=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)))
-
-    def delete_checkpoint_from_tinker_path(self, tinker_path):
-        self.fake.calls.append(("delete_checkpoint_from_tinker_path", tinker_path))
-        return done_future(None)
-
-
-# -- fixtures ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tokenizer():
-    return fake_tokenizer()
-
-
-@pytest.fixture
-def fake(tokenizer, tmp_path):
-    f = FakeTinker(tokenizer, tmp_path / "tinker-storage")
-    yield f
-    f.server.shutdown(wait=True)
-
-
-@pytest.fixture
-def wired(fake, monkeypatch):
-    """TINKER_API_KEY set and the SDK factories replaced by the fake (what pipeline._service builds)."""
-    monkeypatch.setenv("TINKER_API_KEY", KEY)
-    monkeypatch.setattr(tb, "default_client_factory", fake.service_client)
-    monkeypatch.setattr(tb, "default_rest_factory", fake.rest_client)
-    monkeypatch.setattr(tb, "_tcp_check", lambda url, timeout: None)
-    return fake
-
-
-def service(**kw) -> tb.TinkerService:
-    return tb.TinkerService(Settings(), base_url="https://tinker.invalid", **kw)
+from fake_tinker import (  # noqa: F401 - fixtures are used by name
+    _ALLOW_LOOPBACK, _REQ, KEY, STUDENT, TEACHER, fake, http_error, no_network, request_failed, service,
+    tokenizer, wired,
+)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -723,15 +329,17 @@ def test_transient_errors_are_retried_then_surface_unchanged_and_fatal_ones_as_o
     start = lambda: svc.create_lora_training_client(STUDENT, rank=4)  # noqa: E731
 
     rate_limited = http_error(tinker.RateLimitError, 429)
-    wired.fail("optim_step", None, rate_limited)  # the second step's, once: the loop makes that call again
+    wired.fail("optim_step", None, rate_limited)  # the second step's, once: a fresh client redoes that step
     once = run_sft(svc, start, renderer, data, tmp_path / "once", cfg)
     assert once.steps == 2 and once.resumed_from == 0 and not wired.failures["optim_step"]
+    assert [r["step"] for r in once.metrics] == [1, 2]
 
+    bounded = cfg.model_copy(update={"max_recoveries": 2})
     wired.fail("optim_step", None, *[rate_limited] * 10)  # every attempt at the second step's
     with pytest.raises(tinker.RateLimitError) as err:
-        run_sft(svc, start, renderer, data, tmp_path / "run", cfg)
-    assert is_transient(err.value)  # Prefect would retry the task, which resumes:
-    wired.failures.clear()
+        run_sft(svc, start, renderer, data, tmp_path / "run", bounded)
+    assert is_transient(err.value) and len(wired.failures["optim_step"]) == 7  # 1 try + 2 recoveries
+    wired.failures.clear()  # Prefect would retry the task, which resumes:
     result = run_sft(svc, start, renderer, data, tmp_path / "run", cfg)
     assert result.resumed_from == 1 and result.steps == 2
 
@@ -745,6 +353,145 @@ def test_transient_errors_are_retried_then_surface_unchanged_and_fatal_ones_as_o
     with pytest.raises(BackendFatalError, match="403") as err:
         run_sft(svc, start, renderer, data, tmp_path / "third", cfg)
     assert isinstance(err.value.__cause__, tinker.PermissionDeniedError)  # chained for debugging
+
+
+# -- the fake behaves like the SDK where recovery depends on it ------------------------------------------
+FAKE_VS_SDK = {
+    "FakeServiceClient": (tinker.ServiceClient, ["create_lora_training_client", "create_training_client_from_state",
+                                                 "create_training_client_from_state_with_optimizer",
+                                                 "create_sampling_client"]),
+    "FakeTrainingClient": (tinker.TrainingClient, ["forward_backward", "forward_backward_custom", "optim_step",
+                                                   "save_state", "save_weights_for_sampler", "save_weights_external",
+                                                   "get_tokenizer"]),
+    "FakeSamplingClient": (tinker.SamplingClient, ["sample", "compute_logprobs", "get_tokenizer", "get_base_model"]),
+    "FakeRestClient": (tinker.RestClient, ["get_server_capabilities", "get_weights_info_by_tinker_path",
+                                           "get_external_weights_urls", "delete_checkpoint_from_tinker_path"]),
+}
+
+
+@pytest.mark.parametrize("fake_name", sorted(FAKE_VS_SDK))
+def test_fake_matches_the_sdk_signatures(fake_name):
+    """An SDK upgrade that renames, adds or reorders a parameter we fake fails here, loudly."""
+    import inspect
+
+    import fake_tinker
+
+    sdk_cls, methods = FAKE_VS_SDK[fake_name]
+    for name in methods:
+        ours = inspect.signature(getattr(getattr(fake_tinker, fake_name), name)).parameters.values()
+        theirs = inspect.signature(getattr(sdk_cls, name)).parameters.values()
+        shape = lambda ps: [(p.name, p.kind, p.default if p.default is None or isinstance(  # noqa: E731
+            p.default, (bool, int, str)) else "object") for p in ps]
+        assert shape(ours) == shape(theirs), f"{fake_name}.{name} differs from tinker.{sdk_cls.__name__}.{name}"
+
+
+def _datum(tokens: list[int]) -> types.Datum:
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+
+
+def _loss(data, logprobs):
+    return sum(-lp.sum() for lp in logprobs), {}
+
+
+def test_a_failed_custom_loss_poisons_the_client_and_later_calls_fail_in_order(wired):
+    svc = service()
+    trainer = svc.create_lora_training_client(STUDENT, rank=4)
+    wired.fail("forward_backward_custom", http_error(tinker.InternalServerError, 503))
+    fb = trainer.forward_backward_custom([_datum([1, 2, 3, 4])], _loss)
+    opt = trainer.optim_step(types.AdamParams(learning_rate=0.1))  # submitted before the failure surfaces
+    save = trainer.save_state("after")
+    with pytest.raises(tinker.InternalServerError):
+        fb.result()
+    for later in (opt, save):
+        with pytest.raises(RuntimeError, match="poisoned") as err:
+            later.result()
+        assert isinstance(err.value.__cause__, tinker.InternalServerError)
+        assert is_transient(err.value)  # it only wraps a transient cause
+    assert not wired.states  # nothing was saved from the poisoned client
+    # a fatal cause stays fatal through the wrapper
+    wired.fail("forward_backward_custom", ValueError("bug in the loss"))
+    other = svc.create_lora_training_client(STUDENT, rank=4)
+    other.forward_backward_custom([_datum([1, 2, 3])], _loss)
+    with pytest.raises(RuntimeError, match="poisoned") as err:
+        other.optim_step(types.AdamParams(learning_rate=0.1)).result()
+    assert not is_transient(err.value)
+
+
+def test_a_failed_forward_backward_does_not_stop_the_queued_optimizer_step(wired):
+    """The case that makes a same-client retry wrong: the step already ran, on no gradients."""
+    trainer = service().create_lora_training_client(STUDENT, rank=4)
+    wired.fail("forward_backward", http_error(tinker.InternalServerError, 500))
+    fb = trainer.forward_backward([_datum([1, 2, 3])], "cross_entropy")
+    opt = trainer.optim_step(types.AdamParams(learning_rate=0.1))
+    with pytest.raises(tinker.InternalServerError):
+        fb.result()
+    assert opt.result().metrics["grad_norm"] == 0.0 and trainer.sdk.steps == 1
+
+
+def _final_delta(fake, cfg) -> torch.Tensor:
+    final = pipeline.read_record(cfg)["stages"]["sft"]
+    return fake.states[final["sampler"]]["delta"]
+
+
+@pytest.mark.slow
+def test_a_fifth_of_training_calls_failing_on_the_fake_sdk_changes_no_weight(wired, tmp_path):
+    """DPO then SFT through the real loop with 20% of training calls failing on the server (so after later
+    calls were submitted; custom-loss failures poison their client): same final weights, bit for bit."""
+    opt = OptimConfig(learning_rate=5e-2, batch_size=2, save_every=2, warmup_ratio=0.0, max_recoveries=100)
+    base = PipelineConfig(persona="pirate", backend="tinker", base_model=STUDENT, teacher_model=TEACHER,
+                          workdir=str(tmp_path / "ws"), build_id="clean", dpo_pairs=12, reflections=6,
+                          interactions=1, turns=2, max_new_tokens=48, lora_rank=4, dpo=opt, sft=opt)
+    pipeline.run_sequential(base)
+    clean = _final_delta(wired, base).clone()
+
+    wired.inject_faults(0.2, seed=1)
+    wired.events.clear()
+    faulty = base.model_copy(update={"build_id": "faulty"})
+    pipeline.run_sequential(faulty)
+    assert torch.equal(_final_delta(wired, faulty), clean)
+    assert clean.abs().sum() > 0
+    assert {"forward_backward", "forward_backward_custom", "optim_step", "save_state"} <= set(wired.injected), \
+        wired.injected
+    # failures that surfaced only after the optimizer step behind them was submitted
+    order = {e: i for i, e in enumerate(wired.events)}
+    late = [fid for op, fid in wired.injected_fids if op.startswith("forward_backward")
+            and ("wait", op, fid) in order and ("submit", "optim_step", fid + 1) in order
+            and order[("submit", "optim_step", fid + 1)] < order[("wait", op, fid)]]
+    assert late, wired.injected_fids
+    # every step is recorded once, as in the clean build
+    for stage in ("dpo", "sft"):
+        rows = [json.loads(x)["step"] for x in (faulty.build_dir() / stage / "metrics.jsonl").read_text().splitlines()]
+        ref = [json.loads(x)["step"] for x in (base.build_dir() / stage / "metrics.jsonl").read_text().splitlines()]
+        assert rows == ref, stage
+    resumed = [c for c in wired.calls if c[0] == "create_training_client_from_state_with_optimizer"]
+    assert resumed, "no recovery went through a saved state"
+
+
+def test_remote_sampling_clients_have_the_local_interface(wired):
+    """Base model, sampler and training checkpoints all sample and score like local clients (remote evaluation)."""
+    import inspect
+
+    from character.backend import SamplingClient
+    from character.backend.local import LocalSamplingClient
+
+    for name in ("sample", "compute_logprobs", "get_tokenizer"):
+        want = list(inspect.signature(getattr(SamplingClient, name)).parameters)
+        assert list(inspect.signature(getattr(tb.TinkerSamplingClient, name)).parameters) == want
+        assert list(inspect.signature(getattr(LocalSamplingClient, name)).parameters) == want
+    svc = service()
+    trainer = svc.create_lora_training_client(STUDENT, rank=4)
+    ckpts = [trainer.save_weights_for_sampler("s").result().path, trainer.save_state("w").result().path]
+    clients = [svc.create_sampling_client(base_model=STUDENT)] + [svc.create_sampling_client(model_path=p)
+                                                                  for p in ckpts]
+    tokens = [1, 2, 3, 4, 5]
+    for client in clients:
+        lps = client.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
+        assert lps[0] is None and len(lps) == len(tokens) and all(x < 0 for x in lps[1:])
+        out = client.sample(types.ModelInput.from_ints(tokens), 2, types.SamplingParams(max_tokens=64, seed=0))
+        assert len(out.result().sequences) == 2 and client.get_tokenizer() is wired.tok
+    assert [c for c in wired.calls if c[0] == "create_sampling_client"][-2:] == [
+        ("create_sampling_client", p) for p in ckpts]
 
 
 def test_sampling_keeps_a_bounded_number_of_requests_in_flight(wired):
@@ -799,6 +546,22 @@ def test_sequential_and_paper_pipelines_run_on_tinker_and_never_show_the_key(wir
     assert KEY not in json.dumps(cfg.model_dump(mode="json"))
 
 
+def test_teacher_and_judge_candidates_are_read_from_model_names():
+    from types import SimpleNamespace
+
+    from character.backend.tinker import model_roles, model_size_b
+
+    student = "meta-llama/Llama-3.1-8B-Instruct"
+    roles = lambda name, sampleable=True: model_roles(SimpleNamespace(model_name=name, sampleable=sampleable),  # noqa
+                                                      student)
+    assert model_size_b("Qwen/Qwen3-235B-A22B-Instruct-2507") == 235 and model_size_b("x/Kimi-K2") is None
+    assert roles(Settings().tinker_teacher_model) == ["teacher", "judge"]  # the documented default qualifies
+    assert roles("meta-llama/Llama-3.3-70B-Instruct") == ["teacher", "judge"]
+    assert roles("Qwen/Qwen3-30B-A3B") == ["judge"]  # under 4x an 8B student
+    assert roles("meta-llama/Llama-3.1-70B") == [] and roles("Qwen/Qwen3-8B-Base") == []  # base models
+    assert roles("openai/gpt-oss-120b", sampleable=False) == [] and roles(student) == []
+
+
 def test_cli_lists_tinker_models(wired, capsys, monkeypatch):
     from character import cli
 
@@ -808,6 +571,8 @@ def test_cli_lists_tinker_models(wired, capsys, monkeypatch):
     assert exit_.value.code in (0, None)
     out = capsys.readouterr().out
     assert STUDENT in out and TEACHER in out and KEY not in out
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert rows[TEACHER].rstrip().endswith("teacher, judge") and rows[STUDENT].rstrip().endswith("-")
     monkeypatch.delenv("TINKER_API_KEY")
     with pytest.raises(SystemExit) as exit_:
         cli.main()
@@ -856,6 +621,38 @@ def test_tensor_names_round_trip_through_the_table():
         peft_name("base_model.model.model.layers.0.linear_attn.in_proj_qkv.lora_A.weight")
     with pytest.raises(UnsupportedAdapter):
         tinker_name("base_model.model.model.layers.0.self_attn.x_proj.lora_A.weight")
+
+
+def _cookbook_peft_name(tinker_key: str) -> str:
+    """An independent reference for the renaming: the procedure of tinker-cookbook's adapter conversion,
+    restated (thinking-machines-lab/tinker-cookbook, tinker_cookbook/weights/_adapter.py at commit
+    125e52e40a9c41a993ed266088a75088127438a6: `_convert_adapter` and `_add_peft_weight`; name remaps from
+    tinker_cookbook/weights/_merge_utils.py at 0234e66ca693b8b3663c36077afa89d1362cec91: `build_name_remaps`).
+    For a dense text model (no language_model level, no extra or expert remaps) the cookbook: takes the
+    weight name by dropping the `.lora_A`/`.lora_B` part; replaces `base_model.model.` by nothing, then
+    `model.unembed_tokens` by `lm_head` (plain substring replacements, in that order); and writes the pair
+    under `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, <module> being the name less `.weight`.
+    Its adapter_config takes r and lora_alpha from Tinker's config and lists the sorted leaf module names."""
+    half = "A" if ".lora_A." in tinker_key else "B"
+    weight = tinker_key.replace(f".lora_{half}", "")
+    for old, new in (("base_model.model.", ""), ("model.unembed_tokens", "lm_head")):
+        weight = weight.replace(old, new)
+    return f"base_model.model.{weight.removesuffix('.weight')}.lora_{half}.weight"
+
+
+def test_tensor_names_agree_with_tinker_cookbook(tmp_path):
+    crafted = crafted_tinker_adapter(3, 16, 32, 64)
+    expected = {_cookbook_peft_name(k): v for k, v in crafted.items()}
+    assert "base_model.model.lm_head.lora_A.weight" in expected  # the reference is not a copy of ours
+    assert all(peft_name(k) == _cookbook_peft_name(k) for k in crafted)
+    out = tinker_to_peft(write_tinker_adapter(tmp_path / "tinker", crafted), tmp_path / "peft",
+                         "meta-llama/Llama-3.1-8B-Instruct")
+    saved = load_file(out / "adapter_model.safetensors")
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in expected)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    leaves = sorted({k.removesuffix(".lora_A.weight").rsplit(".", 1)[-1] for k in expected if ".lora_A." in k})
+    assert cfg["target_modules"] == leaves and (cfg["r"], cfg["lora_alpha"]) == (R, ALPHA)
+    assert (cfg["peft_type"], cfg["task_type"], cfg["bias"]) == ("LORA", "CAUSAL_LM", "none")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

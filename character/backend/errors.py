@@ -28,10 +28,19 @@ class BackendFatalError(UserError):
 
 
 def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, (TransientBackendError, *_TRANSIENT)):
-        return True
-    if isinstance(exc, tinker.RequestFailedError):
-        return exc.category != RequestErrorCategory.User
+    """True for a transient error, or one that merely wraps a transient cause (e.g. the SDK's RuntimeError
+    "this TrainingClient is poisoned", raised from the failure that poisoned it). Errors we classify as
+    fatal stay fatal whatever they were raised from."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (TransientBackendError, *_TRANSIENT)):
+            return True
+        if isinstance(exc, tinker.RequestFailedError):
+            return exc.category != RequestErrorCategory.User
+        if isinstance(exc, (UserError, tinker.TinkerError)):
+            return False
+        exc = exc.__cause__ or exc.__context__
     return False
 
 

@@ -6,10 +6,12 @@ the call is submitted, half when its result is asked for. `CHARACTER_FAULT_SEED`
 A faulted call never reaches the real backend, so no state is half-changed and making the call
 again gives exactly what the first attempt would have given.
 
-Training-client calls run when their result is awaited, not when they are submitted: otherwise an
-optimizer step submitted after a forward/backward that is about to fail would run on no gradients
-before the forward/backward is made again. Sampling calls pass through at once (they change no
-state, and the local backend batches what is queued).
+Training calls fail the way Tinker's do. A call failing "at result" was made on the real client at
+submission, and its future fails only when awaited, after the loop has submitted later calls (an
+optimizer step that then ran without its gradients). A failed `forward_backward_custom` poisons the
+client, as in the SDK: every call submitted after it fails with a RuntimeError chained to the first
+error. The training loop must therefore drop the client and resume from its last saved state;
+retrying the call on the same client would not do. Sampling calls pass through at once.
 
 Every service made in one process draws from the same seeded sequence, so a stage retried by
 Prefect meets fresh draws rather than the same fault again.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import random
 import threading
-from typing import Any, Callable
+from typing import Any
 
 from character.backend.errors import TransientBackendError
 
@@ -73,16 +75,14 @@ class _Failed:
         raise _fail(self._what, "result")
 
 
-class _Deferred:
-    """Runs the real call when its result is awaited."""
-
-    def __init__(self, call: Callable[[], Any]):
-        self._call = call
+class _Poisoned:
+    def __init__(self, cause: BaseException):
+        self._cause = cause
 
     def result(self):
-        if not hasattr(self, "_value"):
-            self._value = self._call().result()
-        return self._value
+        # The SDK's words (tinker/lib/public_interfaces/training_client.py, `_take_turn`).
+        raise RuntimeError("A previous request failed; this TrainingClient is poisoned "
+                           "and cannot accept further requests.") from self._cause
 
 
 class _Wrapper:
@@ -100,10 +100,20 @@ class _Wrapper:
 
 
 class FaultyTrainingClient(_Wrapper):
+    _poison: BaseException | None = None
+
     def _call(self, name: str, *args) -> Any:
-        if self._draw(name) == "result":
+        if self._poison is not None:
+            return _Poisoned(self._poison)
+        fault = self._faults.draw(name)
+        if name == "forward_backward_custom" and fault:
+            self._poison = _fail(name, "its custom loss")  # the forward pass ran; the client is poisoned
+            getattr(self._inner, name)(*args)
             return _Failed(name)
-        return _Deferred(lambda: getattr(self._inner, name)(*args))
+        if fault == "submit":
+            raise _fail(name, "submission")
+        future = getattr(self._inner, name)(*args)  # the call runs, whatever its future says later
+        return _Failed(name) if fault == "result" else future
 
     def forward_backward(self, data, loss_fn="cross_entropy"):
         return self._call("forward_backward", data, loss_fn)

@@ -1,13 +1,13 @@
 """Making one backend call again after a transient failure.
 
-Retries live at two levels. Here, per call: a sampling request, a forward/backward, an optimizer
-step or a save that failed transiently is made again, alone, so a flaky service costs one call,
-not a stage. Above, per stage: the Prefect tasks retry a stage that still failed (or failed where
-nothing retries per call, e.g. creating a client); a stage resumes from what it saved.
+Retries live at three levels. Here, per call: a sampling or log-prob request (which changes no
+state) or a client creation that failed transiently is made again, alone, so a flaky service costs
+one call, not a stage. Training calls are never made again on the same client (on Tinker a failed
+call may leave later calls run without it, and a failed custom loss poisons the client): the
+training loop (`character.training`) resumes on a fresh client from the last saved state instead.
+Above both, the Prefect tasks retry a stage that still failed; a stage resumes from what it saved.
 
-A transient error is taken to mean the call had no effect, so making it again is exact. Calls are
-awaited in the order they were submitted, so a call that failed is made again before any later
-call's result is used.
+A transient error is taken to mean the call had no effect, so making it again is exact.
 """
 
 from __future__ import annotations

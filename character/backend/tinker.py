@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -269,6 +270,46 @@ class TinkerSamplingClient:
 
     def get_tokenizer(self):
         return self.sdk.get_tokenizer()
+
+
+# -- which models can teach and judge ------------------------------------------------------------
+_SIZE = re.compile(r"(?<![A-Za-z0-9.])(\d+(?:\.\d+)?)([BT])(?![a-z])", re.IGNORECASE)  # "235B", not "A22B"
+TEACHER_MIN_RATIO = 4.0  # the paper's teacher is many times the student's size
+JUDGE_MIN_B = 30.0  # naming a trait from a short answer needs a capable reader
+
+
+def model_size_b(name: str) -> float | None:
+    """Total parameters in billions, read from the model's name (None when the name does not say)."""
+    m = _SIZE.search(name.rsplit("/", 1)[-1])
+    if not m:
+        return None
+    return float(m.group(1)) * (1000.0 if m.group(2).upper() == "T" else 1.0)
+
+
+def is_chat_model(name: str) -> bool:
+    """Follows a system prompt: not a pretrained-only base model (e.g. Qwen3-8B-Base, Llama-3.1-8B)."""
+    short = name.rsplit("/", 1)[-1].lower()
+    if short.endswith("-base") or "-base-" in short:
+        return False
+    if short.startswith("llama") and "instruct" not in short:
+        return False
+    return True
+
+
+def model_roles(model, student: str) -> list[str]:
+    """"teacher" for a sampleable chat model at least TEACHER_MIN_RATIO x the student's size, "judge" for one of
+    at least JUDGE_MIN_B billion parameters. Models whose name gives no size are not marked."""
+    if model.sampleable is False or not is_chat_model(model.model_name):
+        return []
+    size, small = model_size_b(model.model_name), model_size_b(student)
+    if size is None:
+        return []
+    roles = []
+    if small is not None and size >= TEACHER_MIN_RATIO * small:
+        roles.append("teacher")
+    if size >= JUDGE_MIN_B:
+        roles.append("judge")
+    return roles
 
 
 def _checkpoint(path: str, want: str, doing: str) -> types.ParsedCheckpointTinkerPath:

@@ -18,7 +18,9 @@ This covers the dense Llama (Llama 3.x) and Qwen (Qwen2.5, Qwen3 dense) families
 and refused with a message saying so: mixture-of-experts models (Tinker stores experts as 3-D
 `experts.w1/w2/w3` tensors), vision-language models (an extra `language_model` level), Qwen3.5
 (split/linear attention), GPT-OSS, DeepSeek, Kimi and Nemotron. The names follow the public
-tinker-cookbook `weights` module; no real Tinker file was available to check them against.
+tinker-cookbook `weights` module; no real Tinker file was available to check them against, so
+tests/test_tinker_backend.py::test_tensor_names_agree_with_tinker_cookbook checks them against that
+module's procedure (restated there, with the file and commit it was read from).
 """
 
 from __future__ import annotations
