@@ -99,7 +99,7 @@ def _optim(batch_size: Optional[int], save_every: Optional[int]) -> Optional[dic
 
 
 # Options shared by `pipeline` and `generate`.
-_SCALE = typer.Option("smoke", help="smoke | mini | half | full (sets the counts below)")
+_SCALE = typer.Option("smoke", help="smoke | mini | half | full | paper (sets the counts below)")
 _WORKDIR = typer.Option(None, help="workspace folder (env CHARACTER_WORKDIR)")
 _BUILD_ID = typer.Option(None, help="name of this build; the same id resumes it (default: a timestamp)")
 _BASE = typer.Option(None, help="'tiny' (built in) or a local Hugging Face model folder")
@@ -234,7 +234,7 @@ def generate(
                   expand_questions=expand_questions, max_new_tokens=max_new_tokens, max_in_flight=max_in_flight)
     p.validate(cfg)
     if stage == "questions":
-        if not cfg.expand_questions:
+        if not cfg.counts.expand_questions:
             raise UserError("generate questions needs --expand-questions N (questions per trait)")
         out = p.stage_expand_questions(cfg)
     elif stage == "dpo":

@@ -49,8 +49,10 @@ class PipelineConfig(BaseModel):
     reflections: int | None = Field(None, ge=0)
     interactions: int | None = Field(None, ge=0)
     turns: int | None = Field(None, ge=2)
-    samples_per_prompt: int = Field(1, ge=1, description="DPO samples per prompt from teacher and student")
-    expand_questions: int = Field(0, ge=0, description="extra questions per trait from the teacher (paper: 50)")
+    samples_per_prompt: int | None = Field(None, ge=1, description="DPO samples per prompt from teacher and "
+                                           "student (default: the scale's; paper: 5)")
+    expand_questions: int | None = Field(None, ge=0, description="extra questions per trait from the teacher "
+                                         "(default: the scale's; paper: 45, to 50 per trait)")
     max_in_flight: int = Field(64, ge=1, description="sampling requests in flight at once")
     heldout_fraction: float = Field(0.1, ge=0, lt=1, description="share of generated rows kept for evaluation")
     merge: bool = Field(False, description="paper mode: also merge dpo_weight x DPO + sft_weight x SFT")
@@ -93,6 +95,8 @@ class PipelineConfig(BaseModel):
             reflections=s.reflections if self.reflections is None else self.reflections,
             interactions=s.interactions if self.interactions is None else self.interactions,
             turns=self.turns or s.turns,
+            samples_per_prompt=self.samples_per_prompt or s.samples_per_prompt,
+            expand_questions=s.expand_questions if self.expand_questions is None else self.expand_questions,
         )
 
     def constitution(self) -> Constitution:
@@ -201,21 +205,32 @@ def _finished(cfg: PipelineConfig, stage: str) -> dict | None:
 
 
 # -- held-out split ----------------------------------------------------------------------------------
-def split_heldout(path: Path, fraction: float, seed: int) -> tuple[Path, Path]:
-    """Write <data>/train/<name> and <data>/heldout/<name>; the split depends only on each row's item."""
-    from character.datagen import item_seed
+def split_heldout(path: Path, fraction: float, seed: int) -> tuple[Path, Path, dict]:
+    """Write <data>/train/<name> and <data>/heldout/<name>, and return counts of both sides.
+
+    DPO rows are split by prompt: all rows whose user prompt is the same text (whitespace and case
+    normalised) land on one side, so no held-out prompt is ever trained on, however often the pool
+    repeats. Introspection rows are split by item: their prompts are the fixed ten reflection prompts
+    and the greetings, by design repeated; holding one out would drop a whole category from training.
+    Which side a group lands on depends only on its key and the seed.
+    """
+    from character.datagen import item_seed, normalize_prompt
     from character.storage import read_jsonl, write_text_atomic
 
     rows = read_jsonl(path)
-    keys = [(r.get("kind", ""), r["meta"]["index"]) for r in rows]
-    items = sorted(set(keys))
-    n_held = min(len(items) - 1, max(1 if fraction > 0 else 0, round(fraction * len(items))))
-    held = set(sorted(items, key=lambda k: item_seed(seed, "heldout", *k))[:max(0, n_held)])
+    keys = [("prompt", normalize_prompt(r["prompt"][-1]["content"])) if "prompt" in r
+            else (r.get("kind", ""), r["meta"]["index"]) for r in rows]
+    groups = sorted(set(keys))
+    n_held = min(len(groups) - 1, max(1 if fraction > 0 else 0, round(fraction * len(groups))))
+    held = set(sorted(groups, key=lambda k: item_seed(seed, "heldout", *k))[:max(0, n_held)])
     train_path, held_path = path.parent / "train" / path.name, path.parent / "heldout" / path.name
     for out, keep in ((train_path, False), (held_path, True)):
         write_text_atomic(out, "".join(json.dumps(r, sort_keys=True) + "\n"
                                        for r, k in zip(rows, keys) if (k in held) == keep))
-    return train_path, held_path
+    n_held_rows = sum(k in held for k in keys)
+    return train_path, held_path, {"split_by": "prompt" if any(k[0] == "prompt" for k in keys) else "item",
+                                   "train_rows": len(rows) - n_held_rows, "heldout_rows": n_held_rows,
+                                   "train_groups": len(groups) - len(held), "heldout_groups": len(held)}
 
 
 # -- stages ---------------------------------------------------------------------------------------
@@ -228,7 +243,7 @@ def _teacher_and_student(cfg: PipelineConfig, svc):
 
 def stage_expand_questions(cfg: PipelineConfig) -> str | None:
     """Optional: more questions per trait from the teacher, near-duplicates dropped."""
-    if cfg.expand_questions == 0:
+    if cfg.counts.expand_questions == 0:
         return None
     if done := _finished(cfg, "questions"):
         return done["path"]
@@ -236,8 +251,8 @@ def stage_expand_questions(cfg: PipelineConfig) -> str | None:
     _, teacher, _ = _teacher_and_student(cfg, svc)
     out = cfg.build_dir() / "data" / "questions.jsonl"
     t0 = time.perf_counter()
-    stats = expand_questions(cfg.constitution(), teacher, Renderer(teacher.get_tokenizer()), cfg.expand_questions,
-                             cfg.seed, out)
+    stats = expand_questions(cfg.constitution(), teacher, Renderer(teacher.get_tokenizer()),
+                             cfg.counts.expand_questions, cfg.seed, out)
     record_stage(cfg, "questions", {"path": str(out), **stats, "seconds": round(time.perf_counter() - t0, 2)})
     return str(out)
 
@@ -250,17 +265,17 @@ def stage_dpo_data(cfg: PipelineConfig, questions_path: str | None = None) -> st
     teacher_name, teacher, student = _teacher_and_student(cfg, svc)
     out = cfg.build_dir() / "data" / "dpo.jsonl"
     t0 = time.perf_counter()
-    n_prompts = -(-cfg.counts.dpo_pairs // cfg.samples_per_prompt)
+    n_prompts = -(-cfg.counts.dpo_pairs // cfg.counts.samples_per_prompt)
     stats = generate_dpo_pairs(
         c, teacher, student, Renderer(teacher.get_tokenizer()), Renderer(student.get_tokenizer()),
-        n_prompts, cfg.seed, out, cfg.max_new_tokens, samples_per_prompt=cfg.samples_per_prompt,
+        n_prompts, cfg.seed, out, cfg.max_new_tokens, samples_per_prompt=cfg.counts.samples_per_prompt,
         window=cfg.max_in_flight, extra_questions=load_expanded_questions(questions_path),
-        provenance={"teacher": teacher_name, "student": cfg.base_model},
+        provenance={"teacher": teacher_name, "student": cfg.base_model}, max_length=cfg.dpo_max_length,
     )
     if stats["rows"] == 0:
         raise RuntimeError(f"no DPO pairs survived the filters (dropped: {stats['dropped']})")
-    train, held = split_heldout(out, cfg.heldout_fraction, cfg.seed)
-    record_stage(cfg, "dpo_data", {"path": str(train), "all": str(out), "heldout": str(held), **stats,
+    train, held, split = split_heldout(out, cfg.heldout_fraction, cfg.seed)
+    record_stage(cfg, "dpo_data", {"path": str(train), "all": str(out), "heldout": str(held), **stats, **split,
                                    "seconds": round(time.perf_counter() - t0, 2)})
     return str(train)
 
@@ -296,11 +311,12 @@ def stage_introspection(cfg: PipelineConfig, dpo: Checkpoint) -> str:
     stats = generate_introspection(
         c, model, Renderer(model.get_tokenizer()), n.reflections, n.interactions, n.turns, cfg.seed, out,
         cfg.max_new_tokens, window=cfg.max_in_flight, provenance={"model": dpo.sampler},
+        max_length=cfg.sft_max_length,
     )
     if stats["rows"] == 0:
         raise RuntimeError("no introspection data was produced")
-    train, held = split_heldout(out, cfg.heldout_fraction, cfg.seed)
-    record_stage(cfg, "introspection", {"path": str(train), "all": str(out), "heldout": str(held), **stats,
+    train, held, split = split_heldout(out, cfg.heldout_fraction, cfg.seed)
+    record_stage(cfg, "introspection", {"path": str(train), "all": str(out), "heldout": str(held), **stats, **split,
                                         "seconds": round(time.perf_counter() - t0, 2)})
     return str(train)
 
