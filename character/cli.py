@@ -136,6 +136,10 @@ def pipeline(
     batch_size: Optional[int] = typer.Option(None, help="examples per training step, DPO and SFT (default 32)"),
     save_every: Optional[int] = typer.Option(None, help="save the resumable training state every N steps "
                                              "(default 20)"),
+    micro_batch_size: Optional[int] = typer.Option(None, help="local training: sequences per forward/backward; "
+                                                   "gradients accumulate to the full batch (default: from memory)"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
+                                                help="local training: recompute activations in backward"),
     paper_mode: bool = typer.Option(False, "--paper-mode", help="SFT from the base model, as in the paper"),
     merge: bool = typer.Option(False, "--merge", help="paper mode: also write the merge 1.0 x DPO + 0.25 x SFT"),
     no_eval: bool = typer.Option(False, "--no-eval", help="skip the evaluation at the end"),
@@ -153,7 +157,8 @@ def pipeline(
                   reflections=reflections, interactions=interactions, turns=turns,
                   samples_per_prompt=samples_per_prompt, expand_questions=expand_questions,
                   max_new_tokens=max_new_tokens, max_in_flight=max_in_flight,
-                  dpo=_optim(batch_size, save_every), sft=_optim(batch_size, save_every))
+                  dpo=_optim(batch_size, save_every), sft=_optim(batch_size, save_every),
+                  micro_batch_size=micro_batch_size, gradient_checkpointing=gradient_checkpointing or None)
     validate(cfg)  # before Prefect starts or any model loads
 
     # The ephemeral Prefect server can take longer than the default 20 s to start on a small machine.

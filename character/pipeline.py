@@ -67,6 +67,13 @@ class PipelineConfig(BaseModel):
     sft: OptimConfig = OptimConfig()
     sft_max_length: int = Field(3072, ge=8)
     sft_lr_multiplier: float = Field(0.25, gt=0)
+    # Local backend at real model scale; the update does not depend on these (micro-batches accumulate
+    # to the full batch's gradient), so a build may change them between runs.
+    micro_batch_size: int | None = Field(None, ge=1, description="local training: sequences per forward/backward "
+                                         "(default: as many as memory_budget_gb allows)")
+    memory_budget_gb: float | None = Field(None, gt=0, description="local training: memory activations may use "
+                                           "(default: 70% of free GPU memory, half the free RAM on CPU)")
+    gradient_checkpointing: bool = Field(False, description="local training: recompute activations in backward")
 
     @model_validator(mode="after")
     def _names(self):
@@ -114,7 +121,8 @@ class Checkpoint(BaseModel):
 
 
 # Settings that may change between runs of one build without changing what it produces.
-_RUN_ONLY = {"workdir", "device", "max_in_flight", "evaluate", "merge", "build_id"}
+_RUN_ONLY = {"workdir", "device", "max_in_flight", "evaluate", "merge", "build_id", "micro_batch_size",
+             "memory_budget_gb", "gradient_checkpointing"}
 
 
 def check_same_build(cfg: PipelineConfig) -> None:
@@ -158,7 +166,8 @@ def _service(cfg: PipelineConfig):
         return with_faults(TinkerService(settings), settings.fault_rate, settings.fault_seed)
     from character.backend.local import LocalService
 
-    svc = LocalService(Workspace(cfg.workdir), device=cfg.device, seed=cfg.seed)
+    svc = LocalService(Workspace(cfg.workdir), device=cfg.device, seed=cfg.seed, micro_batch_size=cfg.micro_batch_size,
+                       memory_budget_gb=cfg.memory_budget_gb, gradient_checkpointing=cfg.gradient_checkpointing)
     return with_faults(svc, settings.fault_rate, settings.fault_seed)
 
 
