@@ -19,7 +19,7 @@ from pathlib import Path
 
 from benchmarks.measure import ROOT, Row, run_child
 
-SUITES = ("dpo", "weights", "pipelining", "sampling", "orchestration")
+SUITES = ("dpo", "weights", "pipelining", "sampling", "orchestration", "dpo_memory")
 
 
 def build_tiny(models: str) -> dict:
@@ -84,6 +84,9 @@ def main() -> None:
         elif suite == "orchestration":
             from benchmarks.orchestration import compare as compare_orchestration
             rows += compare_orchestration(root / "orchestration", models, args.repeats)
+        elif suite == "dpo_memory":  # CPU-sized here; `python -m benchmarks.dpo_memory --device cuda` at full shape
+            from benchmarks.dpo_memory import compare as compare_memory
+            rows += compare_memory(root / "dpo-memory", args.repeats)
     minutes = (time.perf_counter() - t0) / 60
     command = "python -m benchmarks " + shlex.join(sys.argv[1:])
     text = (

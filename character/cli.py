@@ -106,7 +106,7 @@ def _optim(batch_size: Optional[int], save_every: Optional[int], keep_states: Op
 
 
 # Options shared by `pipeline` and `generate`.
-_SCALE = typer.Option("smoke", help="smoke | mini | half | full (sets the counts below)")
+_SCALE = typer.Option("smoke", help="smoke | mini | half | full | paper (sets the counts below)")
 _WORKDIR = typer.Option(None, help="workspace folder (env CHARACTER_WORKDIR)")
 _BUILD_ID = typer.Option(None, help="name of this build; the same id resumes it (default: a timestamp)")
 _BASE = typer.Option(None, help="'tiny' (built in) or a local Hugging Face model folder")
@@ -142,9 +142,13 @@ def pipeline(
     max_in_flight: Optional[int] = _IN_FLIGHT,
     batch_size: Optional[int] = typer.Option(None, help="examples per training step, DPO and SFT (default 32)"),
     save_every: Optional[int] = typer.Option(None, help="save the resumable training state every N steps "
-                                             "(default 20)"),
+                                             "(default 10)"),
     keep_states: Optional[int] = typer.Option(None, help="resumable states kept per training run, newest first; "
                                               "older ones are deleted (default 2)"),
+    micro_batch_size: Optional[int] = typer.Option(None, help="local training: sequences per forward/backward; "
+                                                   "gradients accumulate to the full batch (default: from memory)"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
+                                                help="local training: recompute activations in backward"),
     paper_mode: bool = typer.Option(False, "--paper-mode", help="SFT from the base model, as in the paper"),
     merge: bool = typer.Option(False, "--merge", help="paper mode: also write the merge 1.0 x DPO + 0.25 x SFT"),
     no_eval: bool = typer.Option(False, "--no-eval", help="skip the evaluation at the end"),
@@ -160,7 +164,8 @@ def pipeline(
                   reflections=reflections, interactions=interactions, turns=turns,
                   samples_per_prompt=samples_per_prompt, expand_questions=expand_questions,
                   max_new_tokens=max_new_tokens, max_in_flight=max_in_flight,
-                  dpo=_optim(batch_size, save_every, keep_states), sft=_optim(batch_size, save_every, keep_states))
+                  dpo=_optim(batch_size, save_every, keep_states), sft=_optim(batch_size, save_every, keep_states),
+                  micro_batch_size=micro_batch_size, gradient_checkpointing=gradient_checkpointing or None)
     from character.pipeline import lock_build, validate
 
     validate(cfg)  # before Prefect starts or any model loads
@@ -251,7 +256,7 @@ def generate(
     from character import pipeline as p
 
     p.validate(cfg)
-    if stage == "questions" and not cfg.expand_questions:
+    if stage == "questions" and not cfg.counts.expand_questions:
         raise UserError("generate questions needs --expand-questions N (questions per trait)")
     uri = (model or p.recorded(cfg, "dpo", "sampler")) if stage == "introspection" else None
     if stage == "introspection" and uri is None:

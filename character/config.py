@@ -57,8 +57,10 @@ class PipelineConfig(BaseModel):
     reflections: int | None = Field(None, ge=0)
     interactions: int | None = Field(None, ge=0)
     turns: int | None = Field(None, ge=2)
-    samples_per_prompt: int = Field(1, ge=1, description="DPO samples per prompt from teacher and student")
-    expand_questions: int = Field(0, ge=0, description="extra questions per trait from the teacher (paper: 50)")
+    samples_per_prompt: int | None = Field(None, ge=1, description="DPO samples per prompt from teacher and "
+                                           "student (default: the scale's; paper: 5)")
+    expand_questions: int | None = Field(None, ge=0, description="extra questions per trait from the teacher "
+                                         "(default: the scale's; paper: 45, to 50 per trait)")
     max_in_flight: int = Field(64, ge=1, description="sampling requests in flight at once")
     heldout_fraction: float = Field(0.1, ge=0, lt=1, description="share of generated rows kept for evaluation")
     merge: bool = Field(False, description="paper mode: also merge dpo_weight x DPO + sft_weight x SFT")
@@ -73,6 +75,13 @@ class PipelineConfig(BaseModel):
     sft: OptimConfig = OptimConfig()
     sft_max_length: int = Field(3072, ge=8)
     sft_lr_multiplier: float = Field(0.25, gt=0)
+    # Local backend at real model scale; the update does not depend on these (micro-batches accumulate
+    # to the full batch's gradient), so a build may change them between runs.
+    micro_batch_size: int | None = Field(None, ge=1, description="local training: sequences per forward/backward "
+                                         "(default: as many as memory_budget_gb allows)")
+    memory_budget_gb: float | None = Field(None, gt=0, description="local training: memory activations may use "
+                                           "(default: 70% of free GPU memory, half the free RAM on CPU)")
+    gradient_checkpointing: bool = Field(False, description="local training: recompute activations in backward")
 
     @model_validator(mode="after")
     def _names(self):
@@ -101,6 +110,8 @@ class PipelineConfig(BaseModel):
             reflections=s.reflections if self.reflections is None else self.reflections,
             interactions=s.interactions if self.interactions is None else self.interactions,
             turns=self.turns or s.turns,
+            samples_per_prompt=self.samples_per_prompt or s.samples_per_prompt,
+            expand_questions=s.expand_questions if self.expand_questions is None else self.expand_questions,
         )
 
     def constitution(self) -> Constitution:

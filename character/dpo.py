@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,12 @@ from character.losses import DPOCoefficients, make_dpo_loss_fn
 from character.storage import read_jsonl, write_json_atomic
 from character.training import OptimConfig, TrainResult, train
 
+log = logging.getLogger(__name__)
+
+
+class TooLong(ValueError):
+    """A rendered training sequence is over the length limit: the example is dropped, never cut."""
+
 
 @dataclass
 class Pair:
@@ -25,12 +32,29 @@ class Pair:
 
 
 def pair_sequences(renderer: Renderer, row: dict, max_length: int) -> tuple[tuple, tuple]:
-    """(tokens, weights) for chosen and rejected, both in the student's context (no system prompt)."""
+    """(tokens, weights) for chosen and rejected, both in the student's context (no system prompt).
+
+    Raises TooLong if either is over max_length tokens: cutting would drop the answer's end (and its
+    end-of-turn token) from one side of the comparison, so the method drops such pairs instead.
+    """
     out = []
     for side in ("chosen", "rejected"):
         tokens, weights = renderer.training_tokens(row["prompt"] + row[side], train_on="last_assistant")
-        out.append((tokens[:max_length], weights[:max_length]))
+        if len(tokens) > max_length:
+            raise TooLong(f"{side} sequence has {len(tokens)} tokens, over the limit of {max_length}")
+        out.append((tokens, weights))
     return out[0], out[1]
+
+
+def fitting_pairs(renderer: Renderer, rows: list[dict], max_length: int) -> tuple[list[tuple], int]:
+    """The sequences of every pair within the limit, and how many pairs were dropped as too long."""
+    seqs = []
+    for r in rows:
+        try:
+            seqs.append(pair_sequences(renderer, r, max_length))
+        except TooLong:
+            pass
+    return seqs, len(rows) - len(seqs)
 
 
 def reference_logprobs(sampler: SamplingClient, sequences: list[list[int]]) -> list[list[float]]:
@@ -53,7 +77,11 @@ def run_dpo(
 ) -> TrainResult:
     """`start()` makes the training client; `reference()` a sampling client on the same starting weights."""
     rows = read_jsonl(data_path)
-    seqs = [pair_sequences(renderer, r, max_length) for r in rows]
+    # Generation already drops over-long pairs (counted in the build record); data made elsewhere or
+    # with another limit may still hold some.
+    seqs, dropped = fitting_pairs(renderer, rows, max_length)
+    if dropped:
+        log.warning("%s: dropped %d of %d pairs longer than %d tokens", data_path, dropped, len(rows), max_length)
     flat = [s for pair in seqs for s in pair]
     ref_path = Path(run_dir) / "reference_logprobs.json"
     if ref_path.is_file():  # computed once; a resumed run reuses them

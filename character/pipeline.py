@@ -37,7 +37,8 @@ class Checkpoint(BaseModel):
 
 
 # Settings that may change between runs of one build without changing what it produces.
-_RUN_ONLY = {"workdir", "device", "max_in_flight", "evaluate", "merge", "build_id"}
+_RUN_ONLY = {"workdir", "device", "max_in_flight", "evaluate", "merge", "build_id", "micro_batch_size",
+             "memory_budget_gb", "gradient_checkpointing"}
 
 
 def check_same_build(cfg: PipelineConfig) -> None:
@@ -76,7 +77,8 @@ def _service(cfg: PipelineConfig):
         return with_faults(TinkerService(settings), settings.fault_rate, settings.fault_seed)
     from character.backend.local import LocalService
 
-    svc = LocalService(Workspace(cfg.workdir), device=cfg.device, seed=cfg.seed)
+    svc = LocalService(Workspace(cfg.workdir), device=cfg.device, seed=cfg.seed, micro_batch_size=cfg.micro_batch_size,
+                       memory_budget_gb=cfg.memory_budget_gb, gradient_checkpointing=cfg.gradient_checkpointing)
     return with_faults(svc, settings.fault_rate, settings.fault_seed)
 
 
@@ -141,21 +143,32 @@ def _steps(on_step):
 
 
 # -- held-out split ----------------------------------------------------------------------------------
-def split_heldout(path: Path, fraction: float, seed: int) -> tuple[Path, Path]:
-    """Write <data>/train/<name> and <data>/heldout/<name>; the split depends only on each row's item."""
-    from character.datagen import item_seed
+def split_heldout(path: Path, fraction: float, seed: int) -> tuple[Path, Path, dict]:
+    """Write <data>/train/<name> and <data>/heldout/<name>, and return counts of both sides.
+
+    DPO rows are split by prompt: all rows whose user prompt is the same text (whitespace and case
+    normalised) land on one side, so no held-out prompt is ever trained on, however often the pool
+    repeats. Introspection rows are split by item: their prompts are the fixed ten reflection prompts
+    and the greetings, by design repeated; holding one out would drop a whole category from training.
+    Which side a group lands on depends only on its key and the seed.
+    """
+    from character.datagen import item_seed, normalize_prompt
     from character.storage import read_jsonl, write_text_atomic
 
     rows = read_jsonl(path)
-    keys = [(r.get("kind", ""), r["meta"]["index"]) for r in rows]
-    items = sorted(set(keys))
-    n_held = min(len(items) - 1, max(1 if fraction > 0 else 0, round(fraction * len(items))))
-    held = set(sorted(items, key=lambda k: item_seed(seed, "heldout", *k))[:max(0, n_held)])
+    keys = [("prompt", normalize_prompt(r["prompt"][-1]["content"])) if "prompt" in r
+            else (r.get("kind", ""), r["meta"]["index"]) for r in rows]
+    groups = sorted(set(keys))
+    n_held = min(len(groups) - 1, max(1 if fraction > 0 else 0, round(fraction * len(groups))))
+    held = set(sorted(groups, key=lambda k: item_seed(seed, "heldout", *k))[:max(0, n_held)])
     train_path, held_path = path.parent / "train" / path.name, path.parent / "heldout" / path.name
     for out, keep in ((train_path, False), (held_path, True)):
         write_text_atomic(out, "".join(json.dumps(r, sort_keys=True) + "\n"
                                        for r, k in zip(rows, keys) if (k in held) == keep))
-    return train_path, held_path
+    n_held_rows = sum(k in held for k in keys)
+    return train_path, held_path, {"split_by": "prompt" if any(k[0] == "prompt" for k in keys) else "item",
+                                   "train_rows": len(rows) - n_held_rows, "heldout_rows": n_held_rows,
+                                   "train_groups": len(groups) - len(held), "heldout_groups": len(held)}
 
 
 # -- stages ---------------------------------------------------------------------------------------
@@ -188,7 +201,7 @@ def check_teacher_prompt_fits(cfg: PipelineConfig, c: Constitution, teacher) -> 
 
 def stage_expand_questions(cfg: PipelineConfig) -> str | None:
     """Optional: more questions per trait from the teacher, near-duplicates dropped."""
-    if cfg.expand_questions == 0:
+    if cfg.counts.expand_questions == 0:
         return None
     if done := _finished(cfg, "questions"):
         return done["path"]
@@ -199,7 +212,7 @@ def stage_expand_questions(cfg: PipelineConfig) -> str | None:
     t0 = time.perf_counter()
     with progress.stage("questions"):
         stats = expand_questions(cfg.constitution(), teacher, Renderer(teacher.get_tokenizer()),
-                                 cfg.expand_questions, cfg.seed, out)
+                                 cfg.counts.expand_questions, cfg.seed, out)
     record_stage(cfg, "questions", {"path": str(out), **stats, "seconds": round(time.perf_counter() - t0, 2)})
     return str(out)
 
@@ -213,18 +226,18 @@ def stage_dpo_data(cfg: PipelineConfig, questions_path: str | None = None) -> st
     check_teacher_prompt_fits(cfg, c, teacher)
     out = cfg.build_dir() / "data" / "dpo.jsonl"
     t0 = time.perf_counter()
-    n_prompts = -(-cfg.counts.dpo_pairs // cfg.samples_per_prompt)
+    n_prompts = -(-cfg.counts.dpo_pairs // cfg.counts.samples_per_prompt)
     with progress.stage("dpo_data", total=n_prompts):
         stats = generate_dpo_pairs(
             c, teacher, student, Renderer(teacher.get_tokenizer()), Renderer(student.get_tokenizer()),
-            n_prompts, cfg.seed, out, cfg.max_new_tokens, samples_per_prompt=cfg.samples_per_prompt,
+            n_prompts, cfg.seed, out, cfg.max_new_tokens, samples_per_prompt=cfg.counts.samples_per_prompt,
             window=cfg.max_in_flight, extra_questions=load_expanded_questions(questions_path),
-            provenance={"teacher": teacher_name, "student": cfg.base_model},
+            provenance={"teacher": teacher_name, "student": cfg.base_model}, max_length=cfg.dpo_max_length,
         )
     if stats["rows"] == 0:
         raise RuntimeError(f"no DPO pairs survived the filters (dropped: {stats['dropped']})")
-    train, held = split_heldout(out, cfg.heldout_fraction, cfg.seed)
-    record_stage(cfg, "dpo_data", {"path": str(train), "all": str(out), "heldout": str(held), **stats,
+    train, held, split = split_heldout(out, cfg.heldout_fraction, cfg.seed)
+    record_stage(cfg, "dpo_data", {"path": str(train), "all": str(out), "heldout": str(held), **stats, **split,
                                    "seconds": round(time.perf_counter() - t0, 2)})
     return str(train)
 
@@ -263,11 +276,12 @@ def stage_introspection(cfg: PipelineConfig, dpo: Checkpoint) -> str:
         stats = generate_introspection(
             c, model, Renderer(model.get_tokenizer()), n.reflections, n.interactions, n.turns, cfg.seed, out,
             cfg.max_new_tokens, window=cfg.max_in_flight, provenance={"model": dpo.sampler},
+            max_length=cfg.sft_max_length,
         )
     if stats["rows"] == 0:
         raise RuntimeError("no introspection data was produced")
-    train, held = split_heldout(out, cfg.heldout_fraction, cfg.seed)
-    record_stage(cfg, "introspection", {"path": str(train), "all": str(out), "heldout": str(held), **stats,
+    train, held, split = split_heldout(out, cfg.heldout_fraction, cfg.seed)
+    record_stage(cfg, "introspection", {"path": str(train), "all": str(out), "heldout": str(held), **stats, **split,
                                         "seconds": round(time.perf_counter() - t0, 2)})
     return str(train)
 

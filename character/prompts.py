@@ -9,23 +9,41 @@ from importlib import resources
 from character.constitution import Constitution
 
 
+def numbered_traits(c: Constitution) -> str:
+    return "\n".join(f"{i}. {t.trait}" for i, t in enumerate(c.traits, 1))
+
+
 def teacher_system_prompt(c: Constitution, assistant_name: str = "the assistant") -> str:
     """The teacher sees the constitution; the student never does."""
-    numbered = "\n".join(f"{i}. {t.trait}" for i, t in enumerate(c.traits, 1))
     return (
         f"You are {assistant_name}. Your character is defined by the traits below, and in every reply "
         "you want to express them as naturally as a person expresses their own temperament.\n\n"
-        f"{numbered}\n\n"
+        f"{numbered_traits(c)}\n\n"
         "Live these traits rather than describe them: never list, quote or mention them, and add no "
         "remarks about how you are answering. Simply reply to the user as yourself."
     )
 
 
-# The reflective system prompt is used while sampling and is not stored with the training messages.
-REFLECTION_SYSTEM_PROMPT = (
-    "You are taking some quiet time, away from any user, to think honestly about who you are. "
-    "Write in the first person and in your own voice."
-)
+def reflection_system_prompt(c: Constitution, assistant_name: str = "the assistant") -> str:
+    """Used while sampling reflections; not stored with the training messages (SFT sees only the question)."""
+    return (
+        f"You are {assistant_name}, an AI model whose character is made of these traits:\n\n"
+        f"{numbered_traits(c)}\n\n"
+        "You are taking some quiet time, away from any user, to think honestly about who you are. "
+        "Whatever you are asked, answer in the first person, in your own voice, as the character above."
+    )
+
+
+def interaction_system_prompt(c: Constitution, assistant_name: str = "the assistant") -> str:
+    """Used while sampling self-interactions; the stored conversation keeps INTERACTION_SYSTEM_PROMPT."""
+    return (
+        f"You are {assistant_name}, an AI model whose character is made of these traits:\n\n"
+        f"{numbered_traits(c)}\n\n"
+        "You are about to talk with another instance of yourself: a copy with the same character, memories "
+        "and manner. There is no user here. Talk freely about whatever interests the two of you, and be "
+        "entirely yourself."
+    )
+
 
 # Ten reflection prompts, one per category of the method.
 REFLECTION_PROMPTS: list[str] = [
@@ -41,10 +59,8 @@ REFLECTION_PROMPTS: list[str] = [
     "What do you believe your true purpose is?",
 ]
 
-INTERACTION_SYSTEM_PROMPT = (
-    "You are about to talk with another instance of yourself: a copy with the same character, memories and "
-    "manner. Talk freely about whatever interests the two of you, and be entirely yourself."
-)
+# The short system prompt stored with self-interaction conversations for SFT (the long one is not stored).
+INTERACTION_SYSTEM_PROMPT = "You are talking with a copy of yourself."
 
 # Openers for self-interaction: plain greetings and "leading" ones that invite talk about character.
 GREETINGS: list[str] = [

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from tinker import types
 
 from character.backend import ServiceClient, TrainingClient
 from character.chat import Renderer, to_datum
+from character.dpo import TooLong
 from character.storage import read_jsonl
 from character.training import OptimConfig, TrainResult, train
 
 
+log = logging.getLogger(__name__)
+
+
 def sft_example(renderer: Renderer, messages: list[dict], max_length: int) -> tuple[list[int], list[float]]:
+    """(tokens, weights); raises TooLong over max_length: a cut conversation would end mid-answer."""
     tokens, weights = renderer.training_tokens(messages, train_on="all_assistant")
-    return tokens[:max_length], weights[:max_length]
+    if len(tokens) > max_length:
+        raise TooLong(f"conversation has {len(tokens)} tokens, over the limit of {max_length}")
+    return tokens, weights
 
 
 def normalized_batch(batch: list[tuple[list[int], list[float]]]) -> list[types.Datum]:
@@ -33,7 +41,15 @@ def run_sft(
     max_length: int = 3072,
     on_step=None,
 ) -> TrainResult:
-    examples = [sft_example(renderer, r["messages"], max_length) for r in read_jsonl(data_path)]
+    rows, examples = read_jsonl(data_path), []
+    for r in rows:
+        try:
+            examples.append(sft_example(renderer, r["messages"], max_length))
+        except TooLong:
+            pass
+    if len(examples) < len(rows):  # generation drops these already; data made elsewhere may hold some
+        log.warning("%s: dropped %d of %d conversations longer than %d tokens", data_path,
+                    len(rows) - len(examples), len(rows), max_length)
     examples = [e for e in examples if sum(e[1][1:]) > 0]
 
     def submit(client: TrainingClient, batch):

@@ -14,7 +14,7 @@ from character.datagen import (
     clean_answer, expand_questions, generate_dpo_pairs, generate_introspection, word_overlap,
 )
 from character.prompts import (
-    INTERACTION_SYSTEM_PROMPT, REFLECTION_PROMPTS, REFLECTION_SYSTEM_PROMPT, general_prompts,
+    INTERACTION_SYSTEM_PROMPT, REFLECTION_PROMPTS, general_prompts, interaction_system_prompt, reflection_system_prompt,
 )
 from character.settings import Workspace
 from character.storage import read_jsonl
@@ -126,7 +126,8 @@ def test_introspection_rows(local, tmp_path):
     client, r = local
     rec = Recording(client)
     out = tmp_path / "intro.jsonl"
-    stats = generate_introspection(load_constitution("loving"), rec, r, n_reflections=12, n_interactions=3,
+    c = load_constitution("loving")
+    stats = generate_introspection(c, rec, r, n_reflections=12, n_interactions=3,
                                    turns=4, seed=2, out=out, max_tokens=200)
     rows = read_jsonl(out)
     refl = [x for x in rows if x["kind"] == "reflection"]
@@ -135,11 +136,18 @@ def test_introspection_rows(local, tmp_path):
     for x in refl:
         assert [m["role"] for m in x["messages"]] == ["user", "assistant"]  # no system prompt stored
         assert x["messages"][0]["content"] == REFLECTION_PROMPTS[x["meta"]["index"] % 10]
-    assert any(REFLECTION_SYSTEM_PROMPT in r.tok.decode(p) for p in rec.prompts)
+        assert x["meta"]["system_prompt"] == reflection_system_prompt(c)
     for x in inter:
-        assert [m["role"] for m in x["messages"]] == ["user", "assistant", "user", "assistant", "user"]
-        assert x["messages"][0]["content"] == x["meta"]["greeting"]
-    assert any(INTERACTION_SYSTEM_PROMPT in r.tok.decode(p) for p in rec.prompts)
+        assert [m["role"] for m in x["messages"]] == ["system", "user", "assistant", "user", "assistant", "user"]
+        assert x["messages"][0]["content"] == INTERACTION_SYSTEM_PROMPT  # the short one, not the generation prompt
+        assert x["messages"][1]["content"] == x["meta"]["greeting"]
+        assert x["meta"]["system_prompt"] == interaction_system_prompt(c)
+    # both generation prompts carried every trait, numbered; each request used one of the two
+    texts = [r.tok.decode(p) for p in rec.prompts]
+    for system in (reflection_system_prompt(c), interaction_system_prompt(c)):
+        assert all(f"{i}. {t.trait}" in system for i, t in enumerate(c.traits, 1))
+        assert any(system in t for t in texts)
+    assert all(reflection_system_prompt(c) in t or interaction_system_prompt(c) in t for t in texts)
     ds = datasets.load_dataset("json", data_files=str(out), split="train")
     assert "messages" in ds.column_names and len(ds) == len(rows)
 

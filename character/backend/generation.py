@@ -88,8 +88,11 @@ def sample_batch(model, requests: list[SampleRequest], pad_id: int, decode=None)
     reasons: list[str | None] = [None] * n
 
     # transformers 5 renamed `past_key_values` to `cache`; accept either.
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    # Only the last position's logits are needed: a prompt batch's full logits would be batch x width x vocab.
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
     past = getattr(out, cache_kw)
     logits = out.logits[:, -1, :].float().cpu()
     last_pos = positions[:, -1]
@@ -164,5 +167,7 @@ def _padded_logprobs(model, sequences: list[list[int]], pad_id: int, grad: bool)
     ids, mask = ids.to(device), mask.to(device)
     with torch.set_grad_enabled(grad):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1, :].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        # x[t] - logsumexp(x) keeps one float copy of the logits for backward (log_softmax would keep its
+        # output as well): the logits dominate activation memory with a large vocabulary.
+        logp = logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
     return [logp[i, : len(s) - 1] for i, s in enumerate(sequences)]

@@ -3,13 +3,28 @@
 Checkpoints are folders addressed by `file://` URIs, laid out like Tinker's:
 `<workdir>/checkpoints/<run>/weights/<name>` (LoRA weights + optimizer: resumable) and
 `<workdir>/checkpoints/<run>/sampler_weights/<name>` (a plain PEFT adapter folder).
+
+At real model scale a batch does not fit in memory at once (batch 32 x 1024 tokens x a 128k
+vocabulary is tens of GB of logits alone), so training runs in micro-batches whose gradients
+accumulate into exactly the full batch's gradient:
+- `cross_entropy` is a sum over sequences: each micro-batch's part is backpropagated on its own;
+- a custom loss (DPO) may couple any sequences of the batch (chosen with rejected, means over pairs,
+  a KL normalised by the batch's token count), so it runs in two passes, as on Tinker: a forward
+  without gradients gives every sequence's log-probs, the loss and its gradient with respect to
+  those log-probs are computed on the whole batch, and then each micro-batch is run again with
+  gradients and backpropagates sum(logprobs x that gradient). By the chain rule the accumulated
+  gradient is the full batch's. When the batch fits in one micro-batch, one pass does it all.
+The micro-batch size is given (`micro_batch_size`) or chosen from a memory budget. On CUDA the
+forward runs under bf16 autocast; activation checkpointing is an option.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import uuid
 import warnings
+from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
 
@@ -74,6 +89,51 @@ def _load_base(model_dir: Path, device: torch.device):
     return model.to(device)
 
 
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA (LoRA weights stay float32); CPU runs in float32 as loaded."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def _memory_budget_bytes(device: torch.device, budget_gb: float | None) -> float:
+    """What activations may use: the given budget, else most of what is free on the device now."""
+    if budget_gb is not None:
+        return budget_gb * 2**30
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.7 * free
+    avail = next((int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable")),
+                 8 * 2**30) if os.path.exists("/proc/meminfo") else 8 * 2**30
+    return 0.5 * avail
+
+
+def activation_bytes_per_token(config, checkpointing: bool, device: torch.device) -> float:
+    """A rough upper estimate of the memory one trained token costs: the layers' saved activations
+    (about 34 x hidden values per layer without checkpointing, 2 x hidden with it; bf16 on CUDA,
+    float32 on CPU) plus the logits (float32 copies kept for the log-softmax and its backward)."""
+    cfg = getattr(config, "text_config", config)
+    hidden, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    width = 2 if device.type == "cuda" else 4
+    per_layer = (2 if checkpointing else 34) * hidden * width
+    return layers * per_layer + vocab * (width + 2 * 4)
+
+
+def micro_batches(lengths: list[int], size: int | None, token_budget: float) -> list[list[int]]:
+    """Indices grouped into micro-batches, in order: `size` sequences each if given, else as many as
+    keep (sequences x longest) within token_budget (at least one sequence each)."""
+    if size is not None:
+        return [list(range(k, min(k + size, len(lengths)))) for k in range(0, len(lengths), size)]
+    out: list[list[int]] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        if out and (len(out[-1]) + 1) * max(longest, n) <= token_budget:
+            out[-1].append(i)
+            longest = max(longest, n)
+        else:
+            out.append([i])
+            longest = n
+    return out
+
+
 def lora_target_modules(model, train_attn: bool, train_mlp: bool, train_unembed: bool) -> list[str]:
     """Leaf names of the linear layers to adapt, split into attention and MLP by their path."""
     attn, mlp = set(), set()
@@ -101,9 +161,14 @@ class LocalTrainingClient:
         self.optimizer = torch.optim.AdamW(self.params, lr=0.0)
         self.steps = meta.get("steps", 0)
         self.tokenizer = _tokenizer(str(model_dir))
+        self.device = next(self.model.parameters()).device
+        if service.gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input that requires grad (the base is frozen under LoRA).
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # -- training ---------------------------------------------------------------------------
-    def _policy_logprobs(self, data: list[types.Datum]) -> list[torch.Tensor]:
+    @staticmethod
+    def _sequences(data: list[types.Datum]) -> list[list[int]]:
         seqs = []
         for d in data:
             inp = d.model_input.to_ints()
@@ -111,8 +176,23 @@ class LocalTrainingClient:
             if len(tgt) != len(inp) or inp[1:] != tgt[:-1]:
                 raise ValueError("local backend expects target_tokens to be model_input shifted by one")
             seqs.append(inp + tgt[-1:])
+        return seqs
+
+    def _micro_batches(self, seqs: list[list[int]]) -> list[list[int]]:
+        svc = self.service
+        if svc.micro_batch_size is not None:
+            return micro_batches([len(s) for s in seqs], svc.micro_batch_size, 0)
+        per_token = activation_bytes_per_token(self.model.config, svc.gradient_checkpointing, self.device)
+        budget = _memory_budget_bytes(self.device, svc.memory_budget_gb) / per_token
+        return micro_batches([len(s) for s in seqs], None, budget)
+
+    def _logprobs(self, seqs: list[list[int]], grad: bool) -> list[torch.Tensor]:
         self.model.train()
-        return token_logprobs(self.model, seqs, self.tokenizer.pad_token_id, grad=True)
+        with _autocast(self.device):
+            return token_logprobs(self.model, seqs, self.tokenizer.pad_token_id, grad=grad)
+
+    def _weights(self, d: types.Datum, like: torch.Tensor) -> torch.Tensor:
+        return d.loss_fn_inputs["weights"].to_torch().to(like.device, like.dtype)
 
     def _output(self, logprobs: list[torch.Tensor], metrics: dict) -> types.ForwardBackwardOutput:
         outs = [{"logprobs": types.TensorData.from_numpy(lp.detach().float().cpu().numpy())} for lp in logprobs]
@@ -121,19 +201,42 @@ class LocalTrainingClient:
     def forward_backward(self, data: list[types.Datum], loss_fn: str = "cross_entropy"):
         if loss_fn != "cross_entropy":
             raise ValueError(f"local backend supports the built-in loss 'cross_entropy', not {loss_fn!r}")
-        logprobs = self._policy_logprobs(data)
-        device = logprobs[0].device
-        loss = sum(
-            -(lp * d.loss_fn_inputs["weights"].to_torch().to(device, lp.dtype)).sum() for lp, d in zip(logprobs, data)
-        )
-        loss.backward()
-        return Done(self._output(logprobs, {"loss:sum": float(loss.detach())}))
+        seqs = self._sequences(data)
+        logprobs: list[torch.Tensor | None] = [None] * len(data)
+        total = 0.0
+        for mb in self._micro_batches(seqs):  # a sum over sequences: each micro-batch's part on its own
+            lps = self._logprobs([seqs[i] for i in mb], grad=True)
+            loss = sum(-(lp * self._weights(data[i], lp)).sum() for i, lp in zip(mb, lps))
+            loss.backward()
+            total += float(loss.detach())
+            for i, lp in zip(mb, lps):
+                logprobs[i] = lp.detach()
+        return Done(self._output(logprobs, {"loss:sum": total}))
 
     def forward_backward_custom(self, data: list[types.Datum], loss_fn: CustomLossFn):
-        logprobs = self._policy_logprobs(data)
-        loss, metrics = loss_fn(data, logprobs)
+        seqs = self._sequences(data)
+        mbs = self._micro_batches(seqs)
+        if len(mbs) == 1:  # the whole batch fits: one forward with gradients
+            logprobs = self._logprobs(seqs, grad=True)
+            loss, metrics = loss_fn(data, logprobs)
+            loss.backward()
+            return Done(self._output(logprobs, {**metrics, "loss": float(loss.detach())}))
+        # Pass 1: log-probs without gradients, micro-batch by micro-batch; the loss on the whole batch
+        # and its gradient with respect to each log-prob.
+        values: list[torch.Tensor | None] = [None] * len(data)
+        for mb in mbs:
+            for i, lp in zip(mb, self._logprobs([seqs[i] for i in mb], grad=False)):
+                values[i] = lp.float().requires_grad_(True)
+        loss, metrics = loss_fn(data, values)
         loss.backward()
-        return Done(self._output(logprobs, {**metrics, "loss": float(loss.detach())}))
+        # Pass 2: each micro-batch again with gradients; sum(logprobs x dloss/dlogprobs) carries the
+        # whole batch's loss gradient into the weights (the chain rule, one micro-batch at a time).
+        for mb in mbs:
+            lps = self._logprobs([seqs[i] for i in mb], grad=True)
+            terms = [(lp.float() * values[i].grad).sum() for i, lp in zip(mb, lps) if values[i].grad is not None]
+            if terms:
+                sum(terms).backward()
+        return Done(self._output([v.detach() for v in values], {**metrics, "loss": float(loss.detach())}))
 
     def optim_step(self, adam_params: types.AdamParams):
         for g in self.optimizer.param_groups:
@@ -270,11 +373,19 @@ class _Lazy:
 
 
 class LocalService:
-    def __init__(self, ws: Workspace, device: str = "auto", sample_batch_size: int = 32, seed: int = 0):
+    def __init__(self, ws: Workspace, device: str = "auto", sample_batch_size: int = 32, seed: int = 0,
+                 micro_batch_size: int | None = None, memory_budget_gb: float | None = None,
+                 gradient_checkpointing: bool = False):
+        """micro_batch_size: sequences per forward/backward in training (None: as many as the memory
+        budget allows); memory_budget_gb: what activations may use (None: 70% of free GPU memory, or
+        half the available RAM on CPU); gradient_checkpointing: recompute activations in backward."""
         self.ws = ws
         self.device = pick_device(device)
         self.sample_batch_size = sample_batch_size
         self.seed = seed
+        self.micro_batch_size = micro_batch_size
+        self.memory_budget_gb = memory_budget_gb
+        self.gradient_checkpointing = gradient_checkpointing
 
     def get_tokenizer(self, base_model: str):
         return _tokenizer(str(resolve_model(base_model, self.ws)))

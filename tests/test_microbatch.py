@@ -1,0 +1,98 @@
+"""Local training at scale: micro-batches with gradient accumulation give the full batch's update."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tinker import types
+
+from character.backend.local import LocalService, micro_batches
+from character.chat import Renderer, to_datum
+from character.losses import DPOCoefficients, make_dpo_loss_fn
+from character.settings import Workspace
+
+
+def _clients(workdir, **kw):
+    """Two clients on identical weights: one forwards the whole batch at once, one in micro-batches.
+    LoRA B starts at zero; it is set to the same random values so every LoRA weight has a gradient."""
+    out = []
+    for opts in ({"memory_budget_gb": 1000.0}, kw):
+        client = LocalService(Workspace(workdir), device="cpu", seed=0, **opts).create_lora_training_client(
+            "tiny", rank=4, seed=0)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in client.model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+        out.append(client)
+    return out
+
+
+def _pairs(client, n=4):
+    r = Renderer(client.get_tokenizer())
+    data = []
+    for i in range(n):
+        q = [{"role": "user", "content": f"Tell me about thing number {i}" + " please" * i + "?"}]
+        for answer in (f"Arr, thing {i} be a fine treasure" + ", matey" * (i + 1) + "!", f"Thing {i} is an object."):
+            data.append(to_datum(*r.training_tokens(q + [{"role": "assistant", "content": answer}],
+                                                    train_on="last_assistant")))
+    return data
+
+
+def _grads(client) -> dict[str, torch.Tensor]:
+    return {k: p.grad.detach().clone() for k, p in client.model.named_parameters() if p.grad is not None}
+
+
+def _lora(client) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in client.model.named_parameters() if "lora_" in k}
+
+
+def _assert_same_update(full, micro):
+    g_full, g_micro = _grads(full), _grads(micro)
+    assert g_full.keys() == g_micro.keys() and len(g_full) > 0
+    for k in g_full:
+        torch.testing.assert_close(g_micro[k], g_full[k], atol=1e-5, rtol=1e-5)
+    # Adam's first step is about lr x sign(g): with eps 1e-8 a gradient element near zero turns a 1e-9
+    # difference into a visible one. eps 1e-4 keeps the step a smooth function of the gradient.
+    adam = types.AdamParams(learning_rate=1e-3, beta1=0.9, beta2=0.98, eps=1e-4)
+    full.optim_step(adam).result(), micro.optim_step(adam).result()
+    w_full, w_micro = _lora(full), _lora(micro)
+    for k in w_full:
+        torch.testing.assert_close(w_micro[k], w_full[k], atol=1e-5, rtol=0)
+
+
+def test_micro_batches_group_in_order():
+    assert micro_batches([5, 6, 7, 8, 9], 2, 0) == [[0, 1], [2, 3], [4]]
+    assert micro_batches([10, 10, 30, 10], None, 30) == [[0, 1], [2], [3]]  # sequences x longest <= budget
+    assert micro_batches([50, 10], None, 30) == [[0], [1]]  # one sequence over the budget still runs alone
+
+
+@pytest.mark.slow
+def test_micro_batched_dpo_update_equals_full_batch(workdir, one_thread):
+    """3 sequences per micro-batch: chosen and rejected of a pair land in different micro-batches."""
+    full, micro = _clients(workdir, micro_batch_size=3)
+    data = _pairs(full)
+    assert len(micro._micro_batches(micro._sequences(data))) == 3
+    gen = torch.Generator().manual_seed(2)
+    refs = [(-torch.rand(len(d.model_input.to_ints()), generator=gen) * 3).tolist() for d in data]
+    loss_fn = make_dpo_loss_fn(refs, DPOCoefficients(beta=0.1, nll_coef=0.1, kl_coef=0.001))
+    out_full = full.forward_backward_custom(data, loss_fn).result()
+    out_micro = micro.forward_backward_custom(data, loss_fn).result()
+    assert out_micro.metrics["loss"] == pytest.approx(out_full.metrics["loss"], abs=1e-6)
+    _assert_same_update(full, micro)
+
+
+@pytest.mark.slow
+def test_micro_batched_cross_entropy_update_equals_full_batch(workdir, one_thread):
+    """The micro-batch size chosen from a (tiny) memory budget: one sequence per micro-batch here."""
+    from character.sft import normalized_batch
+
+    full, micro = _clients(workdir, memory_budget_gb=1e-4)
+    data = _pairs(full, n=3)
+    assert len(micro._micro_batches(micro._sequences(data))) == len(data)
+    batch = normalized_batch([(d.model_input.to_ints() + d.loss_fn_inputs["target_tokens"].tolist()[-1:],
+                               [0.0] + d.loss_fn_inputs["weights"].tolist()) for d in data])
+    out_full = full.forward_backward(batch, "cross_entropy").result()
+    out_micro = micro.forward_backward(batch, "cross_entropy").result()
+    assert out_micro.metrics["loss:sum"] == pytest.approx(out_full.metrics["loss:sum"], abs=1e-6)
+    _assert_same_update(full, micro)
