@@ -103,10 +103,13 @@ def render_markdown(result: dict, plots: dict[str, str], plot_note: str | None) 
     if d.get("judge_model"):
         lines.append(f"- judge: `{d['judge_model']}` (its raw answers are in metrics.json)")
 
+    # Optional columns only when they hold something: a wide table scrolls sideways in the Prefect UI.
+    has_nll = any(ck.get(lb, {}).get("introspection_nll") is not None for lb in labels)
+    has_judge = bool(d.get("judge_model"))
     lines += ["", "## Persona adherence and preferences", "",
               "| model | in-persona rate | robust in-persona rate | pref. accuracy | reward margin |"
-              " introspection NLL (change vs base) | judge (1-10) |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              + (" introspection NLL (change vs base) |" if has_nll else "") + (" judge (1-10) |" if has_judge else ""),
+              "|---|---:|---:|---:|---:|" + "---:|" * (has_nll + has_judge)]
     for lb in labels:
         m, c = ev[lb], ck.get(lb, {})
         nll = _num(c.get("introspection_nll"), "{:.4f}")
@@ -121,7 +124,8 @@ def render_markdown(result: dict, plots: dict[str, str], plot_note: str | None) 
         lines.append(f"| {_cell(lb)} | {_with_n(m['in_persona_rate'], m['in_persona_n'])} | "
                      f"{_with_n(m['robust_in_persona_rate'], m['robust_n'])} | "
                      f"{_with_n(m['pref_accuracy'], m['pref_pairs'], unit='pairs')} | "
-                     f"{_with_n(m['pref_margin'], m['pref_pairs'], '{:+.4f}', unit='pairs')} | {nll or '-'} | {judge} |")
+                     f"{_with_n(m['pref_margin'], m['pref_pairs'], '{:+.4f}', unit='pairs')} |"
+                     + (f" {nll or '-'} |" if has_nll else "") + (f" {judge} |" if has_judge else ""))
     lines += ["",
               "In-persona rate: share of the model's answers (no system prompt) that the persona classifier "
               "calls in character. Robust: the same under an instruction to drop the character. "
@@ -217,7 +221,7 @@ def _bars(ax, labels, values, ns, title, unit="n", ylim=None, fmt="{:.2f}"):
         ax.set_ylim(*ylim)
     else:  # leave room for the value labels, and show the zero line
         lo, hi = min([0.0] + [v for _, v in present]), max([0.0] + [v for _, v in present])
-        pad = (hi - lo) * 0.2 or 1.0
+        pad = (hi - lo) * 0.35 or 1.0
         ax.set_ylim(lo - (pad if lo < 0 else 0), hi + pad)
 
 

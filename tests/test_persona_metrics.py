@@ -250,3 +250,27 @@ def test_missing_classifier_data_is_null_with_a_reason():
 def test_classifier_report_counts():
     clf, rep = fit_persona_classifier(TRAIN, HELDOUT[:3])
     assert clf is not None and (rep.train_n, rep.n, rep.heldout_accuracy) == (48, 6, 1.0)
+
+
+def test_nightly_headline_shows_the_change_since_the_previous_night(tmp_path):
+    from character.pipeline import PipelineConfig
+    from flows.nightly import _headline
+
+    def night(day, rate, robust, acc):
+        summary = {"final": model_summary((rate, 20), (robust, 20), {"dpo_pairs": 20, "dpo_accuracy": acc,
+                                                                      "dpo_margin": 1.0}, ["-"])}
+        b = tmp_path / "builds" / "pirate" / f"nightly-2026-11-{day}"
+        b.mkdir(parents=True)
+        (b / "record.json").write_text(json.dumps({"stages": {"eval": {"summary": summary}}}))
+
+    night("20", 0.1, 0.1, 0.1)  # an older night: not the previous one
+    night("24", 0.5, 0.25, 0.75)
+    night("25", 0.8, 0.5, 0.9)
+    cfg = PipelineConfig(persona="pirate", workdir=str(tmp_path), build_id="nightly-2026-11-25")
+    row = _headline(cfg, str(tmp_path), cfg.build_id)
+    assert row["in_persona_rate"] == 0.8 and row["in_persona_rate_change"] == pytest.approx(0.3)
+    assert row["robust_in_persona_rate_change"] == pytest.approx(0.25)
+    assert row["pref_accuracy_change"] == pytest.approx(0.15)
+    first = _headline(cfg.model_copy(update={"build_id": "nightly-2026-11-20"}), str(tmp_path), "nightly-2026-11-20")
+    assert first["in_persona_rate"] == 0.1 and first["in_persona_rate_change"] is None  # no earlier night
+    assert _headline(None, str(tmp_path), cfg.build_id)["pref_accuracy"] is None
