@@ -109,3 +109,8 @@ def test_pipeline_cli_prints_json_last(tmp_path, models_dir):
     assert set(summary["checkpoints"]) == {"dpo", "sft", "final"}
     for uri in summary["checkpoints"].values():
         assert uri.startswith("file://")
+    ev = summary["eval"]  # the evaluation's headline metrics, with their n and the reasons for any null
+    assert {"base", "final", "classifier", "report"} <= set(ev) and set(ev["classifier"]) == {"heldout_accuracy", "n"}
+    assert list(ev["final"]) == ["in_persona_rate", "in_persona_n", "robust_in_persona_rate", "robust_n",
+                                 "pref_accuracy", "pref_margin", "pref_pairs", "notes"]
+    assert ev["base"]["pref_accuracy"] is None and ev["base"]["notes"] and ev["report"].endswith("report.md")

@@ -274,3 +274,12 @@ def test_nightly_headline_shows_the_change_since_the_previous_night(tmp_path):
     first = _headline(cfg.model_copy(update={"build_id": "nightly-2026-11-20"}), str(tmp_path), "nightly-2026-11-20")
     assert first["in_persona_rate"] == 0.1 and first["in_persona_rate_change"] is None  # no earlier night
     assert _headline(None, str(tmp_path), cfg.build_id)["pref_accuracy"] is None
+
+
+@pytest.mark.slow
+def test_encoder_classifier_from_a_local_model_folder(tiny_dir):
+    """`--classifier DIR`: frozen mean-pooled embeddings + logistic regression separate the crafted set."""
+    clf, rep = fit_persona_classifier(TRAIN, HELDOUT, path=tiny_dir)
+    assert rep.kind == f"encoder:{tiny_dir.name}" and rep.train_n == 48 and rep.n == 16
+    assert rep.heldout_accuracy >= 0.75
+    assert len(clf.predict_proba([PIRATE[0], PLAIN[0]])) == 2
