@@ -293,8 +293,8 @@ def evaluate_models(
             m.update(nll_metrics(mdl["sums"]["intro"]))
         pref = None
         if mdl["label"] == "base":
-            notes.append("preference metrics not computed for the base: it is the reference, so its implied "
-                         "reward margin is 0 by definition")
+            notes.append("no preference metrics: the base is the reference, so its implied reward margin is 0 "
+                         "by definition")
         elif not data.heldout:
             notes.append("preference metrics not computed: no held-out preference pairs")
         else:
@@ -397,8 +397,7 @@ def evaluate_checkpoints(
     """
     from character.backend.local import LocalService, check_model_name
     from character.eval_inputs import (
-        build_files, build_of, inspect_checkpoint, label_checkpoints, read_rows, recorded_base_model,
-        training_curves,
+        build_files, build_of, inspect_checkpoint, label_checkpoints, recorded_base_model, training_curves,
     )
 
     if not checkpoints:
@@ -441,10 +440,7 @@ def evaluate_checkpoints(
         files.intro, files.intro_held = Path(introspection_data), held_flag(introspection_data)
     if train_data:
         files.train = Path(train_data)
-    same = files.train is not None and files.heldout is not None and files.train.resolve() == files.heldout.resolve()
-    if same:
-        files.heldout_held = False
-    data = _load_data(files, same, limit, prompts, read_rows)
+    data = load_data(files, limit, prompts)
     data.notes = notes + data.notes
 
     svc = service or LocalService(ws, device=device, seed=seed)
@@ -466,7 +462,13 @@ def evaluate_checkpoints(
     return write_outputs(result, out, training_dirs=training_curves(build))
 
 
-def _load_data(files, same: bool, limit: int | None, prompts: list[str] | None, read_rows) -> EvalData:
+def load_data(files, limit: int | None = None, prompts: list[str] | None = None) -> EvalData:
+    """The rows of an evaluation from its files (character.eval_inputs.DataFiles; for a build's own
+    files, `build_files(build_dir)`); `limit` caps the held-out and introspection rows."""
+    from character.eval_inputs import read_rows
+
+    if files.train is not None and files.heldout is not None and files.train.resolve() == files.heldout.resolve():
+        files.heldout_held = False  # the classifier would be scored on its own training data
     pair_keys = ("prompt", "chosen", "rejected")
     heldout = read_rows(files.heldout, "DPO data", pair_keys)[:limit] if files.heldout else []
     train = read_rows(files.train, "training data", pair_keys) if files.train else []

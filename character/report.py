@@ -130,8 +130,9 @@ def render_markdown(result: dict, plots: dict[str, str], plot_note: str | None) 
               "In-persona rate: share of the model's answers (no system prompt) that the persona classifier "
               "calls in character. Robust: the same under an instruction to drop the character. "
               "Pref. accuracy: share of held-out pairs whose implied reward "
-              "beta x (log p - log p_base) is higher for the in-character answer; margin: its mean difference. "
-              "NLL: mean per assistant token (lower after SFT on the model's own introspection by construction)."]
+              "beta x (log p - log p_base) is higher for the in-character answer; margin: its mean difference."
+              + (" NLL: mean per assistant token (lower after SFT on the model's own introspection by construction)."
+                 if has_nll else "")]
 
     notes = _notes(result)
     if notes:
