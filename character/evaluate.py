@@ -252,7 +252,7 @@ def evaluate_models(
     started = datetime.now(timezone.utc)
     clf, clf_rep = fit_persona_classifier(data.train, [] if data.pairs_are_training_data else data.heldout,
                                           classifier_path, seed)
-    if data.pairs_are_training_data and data.heldout:
+    if clf is not None and data.pairs_are_training_data and data.heldout:
         clf_rep.note = "the only pairs given are its training data"
 
     models: list[dict] = []

@@ -18,8 +18,18 @@ def _fmt(v) -> str:
 
 
 def eval_summary(record: dict) -> dict | None:
-    """The per-model persona and preference metrics the build recorded (None: no evaluation stage ran)."""
-    return ((record.get("stages") or {}).get("eval") or {}).get("summary")
+    """The per-model persona and preference metrics the build recorded (None: no evaluation stage ran),
+    keys in their documented order (the record stores them sorted)."""
+    from character.persona_metrics import SUMMARY_KEYS
+
+    summary = ((record.get("stages") or {}).get("eval") or {}).get("summary")
+    if summary is None:
+        return None
+    out = {name: {k: summary[name].get(k) for k in SUMMARY_KEYS} for name in _models(summary)}
+    clf = summary.get("classifier") or {}
+    out["classifier"] = {"heldout_accuracy": clf.get("heldout_accuracy"), "n": clf.get("n", 0)}
+    out["report"] = summary.get("report")
+    return out
 
 
 def _models(summary: dict) -> list[str]:
