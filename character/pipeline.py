@@ -366,6 +366,7 @@ def stage_evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> d
     metrics_json = ((done or {}).get("report") or {}).get("metrics_json")
     if done and done.get("names") == list(checkpoints) and metrics_json and Path(metrics_json).is_file():
         return json.loads(Path(metrics_json).read_text())
+    t0 = time.perf_counter()
     uris = [_local_adapter(cfg, c) for c in checkpoints.values()]
     base = cfg.base_model if cfg.backend == "local" else None
     result = evaluate_checkpoints(
@@ -375,7 +376,8 @@ def stage_evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> d
         max_new_tokens=min(cfg.max_new_tokens, 256),
     )
     report = {k: v for k, v in result.get("report", {}).items() if k != "table"}
-    record_stage(cfg, "eval", {"report": report, "names": list(checkpoints), "summary": result["eval"]})
+    record_stage(cfg, "eval", {"report": report, "names": list(checkpoints), "summary": result["eval"],
+                               "seconds": round(time.perf_counter() - t0, 2)})
     return result
 
 
