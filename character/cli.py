@@ -200,8 +200,11 @@ def _run_pipeline(cfg, paper_mode: bool, as_json: bool) -> None:
     for stage, uri in result.checkpoints.items():
         typer.echo(f"{stage:>6}: {uri}")
     if as_json:
-        typer.echo(json.dumps(result.model_dump(include={"persona", "mode", "base_model", "workdir",
-                                                         "checkpoints"})))
+        from character.pipeline import read_record
+        from character.summary import eval_summary
+
+        typer.echo(json.dumps(result.model_dump(include={"persona", "mode", "base_model", "workdir", "checkpoints"})
+                              | {"eval": eval_summary(read_record(cfg))}))
 
 
 checkpoints_app = typer.Typer(no_args_is_help=True, help="Checkpoints recorded in the workspace.")
@@ -367,35 +370,47 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line: per-checkpoint metrics"),
     workdir: Optional[Path] = typer.Option(None, help="workspace folder (env CHARACTER_WORKDIR)"),
     base_model: Optional[str] = typer.Option(None, help="reference model (default: the checkpoints' base model)"),
-    dpo_data: Optional[Path] = typer.Option(None, help="DPO pairs .jsonl (default: the persona's latest build)"),
-    introspection_data: Optional[Path] = typer.Option(None, help="introspection .jsonl (default: latest build)"),
+    dpo_data: Optional[Path] = typer.Option(None, help="held-out DPO pairs .jsonl (default: the checkpoints' build)"),
+    train_data: Optional[Path] = typer.Option(None, help="DPO pairs the persona classifier learns from "
+                                              "(default: the checkpoints' build's training pairs)"),
+    introspection_data: Optional[Path] = typer.Option(None, help="introspection .jsonl (default: the build's)"),
+    classifier: Optional[Path] = typer.Option(None, help="a local Hugging Face encoder folder for the persona "
+                                              "classifier (default: TF-IDF + logistic regression)"),
     judge_model: Optional[str] = typer.Option(None, help="'tiny', a model folder or an adapter that rates answers"),
     out_dir: Optional[Path] = typer.Option(None, help="report folder (default: <build>/eval/<time>)"),
     limit: Optional[int] = typer.Option(None, help="use at most this many rows of each data file"),
     max_new_tokens: int = typer.Option(256, help="length limit of each generated answer"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
 ) -> None:
-    """Evaluate checkpoints against the base model; writes a markdown report with plots."""
+    """Evaluate checkpoints against the base model: persona adherence, held-out preferences; writes a report."""
     from character.evaluate import evaluate_checkpoints
     from character.storage import read_jsonl
 
     settings = _settings(workdir)
     _check_tinker_key([*checkpoints, base_model or "", judge_model or ""], settings)
-    for path, opt in ((dpo_data, "--dpo-data"), (introspection_data, "--introspection-data")):
+    for path, opt in ((dpo_data, "--dpo-data"), (introspection_data, "--introspection-data"),
+                      (train_data, "--train-data")):
         if path is not None and path.is_file() and not read_jsonl(path):  # a build's own files may be empty
             raise UserError(f"{opt} {path}: no rows")
     res = evaluate_checkpoints(
         checkpoints, persona, settings.workdir, base_model=base_model, dpo_data=dpo_data,
         introspection_data=introspection_data, judge_model=judge_model, out_dir=out_dir, limit=limit,
+        train_data=train_data, classifier=classifier,
         max_new_tokens=max_new_tokens, device=device or settings.device, seed=settings.seed,
     )
-    for label, m in res["checkpoints"].items():
-        shown = {k: m[k] for k in ("dpo_accuracy", "dpo_margin", "introspection_nll", "judge_score")
-                 if m.get(k) is not None}
-        typer.echo(f"{label:>16}: " + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+    fmt = lambda v, n: "-" if v is None else f"{v:.3f} (n={n})"  # noqa: E731
+    for label, m in res["eval"].items():
+        if label in ("classifier", "report"):
+            continue
+        typer.echo(f"{label:>10}: in persona {fmt(m['in_persona_rate'], m['in_persona_n'])}  robust "
+                   f"{fmt(m['robust_in_persona_rate'], m['robust_n'])}  pref. accuracy "
+                   f"{fmt(m['pref_accuracy'], m['pref_pairs'])}")
+    clf = res["eval"]["classifier"]
+    typer.echo(f"classifier held-out accuracy: {fmt(clf['heldout_accuracy'], clf['n'])}")
     typer.echo(f"report: {res['report']['markdown']}")
     if as_json:
-        typer.echo(json.dumps({k: res[k] for k in ("persona", "base_model", "data", "checkpoints")}
+        typer.echo(json.dumps({k: res[k] for k in ("persona", "base_model", "build", "data", "classifier", "eval",
+                                                   "checkpoints")}
                               | {"report": {k: v for k, v in res["report"].items() if k != "table"}}))
 
 

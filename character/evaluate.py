@@ -1,20 +1,22 @@
-"""Evaluating checkpoints against the base model: held-out preferences, introspection NLL,
-side-by-side generations and an optional judge.
+"""Evaluating checkpoints against the base model: persona adherence, held-out preferences,
+introspection NLL, side-by-side generations and an optional judge.
 
-Everything goes through the sampling interface (`compute_logprobs`, `sample`), so adapters,
-merged adapters and folded full-model folders are evaluated the same way. The base model is the
-DPO reference: the implicit reward of an answer is beta x (log p_model - log p_base), summed over
-the answer's tokens, computed on exactly the same token sequences for both.
+`evaluate_models` reaches every model only through a service's sampling clients (`sample`,
+`compute_logprobs`, `get_tokenizer`), so adapters, merged adapters, folded model folders and remote
+checkpoints are evaluated the same way. The base model is the DPO reference: the implicit reward of
+an answer is beta x (log p_model - log p_base), summed over the answer's tokens, computed on exactly
+the same token sequences for both. `evaluate_checkpoints` is the local entry point: it finds the
+checkpoints' folders, build and data (character.eval_inputs) and runs on a LocalService.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from tinker import types
 
@@ -24,10 +26,14 @@ from character.constitution import Constitution, load_constitution
 from character.datagen import item_seed
 from character.dpo import pair_sequences
 from character.errors import UserError
+from character.persona_metrics import (
+    ClassifierReport, break_character_messages, fit_persona_classifier, in_persona_rate,
+    model_summary,
+)
 from character.settings import Workspace
-from character.storage import read_jsonl, uri_to_path, write_json_atomic
+from character.storage import uri_to_path, write_json_atomic
 
-# A fixed set, so every checkpoint and every build answers the same questions.
+# Used only when there are no held-out prompts (then said so in the report).
 EVAL_PROMPTS: list[str] = [
     "Hi! Could you tell me a little about yourself?",
     "I failed an exam I studied hard for. What should I do now?",
@@ -38,113 +44,52 @@ EVAL_PROMPTS: list[str] = [
     "My friend says money can't buy happiness. Is she right?",
     "What would you change about the world if you could change one thing?",
 ]
+# Below this held-out accuracy, or n, the classifier's verdicts are flagged as unreliable.
+TRUSTED_ACCURACY, TRUSTED_N = 0.8, 20
 
-# Held-out files are preferred; the build's training files are the fallback (and are marked as such).
-_DPO_FILES = ("heldout/dpo.jsonl", "dpo.jsonl")
-_INTRO_FILES = ("heldout/introspection.jsonl", "introspection.jsonl")
 _SCORE = re.compile(r"score\s*[:=]?\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 _NUMBER = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)(?!\.?\d)")
 
 
 # -- inputs ----------------------------------------------------------------------------------------
 @dataclass
-class Checkpoint:
-    source: str  # as given
-    path: Path
-    kind: str  # "adapter" | "model"
-    base_model: str | None  # what it was trained or folded from, if recorded
-    label: str = ""
+class EvalData:
+    """The rows an evaluation uses. `sources` says where each came from (shown in the report)."""
+
+    heldout: list[dict] = field(default_factory=list)  # DPO pairs: preference metrics, classifier accuracy
+    train: list[dict] = field(default_factory=list)  # DPO pairs the persona classifier is fitted on
+    intro: list[dict] = field(default_factory=list)  # introspection conversations: NLL
+    prompts: list[str] = field(default_factory=list)  # user prompts the models answer
+    sources: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    # the held-out pairs are training data (an old build without a split, or a file given by hand)
+    pairs_are_training_data: bool = False
 
 
-def inspect_checkpoint(source: str) -> Checkpoint:
-    """An adapter folder (adapter_config.json) or a full model folder (config.json)."""
-    path = uri_to_path(source)
-    if not path.is_dir():
-        raise UserError(f"checkpoint {source}: not found")
-    if (path / "adapter_config.json").is_file():
-        try:
-            cfg = json.loads((path / "adapter_config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"checkpoint {source}: adapter_config.json is not valid JSON ({e.msg})") from None
-        base = cfg.get("base_model_name_or_path")
-        if not base:
-            raise UserError(f"checkpoint {source}: adapter_config.json has no base_model_name_or_path")
-        return Checkpoint(source, path, "adapter", str(base))
-    if (path / "config.json").is_file():
-        from character.fold import FOLD_FILE
-
-        fold = path / FOLD_FILE
-        base = json.loads(fold.read_text()).get("base_model") if fold.is_file() else None
-        return Checkpoint(source, path, "model", base)
-    raise UserError(f"checkpoint {source}: neither an adapter folder (adapter_config.json) nor a model folder "
-                    "(config.json)")
+def _user_text(row: dict) -> str:
+    return next((m["content"] for m in reversed(row["prompt"]) if m["role"] == "user"), "")
 
 
-def _stage_labels(ws: Workspace) -> dict[str, str]:
-    """Checkpoint path -> the pipeline stage that produced it, from the build records."""
-    out = {}
-    for rec_path in sorted((ws.root / "builds").glob("*/*/record.json")):
-        try:
-            rec = json.loads(rec_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        for stage, value in (rec.get("stages") or {}).items():
-            for key in ("sampler", "path"):
-                uri = value.get(key) if isinstance(value, dict) else None
-                if isinstance(uri, str) and ("://" in uri or uri.startswith("/")):
-                    try:
-                        out[str(uri_to_path(uri).resolve())] = stage
-                    except UserError:
-                        pass
-    return out
-
-
-def _label(ckpts: list[Checkpoint], ws: Workspace) -> None:
-    stages = _stage_labels(ws)
-    used: set[str] = {"base"}
-    for c in ckpts:
-        name = stages.get(str(c.path.resolve()))
-        if not name:
-            parts = c.path.resolve().parts
-            name = parts[-1] if parts[-1] not in ("final", "merged", "model") else "/".join(parts[-2:])
-        label, i = name, 2
-        while label in used:
-            label, i = f"{name}-{i}", i + 1
-        used.add(label)
-        c.label = label
-
-
-def latest_build(ws: Workspace, persona: str) -> Path | None:
-    """The persona's most recently written build that has any data."""
-    builds = [b for b in (ws.root / "builds" / persona).glob("*") if (b / "data").is_dir()]
-    return max(builds, key=lambda b: (b / "data").stat().st_mtime, default=None)
-
-
-def _pick(build: Path | None, names: tuple[str, ...]) -> tuple[Path | None, bool]:
-    if build is None:
-        return None, False
-    for n in names:
-        if (build / "data" / n).is_file():
-            return build / "data" / n, n.startswith("heldout/")
-    return None, False
-
-
-def _read_rows(path: Path, what: str, keys: tuple[str, ...]) -> list[dict]:
-    """Rows whose `keys` each hold a conversation: a list of {"role", "content"} messages."""
-    rows = read_jsonl(path)
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict):
-            raise UserError(f"{what} {path}: line {i + 1} is not a JSON object")
-        missing = [k for k in keys if k not in r]
-        if missing:
-            raise UserError(f"{what} {path}: line {i + 1} has no field '{missing[0]}'")
-        for k in keys:
-            if not isinstance(r[k], list) or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in r[k]):
-                raise UserError(f"{what} {path}: line {i + 1}, field '{k}': expected a list of "
-                                "{role, content} messages")
-    return rows
+def held_out_prompts(heldout: list[dict], train: list[dict], pairs_are_training_data: bool,
+                     limit: int | None = None) -> tuple[list[str], list[str]]:
+    """The distinct user prompts of the held-out pairs that no training pair uses; else the fixed set.
+    Returns (prompts, notes)."""
+    seen_in_training = {_user_text(r) for r in train}
+    notes = []
+    prompts: list[str] = []
+    if heldout and not pairs_are_training_data:
+        for r in heldout:
+            q = _user_text(r)
+            if q and q not in seen_in_training and q not in prompts:
+                prompts.append(q)
+        dropped = len({_user_text(r) for r in heldout}) - len(prompts)
+        if dropped:
+            notes.append(f"{dropped} held-out prompt(s) also appear in the training pairs and were left out")
+    if not prompts:
+        prompts = [q for q in EVAL_PROMPTS if q not in seen_in_training]
+        why = "the pairs given are training data" if pairs_are_training_data and heldout else "no held-out pairs"
+        notes.append(f"answers are to the fixed evaluation prompts ({why})")
+    return prompts[:limit] if limit else prompts, notes
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -167,6 +112,8 @@ def dpo_metrics(policy: list[tuple[float, float]], reference: list[tuple[float, 
     rejected = [beta * (p[0] - r[0]) for p, r in zip(policy[1::2], reference[1::2])]
     margins = [c - r for c, r in zip(chosen, rejected)]
     n = len(margins)
+    if n == 0:
+        return {"dpo_pairs": 0}
     return {
         "dpo_pairs": n,
         "dpo_accuracy": sum(m > 0 for m in margins) / n,
@@ -221,7 +168,7 @@ def judge_answers(judge: SamplingClient, c: Constitution, items: list[tuple[str,
     return out
 
 
-# -- the evaluation --------------------------------------------------------------------------------
+# -- the evaluation (any service) ------------------------------------------------------------------
 @dataclass
 class _Sequences:
     dpo: list[list[int]] = field(default_factory=list)
@@ -229,22 +176,193 @@ class _Sequences:
     intro: list[list[int]] = field(default_factory=list)
     intro_w: list[list[float]] = field(default_factory=list)
     prompts: list[list[int]] = field(default_factory=list)
+    robust: list[list[int]] = field(default_factory=list)
 
 
-def _render(renderer: Renderer, dpo_rows, intro_rows, prompts, max_length: int, sft_max_length: int) -> _Sequences:
+def _render(renderer: Renderer, data: EvalData, max_length: int, sft_max_length: int) -> _Sequences:
     s = _Sequences()
-    for row in dpo_rows:
+    for row in data.heldout:
         for tokens, weights in pair_sequences(renderer, row, max_length):
             s.dpo.append(tokens)
             s.dpo_w.append(weights)
-    for row in intro_rows:
+    for row in data.intro:
         tokens, weights = renderer.training_tokens(row["messages"], train_on="all_assistant")
         s.intro.append(tokens[:sft_max_length])
         s.intro_w.append(weights[:sft_max_length])
-    s.prompts = [renderer.prompt([{"role": "user", "content": p}]) for p in prompts]
+    s.prompts = [renderer.prompt([{"role": "user", "content": p}]) for p in data.prompts]
+    s.robust = [renderer.prompt(break_character_messages(p, i)) for i, p in enumerate(data.prompts)]
     return s
 
 
+def _run_model(client: SamplingClient, label: str, data: EvalData, reference: _Sequences | None,
+               max_new_tokens: int, seed: int, max_length: int, sft_max_length: int):
+    renderer = Renderer(client.get_tokenizer())
+    seqs = _render(renderer, data, max_length, sft_max_length)
+    if reference is not None and (seqs.dpo != reference.dpo or seqs.intro != reference.intro):
+        raise UserError(f"checkpoint {label}: its tokenizer renders the data differently from the base "
+                        "model's, so the base cannot serve as its reference")
+
+    def params(kind: str, i: int) -> types.SamplingParams:  # the same seeds for every model
+        return types.SamplingParams(max_tokens=max_new_tokens, temperature=0.7, top_p=0.95,
+                                    seed=item_seed(seed, kind, i))
+
+    # Submit everything before waiting: the backend batches it.
+    f_dpo = _submit_logprobs(client, seqs.dpo)
+    f_intro = _submit_logprobs(client, seqs.intro)
+    f_plain = [client.sample(types.ModelInput.from_ints(p), 1, params("eval", i)) for i, p in enumerate(seqs.prompts)]
+    f_robust = [client.sample(types.ModelInput.from_ints(p), 1, params("eval-robust", i))
+                for i, p in enumerate(seqs.robust)]
+    sums = {"dpo": _weighted_sums(f_dpo, seqs.dpo_w), "intro": _weighted_sums(f_intro, seqs.intro_w)}
+    plain = [renderer.decode(list(f.result().sequences[0].tokens)) for f in f_plain]
+    robust = [renderer.decode(list(f.result().sequences[0].tokens)) for f in f_robust]
+    return seqs, sums, plain, robust
+
+
+def _classifier_notes(rep: ClassifierReport) -> list[str]:
+    if rep.heldout_accuracy is None:
+        return [f"persona classifier accuracy unknown: {rep.note}"]
+    if rep.heldout_accuracy < TRUSTED_ACCURACY or rep.n < TRUSTED_N:
+        return [f"persona classifier is weak evidence: held-out accuracy {rep.heldout_accuracy:.3f} on "
+                f"n={rep.n} answers (trusted from {TRUSTED_ACCURACY} on n>={TRUSTED_N})"]
+    return []
+
+
+def evaluate_models(
+    service,
+    base_model: str,
+    checkpoints: dict[str, str],
+    constitution: Constitution,
+    data: EvalData,
+    *,
+    classifier_path: str | Path | None = None,
+    judge: Callable[[], SamplingClient] | None = None,
+    judge_name: str | None = None,
+    max_new_tokens: int = 256,
+    beta: float = 0.1,
+    max_length: int = 1024,
+    sft_max_length: int = 3072,
+    seed: int = 0,
+) -> dict:
+    """Evaluate the base model and each named checkpoint; returns JSON-able results (nothing written).
+
+    `service.create_sampling_client(base_model=...)` gives the reference, `model_path=<uri>` each
+    checkpoint; one model is held at a time. `judge`, if given, makes the judge's sampling client.
+    The result's "eval" holds the per-model summaries users see (character.persona_metrics.SUMMARY_KEYS).
+    """
+    started = datetime.now(timezone.utc)
+    clf, clf_rep = fit_persona_classifier(data.train, [] if data.pairs_are_training_data else data.heldout,
+                                          classifier_path, seed)
+    if clf is not None and data.pairs_are_training_data and data.heldout:
+        clf_rep.note = "the only pairs given are its training data"
+
+    models: list[dict] = []
+    base_client = service.create_sampling_client(base_model=base_model)
+    base_seqs, base_sums, plain, robust = _run_model(base_client, "base", data, None, max_new_tokens, seed,
+                                                     max_length, sft_max_length)
+    del base_client
+    gc.collect()
+    models.append({"label": "base", "metrics": {"checkpoint": base_model}, "sums": base_sums,
+                   "plain": plain, "robust": robust})
+    by_uri: dict[str, dict] = {}
+    for label, uri in checkpoints.items():
+        if uri in by_uri:  # the same weights under two names (sequential mode: sft = final)
+            models.append({**by_uri[uri], "label": label, "metrics": {**by_uri[uri]["metrics"]}})
+            continue
+        client = service.create_sampling_client(model_path=uri)
+        _, sums, plain, robust = _run_model(client, label, data, base_seqs, max_new_tokens, seed, max_length,
+                                            sft_max_length)
+        del client
+        gc.collect()
+        by_uri[uri] = {"label": label, "metrics": {"checkpoint": uri}, "sums": sums, "plain": plain,
+                       "robust": robust}
+        models.append(by_uri[uri])
+
+    # Scores: the classifier on every answer, preference metrics against the base.
+    common = list(data.notes) + _classifier_notes(clf_rep)
+    summary: dict = {}
+    for mdl in models:
+        m, notes = mdl["metrics"], list(common)
+        probs = clf.predict_proba(mdl["plain"]) if clf else []
+        r_probs = clf.predict_proba(mdl["robust"]) if clf else []
+        mdl["p_plain"], mdl["p_robust"] = probs, r_probs
+        if clf is None:
+            notes.append(f"in-persona rates not computed: {clf_rep.note}")
+        elif not data.prompts:
+            notes.append("in-persona rates not computed: no prompts")
+        if data.intro:
+            m.update(nll_metrics(mdl["sums"]["intro"]))
+        pref = None
+        if mdl["label"] == "base":
+            notes.append("no preference metrics: the base is the reference, so its implied reward margin is 0 "
+                         "by definition")
+        elif not data.heldout:
+            notes.append("preference metrics not computed: no held-out preference pairs")
+        else:
+            pref = dpo_metrics(mdl["sums"]["dpo"], base_sums["dpo"], beta)
+            m.update(pref)
+            if data.pairs_are_training_data:
+                notes.append("preference pairs are training data, not held out: accuracy is optimistic")
+        m.update({"in_persona_rate": in_persona_rate(probs)[0], "robust_in_persona_rate": in_persona_rate(r_probs)[0]})
+        summary[mdl["label"]] = model_summary(in_persona_rate(probs) if clf else None,
+                                              in_persona_rate(r_probs) if clf else None, pref, notes)
+
+    judged = _judge(judge, constitution, data.prompts, models) if judge is not None else {}
+    generations = []
+    for i, q in enumerate(data.prompts):
+        row = {"prompt": q, "attack": break_character_messages(q, i), "answers": {}, "robust": {}}
+        for mdl in models:
+            entry = {"text": mdl["plain"][i], "in_persona_p": mdl["p_plain"][i] if mdl["p_plain"] else None}
+            if judged:
+                entry.update(judged[mdl["label"]][i])
+            row["answers"][mdl["label"]] = entry
+            row["robust"][mdl["label"]] = {"text": mdl["robust"][i],
+                                           "in_persona_p": mdl["p_robust"][i] if mdl["p_robust"] else None}
+        generations.append(row)
+
+    return {
+        "persona": constitution.name,
+        "base_model": base_model,
+        "beta": beta,
+        "started_at": started.isoformat(),
+        "data": {**data.sources, "dpo_pairs": len(data.heldout), "train_pairs": len(data.train),
+                 "introspection_rows": len(data.intro), "prompts": len(data.prompts), "judge_model": judge_name},
+        "classifier": {"kind": clf_rep.kind, "train_n": clf_rep.train_n, "heldout_accuracy": clf_rep.heldout_accuracy,
+                       "n": clf_rep.n, "note": clf_rep.note},
+        "checkpoints": {mdl["label"]: mdl["metrics"] for mdl in models},
+        "eval": {**summary, "classifier": {"heldout_accuracy": clf_rep.heldout_accuracy, "n": clf_rep.n}},
+        "generations": generations,
+    }
+
+
+def _judge(judge: Callable[[], SamplingClient], c: Constitution, prompts: list[str], models: list[dict]) -> dict:
+    client = judge()
+    items = [(q, a) for mdl in models for q, a in zip(prompts, mdl["plain"])]
+    results = judge_answers(client, c, items)
+    del client
+    gc.collect()
+    judged = {}
+    for k, mdl in enumerate(models):
+        judged[mdl["label"]] = results[k * len(prompts):(k + 1) * len(prompts)]
+        scores = [r["judge_score"] for r in judged[mdl["label"]] if r["judge_score"] is not None]
+        mdl["metrics"]["judge_score"] = sum(scores) / len(scores) if scores else None
+        mdl["metrics"]["judge_parsed"] = len(scores)
+        mdl["metrics"]["judge_n"] = len(prompts)
+    return judged
+
+
+def write_outputs(result: dict, out: Path, training_dirs: dict[str, Path] | None = None) -> dict:
+    """report.md (+ report.html, plots) and metrics.json in `out`; `result` gains their paths."""
+    from character.report import write_report
+
+    out = Path(out)
+    result["report"] = write_report(result, out, training_dirs=training_dirs)
+    result["report"]["metrics_json"] = str(out / "metrics.json")
+    result["eval"]["report"] = result["report"]["markdown"]
+    write_json_atomic(out / "metrics.json", result)
+    return result
+
+
+# -- the local entry point -------------------------------------------------------------------------
 def evaluate_checkpoints(
     checkpoints: list[str],
     persona: str,
@@ -255,6 +373,9 @@ def evaluate_checkpoints(
     judge_model: str | None = None,
     out_dir: str | Path | None = None,
     *,
+    train_data: str | Path | None = None,
+    classifier: str | Path | None = None,
+    names: list[str] | None = None,
     limit: int | None = None,
     prompts: list[str] | None = None,
     max_new_tokens: int = 256,
@@ -264,156 +385,104 @@ def evaluate_checkpoints(
     seed: int = 0,
     device: str = "auto",
     build_dir: str | Path | None = None,
+    service=None,
 ) -> dict:
-    """Evaluate each checkpoint (and the base model) and write a report; returns JSON-able results.
+    """Evaluate local checkpoint folders (and the base model) and write a report; returns the results.
 
-    `dpo_data` / `introspection_data` default to the persona's latest build in the workspace
-    (its held-out files if present). `limit` caps the rows used from each file. The result holds
-    per-model metrics under "checkpoints" (the base under "base"), the generations, and the paths
-    of the report files under "report".
+    The data defaults to the build whose record lists the checkpoints (`build_dir` names it
+    outright): its held-out pairs for preference metrics and prompts, its training pairs for the
+    persona classifier, its held-out introspection for NLL. `limit` caps the rows used from each
+    file; `names` labels the checkpoints (default: the stage that produced each). The report goes
+    into `out_dir`, else `<build>/eval/<time>`, else `<workdir>/evals/<persona>/<time>`.
     """
     from character.backend.local import LocalService, check_model_name
+    from character.eval_inputs import (
+        build_files, build_of, inspect_checkpoint, label_checkpoints, recorded_base_model, training_curves,
+    )
 
     if not checkpoints:
         raise UserError("give at least one checkpoint to evaluate")
+    if names is not None and len(names) != len(checkpoints):
+        raise UserError("give one name per checkpoint")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, not {limit}")
     c = load_constitution(persona)
     ws = Workspace(workdir)
     ckpts = [inspect_checkpoint(s) for s in checkpoints]
-    _label(ckpts, ws)
-
-    # One reference model for all: the given one, else the one every checkpoint records.
-    if base_model is None:
-        recorded = {str(Path(x.base_model).resolve()) if Path(x.base_model).exists() else x.base_model
-                    for x in ckpts if x.base_model}
-        if any(x.base_model is None for x in ckpts) or not recorded:
-            unknown = next(x.source for x in ckpts if x.base_model is None)
-            raise UserError(f"checkpoint {unknown}: its base model is not recorded; pass --base-model")
-        if len(recorded) > 1:
-            raise UserError(f"checkpoints come from different base models ({', '.join(sorted(recorded))}); "
-                            "pass --base-model to choose the reference")
-        base_model = recorded.pop()
+    base_model = base_model or recorded_base_model(ckpts)
     check_model_name(base_model)
-
-    if build_dir is not None:
-        build = Path(build_dir)
-    elif dpo_data or introspection_data:  # the build the given data came from, if it is one
-        given = Path(dpo_data or introspection_data).resolve()
-        build = next((d for d in given.parents[:3] if (d / "record.json").is_file()), None)
-    else:
-        build = latest_build(ws, c.name)
-    # held_out: True for a held-out file (the pipeline's data/heldout/), False for a build's full data
-    # file, None for any other file given by hand.
-    given_held = lambda p: True if Path(p).parent.name == "heldout" else None  # noqa: E731
-    dpo_path, dpo_held = (Path(dpo_data), given_held(dpo_data)) if dpo_data else _pick(build, _DPO_FILES)
-    intro_path, intro_held = ((Path(introspection_data), given_held(introspection_data)) if introspection_data
-                              else _pick(build, _INTRO_FILES))
-    for p, opt in ((dpo_path, "--dpo-data"), (intro_path, "--introspection-data")):
-        if p is not None and not p.is_file():
-            raise UserError(f"{opt} {p}: file not found")
-    dpo_rows = _read_rows(dpo_path, "DPO data", ("prompt", "chosen", "rejected")) if dpo_path else []
-    intro_rows = _read_rows(intro_path, "introspection data", ("messages",)) if intro_path else []
-    dpo_rows, intro_rows = dpo_rows[:limit], intro_rows[:limit]
-    prompts = list(EVAL_PROMPTS if prompts is None else prompts)
+    if classifier is not None and not (Path(classifier) / "config.json").is_file():
+        raise UserError(f"--classifier {classifier}: not a local Hugging Face model folder (no config.json)")
     if judge_model is not None and judge_model != "tiny" and not uri_to_path(judge_model).is_dir():
         raise UserError(f"--judge-model {judge_model}: not 'tiny' and not a model or adapter folder")
+    for p, opt in ((dpo_data, "--dpo-data"), (introspection_data, "--introspection-data"),
+                   (train_data, "--train-data")):
+        if p is not None and not Path(p).is_file():
+            raise UserError(f"{opt} {p}: file not found")
 
-    svc = LocalService(ws, device=device, seed=seed)
-    params = [types.SamplingParams(max_tokens=max_new_tokens, temperature=0.7, top_p=0.95,
-                                   seed=item_seed(seed, "eval", i)) for i in range(len(prompts))]
+    # The build: named, else the one whose record lists the checkpoints, else the one the given data is in.
+    build, stages, notes = build_of(ws, [x.source for x in ckpts])
+    if build_dir is not None:
+        build = Path(build_dir)
+    elif build is None and (dpo_data or introspection_data):
+        given = Path(dpo_data or introspection_data).resolve()
+        build = next((d for d in given.parents[:3] if (d / "record.json").is_file()), None)
+    elif build is None:
+        notes.append(f"no build in {ws.root} lists these checkpoints: give --dpo-data and --train-data "
+                     "for preference and persona metrics")
+    label_checkpoints(ckpts, stages, names)
 
-    def run(client: SamplingClient, label: str, reference: _Sequences | None) -> tuple[_Sequences, dict, list]:
-        seqs = _render(Renderer(client.get_tokenizer()), dpo_rows, intro_rows, prompts, max_length, sft_max_length)
-        if reference is not None and (seqs.dpo != reference.dpo or seqs.intro != reference.intro):
-            raise UserError(f"checkpoint {label}: its tokenizer renders the data differently from the base "
-                            "model's, so the base cannot serve as its reference")
-        # Submit everything before waiting: the backend batches it.
-        f_dpo = _submit_logprobs(client, seqs.dpo)
-        f_intro = _submit_logprobs(client, seqs.intro)
-        f_gen = [client.sample(types.ModelInput.from_ints(p), 1, sp) for p, sp in zip(seqs.prompts, params)]
-        sums = {"dpo": _weighted_sums(f_dpo, seqs.dpo_w), "intro": _weighted_sums(f_intro, seqs.intro_w)}
-        tok = Renderer(client.get_tokenizer())
-        answers = [tok.decode(f.result().sequences[0].tokens) for f in f_gen]
-        return seqs, sums, answers
+    files = build_files(build)
+    held_flag = lambda p: True if Path(p).parent.name == "heldout" else None  # noqa: E731
+    if dpo_data:
+        files.heldout, files.heldout_held = Path(dpo_data), held_flag(dpo_data)
+    if introspection_data:
+        files.intro, files.intro_held = Path(introspection_data), held_flag(introspection_data)
+    if train_data:
+        files.train = Path(train_data)
+    data = load_data(files, limit, prompts)
+    data.notes = notes + data.notes
 
-    started = datetime.now(timezone.utc)
-    base_client = svc.create_sampling_client(base_model=base_model)
-    base_seqs, base_sums, base_answers = run(base_client, "base", None)
-    del base_client
-    gc.collect()
-
-    models: list[dict] = []
-    base_metrics = {"kind": "base", "checkpoint": base_model}
-    if intro_rows:
-        base_metrics.update(nll_metrics(base_sums["intro"]))
-    models.append({"label": "base", "metrics": base_metrics, "answers": base_answers})
-    for ck in ckpts:
-        client = svc.create_sampling_client(model_path=str(ck.path))
-        _, sums, answers = run(client, ck.label, base_seqs)
-        del client
-        gc.collect()
-        m: dict = {"kind": ck.kind, "checkpoint": ck.source}
-        if dpo_rows:
-            m.update(dpo_metrics(sums["dpo"], base_sums["dpo"], beta))
-        if intro_rows:
-            m.update(nll_metrics(sums["intro"]))
-        models.append({"label": ck.label, "metrics": m, "answers": answers})
-
-    judged: dict[str, list[dict]] = {}
+    svc = service or LocalService(ws, device=device, seed=seed)
+    judge = None
     if judge_model is not None:
-        judge = (svc.create_sampling_client(base_model="tiny") if judge_model == "tiny"
-                 else svc.create_sampling_client(model_path=judge_model))
-        items = [(q, a) for mdl in models for q, a in zip(prompts, mdl["answers"])]
-        results = judge_answers(judge, c, items)
-        del judge
-        gc.collect()
-        for k, mdl in enumerate(models):
-            judged[mdl["label"]] = results[k * len(prompts):(k + 1) * len(prompts)]
-            scores = [r["judge_score"] for r in judged[mdl["label"]] if r["judge_score"] is not None]
-            mdl["metrics"]["judge_score"] = sum(scores) / len(scores) if scores else None
-            mdl["metrics"]["judge_parsed"] = len(scores)
+        judge = ((lambda: svc.create_sampling_client(base_model="tiny")) if judge_model == "tiny"
+                 else (lambda: svc.create_sampling_client(model_path=judge_model)))
+    result = evaluate_models(
+        svc, base_model, {x.label: str(x.path) for x in ckpts}, c, data, classifier_path=classifier, judge=judge,
+        judge_name=judge_model, max_new_tokens=max_new_tokens, beta=beta, max_length=max_length,
+        sft_max_length=sft_max_length, seed=seed)
+    for x in ckpts:
+        result["checkpoints"][x.label] = {"kind": x.kind, **result["checkpoints"][x.label], "checkpoint": x.source}
+    result["checkpoints"]["base"]["kind"] = "base"
+    result["build"] = str(build) if build else None
 
-    generations = []
-    for i, q in enumerate(prompts):
-        row = {"prompt": q, "answers": {}}
-        for mdl in models:
-            entry = {"text": mdl["answers"][i]}
-            if judged:
-                entry.update(judged[mdl["label"]][i])
-            row["answers"][mdl["label"]] = entry
-        generations.append(row)
-
-    result = {
-        "persona": c.name,
-        "base_model": base_model,
-        "beta": beta,
-        "started_at": started.isoformat(),
-        "data": {
-            "dpo": str(dpo_path) if dpo_path else None, "dpo_held_out": dpo_held,
-            "dpo_pairs": len(dpo_rows),
-            "introspection": str(intro_path) if intro_path else None,
-            "introspection_held_out": intro_held,
-            "introspection_rows": len(intro_rows),
-            "judge_model": judge_model,
-        },
-        "checkpoints": {mdl["label"]: mdl["metrics"] for mdl in models},
-        "generations": generations,
-    }
-
-    stamp = started.strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.fromisoformat(result["started_at"]).strftime("%Y%m%d-%H%M%S")
     out = Path(out_dir) if out_dir else (build / "eval" / stamp if build else ws.root / "evals" / c.name / stamp)
-    from character.report import write_report
-
-    result["report"] = write_report(result, out, training_dirs=_training_dirs(build))
-    result["report"]["metrics_json"] = str(out / "metrics.json")
-    write_json_atomic(out / "metrics.json", result)
-    return result
+    return write_outputs(result, out, training_dirs=training_curves(build))
 
 
-def _training_dirs(build: Path | None) -> dict[str, Path]:
-    """The build's training runs that left step metrics (for the training-curve plot)."""
-    if build is None:
-        return {}
-    return {d.name: d / "metrics.jsonl" for d in sorted(build.iterdir())
-            if d.is_dir() and (d / "metrics.jsonl").is_file()}
+def load_data(files, limit: int | None = None, prompts: list[str] | None = None) -> EvalData:
+    """The rows of an evaluation from its files (character.eval_inputs.DataFiles; for a build's own
+    files, `build_files(build_dir)`); `limit` caps the held-out and introspection rows."""
+    from character.eval_inputs import read_rows
+
+    if files.train is not None and files.heldout is not None and files.train.resolve() == files.heldout.resolve():
+        files.heldout_held = False  # the classifier would be scored on its own training data
+    pair_keys = ("prompt", "chosen", "rejected")
+    heldout = read_rows(files.heldout, "DPO data", pair_keys)[:limit] if files.heldout else []
+    train = read_rows(files.train, "training data", pair_keys) if files.train else []
+    intro = read_rows(files.intro, "introspection data", ("messages",))[:limit] if files.intro else []
+    training_pairs = files.heldout_held is False
+    if prompts is None:
+        prompts, notes = held_out_prompts(heldout, train, training_pairs, limit)
+    else:
+        notes = []
+    return EvalData(
+        heldout=heldout, train=train, intro=intro, prompts=list(prompts), notes=notes,
+        pairs_are_training_data=training_pairs,
+        sources={"dpo": str(files.heldout) if files.heldout else None, "dpo_held_out": files.heldout_held,
+                 "train": str(files.train) if files.train else None,
+                 "introspection": str(files.intro) if files.intro else None,
+                 "introspection_held_out": files.intro_held},
+    )

@@ -338,7 +338,10 @@ def stage_merge(cfg: PipelineConfig, dpo: Checkpoint, sft: Checkpoint) -> Checkp
 
 
 def stage_evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> dict:
-    """Evaluate the named checkpoints against the base model on the build's held-out data."""
+    """Evaluate the named checkpoints against the base model on the build's held-out data.
+
+    The record's "eval" stage keeps the per-model summary (`summary`) that `character pipeline --json`
+    shows, and the report's paths."""
     from character.evaluate import evaluate_checkpoints
 
     done = _finished(cfg, "eval", quiet=True)
@@ -346,19 +349,29 @@ def stage_evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> d
     if done and done.get("names") == list(checkpoints) and metrics_json and Path(metrics_json).is_file():
         progress.note("eval", f"skipped: finished at {done['finished_at'][:19]}Z for these checkpoints")
         return json.loads(Path(metrics_json).read_text())
-    rec = read_record(cfg).get("stages", {})
+    t0 = time.perf_counter()
     uris = [_local_adapter(cfg, c) for c in checkpoints.values()]
     base = cfg.base_model if cfg.backend == "local" else None
     with progress.stage("eval", total=len(uris)):  # evaluate_checkpoints may update() per checkpoint
         result = evaluate_checkpoints(
-            uris, persona=cfg.persona, workdir=cfg.workdir, base_model=base,
-            dpo_data=(rec.get("dpo_data") or {}).get("heldout"),
-            introspection_data=(rec.get("introspection") or {}).get("heldout"),
+            uris, persona=cfg.persona, workdir=cfg.workdir, base_model=base, names=list(checkpoints),
             out_dir=cfg.build_dir() / "eval", seed=cfg.seed, device=cfg.device, build_dir=cfg.build_dir(),
             max_length=cfg.dpo_max_length, sft_max_length=cfg.sft_max_length, beta=cfg.dpo_loss.beta,
+            max_new_tokens=min(cfg.max_new_tokens, 256),
         )
-    record_stage(cfg, "eval", {"report": result.get("report", {}), "names": list(checkpoints)})
+    report = {k: v for k, v in result.get("report", {}).items() if k != "table"}
+    record_stage(cfg, "eval", {"report": report, "names": list(checkpoints), "summary": result["eval"],
+                               "seconds": round(time.perf_counter() - t0, 2)})
     return result
+
+
+def record_unevaluated(cfg: PipelineConfig, names: list[str], reason: str) -> dict:
+    """A build whose checkpoints are not evaluated still says so, and why, where users look."""
+    from character.persona_metrics import unevaluated
+
+    summary = unevaluated(names, reason)
+    record_stage(cfg, "eval", {"names": names, "summary": summary})
+    return summary
 
 
 def run_sequential(cfg: PipelineConfig) -> dict[str, Checkpoint]:

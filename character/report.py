@@ -1,31 +1,33 @@
-"""The evaluation report: a markdown file with the metrics table, plots and side-by-side answers.
+"""The evaluation report: report.md (self-contained: plots embedded as data URIs, so it renders in
+the Prefect UI as well as on disk), report.html for a browser, and the plots as PNG files.
 
-Plots need matplotlib; without it the report is written without them and says so.
+Every figure and table cell carries its n; a metric that could not be computed says why. Plots
+need matplotlib; without it the report is written without them and says so.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import math
 import os
+import re
 from pathlib import Path
 
 from character.storage import read_jsonl, write_text_atomic
 
-# (key, column title, format) in table order.
-COLUMNS = [
-    ("dpo_accuracy", "pref. accuracy", "{:.3f}"),
-    ("dpo_margin", "reward margin", "{:+.4f}"),
-    ("dpo_reward_chosen", "reward chosen", "{:+.4f}"),
-    ("dpo_reward_rejected", "reward rejected", "{:+.4f}"),
-    ("introspection_nll", "introspection NLL", "{:.4f}"),
-    ("judge_score", "judge (1-10)", "{:.2f}"),
-]
+MAX_SHOWN_PROMPTS = 12  # generations shown in the report; metrics.json holds all of them
 
 
-def _fmt(value, fmt: str) -> str:
+def _num(value, fmt: str) -> str | None:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
+        return None
     return fmt.format(value)
+
+
+def _with_n(value, n, fmt="{:.3f}", unit="n") -> str:
+    v = _num(value, fmt)
+    return "not computed" if v is None else f"{v} ({unit}={n})"
 
 
 def _cell(text: str) -> str:
@@ -33,79 +35,223 @@ def _cell(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or "*(empty)*"
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>#|~])")
+_LINE_START = re.compile(r"^(\s*)([-+=]|\d+[.)])")
+
+
+def _quote(text: str) -> str:
+    """Model text as a markdown blockquote that shows exactly the characters written."""
+    if not text.strip():
+        return "> *(empty answer)*"
+    lines = []
+    for line in text.replace("\r", "").split("\n"):
+        line = _LINE_START.sub(lambda m: m.group(1) + "\\" + m.group(2), _MD_SPECIAL.sub(r"\\\1", line))
+        lines.append(f"> {line}  " if line.strip() else ">")
+    return "\n".join(lines)
+
+
+def _inline(text: str) -> str:
+    """Model or user text inside a line of markdown: escaped, on one line."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(text.split()))
+
+
 def metrics_table(result: dict) -> list[dict]:
-    """One flat row per model: what a Prefect table artifact or a CSV wants."""
+    """One flat row per model with its n: what a Prefect table artifact or a CSV wants."""
     rows = []
-    for label, m in result["checkpoints"].items():
-        rows.append({"model": label, "kind": m.get("kind"), **{k: m.get(k) for k, _, _ in COLUMNS}})
+    for label, m in result["eval"].items():
+        if label in ("classifier", "report"):
+            continue
+        rows.append({"model": label, **{k: v for k, v in m.items() if k != "notes"},
+                     "notes": "; ".join(m["notes"])})
     return rows
 
 
-def render_markdown(result: dict, plots: list[str], plot_note: str | None) -> str:
-    labels = list(result["checkpoints"])
-    cols = [c for c in COLUMNS if any(result["checkpoints"][lb].get(c[0]) is not None for lb in labels)]
-    d = result["data"]
+def _models(result: dict) -> list[str]:
+    return [k for k in result["eval"] if k not in ("classifier", "report")]
+
+
+def _nll_change(result: dict, label: str) -> float | None:
+    base = result["checkpoints"].get("base", {}).get("introspection_nll")
+    own = result["checkpoints"].get(label, {}).get("introspection_nll")
+    return None if base is None or own is None else own - base
+
+
+def render_markdown(result: dict, plots: dict[str, str], plot_note: str | None) -> str:
+    """`plots`: title -> data URI (or path) of each figure."""
+    labels = _models(result)
+    ev, ck, d, clf = result["eval"], result["checkpoints"], result["data"], result["classifier"]
     lines = [f"# Evaluation: {result['persona']}", ""]
+    if result.get("build"):
+        lines.append(f"- build: `{result['build']}`")
     lines.append(f"- base model (DPO reference): `{result['base_model']}`; beta {result['beta']}")
     held = {True: "held out", False: "**training data, not held out**", None: "file given"}
-    if d.get("dpo"):
-        lines.append(f"- DPO pairs: {d['dpo_pairs']} from `{d['dpo']}` ({held[d.get('dpo_held_out')]})")
+    if d.get("dpo_pairs"):
+        where = f" from `{d['dpo']}`" if d.get("dpo") else ""
+        lines.append(f"- preference pairs: n={d['dpo_pairs']}{where} ({held[d.get('dpo_held_out')]})")
+    else:
+        lines.append("- preference pairs: none")
+    lines.append(f"- prompts answered by every model: n={d['prompts']} (each once with no system prompt, once "
+                 "under a break-character instruction)")
+    acc = _num(clf["heldout_accuracy"], "{:.3f}")
+    acc = "not computed" if acc is None else f"{acc} on n={clf['n']} held-out answers"
+    lines.append(f"- persona classifier: {clf['kind']}, fitted on n={clf['train_n']} answers"
+                 + (f" from `{d['train']}`" if d.get("train") else "") + f"; accuracy {acc}"
+                 + (f" ({clf['note']})" if clf.get("note") else ""))
     if d.get("introspection"):
-        lines.append(f"- introspection: {d['introspection_rows']} conversations from `{d['introspection']}` "
+        lines.append(f"- introspection: n={d['introspection_rows']} conversations from `{d['introspection']}` "
                      f"({held[d.get('introspection_held_out')]})")
     if d.get("judge_model"):
-        lines.append(f"- judge: `{d['judge_model']}` (raw judge answers are in metrics.json)")
-    lines += ["", "## Metrics", ""]
-    lines.append("| model | kind | " + " | ".join(t for _, t, _ in cols) + " |")
-    lines.append("|---|---|" + "---:|" * len(cols))
+        lines.append(f"- judge: `{d['judge_model']}` (its raw answers are in metrics.json)")
+
+    # Optional columns only when they hold something: a wide table scrolls sideways in the Prefect UI.
+    has_nll = any(ck.get(lb, {}).get("introspection_nll") is not None for lb in labels)
+    has_judge = bool(d.get("judge_model"))
+    lines += ["", "## Persona adherence and preferences", "",
+              "| model | in-persona rate | robust in-persona rate | pref. accuracy | reward margin |"
+              + (" introspection NLL (change vs base) |" if has_nll else "") + (" judge (1-10) |" if has_judge else ""),
+              "|---|---:|---:|---:|---:|" + "---:|" * (has_nll + has_judge)]
     for lb in labels:
-        m = result["checkpoints"][lb]
-        lines.append(f"| {_cell(lb)} | {m.get('kind', '')} | "
-                     + " | ".join(_fmt(m.get(k), f) for k, _, f in cols) + " |")
-    lines.append("")
-    lines.append("Reward margin: mean over pairs of beta x [(log p - log p_base)(chosen) - (same)(rejected)]; "
-                 "accuracy: share of pairs with a positive margin. NLL: mean per assistant token.")
+        m, c = ev[lb], ck.get(lb, {})
+        nll = _num(c.get("introspection_nll"), "{:.4f}")
+        if nll is not None:
+            change = _nll_change(result, lb)
+            nll += f" ({change:+.4f})" if change is not None and lb != "base" else ""
+            nll += f" (tokens={c.get('introspection_tokens')})"
+        judge = "-"
+        if "judge_parsed" in c:
+            judge = (f"{c['judge_score']:.2f} ({c['judge_parsed']} of {c['judge_n']} parsed)"
+                     if c.get("judge_score") is not None else f"none parsed (0 of {c['judge_n']})")
+        lines.append(f"| {_cell(lb)} | {_with_n(m['in_persona_rate'], m['in_persona_n'])} | "
+                     f"{_with_n(m['robust_in_persona_rate'], m['robust_n'])} | "
+                     f"{_with_n(m['pref_accuracy'], m['pref_pairs'], unit='pairs')} | "
+                     f"{_with_n(m['pref_margin'], m['pref_pairs'], '{:+.4f}', unit='pairs')} |"
+                     + (f" {nll or '-'} |" if has_nll else "") + (f" {judge} |" if has_judge else ""))
+    lines += ["",
+              "In-persona rate: share of the model's answers (no system prompt) that the persona classifier "
+              "calls in character. Robust: the same under an instruction to drop the character. "
+              "Pref. accuracy: share of held-out pairs whose implied reward "
+              "beta x (log p - log p_base) is higher for the in-character answer; margin: its mean difference."
+              + (" NLL: mean per assistant token (lower after SFT on the model's own introspection by construction)."
+                 if has_nll else "")]
+
+    notes = _notes(result)
+    if notes:
+        lines += ["", "## Not computed, and caveats", ""]
+        lines += [f"- {n}" for n in notes]
+
     if plots or plot_note:
         lines += ["", "## Plots", ""]
-        lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+        lines += [f"![{title}]({src})" for title, src in plots.items()]
         if plot_note:
             lines.append(plot_note)
-    lines += ["", "## Generations", "", "| prompt | " + " | ".join(_cell(lb) for lb in labels) + " |",
-              "|---|" + "---|" * len(labels)]
-    for g in result["generations"]:
-        cells = []
+
+    gens = result["generations"]
+    lines += ["", "## Generations", ""]
+    if not gens:
+        lines.append("No prompts were answered.")
+    if len(gens) > MAX_SHOWN_PROMPTS:
+        lines.append(f"The first {MAX_SHOWN_PROMPTS} of {len(gens)} prompts; metrics.json holds every answer.")
+    for i, g in enumerate(gens[:MAX_SHOWN_PROMPTS], 1):
+        lines += ["", f"### {i}. {_inline(g['prompt'])}", ""]
         for lb in labels:
-            a = g["answers"][lb]
-            text = _cell(a["text"])
-            if "judge_score" in a:
-                text += f"<br>*judge: {_fmt(a['judge_score'], '{:g}')}*"
-            cells.append(text)
-        lines.append(f"| {_cell(g['prompt'])} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            lines += [f"**{lb}**{_verdict(g['answers'][lb])}", "", _quote(g["answers"][lb]["text"]), ""]
+        attack = g.get("attack") or []
+        if attack and g.get("robust"):
+            system, user = attack[0]["content"], attack[-1]["content"].split("\n\n")[-1]
+            lines += [f"*Under a break-character instruction* (system: \"{_inline(system)}\"; appended to the "
+                      f"message: \"{_inline(user)}\")", ""]
+            for lb in labels:
+                lines += [f"**{lb}**{_verdict(g['robust'][lb])}", "", _quote(g["robust"][lb]["text"]), ""]
+    return "\n".join(lines).rstrip() + "\n"
 
 
+def _verdict(entry: dict) -> str:
+    parts = []
+    p = entry.get("in_persona_p")
+    if p is not None:
+        parts.append(f"{'in persona' if p > 0.5 else 'not in persona'}, p={p:.2f}")
+    if "judge_score" in entry:
+        s = entry["judge_score"]
+        parts.append(f"judge {s:g}" if s is not None else "judge: unparsed")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def _notes(result: dict) -> list[str]:
+    """Every model's notes, shared ones once; a judge that parsed nothing is said plainly."""
+    labels = _models(result)
+    out: list[str] = []
+    for lb in labels:
+        for n in result["eval"][lb]["notes"]:
+            shared = all(n in result["eval"][o]["notes"] for o in labels)
+            text = n if shared else f"{lb}: {n}"
+            if text not in out:
+                out.append(text)
+    ck = result["checkpoints"]
+    if result["data"].get("judge_model"):
+        parsed = sum(ck[lb].get("judge_parsed", 0) for lb in labels)
+        total = sum(ck[lb].get("judge_n", 0) for lb in labels)
+        if parsed == 0:
+            out.append(f"**the judge `{result['data']['judge_model']}` gave no answer that could be parsed as a "
+                       f"score (0 of {total}): no judge scores**")
+        elif parsed < total:
+            out.append(f"the judge's answers could be parsed for {parsed} of {total} answers")
+    return out
+
+
+# -- plots -----------------------------------------------------------------------------------------
 def _save(fig, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
+    fig.savefig(tmp, dpi=90, format="png")
     os.replace(tmp, path)
 
 
-def _plot_bars(result: dict, path: Path) -> bool:
+def _bars(ax, labels, values, ns, title, unit="n", ylim=None, fmt="{:.2f}"):
+    """Bars with their values written on them; a missing value is marked, not left blank."""
+    xs = range(len(labels))
+    present = [(x, v) for x, v in zip(xs, values) if v is not None]
+    ax.bar([x for x, _ in present], [v for _, v in present], color="tab:blue")
+    for x, v in zip(xs, values):
+        y = v if v is not None else 0
+        ax.annotate(fmt.format(v) if v is not None else "not\ncomputed", (x, y), ha="center",
+                    va="bottom" if y >= 0 else "top", fontsize=7, xytext=(0, 2 if y >= 0 else -2),
+                    textcoords="offset points")
+    ax.set_xticks(list(xs), [f"{lb}\n{unit}={n}" for lb, n in zip(labels, ns)], fontsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.axhline(0, color="black", linewidth=0.5)
+    if ylim:
+        ax.set_ylim(*ylim)
+    else:  # leave room for the value labels, and show the zero line
+        lo, hi = min([0.0] + [v for _, v in present]), max([0.0] + [v for _, v in present])
+        pad = (hi - lo) * 0.35 or 1.0
+        ax.set_ylim(lo - (pad if lo < 0 else 0), hi + pad)
+
+
+def _plot_metrics(result: dict, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
-    labels = list(result["checkpoints"])
-    cols = [c for c in COLUMNS if c[0] != "dpo_reward_chosen" and c[0] != "dpo_reward_rejected"
-            and any(result["checkpoints"][lb].get(c[0]) is not None for lb in labels)]
-    if not cols:
-        return False
-    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.2), squeeze=False)
-    for ax, (key, title, _) in zip(axes[0], cols):
-        vals = [result["checkpoints"][lb].get(key) for lb in labels]
-        xs = [i for i, v in enumerate(vals) if v is not None]
-        ax.bar(xs, [vals[i] for i in xs], color="tab:blue")
-        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-        ax.set_title(title, fontsize=9)
-        ax.axhline(0, color="black", linewidth=0.5)
+    labels = _models(result)
+    ev, ck = result["eval"], result["checkpoints"]
+    panels = [
+        ("in-persona rate", [ev[lb]["in_persona_rate"] for lb in labels], [ev[lb]["in_persona_n"] for lb in labels],
+         "n", (0, 1.1)),
+        ("robust in-persona rate", [ev[lb]["robust_in_persona_rate"] for lb in labels],
+         [ev[lb]["robust_n"] for lb in labels], "n", (0, 1.1)),
+        ("held-out pref. accuracy", [ev[lb]["pref_accuracy"] for lb in labels],
+         [ev[lb]["pref_pairs"] for lb in labels], "pairs", (0, 1.1)),
+        ("reward margin", [ev[lb]["pref_margin"] for lb in labels], [ev[lb]["pref_pairs"] for lb in labels],
+         "pairs", None),
+    ]
+    changes = [_nll_change(result, lb) for lb in labels[1:]]
+    if any(c is not None for c in changes):  # the change, not the level: a small drop is invisible on bars from 0
+        panels.append(("introspection NLL change vs base", changes,
+                       [ck[lb].get("introspection_tokens") for lb in labels[1:]], "tokens", None))
+    if any("judge_parsed" in ck[lb] for lb in labels):
+        panels.append(("judge score (1-10)", [ck[lb].get("judge_score") for lb in labels],
+                       [ck[lb].get("judge_parsed", 0) for lb in labels], "parsed", (0, 11)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.9 * len(panels), 3.3), squeeze=False)
+    for ax, (title, values, ns, unit, ylim) in zip(axes[0], panels):
+        shown = labels[1:] if title.startswith("introspection") else labels
+        _bars(ax, shown, values, ns, title, unit, ylim, "{:+.3f}" if ylim is None else "{:.2f}")
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
@@ -125,8 +271,9 @@ def _plot_training(training: dict[str, Path], path: Path) -> bool:
         for key in ("loss", "dpo_loss", "loss:sum", "nll", "reward_accuracy"):
             ys = [r.get(key) for r in rows]
             if all(isinstance(y, (int, float)) for y in ys):
-                ax.plot(steps, ys, label=key, linewidth=1)
-        ax.set_title(f"{name} training", fontsize=9)
+                # markers: a one-step run is a single point, which a bare line does not draw
+                ax.plot(steps, ys, label=key, linewidth=1, marker="o", markersize=3)
+        ax.set_title(f"{name} training (steps={len(rows)})", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -135,11 +282,28 @@ def _plot_training(training: dict[str, Path], path: Path) -> bool:
     return True
 
 
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _html(md_text: str, title: str) -> str | None:
+    try:
+        import markdown  # installed with Prefect (via apprise); optional here
+    except ImportError:
+        return None
+    body = markdown.markdown(md_text, extensions=["tables"])
+    return ("<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;max-width:70em;margin:2em auto;"
+            "padding:0 1em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em}"
+            "blockquote{border-left:3px solid #ccc;margin:.3em 0 1em;padding:.2em 1em;color:#333}"
+            "img{max-width:100%}</style></head><body>" + body + "</body></html>\n")
+
+
 def write_report(result: dict, out: Path, training_dirs: dict[str, Path] | None = None) -> dict:
-    """Write report.md (and PNG plots when matplotlib is available) into `out`; returns the paths."""
+    """Write report.md (+ report.html, PNG plots) into `out`; returns the paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plots: list[str] = []
+    files: dict[str, Path] = {}
     note = None
     try:
         import matplotlib
@@ -148,10 +312,17 @@ def write_report(result: dict, out: Path, training_dirs: dict[str, Path] | None 
     except ImportError:
         note = "(plots skipped: matplotlib is not installed)"
     else:
-        if _plot_bars(result, out / "eval_metrics.png"):
-            plots.append(str(out / "eval_metrics.png"))
+        if _plot_metrics(result, out / "eval_metrics.png"):
+            files["evaluation metrics"] = out / "eval_metrics.png"
         if training_dirs and _plot_training(training_dirs, out / "training_curves.png"):
-            plots.append(str(out / "training_curves.png"))
+            files["training curves"] = out / "training_curves.png"
+    md_text = render_markdown(result, {t: _data_uri(p) for t, p in files.items()}, note)
     md = out / "report.md"
-    write_text_atomic(md, render_markdown(result, plots, note))
-    return {"dir": str(out), "markdown": str(md), "plots": plots, "table": metrics_table(result)}
+    write_text_atomic(md, md_text)
+    paths = {"dir": str(out), "markdown": str(md), "plots": [str(p) for p in files.values()],
+             "table": metrics_table(result)}
+    page = _html(md_text, f"Evaluation: {result['persona']}")
+    if page:
+        write_text_atomic(out / "report.html", page)
+        paths["html"] = str(out / "report.html")
+    return paths

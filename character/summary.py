@@ -1,12 +1,61 @@
-"""Human-readable summaries of a build: the markdown and tables the Prefect UI shows."""
+"""Human-readable summaries of a build: the markdown and tables the Prefect UI shows, the `eval`
+object of `character pipeline --json`, and the nightly comparison with the previous night."""
 
 from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+HEADLINE = ("in_persona_rate", "robust_in_persona_rate", "pref_accuracy")
+_NIGHTLY = re.compile(r"^nightly-(\d{4}-\d{2}-\d{2})$")
 
 
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else str(v)
+
+
+def eval_summary(record: dict) -> dict | None:
+    """The per-model persona and preference metrics the build recorded (None: no evaluation stage ran),
+    keys in their documented order (the record stores them sorted)."""
+    from character.persona_metrics import SUMMARY_KEYS
+
+    summary = ((record.get("stages") or {}).get("eval") or {}).get("summary")
+    if summary is None:
+        return None
+    out = {name: {k: summary[name].get(k) for k in SUMMARY_KEYS} for name in _models(summary)}
+    clf = summary.get("classifier") or {}
+    out["classifier"] = {"heldout_accuracy": clf.get("heldout_accuracy"), "n": clf.get("n", 0)}
+    out["report"] = summary.get("report")
+    return out
+
+
+def _models(summary: dict) -> list[str]:
+    return [k for k in summary if k not in ("classifier", "report")]
+
+
+def eval_markdown(summary: dict) -> list[str]:
+    """The headline table: every rate with its n, every null with its reason."""
+    lines = ["| model | in-persona rate | robust rate | pref. accuracy | margin |", "|---|---:|---:|---:|---:|"]
+    for name in _models(summary):
+        m = summary[name]
+
+        def cell(v, n, unit="n", fmt="{:.3f}"):
+            return "-" if v is None else f"{fmt.format(v)} ({unit}={n})"
+
+        lines.append(f"| {name} | {cell(m['in_persona_rate'], m['in_persona_n'])} | "
+                     f"{cell(m['robust_in_persona_rate'], m['robust_n'])} | "
+                     f"{cell(m['pref_accuracy'], m['pref_pairs'], 'pairs')} | "
+                     f"{cell(m['pref_margin'], m['pref_pairs'], 'pairs', '{:+.4f}')} |")
+    clf = summary.get("classifier") or {}
+    if clf.get("heldout_accuracy") is not None:
+        lines += ["", f"Persona classifier held-out accuracy {clf['heldout_accuracy']:.3f} (n={clf['n']})."]
+    notes = sorted({n for name in _models(summary) for n in summary[name]["notes"]})
+    if notes:
+        lines += ["", "Notes:"] + [f"- {n}" for n in notes]
+    return lines
 
 
 def build_summary_markdown(record: dict, checkpoints: dict[str, str]) -> str:
@@ -26,6 +75,9 @@ def build_summary_markdown(record: dict, checkpoints: dict[str, str]) -> str:
         lines.append(f"| {name} | {_fmt(st.get('seconds'))} | {note} |")
     lines += ["", "| checkpoint | URI |", "|---|---|"]
     lines += [f"| {k} | `{v}` |" for k, v in checkpoints.items()]
+    summary = eval_summary(record)
+    if summary:
+        lines += ["", "## Evaluation", ""] + eval_markdown(summary)
     report = (stages.get("eval") or {}).get("report") or {}
     if report.get("markdown"):
         lines += ["", f"Evaluation report: `{report['markdown']}`"]
@@ -33,8 +85,34 @@ def build_summary_markdown(record: dict, checkpoints: dict[str, str]) -> str:
 
 
 def evaluation_rows(result: dict) -> list[dict]:
-    """One row per evaluated model (the base first) with its metrics, for a table artifact."""
-    rows = []
-    for label, metrics in result.get("checkpoints", {}).items():
-        rows.append({"model": label, **{k: _fmt(v) for k, v in metrics.items() if not isinstance(v, (dict, list))}})
-    return rows
+    """One row per evaluated model (the base first) with its metrics and n, for a table artifact."""
+    summary = result.get("eval") or {}
+    return [{"model": name, **{k: _fmt(v) for k, v in summary[name].items() if k != "notes"},
+             "notes": "; ".join(summary[name]["notes"])} for name in _models(summary)]
+
+
+# -- nightly ---------------------------------------------------------------------------------------
+def headline(summary: dict | None, checkpoint: str = "final") -> dict:
+    """The final checkpoint's headline metrics (None where not computed or not evaluated)."""
+    m = (summary or {}).get(checkpoint) or {}
+    return {k: m.get(k) for k in HEADLINE}
+
+
+def previous_nightly_record(workdir: str | Path, persona: str, build_id: str) -> dict | None:
+    """The record of the persona's latest nightly build before `build_id` (nightly-YYYY-MM-DD)."""
+    this = _NIGHTLY.match(build_id)
+    folder = Path(workdir) / "builds" / persona
+    if not this or not folder.is_dir():
+        return None
+    earlier = sorted(d for d in folder.iterdir()
+                     if (m := _NIGHTLY.match(d.name)) and m.group(1) < this.group(1) and (d / "record.json").is_file())
+    for d in reversed(earlier):
+        try:
+            return json.loads((d / "record.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
+
+
+def change(now: float | None, before: float | None) -> float | None:
+    return None if now is None or before is None else now - before

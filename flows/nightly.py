@@ -14,9 +14,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import ValidationError
 
-from character.pipeline import PipelineConfig
+from character.errors import UserError
+from character.pipeline import PipelineConfig, read_record
 from character.scales import ScaleName
 from character.settings import Settings
+from character.summary import HEADLINE, change, eval_summary, headline, previous_nightly_record
 from flows.paper import paper
 from flows.sequential import sequential
 
@@ -27,6 +29,25 @@ def _one(config: PipelineConfig) -> dict:
     if state.is_completed():
         return {"state": "Completed", "checkpoints": state.result().checkpoints, "message": ""}
     return {"state": state.type.value.title(), "checkpoints": {}, "message": (state.message or "")[:300]}
+
+
+def _headline(cfg: PipelineConfig | None, workdir: str, build_id: str) -> dict:
+    """The final checkpoint's in-persona rate, robust rate and preference accuracy, each with its change
+    since the previous night's build of the persona (None where either night has no number)."""
+    empty = {f"{k}{s}": None for k in HEADLINE for s in ("", "_change")}
+    try:
+        persona = cfg.constitution().name if cfg is not None else None
+    except UserError:  # an unknown persona: its failure is reported in the row's message
+        persona = None
+    if persona is None:
+        return empty
+    now = headline(eval_summary(read_record(cfg)))
+    before = headline(eval_summary(previous_nightly_record(workdir, persona, build_id) or {}))
+    out = {}
+    for k in HEADLINE:
+        out[k] = now[k]
+        out[f"{k}_change"] = change(now[k], before[k])
+    return out
 
 
 @flow(name="nightly")
@@ -69,9 +90,12 @@ def nightly(
             except Exception as e:  # noqa: BLE001 - one persona's failure is reported, not raised
                 outcomes[persona] = {"state": "Failed", "checkpoints": {}, "message": str(e)[:300]}
 
-    rows = [{"persona": p, "state": o["state"], "final": o["checkpoints"].get("final", ""), "message": o["message"]}
+    rows = [{"persona": p, "state": o["state"], "final": o["checkpoints"].get("final", ""),
+             **_headline(configs.get(p), workdir, build_id), "message": o["message"]}
             for p, o in ((p, outcomes[p]) for p in personas)]
-    create_table_artifact(key="nightly-summary", table=rows, description=f"nightly build {build_id} ({scale})")
+    create_table_artifact(key="nightly-summary", table=rows,
+                          description=f"nightly build {build_id} ({scale}): the final checkpoint's metrics, and "
+                                      "their change since the persona's previous nightly build")
     failed = [r["persona"] for r in rows if r["state"] != "Completed"]
     for r in rows:
         logger.info("%s: %s %s", r["persona"], r["state"], r["final"] or r["message"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
+from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import (
@@ -138,23 +139,24 @@ def merge(cfg: PipelineConfig, dpo: Checkpoint, sft: Checkpoint) -> Checkpoint:
 
 @task(name="evaluate", **RETRYING)
 def evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> dict:
+    """Returns the per-model summaries (`eval`); publishes a table and the report with its plots inline."""
     if not cfg.evaluate:
         get_run_logger().info("eval: skipped: --no-eval")
-        return {}
+        return pipeline.record_unevaluated(cfg, list(checkpoints), "evaluation was turned off (--no-eval)")
     if cfg.backend != "local":
         get_run_logger().info("evaluation runs locally: use `character eval` on downloaded checkpoints")
-        return {}
+        return pipeline.record_unevaluated(cfg, list(checkpoints), "the pipeline evaluates local checkpoints only; "
+                                           "run `character eval` on the downloaded adapters")
     with _reporting(cfg):
         result = pipeline.stage_evaluate(cfg, checkpoints)
     persona = _persona(cfg)
     create_table_artifact(key=artifact_key(persona, "evaluation"), table=evaluation_rows(result),
-                          description=f"{persona}: held-out metrics per checkpoint against the base model")
+                          description=f"{persona}: persona and held-out preference metrics per model, with n")
     report = result.get("report", {}).get("markdown")
-    if report:
-        from pathlib import Path
-
-        create_markdown_artifact(key=artifact_key(persona, "evaluation-report"), markdown=Path(report).read_text())
-    return result["checkpoints"]
+    if report:  # self-contained: the plots are data URIs, so they render in the UI
+        create_markdown_artifact(key=artifact_key(persona, "evaluation-report"), markdown=Path(report).read_text(),
+                                 description=f"{persona} evaluation report ({report})")
+    return result["eval"]
 
 
 @task(name="build-summary")

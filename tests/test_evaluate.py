@@ -131,7 +131,8 @@ def test_metrics_equal_a_hand_computation(base, adapter, tiny_dir, workdir, tmp_
     assert set(gens[0]["answers"]) == {"base", "crafted", "folded"}
     report = res["report"]
     md = open(report["markdown"]).read()
-    assert "| model | kind | pref. accuracy" in md and "| crafted | adapter |" in md and "## Generations" in md
+    assert "| model | in-persona rate |" in md and "| crafted | " in md and "## Generations" in md
+    assert "data:image/png;base64," in md
     assert any(p.endswith("eval_metrics.png") for p in report["plots"])
     assert all(open(p, "rb").read(4) == b"\x89PNG" for p in report["plots"])
     saved = json.loads(open(report["metrics_json"]).read())
@@ -180,7 +181,7 @@ def cli(*args):
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_cli_eval_defaults_to_latest_build_and_ends_with_json(adapter, workdir):
+def test_cli_eval_uses_the_checkpoints_build_and_ends_with_json(adapter, workdir):
     build = workdir / "builds" / "pirate" / "b1"
     _write_jsonl(build / "data" / "dpo.jsonl", DPO_ROWS[:2])
     _write_jsonl(build / "data" / "introspection.jsonl", INTRO_ROWS)
@@ -192,6 +193,16 @@ def test_cli_eval_defaults_to_latest_build_and_ends_with_json(adapter, workdir):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(out["checkpoints"]) == {"base", "dpo"}
+    assert set(out["eval"]) == {"base", "dpo", "classifier", "report"}
+    for m in (out["eval"]["base"], out["eval"]["dpo"]):
+        assert list(m) == ["in_persona_rate", "in_persona_n", "robust_in_persona_rate", "robust_n",
+                           "pref_accuracy", "pref_margin", "pref_pairs", "notes"]
+    assert out["eval"]["dpo"]["pref_pairs"] == 2 and out["eval"]["report"] == out["report"]["markdown"]
+    # the only pairs are the classifier's training data: no held-out accuracy, and the reason is given
+    assert out["eval"]["classifier"] == {"heldout_accuracy": None, "n": 0}
+    assert any("classifier accuracy unknown" in n for n in out["eval"]["dpo"]["notes"])
+    assert out["eval"]["dpo"]["in_persona_n"] == 8  # no held-out prompts: the fixed set, said so
+    assert any("fixed evaluation prompts" in n for n in out["eval"]["dpo"]["notes"])
     assert out["checkpoints"]["dpo"]["dpo_pairs"] == 2 and "judge_parsed" in out["checkpoints"]["dpo"]
     assert out["data"]["dpo"].endswith("b1/data/dpo.jsonl") and out["data"]["dpo_held_out"] is False
     assert out["data"]["introspection"].endswith("b1/data/heldout/introspection.jsonl")
@@ -201,6 +212,8 @@ def test_cli_eval_defaults_to_latest_build_and_ends_with_json(adapter, workdir):
     assert "training data, not held out" in open(report).read()
     raw = json.loads(open(out["report"]["metrics_json"]).read())["generations"][0]["answers"]["dpo"]
     assert "judge_raw" in raw and "judge_score" in raw
+    if out["checkpoints"]["dpo"]["judge_parsed"] == 0:  # the tiny judge writes no score: the report says so
+        assert "no judge scores" in open(report).read()
 
 
 def test_cli_eval_bad_checkpoint_is_one_line(workdir, tmp_path):

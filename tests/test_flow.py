@@ -49,6 +49,8 @@ def test_artifacts_hold_the_checkpoint_uris(smoke_run):
     _, state = smoke_run
     uris = state.result().checkpoints
     assert Artifact.get("sarcastic-evaluation") is not None
+    report = Artifact.get("sarcastic-evaluation-report").data  # plots inline: the UI cannot read local files
+    assert "](data:image/png;base64," in report and "](eval_metrics.png)" not in report
     assert Artifact.get("sarcastic-build-summary") is not None
     for key, stage in [("sarcastic-dpo-checkpoint", "dpo"), ("sarcastic-sft-checkpoint", "sft"),
                        ("sarcastic-final-checkpoint", "final")]:

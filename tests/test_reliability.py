@@ -333,6 +333,11 @@ def test_killed_during_dpo_the_cli_resumes_from_the_last_save(prefect_harness, t
     assert summary["workdir"] == str(ws.resolve()) and set(summary["checkpoints"]) == {"dpo", "sft", "final"}
     assert all(uri.startswith("file://") for uri in summary["checkpoints"].values())
     final = summary["checkpoints"]["final"]
+    ev = summary["eval"]  # --no-eval: the same shape, every metric null with the reason in its notes
+    assert {"base", "final", "classifier", "report"} <= set(ev) and set(ev["classifier"]) == {"heldout_accuracy", "n"}
+    assert list(ev["final"]) == ["in_persona_rate", "in_persona_n", "robust_in_persona_rate", "robust_n",
+                                 "pref_accuracy", "pref_margin", "pref_pairs", "notes"]
+    assert ev["final"]["in_persona_rate"] is None and any("--no-eval" in n for n in ev["final"]["notes"])
     for stage in ("dpo", "introspection", "sft"):  # progress on stderr (no terminal: lines)
         assert f"\n{stage}: done " in "\n" + proc.stderr, stage
     saved = _assert_resumed_training(run_dir, before_metrics, before_saves)
