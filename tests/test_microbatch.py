@@ -68,9 +68,10 @@ def test_micro_batches_group_in_order():
 
 
 @pytest.mark.slow
-def test_micro_batched_dpo_update_equals_full_batch(workdir, one_thread):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_micro_batched_dpo_update_equals_full_batch(workdir, one_thread, checkpointing):
     """3 sequences per micro-batch: chosen and rejected of a pair land in different micro-batches."""
-    full, micro = _clients(workdir, micro_batch_size=3)
+    full, micro = _clients(workdir, micro_batch_size=3, gradient_checkpointing=checkpointing)
     data = _pairs(full)
     assert len(micro._micro_batches(micro._sequences(data))) == 3
     gen = torch.Generator().manual_seed(2)

@@ -165,9 +165,42 @@ def _padded_logprobs(model, sequences: list[list[int]], pad_id: int, grad: bool)
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
     ids, mask = ids.to(device), mask.to(device)
+    parts = _decoder_and_head(model) if grad else None
+    if parts is not None:
+        return _chunked_head_logprobs(*parts, ids, mask, sequences)
     with torch.set_grad_enabled(grad):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1, :].float()
         # x[t] - logsumexp(x) keeps one float copy of the logits for backward (log_softmax would keep its
         # output as well): the logits dominate activation memory with a large vocabulary.
         logp = logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    return [logp[i, : len(s) - 1] for i, s in enumerate(sequences)]
+
+
+# Models whose logits are the head applied to the decoder's last hidden state, nothing more (no logit
+# scale or soft-capping): for these, training computes the head in chunks (below).
+_PLAIN_HEAD = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _decoder_and_head(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(base, "config", None)
+    if getattr(cfg, "model_type", None) not in _PLAIN_HEAD or not hasattr(base, "get_decoder"):
+        return None
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def _chunked_head_logprobs(decoder, head, ids, mask, sequences, chunk: int = 256) -> list[torch.Tensor]:
+    """Training log-probs without ever holding the batch's logits: the head runs over `chunk` positions
+    at a time under activation checkpointing, so backward keeps only the hidden states and recomputes
+    each chunk's logits (batch x length x vocab floats would be gigabytes at a 128k vocabulary)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def piece(h, t):
+        logits = head(h).float()
+        return logits.gather(-1, t[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
+
+    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
+    targets = ids[:, 1:]
+    logp = torch.cat([checkpoint(piece, hidden[:, k: k + chunk], targets[:, k: k + chunk], use_reentrant=False)
+                      for k in range(0, hidden.shape[1], chunk)], dim=1)
     return [logp[i, : len(s) - 1] for i, s in enumerate(sequences)]

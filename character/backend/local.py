@@ -164,7 +164,11 @@ class LocalTrainingClient:
         self.device = next(self.model.parameters()).device
         if service.gradient_checkpointing:
             # Non-reentrant checkpointing needs no input that requires grad (the base is frozen under LoRA).
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # -- training ---------------------------------------------------------------------------
     @staticmethod
