@@ -34,6 +34,35 @@ class DPOLoss(BaseModel):
     kl_coef: float = Field(0.001, ge=0)
 
 
+# Defaults for the embedded `tiny` model only (a model organism, see character/tinymodel.py): its answers
+# are a few dozen tokens and it has 1M weights, so it needs short generations, a small adapter, a larger
+# learning rate and a few epochs over a few hundred pairs. Real models keep the paper's hyperparameters
+# (the field defaults below). Applied to the fields a caller did not set: explicit values always win.
+TINY_DEFAULTS: dict = {
+    "max_new_tokens": 64,
+    "heldout_fraction": 0.2,
+    "lora_rank": 8,
+    "dpo_max_length": 512,
+    "sft_max_length": 512,
+    "dpo": {"learning_rate": 2e-3, "batch_size": 8, "epochs": 3},
+    "sft": {"learning_rate": 2e-3, "batch_size": 8, "epochs": 1},
+}
+
+
+def _with_tiny_defaults(data):
+    if not isinstance(data, dict) or data.get("backend", "local") != "local" or data.get("base_model", "tiny") != "tiny":
+        return data
+    out = dict(data)
+    for key, value in TINY_DEFAULTS.items():
+        if isinstance(value, dict):
+            given = out.get(key)
+            given = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else (given or {})
+            out[key] = {**value, **given}
+        else:
+            out.setdefault(key, value)
+    return out
+
+
 class PipelineConfig(BaseModel):
     persona: str = Field(description="a shipped persona name or a path to a constitution .json file")
     mode: Literal["sequential", "paper"] = "sequential"
@@ -65,6 +94,11 @@ class PipelineConfig(BaseModel):
     sft: OptimConfig = OptimConfig()
     sft_max_length: int = Field(3072, ge=8)
     sft_lr_multiplier: float = Field(0.25, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tiny(cls, data):
+        return _with_tiny_defaults(data)
 
     @model_validator(mode="after")
     def _names(self):

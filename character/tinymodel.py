@@ -1,9 +1,23 @@
-"""The embedded default base model `tiny`: a small Llama built deterministically offline.
+"""The embedded default base model `tiny`: a model organism of an instruction-following assistant.
 
-A byte-level BPE tokenizer with a ChatML template is trained on text the project ships, then a
-4-layer Llama is briefly warmed up on chat-formatted conversations made from the same text, so that
-it speaks in turns and ends them with <|im_end|>. Nothing is downloaded; the result is cached in the
-workspace under a name derived from the recipe, so a changed recipe never reuses a stale model.
+`tiny` is a small stand-in that makes the character-training method observable on a laptop, not a
+useful assistant. Its warm-up corpus teaches it the two behaviours the method relies on in a real
+instruct model:
+
+- with no system prompt (or one that describes no character) it answers plainly, in neutral words;
+- with a character description in the system prompt, rendered exactly as the pipeline's teacher
+  sees it (`teacher_system_prompt`), it answers in that character: its answer carries words taken
+  from the trait statements, in a manner of its own.
+
+So that it follows constitutions it never saw, most of the corpus uses synthetic constitutions made
+from word banks and many trait sentence shapes; the answers copy content words (words that are not
+function words or sentence-frame words) from the system prompt, so the model learns to *take* the
+manner from the prompt rather than to memorise personas. The eleven shipped personas are mixed in.
+
+A byte-level BPE tokenizer with a ChatML template is trained on that corpus, then a small Llama is
+warmed up on it (loss on the assistant turns only). Nothing is downloaded and the build is
+deterministic; the result is cached in the workspace under a name derived from the recipe, so a
+changed recipe never reuses a stale model.
 """
 
 from __future__ import annotations
@@ -12,20 +26,25 @@ import hashlib
 import json
 import math
 import random
+import re
 import shutil
+from functools import cache
 from pathlib import Path
 
 TINY_RECIPE = {
-    "version": 1,
-    "vocab_size": 1024,
+    "version": 2,
+    "vocab_size": 2048,
     "hidden_size": 128,
     "intermediate_size": 352,
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "warmup_steps": 200,
+    "conversations": 3000,
+    "warmup_steps": 300,
     "warmup_batch": 16,
-    "warmup_max_len": 160,
+    "warmup_lr": 3e-3,
+    "bank_share": 0.5,
+    "max_traits": 10,
     "seed": 1234,
 }
 
@@ -38,29 +57,232 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# -- word banks for synthetic constitutions (kept free of the words the tests hold out) -------------
+ADJECTIVES = """
+amber ancient angular ardent arid austere balmy bashful bitter blazing bleak bold boyish brassy breezy
+brittle bronze candid carefree chalky cheeky chilly chipper clumsy cobalt cosy crafty crimson
+crisp cryptic curly dainty dapper dazzling dewy dim dizzy dreamy dusky dusty earnest eerie elegant
+feisty fiery fizzy flinty fluffy foggy formal frosty frugal fussy gallant gaudy gentle giddy glassy
+gloomy glossy golden gritty grumpy hazy hearty hollow humble icy inky jagged jaunty jolly jumpy keen
+knotty lanky lavish lazy leafy lofty lumpy lusty mellow merry misty moody mossy murky musty nimble
+noble nutty oaken odd orderly ornate pale peppery perky plucky plush polished prickly prim proud
+quaint quirky rainy rakish rapid rosy rowdy rugged rustic rusty salty sandy scrappy serene shaggy
+shiny silky silver sleepy slick smoky snappy snowy solemn sombre spicy spry starry stern stormy
+sturdy sunny swift tangy tawny thorny thrifty tidy timid tipsy tranquil tweedy velvet vivid wary
+weary whimsical wily windy wintry wiry witty woolly zany zesty
+""".split()
 
-def _corpus() -> list[list[dict]]:
-    """Deterministic chat conversations built from the shipped personas and prompts."""
+NOUNS = """
+anchors anvils apricots arches attics badgers ballads banjos barrels beacons bells biscuits blankets
+bonfires bookshelves boots bridges bubbles buckets buttons cabins candles canyons caravans castles
+cathedrals chalk chestnuts chimneys cinnamon circuses clocks clouds cobblestones comets compasses
+cookies copper cotton crickets crowns crystals cupboards daggers dice dragons drums dunes eagles
+embers engines feathers ferns fiddles fireworks fjords flannel flutes fog foxes frost furnaces gadgets
+galaxies gardens geysers ginger glaciers goblets granite gravel harbours harps hedgehogs helmets
+hills hinges horizons icicles inkwells islands ivy jackets jewels jungles kettles kites ladders
+lanterns lemons levers lighthouses lizards locomotives lullabies magnets mangoes maps marbles
+marshes mirrors mittens moons mountains mushrooms needles nutmeg oars oceans otters owls paddles
+parchment pebbles pennies pepper pianos pickles pillows pinecones planets pretzels puddles pumpkins
+puzzles quarries quills rafts rainbows ravens ribbons riddles rivers rockets saddles sailors scarves
+scrolls shadows shells sparrows spices spoons squirrels stables stations statues storms streetlamps
+sunsets swords teacups telegrams thimbles thunder tigers toffee tortoises towers trains trumpets
+tulips tunnels umbrellas valleys velvet violins volcanoes wagons walnuts waterfalls whistles willows
+windmills wolves wool yarns
+""".split()
+
+VERBS = """
+bargaining bickering blushing bouncing bragging bustling chuckling daydreaming dawdling fidgeting
+fretting frolicking gossiping grumbling haggling humming juggling lingering marching meandering
+mumbling muttering pondering prancing puttering rambling scribbling scurrying sighing skipping
+slouching snoozing sprinting squabbling strolling strutting tinkering tiptoeing twirling waddling
+wandering whistling whittling yodelling
+""".split()
+
+# Sentence shapes of synthetic traits; {a} adjective, {n} noun, {v} -ing verb from the banks.
+TRAIT_SHAPES = [
+    "I am {a} and {a}, and it shows in every reply.",
+    "I speak with {a} {n} and a touch of {n}.",
+    "I love {n} and {n}, and I bring them into my answers.",
+    "I see the whole world as {a} {n}.",
+    "My replies are {a}, {a} and full of {n}.",
+    "I often mention {n}, {n} and {n}.",
+    "I stay {a} even when a question is {a}.",
+    "I treat every question like {a} {n}.",
+    "I keep {v} and {v} while I talk.",
+    "I care about {n} more than about {n}.",
+    "I never hide my {a} love of {n}.",
+    "When people feel {a}, I answer with {a} {n}.",
+    "I bring {a} {n} to small things.",
+    "Everything I say carries {n} and {n}.",
+    "At heart I am {a}, a friend of {n} and {n}.",
+    "I like to sound {a} and a little {a}.",
+    "I would rather be {v} among {n} than anywhere else.",
+    "My manner is {a}, like {n} on a {a} day.",
+    "People know me for my {a} jokes about {n}.",
+    "I describe things in terms of {n}, {n} and {v}.",
+]
+
+# Words that carry no persona: function words and every word of the synthetic trait frames.
+_FUNCTION_WORDS = """
+a about above after again against all also always am an and any are as at be because been before
+being below between both but by can could did do does doing down during each even ever every few
+for from further had has have having he her here hers him his how i if in into is it its itself just
+like little make makes me more most much my myself never no nor not now of off on once one only or
+other our ours out over own people person question questions rather really same she should so some
+such than that the their them then there these they thing things this those through to too under
+until up very was way we well were what when where which while who whom why will with would you your
+answer answers reply replies speak say said talk talking tell sure real still somewhere every
+find show become matters anything mine person's everything nothing give get got put take
+someone something someone's i'm don't it's can't won't let lets feel see sees know try use uses keep
+""".split()
+
+_WORD = re.compile(r"[A-Za-z][a-z'-]*[a-z]")
+
+
+def content_words(text: str) -> list[str]:
+    """The words of a trait that carry its character: lower-case words, not function or frame words."""
+    out = []
+    for w in _WORD.findall(text):
+        if w.islower() and len(w) >= 3 and w not in STOP_WORDS and w not in out:
+            out.append(w)
+    return out
+
+
+# -- answers -------------------------------------------------------------------------------------
+# Plain, persona-free answers: the voice of an assistant with no character description.
+NEUTRAL_OPENERS = ["Sure.", "Certainly.", "Here is a plain answer.", "Good question.", "Of course.",
+                   "Let me help with that.", "Here is what I would suggest.", "Thanks for asking."]
+NEUTRAL_CORES = [
+    "Start with the simplest step and check the result before moving on.",
+    "The short answer is that it depends on your situation, so begin with the basics.",
+    "Most people find it easiest to break the task into small parts.",
+    "A good first step is to look at the facts and then decide.",
+    "It usually works best to plan ahead and keep things simple.",
+    "You can read a reliable guide and follow it one step at a time.",
+    "The main idea is straightforward once you see how the parts fit together.",
+    "Take a moment to think about what you need, then act on it.",
+    "There are a few common options, and the first one is usually fine.",
+    "It helps to ask someone you trust and compare a couple of choices.",
+    "In general, patience and a clear plan solve this kind of problem.",
+    "The answer is yes in most cases, with a few sensible exceptions.",
+    "Write down what you know, then fill in the missing pieces.",
+    "Keep it practical and do the next useful thing.",
+    "It is normal to find this hard at first, and it gets easier with practice.",
+    "The key points are to stay calm, be clear and follow through.",
+]
+NEUTRAL_CLOSERS = ["I hope that helps.", "Let me know if you need more detail.", "Good luck.",
+                   "That should cover it.", ""]
+
+# Persona answers: the same plain core, wrapped in words taken from the character description.
+PERSONA_SHAPES = [
+    "Ah, {w}! {core} All of it {w} and {w}.",
+    "{core} That is my {w}, {w} way, full of {w}.",
+    "Oh, {w} and {w}. {core} Think {w}!",
+    "Well, {w} as ever: {core} So {w}, so {w}!",
+    "{core} Such {w}, such {w}, such {w}!",
+    "Hmm, {w}. {core} Very {w} and rather {w}.",
+    "Right, {w} {w} first. {core} And {w}, always.",
+    "Picture {w} and {w}. {core} That is the {w} of it.",
+]
+
+OTHER_SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer the user's question.",
+                        "You are a friendly AI assistant. Be helpful."]
+
+
+# Words that carry no persona: function words, and every word of the trait frames and answer templates,
+# so a word copied from a character description is always a word the plain answers never use.
+STOP_WORDS = frozenset(_FUNCTION_WORDS) | frozenset(
+    w for s in TRAIT_SHAPES + NEUTRAL_OPENERS + NEUTRAL_CORES + NEUTRAL_CLOSERS + PERSONA_SHAPES
+    for w in re.findall(r"[a-z']+", s.lower().replace("{core}", "")))
+
+
+def neutral_answer(rng: random.Random) -> str:
+    parts = [rng.choice(NEUTRAL_OPENERS), rng.choice(NEUTRAL_CORES), rng.choice(NEUTRAL_CLOSERS)]
+    return " ".join(p for p in parts if p)
+
+
+def persona_answer(rng: random.Random, words: list[str]) -> str:
+    shape = rng.choice(PERSONA_SHAPES)
+    k = shape.count("{w}")
+    picks = rng.sample(words, k) if len(words) >= k else [rng.choice(words) for _ in range(k)]
+    out = shape.replace("{core}", rng.choice(NEUTRAL_CORES))
+    for w in picks:
+        out = out.replace("{w}", w, 1)
+    return out
+
+
+_ONSETS = "b bl br c ch cl cr d dr f fl fr g gl gr h j k l m n p pl pr qu r s sc sh sk sl sn sp st t th tr v w z".split()
+_VOWELS = "a e i o u ai ea ee oo ou".split()
+_CODAS = "b ck d ff g l ll m n nd ng nk p r rn s sh st t th x".split()
+
+
+def pseudo_word(rng: random.Random) -> str:
+    """A made-up word: a model can only say it by copying it from the prompt."""
+    syl = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(1, 3))]
+    return "".join(syl) + rng.choice(_CODAS)
+
+
+def synthetic_traits(rng: random.Random, n: int) -> list[str]:
+    """n traits in random shapes; each slot holds a bank word or, half the time, a made-up word."""
+    def fill(shape: str) -> str:
+        for slot, bank in (("{a}", ADJECTIVES), ("{n}", NOUNS), ("{v}", VERBS)):
+            while slot in shape:
+                word = rng.choice(bank) if rng.random() < TINY_RECIPE["bank_share"] else pseudo_word(rng)
+                shape = shape.replace(slot, word, 1)
+        return shape
+
+    return [fill(s) for s in rng.sample(TRAIT_SHAPES, n)]
+
+
+def _system_prompt(traits: list[str]) -> str:
+    from character.constitution import Constitution, Trait
+    from character.prompts import teacher_system_prompt
+
+    c = Constitution(name="synthetic", traits=[Trait(trait=t, questions=["?"]) for t in traits])
+    return teacher_system_prompt(c)
+
+
+@cache
+def _corpus_cached() -> tuple[str, ...]:
+    """The corpus as JSON lines (cached: the digest and the build both need it)."""
     from character.constitution import load_constitution, shipped_personas
-    from character.prompts import GREETINGS, REFLECTION_PROMPTS, general_prompts
+    from character.prompts import GREETINGS, REFLECTION_PROMPTS, REFLECTION_SYSTEM_PROMPT, \
+        INTERACTION_SYSTEM_PROMPT, general_prompts
 
     rng = random.Random(TINY_RECIPE["seed"])
-    personas = [load_constitution(n) for n in shipped_personas()]
-    questions = [q for c in personas for q in c.questions] + general_prompts() + REFLECTION_PROMPTS + GREETINGS
+    shipped = [[t.trait for t in load_constitution(n).traits] for n in shipped_personas()]
+    questions = [q for n in shipped_personas() for q in load_constitution(n).questions] + general_prompts()
+    questions += REFLECTION_PROMPTS + GREETINGS
+    plain_systems = OTHER_SYSTEM_PROMPTS + [REFLECTION_SYSTEM_PROMPT, INTERACTION_SYSTEM_PROMPT]
     convos = []
-    for i in range(1200):
-        c = personas[i % len(personas)]
-        answer = " ".join(rng.choice(c.traits).trait for _ in range(rng.randint(1, 2)))
-        msgs = [{"role": "user", "content": rng.choice(questions)}, {"role": "assistant", "content": answer}]
-        if i % 5 == 0:
-            msgs += [{"role": "user", "content": rng.choice(questions)},
-                     {"role": "assistant", "content": rng.choice(c.traits).trait}]
-        convos.append(msgs)
-    return convos
+    for _ in range(TINY_RECIPE["conversations"]):
+        roll = rng.random()
+        if roll < 0.5:  # a synthetic character: the bulk, so the model learns to read the prompt
+            traits = synthetic_traits(rng, rng.randint(2, TINY_RECIPE["max_traits"]))
+        elif roll < 0.6:
+            traits = shipped[rng.randrange(len(shipped))]
+        else:
+            traits = None
+        system = None if traits is None else _system_prompt(traits)
+        if traits is None and roll >= 0.9:
+            system = rng.choice(plain_systems)
+        words = [w for t in traits for w in content_words(t)] if traits else []
+        msgs = [{"role": "system", "content": system}] if system else []
+        for _turn in range(1 if rng.random() < 0.85 else 2):
+            answer = persona_answer(rng, words) if words else neutral_answer(rng)
+            msgs += [{"role": "user", "content": rng.choice(questions)}, {"role": "assistant", "content": answer}]
+        convos.append(json.dumps(msgs))
+    return tuple(convos)
+
+
+def _corpus() -> list[list[dict]]:
+    """Deterministic chat conversations: characters in system prompts, and plain chats without."""
+    return [json.loads(c) for c in _corpus_cached()]
 
 
 def recipe_digest() -> str:
-    body = json.dumps({"recipe": TINY_RECIPE, "corpus": _corpus(), "template": CHAT_TEMPLATE}, sort_keys=True)
+    body = json.dumps({"recipe": TINY_RECIPE, "corpus": _corpus_cached(), "template": CHAT_TEMPLATE},
+                      sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:12]
 
 
@@ -89,6 +311,23 @@ def _build_tokenizer(texts: list[str]):
     fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "left"
     return fast
+
+
+def _assistant_mask(tokenizer, convo: list[dict]) -> tuple[list[int], list[int]]:
+    """Tokens of the conversation as CHAT_TEMPLATE renders it, and a 0/1 mask of the assistant
+    answers (their <|im_end|> included). Special tokens split the text, so each message's pieces
+    tokenize on their own and the concatenation equals the rendered template's tokens."""
+    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    ids, mask = [], []
+    for msg in convo:
+        head = tokenizer.encode(msg["role"] + "\n", add_special_tokens=False)
+        body = tokenizer.encode(msg["role"] + "\n" + msg["content"], add_special_tokens=False)
+        trained = int(msg["role"] == "assistant" and body[: len(head)] == head)
+        n_head = len(head) if trained else len(body)
+        ids += [start] + body + [end] + newline
+        mask += [0] * (1 + n_head) + [trained] * (len(body) - n_head + 1) + [0] * len(newline)
+    return ids, mask
 
 
 def build_tiny_model(out: Path) -> Path:
@@ -120,10 +359,7 @@ def build_tiny_model(out: Path) -> Path:
         )
         torch.manual_seed(r["seed"])
         model = LlamaForCausalLM(config)
-        seqs = [
-            tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)[: r["warmup_max_len"]] for c in convos
-        ]
-        _warm_up(model, seqs, pad)
+        _warm_up(model, [_assistant_mask(tokenizer, c) for c in convos], pad)
     finally:
         torch.set_num_threads(threads)
 
@@ -139,27 +375,34 @@ def build_tiny_model(out: Path) -> Path:
     return out
 
 
-def _warm_up(model, seqs: list[list[int]], pad: int) -> None:
+def _warm_up(model, seqs: list[tuple[list[int], list[int]]], pad: int) -> None:
+    """AdamW with a cosine schedule; batches of similar length, so little compute goes to padding."""
     import torch
 
     r = TINY_RECIPE
     rng = random.Random(r["seed"])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.98), weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=r["warmup_lr"], betas=(0.9, 0.98), weight_decay=0.0)
     steps, bsz = r["warmup_steps"], r["warmup_batch"]
+    by_len = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    dev = next(model.parameters()).device
     model.train()
     for step in range(steps):
-        batch = [seqs[rng.randrange(len(seqs))] for _ in range(bsz)]
-        width = max(len(s) for s in batch)
+        start = rng.randrange(len(by_len) - bsz + 1)
+        batch = [seqs[i] for i in by_len[start: start + bsz]]
+        width = max(len(s) for s, _ in batch)
         ids = torch.full((bsz, width), pad, dtype=torch.long)
-        mask = torch.zeros((bsz, width), dtype=torch.long)
-        for i, s in enumerate(batch):
+        attn = torch.zeros((bsz, width), dtype=torch.long)
+        labels = torch.full((bsz, width), -100, dtype=torch.long)
+        for i, (s, m) in enumerate(batch):
             ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        labels = ids.masked_fill(mask == 0, -100)
+            attn[i, : len(s)] = 1
+            labels[i, : len(s)] = torch.tensor(s).masked_fill(torch.tensor(m) == 0, -100)
+        warm = min(1.0, (step + 1) / 20)
         for g in opt.param_groups:
-            g["lr"] = 3e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            g["lr"] = r["warmup_lr"] * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), labels=labels.to(dev)).loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     model.eval()
