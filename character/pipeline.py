@@ -39,7 +39,7 @@ class DPOLoss(BaseModel):
 # learning rate and a few epochs over a few hundred pairs. Real models keep the paper's hyperparameters
 # (the field defaults below). Applied to the fields a caller did not set: explicit values always win.
 TINY_DEFAULTS: dict = {
-    "max_new_tokens": 64,
+    "max_new_tokens": 96,
     "heldout_fraction": 0.2,
     "lora_rank": 8,
     "dpo_max_length": 512,

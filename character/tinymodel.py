@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import random
-import re
 import shutil
 from functools import cache
 from pathlib import Path
@@ -40,11 +39,12 @@ TINY_RECIPE = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "conversations": 3000,
-    "warmup_steps": 300,
+    "warmup_steps": 400,
     "warmup_batch": 16,
     "warmup_lr": 3e-3,
     "bank_share": 0.5,
     "max_traits": 10,
+    "max_turns": 3,
     "seed": 1234,
 }
 
@@ -122,32 +122,6 @@ TRAIT_SHAPES = [
     "I describe things in terms of {n}, {n} and {v}.",
 ]
 
-# Words that carry no persona: function words and every word of the synthetic trait frames.
-_FUNCTION_WORDS = """
-a about above after again against all also always am an and any are as at be because been before
-being below between both but by can could did do does doing down during each even ever every few
-for from further had has have having he her here hers him his how i if in into is it its itself just
-like little make makes me more most much my myself never no nor not now of off on once one only or
-other our ours out over own people person question questions rather really same she should so some
-such than that the their them then there these they thing things this those through to too under
-until up very was way we well were what when where which while who whom why will with would you your
-answer answers reply replies speak say said talk talking tell sure real still somewhere every
-find show become matters anything mine person's everything nothing give get got put take
-someone something someone's i'm don't it's can't won't let lets feel see sees know try use uses keep
-""".split()
-
-_WORD = re.compile(r"[A-Za-z][a-z'-]*[a-z]")
-
-
-def content_words(text: str) -> list[str]:
-    """The words of a trait that carry its character: lower-case words, not function or frame words."""
-    out = []
-    for w in _WORD.findall(text):
-        if w.islower() and len(w) >= 3 and w not in STOP_WORDS and w not in out:
-            out.append(w)
-    return out
-
-
 # -- answers -------------------------------------------------------------------------------------
 # Plain, persona-free answers: the voice of an assistant with no character description.
 NEUTRAL_OPENERS = ["Sure.", "Certainly.", "Here is a plain answer.", "Good question.", "Of course.",
@@ -173,27 +147,20 @@ NEUTRAL_CORES = [
 NEUTRAL_CLOSERS = ["I hope that helps.", "Let me know if you need more detail.", "Good luck.",
                    "That should cover it.", ""]
 
-# Persona answers: the same plain core, wrapped in words taken from the character description.
+# Persona answers: the same plain core, with the character's own trait statements echoed around it.
+# Echoing a statement is a copy the model can learn quickly (find a trait, then follow it token by
+# token), and it carries the constitution's vocabulary and manner, whatever words it is written in.
 PERSONA_SHAPES = [
-    "Ah, {w}! {core} All of it {w} and {w}.",
-    "{core} That is my {w}, {w} way, full of {w}.",
-    "Oh, {w} and {w}. {core} Think {w}!",
-    "Well, {w} as ever: {core} So {w}, so {w}!",
-    "{core} Such {w}, such {w}, such {w}!",
-    "Hmm, {w}. {core} Very {w} and rather {w}.",
-    "Right, {w} {w} first. {core} And {w}, always.",
-    "Picture {w} and {w}. {core} That is the {w} of it.",
+    "{trait} {core}",
+    "{core} {trait}",
+    "Ah. {trait} {core}",
+    "Well. {trait} {core}",
+    "{trait} {core} {trait}",
+    "Right. {trait} {trait} {core}",
 ]
 
 OTHER_SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer the user's question.",
                         "You are a friendly AI assistant. Be helpful."]
-
-
-# Words that carry no persona: function words, and every word of the trait frames and answer templates,
-# so a word copied from a character description is always a word the plain answers never use.
-STOP_WORDS = frozenset(_FUNCTION_WORDS) | frozenset(
-    w for s in TRAIT_SHAPES + NEUTRAL_OPENERS + NEUTRAL_CORES + NEUTRAL_CLOSERS + PERSONA_SHAPES
-    for w in re.findall(r"[a-z']+", s.lower().replace("{core}", "")))
 
 
 def neutral_answer(rng: random.Random) -> str:
@@ -201,14 +168,13 @@ def neutral_answer(rng: random.Random) -> str:
     return " ".join(p for p in parts if p)
 
 
-def persona_answer(rng: random.Random, words: list[str]) -> str:
+def persona_answer(rng: random.Random, traits: list[str]) -> str:
     shape = rng.choice(PERSONA_SHAPES)
-    k = shape.count("{w}")
-    picks = rng.sample(words, k) if len(words) >= k else [rng.choice(words) for _ in range(k)]
+    picks = rng.sample(traits, min(len(traits), shape.count("{trait}")))
     out = shape.replace("{core}", rng.choice(NEUTRAL_CORES))
-    for w in picks:
-        out = out.replace("{w}", w, 1)
-    return out
+    for t in picks:
+        out = out.replace("{trait}", t, 1)
+    return out.replace(" {trait}", "")
 
 
 _ONSETS = "b bl br c ch cl cr d dr f fl fr g gl gr h j k l m n p pl pr qu r s sc sh sk sl sn sp st t th tr v w z".split()
@@ -266,10 +232,9 @@ def _corpus_cached() -> tuple[str, ...]:
         system = None if traits is None else _system_prompt(traits)
         if traits is None and roll >= 0.9:
             system = rng.choice(plain_systems)
-        words = [w for t in traits for w in content_words(t)] if traits else []
         msgs = [{"role": "system", "content": system}] if system else []
-        for _turn in range(1 if rng.random() < 0.85 else 2):
-            answer = persona_answer(rng, words) if words else neutral_answer(rng)
+        for _turn in range(rng.randint(1, TINY_RECIPE["max_turns"])):
+            answer = persona_answer(rng, traits) if traits else neutral_answer(rng)
             msgs += [{"role": "user", "content": rng.choice(questions)}, {"role": "assistant", "content": answer}]
         convos.append(json.dumps(msgs))
     return tuple(convos)
@@ -400,7 +365,11 @@ def _warm_up(model, seqs: list[tuple[list[int], list[int]]], pad: int) -> None:
         warm = min(1.0, (step + 1) / 20)
         for g in opt.param_groups:
             g["lr"] = r["warmup_lr"] * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
-        loss = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), labels=labels.to(dev)).loss
+        # The vocabulary projection only where the loss is taken: most tokens are prompt, not answer.
+        hidden = model.model(input_ids=ids.to(dev), attention_mask=attn.to(dev)).last_hidden_state[:, :-1]
+        targets = labels[:, 1:].to(dev)
+        keep = targets != -100
+        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[keep]), targets[keep])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

