@@ -4,15 +4,18 @@
 useful assistant. Its warm-up corpus teaches it the two behaviours the method relies on in a real
 instruct model:
 
-- with no system prompt (or one that describes no character) it answers plainly, in neutral words;
+- with no system prompt (or one that describes no character) it answers plainly, in stock neutral
+  sentences;
 - with a character description in the system prompt, rendered exactly as the pipeline's teacher
-  sees it (`teacher_system_prompt`), it answers in that character: its answer carries words taken
-  from the trait statements, in a manner of its own.
+  sees it (`teacher_system_prompt`), it switches into a character voice: around the same kind of
+  plain answer it talks about itself in first-person trait statements like those of the prompt.
 
-So that it follows constitutions it never saw, most of the corpus uses synthetic constitutions made
-from word banks and many trait sentence shapes; the answers copy content words (words that are not
-function words or sentence-frame words) from the system prompt, so the model learns to *take* the
-manner from the prompt rather than to memorise personas. The eleven shipped personas are mixed in.
+So that it makes this switch for any constitution, not only the shipped ones, most of the corpus
+uses synthetic constitutions: trait sentences of many shapes, filled from word banks and with
+made-up words, whose answers echo the prompt's own trait statements; the eleven shipped personas
+are mixed in. Within the build budget the model learns the switch reliably and the shape of the
+echo, but it reproduces a new constitution's exact words only now and then. That is enough for
+distillation: the teacher (with the constitution) and the student (without) answer differently.
 
 A byte-level BPE tokenizer with a ChatML template is trained on that corpus, then a small Llama is
 warmed up on it (loss on the assistant turns only). Nothing is downloaded and the build is

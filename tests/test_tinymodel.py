@@ -108,3 +108,19 @@ def test_answers_are_complete_so_the_dpo_filters_keep_them(tiny_dir, one_thread)
         answers = _answers(tiny_dir, system)
         done = [t for t, stop in answers if stop == "stop" and _ENDS_LIKE_A_SENTENCE.search(t)]
         assert len(done) >= 0.8 * len(answers), answers
+
+
+def test_tiny_defaults_apply_to_tiny_only_and_explicit_values_win():
+    from character.pipeline import TINY_DEFAULTS, PipelineConfig
+
+    tiny = PipelineConfig(persona="pirate")
+    assert (tiny.max_new_tokens, tiny.lora_rank, tiny.heldout_fraction) == (96, 8, 0.2)
+    assert (tiny.dpo.learning_rate, tiny.dpo.batch_size, tiny.dpo.epochs) == (2e-3, 8, 3)
+    assert PipelineConfig(**tiny.model_dump()) == tiny  # a saved config reloads unchanged
+    given = PipelineConfig(persona="pirate", max_new_tokens=200, dpo={"batch_size": 4})
+    assert given.max_new_tokens == 200 and given.dpo.batch_size == 4 and given.dpo.learning_rate == 2e-3
+    for other in (dict(base_model="/models/some-hf-folder"), dict(backend="tinker", base_model="meta-llama/X")):
+        paper = PipelineConfig(persona="pirate", **other)  # real models keep the paper's hyperparameters
+        assert (paper.max_new_tokens, paper.lora_rank, paper.heldout_fraction) == (1024, 64, 0.1)
+        assert (paper.dpo.learning_rate, paper.dpo.batch_size, paper.dpo.epochs) == (5e-5, 32, 1)
+    assert set(TINY_DEFAULTS) <= set(PipelineConfig.model_fields)
