@@ -151,8 +151,9 @@ NEUTRAL_CLOSERS = ["I hope that helps.", "Let me know if you need more detail.",
                    "That should cover it.", ""]
 
 # Persona answers: the same plain core, with the character's own trait statements echoed around it.
-# Echoing a statement is a copy the model can learn quickly (find a trait, then follow it token by
-# token), and it carries the constitution's vocabulary and manner, whatever words it is written in.
+# Echoing a statement is the simplest copy there is (find a trait, then follow it token by token) and
+# works for a constitution in any words; within the build budget the model learns the echo's shape
+# and the switch more than the exact words.
 PERSONA_SHAPES = [
     "{trait} {core}",
     "{core} {trait}",

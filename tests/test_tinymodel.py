@@ -40,8 +40,7 @@ def test_rebuilding_gives_identical_weights(tiny_dir, tmp_path):
 
 
 # -- the two behaviours of the model organism ------------------------------------------------------
-# A constitution the tiny model never saw, in words that neither its warm-up corpus nor any shipped
-# persona uses.
+# A constitution the tiny model never saw, with words (UNSEEN_WORDS) that its warm-up corpus never uses.
 UNSEEN = [
     "I talk like a lighthouse keeper, and my sentences are full of beacons, foghorns and tides.",
     "I compare every plan to charting a course past reefs and shoals.",
@@ -49,7 +48,7 @@ UNSEEN = [
     "I praise vigilance the way a keeper praises a well-trimmed wick.",
     "I stay steady and lantern-bright when people panic, like a keeper in a gale.",
 ]
-UNSEEN_WORDS = {"lighthouse", "beacons", "foghorns", "tides", "charting", "reefs", "shoals", "driftwood",
+UNSEEN_WORDS = {"foghorns", "charting", "reefs", "shoals", "driftwood",
                 "seagulls", "saltmarsh", "vigilance", "well-trimmed", "wick", "lantern-bright", "gale"}
 
 
