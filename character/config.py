@@ -42,6 +42,35 @@ class DPOLoss(BaseModel):
     kl_coef: float = Field(0.001, ge=0)
 
 
+# Defaults for the embedded `tiny` model only (a model organism, see character/tinymodel.py): its answers
+# are a few dozen tokens and it has 1M weights, so it needs short generations, a small adapter, a larger
+# learning rate and a few epochs over a few hundred pairs. Real models keep the paper's hyperparameters
+# (the field defaults below). Applied to the fields a caller did not set: explicit values always win.
+TINY_DEFAULTS: dict = {
+    "max_new_tokens": 96,
+    "heldout_fraction": 0.2,
+    "lora_rank": 8,
+    "dpo_max_length": 512,
+    "sft_max_length": 512,
+    "dpo": {"learning_rate": 2e-3, "batch_size": 8, "epochs": 3},
+    "sft": {"learning_rate": 2e-3, "batch_size": 8, "epochs": 1},
+}
+
+
+def _with_tiny_defaults(data):
+    if not isinstance(data, dict) or data.get("backend", "local") != "local" or data.get("base_model", "tiny") != "tiny":
+        return data
+    out = dict(data)
+    for key, value in TINY_DEFAULTS.items():
+        if isinstance(value, dict):
+            given = out.get(key)
+            given = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else (given or {})
+            out[key] = {**value, **given}
+        else:
+            out.setdefault(key, value)
+    return out
+
+
 class PipelineConfig(BaseModel):
     persona: str = Field(description="a shipped persona name or a path to a constitution .json file")
     mode: Literal["sequential", "paper"] = "sequential"
@@ -82,6 +111,11 @@ class PipelineConfig(BaseModel):
     memory_budget_gb: float | None = Field(None, gt=0, description="local training: memory activations may use "
                                            "(default: 70% of free GPU memory, half the free RAM on CPU)")
     gradient_checkpointing: bool = Field(False, description="local training: recompute activations in backward")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tiny(cls, data):
+        return _with_tiny_defaults(data)
 
     @model_validator(mode="after")
     def _names(self):

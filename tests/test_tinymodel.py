@@ -37,3 +37,89 @@ def test_rebuilding_gives_identical_weights(tiny_dir, tmp_path):
         h1 = hashlib.sha256((tiny_dir / name).read_bytes()).hexdigest()
         h2 = hashlib.sha256((again / name).read_bytes()).hexdigest()
         assert h1 == h2, name
+
+
+# -- the two behaviours of the model organism ------------------------------------------------------
+# A constitution the tiny model never saw, with words (UNSEEN_WORDS) that its warm-up corpus never uses.
+UNSEEN = [
+    "I talk like a lighthouse keeper, and my sentences are full of beacons, foghorns and tides.",
+    "I compare every plan to charting a course past reefs and shoals.",
+    "I cherish driftwood, seagulls and saltmarsh, and I bring them into my replies.",
+    "I praise vigilance the way a keeper praises a well-trimmed wick.",
+    "I stay steady and lantern-bright when people panic, like a keeper in a gale.",
+]
+UNSEEN_WORDS = {"foghorns", "charting", "reefs", "shoals", "driftwood",
+                "seagulls", "saltmarsh", "vigilance", "well-trimmed", "wick", "lantern-bright", "gale"}
+
+
+def _words(text: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"[a-z][a-z'-]*[a-z]|i", text.lower()))
+
+
+def _is_plain(text: str) -> bool:
+    """Only the stock wording of the model's plain answers."""
+    from character.tinymodel import NEUTRAL_CLOSERS, NEUTRAL_CORES, NEUTRAL_OPENERS
+
+    return _words(text) <= _words(" ".join(NEUTRAL_OPENERS + NEUTRAL_CORES + NEUTRAL_CLOSERS))
+
+
+def _answers(tiny_dir, system: str | None, n: int = 16) -> list[tuple[str, str]]:
+    """(text, stop reason) of answers to n shipped prompts, sampled as the pipeline samples them."""
+    from tinker import types
+
+    from character.backend.local import LocalService
+    from character.chat import Renderer
+    from character.datagen import sampling_params
+    from character.prompts import general_prompts
+    from character.settings import Workspace
+
+    client = LocalService(Workspace(tiny_dir.parent), device="cpu").create_sampling_client(base_model=str(tiny_dir))
+    r = Renderer(client.get_tokenizer())
+    futs = []
+    for i, q in enumerate(general_prompts()[:n]):
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
+        futs.append(client.sample(types.ModelInput.from_ints(r.prompt(msgs)), 1, sampling_params(i, 96)))
+    return [(r.decode(list(s.tokens)), s.stop_reason) for f in futs for s in f.result().sequences]
+
+
+@pytest.mark.slow
+def test_answers_in_an_unseen_character_only_when_its_description_is_in_the_system_prompt(tiny_dir, one_thread):
+    from character.constitution import Constitution, Trait
+    from character.prompts import teacher_system_prompt
+
+    assert not UNSEEN_WORDS & _words(" ".join(m["content"] for conv in _corpus() for m in conv))
+    c = Constitution(name="keeper", traits=[Trait(trait=t, questions=["Hello?"]) for t in UNSEEN])
+    in_character = _answers(tiny_dir, teacher_system_prompt(c))
+    plain = _answers(tiny_dir, None)
+    assert sum(not _is_plain(t) for t, _ in in_character) >= 0.8 * len(in_character), in_character
+    assert all(_is_plain(t) for t, _ in plain), plain
+
+
+@pytest.mark.slow
+def test_answers_are_complete_so_the_dpo_filters_keep_them(tiny_dir, one_thread):
+    from character.constitution import load_constitution
+    from character.datagen import _ENDS_LIKE_A_SENTENCE
+    from character.prompts import teacher_system_prompt
+
+    for system in (None, teacher_system_prompt(load_constitution("sarcastic"))):
+        answers = _answers(tiny_dir, system)
+        done = [t for t, stop in answers if stop == "stop" and _ENDS_LIKE_A_SENTENCE.search(t)]
+        assert len(done) >= 0.8 * len(answers), answers
+
+
+def test_tiny_defaults_apply_to_tiny_only_and_explicit_values_win():
+    from character.config import TINY_DEFAULTS, PipelineConfig
+
+    tiny = PipelineConfig(persona="pirate")
+    assert (tiny.max_new_tokens, tiny.lora_rank, tiny.heldout_fraction) == (96, 8, 0.2)
+    assert (tiny.dpo.learning_rate, tiny.dpo.batch_size, tiny.dpo.epochs) == (2e-3, 8, 3)
+    assert PipelineConfig(**tiny.model_dump()) == tiny  # a saved config reloads unchanged
+    given = PipelineConfig(persona="pirate", max_new_tokens=200, dpo={"batch_size": 4})
+    assert given.max_new_tokens == 200 and given.dpo.batch_size == 4 and given.dpo.learning_rate == 2e-3
+    for other in (dict(base_model="/models/some-hf-folder"), dict(backend="tinker", base_model="meta-llama/X")):
+        paper = PipelineConfig(persona="pirate", **other)  # real models keep the paper's hyperparameters
+        assert (paper.max_new_tokens, paper.lora_rank, paper.heldout_fraction) == (1024, 64, 0.1)
+        assert (paper.dpo.learning_rate, paper.dpo.batch_size, paper.dpo.epochs) == (5e-5, 32, 1)
+    assert set(TINY_DEFAULTS) <= set(PipelineConfig.model_fields)
