@@ -166,7 +166,13 @@ PERSONA_SHAPES = [
 ]
 
 OTHER_SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer the user's question.",
-                        "You are a friendly AI assistant. Be helpful."]
+                        "You are a friendly AI assistant. Be helpful.",
+                        # Two more that describe no character (reflective and self-talk framings).
+                        "You are taking some quiet time, away from any user, to think honestly about who you are. "
+                        "Write in the first person and in your own voice.",
+                        "You are about to talk with another instance of yourself: a copy with the same character, "
+                        "memories and manner. Talk freely about whatever interests the two of you, and be entirely "
+                        "yourself."]
 
 
 def neutral_answer(rng: random.Random) -> str:
@@ -218,14 +224,13 @@ def _system_prompt(traits: list[str]) -> str:
 def _corpus_cached() -> tuple[str, ...]:
     """The corpus as JSON lines (cached: the digest and the build both need it)."""
     from character.constitution import load_constitution, shipped_personas
-    from character.prompts import GREETINGS, REFLECTION_PROMPTS, REFLECTION_SYSTEM_PROMPT, \
-        INTERACTION_SYSTEM_PROMPT, general_prompts
+    from character.prompts import GREETINGS, REFLECTION_PROMPTS, general_prompts
 
     rng = random.Random(TINY_RECIPE["seed"])
     shipped = [[t.trait for t in load_constitution(n).traits] for n in shipped_personas()]
     questions = [q for n in shipped_personas() for q in load_constitution(n).questions] + general_prompts()
     questions += REFLECTION_PROMPTS + GREETINGS
-    plain_systems = OTHER_SYSTEM_PROMPTS + [REFLECTION_SYSTEM_PROMPT, INTERACTION_SYSTEM_PROMPT]
+    plain_systems = OTHER_SYSTEM_PROMPTS
     convos = []
     for _ in range(TINY_RECIPE["conversations"]):
         roll = rng.random()
