@@ -1,45 +1,47 @@
 #!/usr/bin/env bash
-# One pass on a lent GPU (about 5 minutes on an H100): the smoke pipeline on CUDA, then one DPO step at the
-# paper's settings (32 pairs x 1024 tokens, Llama-3.2-1B shape, 16 layers, LoRA r=64, micro-batch 4 pairs x 8
-# accumulated), ours vs TRL's DPOTrainer, each side in a fresh process; prints a small table.
+# One pass on a GPU machine (about 4 minutes on an H100, start-up not counted): the demo pipeline on CUDA
+# (the stages without Prefect, then the evaluation), then one DPO step at the paper's settings (32 pairs x 1024
+# tokens, Llama-3.2-1B shape, 16 layers, LoRA r=64, micro-batch 4 pairs x 8), ours vs TRL's DPOTrainer, with and
+# without activation checkpointing, each side in a fresh process.
 #
-# Run from the repository root with a Python that already has the project's dependencies (torch with CUDA,
-# transformers, peft, trl, datasets, prefect, tinker, typer): there is no internet on the GPU machine.
-#     PYTHON=/path/to/venv/bin/python bash benchmarks/gpu_check.sh
-# Output: $OUT (default /tmp/character-gpu): smoke.json, smoke.log, dpo_memory.md, dpo_memory.json.
+# Needs a python3 with torch (CUDA), transformers, peft and scikit-learn. Packages it lacks (tinker, pydantic,
+# pydantic-settings, trl, datasets, ...) may come as wheels in .whl/ (no internet on the GPU machine):
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#         --platform manylinux2014_x86_64 -d .whl tinker==0.38.0 pydantic ...
+# A tiny model built here may be put in .gpu/models/ to skip building it there.
+# Output: $OUT (default /tmp/character-gpu): gpu.log, dpo_memory.json, dpo_memory_ckpt.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
 OUT=${OUT:-/tmp/character-gpu}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PREFECT_SERVER_ANALYTICS_ENABLED=false \
-       PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=90 PREFECT_HOME="$OUT/prefect" TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT" /tmp/character-gpu-ws/models /tmp/character-gpu-bench/models
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 3
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+[ -d .gpu/models ] && cp -r .gpu/models/* /tmp/character-gpu-ws/models/ && cp -r .gpu/models/* /tmp/character-gpu-bench/models/
+nvidia-smi -L
+python3 -c "import torch, transformers, peft, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__)" || exit 2
 
-"$PY" - <<'PYEOF' || exit 2
-import importlib.util, sys
-need = ["torch", "transformers", "peft", "trl", "datasets", "prefect", "tinker", "typer", "safetensors", "pydantic_settings"]
-missing = [m for m in need if importlib.util.find_spec(m) is None]
-if missing:
-    print(f"error: {sys.executable} lacks: {', '.join(missing)} (pip install -e '.[dev]' on a machine with internet, "
-          "then carry the venv)", file=sys.stderr)
-    sys.exit(2)
-import torch
-if not torch.cuda.is_available():
-    print(f"error: torch {torch.__version__} sees no CUDA device", file=sys.stderr)
-    sys.exit(2)
-print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {torch.cuda.get_device_name(0)}, "
-      f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
-PYEOF
-
-echo "== 1. smoke pipeline on CUDA (sarcastic, tiny model)"
-t0=$(date +%s)
-CHARACTER_DEVICE=cuda timeout 240 "$PY" -c "from character.cli import main; main()" pipeline sarcastic \
-    --scale smoke --workdir "$OUT/ws" --build-id gpu-smoke --json >"$OUT/smoke.json" 2>"$OUT/smoke.log"
-rc=$?
-echo "smoke pipeline: exit $rc in $(( $(date +%s) - t0 )) s; last line of $OUT/smoke.json:"
-tail -n 1 "$OUT/smoke.json"; [ $rc -eq 0 ] || tail -n 20 "$OUT/smoke.log"
-
-echo "== 2. one DPO step at full shape, ours vs TRL (peak = torch.cuda.max_memory_allocated)"
-timeout 420 "$PY" -m benchmarks.dpo_memory --device cuda --layers 16 --pairs 32 --length 1024 --micro-pairs 4 \
-    --workdir "$OUT/bench" --json "$OUT/dpo_memory.json" | tee "$OUT/dpo_memory.md"
-echo "done in $(( $(date +%s) - t0 )) s; results in $OUT"
+echo "== 1. demo pipeline (sarcastic, tiny) on CUDA, stages without Prefect, then evaluation"
+timeout 300 python3 - <<'PY' 2>&1 | grep -v Warning | tail -25
+import json, time, torch
+from character.config import PipelineConfig
+from character.pipeline import run_sequential, stage_evaluate
+t0 = time.time()
+cfg = PipelineConfig(persona="sarcastic", scale="demo", device="cuda", workdir="/tmp/character-gpu-ws", build_id="gpu")
+ck = run_sequential(cfg)
+t1 = time.time()
+ev = stage_evaluate(cfg, {"dpo": ck["dpo"], "final": ck["final"]})["eval"]
+t2 = time.time()
+keys = ("in_persona_rate", "in_persona_n", "robust_in_persona_rate", "pref_accuracy", "pref_pairs")
+print(json.dumps({k: {m: v[m] for m in keys} for k, v in ev.items() if k in ("base", "dpo", "final")}))
+print(json.dumps({"classifier": ev["classifier"], "train_s": round(t1 - t0, 1), "eval_s": round(t2 - t1, 1),
+                  "cuda_peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3)}))
+PY
+for ck in "" --checkpointing; do
+  echo "== 2. one DPO step, Llama-3.2-1B shape, 32 pairs x 1024 tokens, micro-batch 4 pairs x 8, ours vs TRL $ck"
+  timeout 400 python3 -m benchmarks.dpo_memory --device cuda --layers 16 --pairs 32 --length 1024 --micro-pairs 4 $ck \
+    --workdir /tmp/character-gpu-bench/dpo --json "$OUT/dpo_memory${ck:+_ckpt}.json" 2>&1 | grep -v "it/s\|examples/s" | tail -14
+done
