@@ -106,7 +106,7 @@ def _optim(batch_size: Optional[int], save_every: Optional[int], keep_states: Op
 
 
 # Options shared by `pipeline` and `generate`.
-_SCALE = typer.Option("smoke", help="smoke | mini | half | full | paper (sets the counts below)")
+_SCALE = typer.Option("smoke", help="smoke | demo | mini | half | full | paper (sets the counts below)")
 _WORKDIR = typer.Option(None, help="workspace folder (env CHARACTER_WORKDIR)")
 _BUILD_ID = typer.Option(None, help="name of this build; the same id resumes it (default: a timestamp)")
 _BASE = typer.Option(None, help="'tiny' (built in) or a local Hugging Face model folder")
