@@ -30,7 +30,8 @@ class OptimConfig(BaseModel):
     # A save costs one request (seconds on Tinker); after a failed call the steps since the last save
     # are replayed, so every 10 steps bounds a recovery to at most 9 replayed steps.
     save_every: int = Field(10, ge=1, description="save the resumable state every N steps (bounds a replay)")
-    max_recoveries: int = Field(10, ge=0, description="fresh clients one run may resume on after failed calls")
+    max_recoveries: int = Field(10, ge=0, description="fresh clients a run may resume on in a row, without a new save in between, "
+                                "before the failure goes up")
     keep_states: int = Field(2, ge=1, description="resumable states (LoRA + optimizer) kept per training run: "
                              "the newest N saves; older ones are deleted once a newer save is recorded")
     seed: int = 0

@@ -15,7 +15,8 @@ on the same client is therefore never safe. Instead, any transient failure of a 
 (forward/backward, custom loss, optimizer step, save) drops the client and resumes on a fresh one
 from the last saved state (`create_training_client_from_state_with_optimizer`; the start client if
 nothing was saved yet), replaying the steps since. `save_every` bounds what a replay costs;
-`max_recoveries` bounds how often one run recovers before the error goes up (to Prefect's retry).
+`max_recoveries` bounds how often a run recovers in a row without reaching a new save before the error
+goes up (to Prefect's retry).
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def train(
                 if (step + 1) % cfg.save_every == 0 or step + 1 == total:
                     state = client.save_state(f"step-{step + 1:06d}").result().path
                     saved_step = step + 1
+                    recoveries = 0  # progress was made: the bound is on recoveries in a row without a save
                     append_jsonl(log_path, {"step": step + 1, "state": state})
                     prune_states(log_path, cfg.keep_states)
                 step += 1

@@ -23,7 +23,7 @@ def sequential(config: PipelineConfig) -> PipelineResult:
         intro = introspection_data(config, dpo)
         sft = train_sft(config, intro, dpo)
         publish_checkpoint(config, sft, stage="final")
-        evaluate(config, {"final": sft})
+        evaluate(config, {"dpo": dpo, "final": sft})  # the DPO stage alone, and both stages together
         result = PipelineResult(
             persona=persona, mode="sequential", base_model=config.base_model, workdir=config.workdir,
             build_id=config.build_id, checkpoints={"dpo": dpo.sampler, "sft": sft.sampler, "final": sft.sampler},

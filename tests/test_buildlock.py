@@ -82,7 +82,7 @@ DRIVER = ("import json, sys; from character.pipeline import PipelineConfig, run_
           "except Exception as e:\n"
           "    print('error:', e, file=sys.stderr); sys.exit(2)\n")
 TINY = dict(persona="pirate", build_id="twice", dpo_pairs=6, reflections=4, interactions=1, turns=2,
-            max_new_tokens=24, max_in_flight=4, evaluate=False, dpo={"batch_size": 2, "save_every": 1},
+            max_new_tokens=96, max_in_flight=4, evaluate=False, dpo={"batch_size": 2, "save_every": 1},
             sft={"batch_size": 2, "save_every": 1})
 
 
