@@ -504,7 +504,7 @@ def evaluate_checkpoints(
         build = next((d for d in given.parents[:3] if (d / "record.json").is_file()), None)
     elif build is None:
         found_notes.append(f"no build in {ws.root} lists these checkpoints: give --dpo-data and --train-data "
-                     "for preference and persona metrics")
+                           "for preference and persona metrics")
     label_checkpoints(ckpts, stages, names)
 
     files = build_files(build)

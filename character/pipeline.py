@@ -64,10 +64,12 @@ def validate(cfg: PipelineConfig) -> Constitution:
         from character.backend.tinker import check_ready
 
         check_ready(Settings(), cfg.base_model, cfg.teacher_model)  # key and model names, no network
-    if cfg.evaluate and Settings().revealed_judge:
-        from character.eval_models import model_side
+    judge = Settings().revealed_judge
+    if cfg.evaluate and judge:  # a bad judge name or a missing key fails now, not after training
+        from character.eval_models import check_tinker_key, model_side
 
-        model_side(Settings().revealed_judge, "CHARACTER_REVEALED_JUDGE")
+        if model_side(judge, "CHARACTER_REVEALED_JUDGE") == "tinker":
+            check_tinker_key()
     return c
 
 

@@ -86,6 +86,25 @@ def test_cli_eval_of_tinker_checkpoints(wired, tmp_path, capsys, monkeypatch):
     assert ("create_sampling_client", TEACHER) in wired.calls
     assert "6 verdicts unreadable" in Path(res["report"]["markdown"]).read_text()
 
+    # a checkpoint no build in the workspace lists: the data and the base model are given
+    stages = pipeline.read_record(cfg)["stages"]
+    held, train = tmp_path / "held.jsonl", tmp_path / "train.jsonl"
+    held.write_bytes(Path(stages["dpo_data"]["heldout"]).read_bytes())
+    train.write_bytes(Path(stages["dpo_data"]["path"]).read_bytes())
+    monkeypatch.setattr(sys, "argv", ["character", "eval", out["dpo"].sampler, "--persona", "pirate", "--json",
+                                      "--workdir", str(tmp_path / "other"), "--base-model", STUDENT,
+                                      "--dpo-data", str(held), "--train-data", str(train)])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    captured = capsys.readouterr()
+    assert exit_.value.code in (0, None), captured.err
+    res = json.loads(captured.out.strip().splitlines()[-1])
+    (label,) = set(res["checkpoints"]) - {"base"}  # no build names its stage: the checkpoint's own name
+    run, _, name = out["dpo"].sampler.removeprefix("tinker://").split("/")
+    assert label == f"{run}/{name}" and res["checkpoints"][label]["kind"] == "tinker"
+    assert res["build"] is None and res["eval"][label]["pref_pairs"] > 0
+    assert res["eval"][label]["in_persona_rate"] is not None and res["revealed"]["status"] == "skipped"
+
     # mixing local and tinker checkpoints in one call is refused before anything runs
     monkeypatch.setattr(sys, "argv", argv[:3] + [str(tmp_path)] + argv[3:])
     with pytest.raises(SystemExit) as exit_:
@@ -203,3 +222,17 @@ def test_revealed_preferences_skipped_or_computed_through_evaluate_models(tmp_pa
     assert len(saved["models"]["final"]["records"]) == 300
     # the same weights under two names were judged once
     assert svc.made == ["base", "ckpt", "base", "ckpt"]
+
+
+def test_a_bad_revealed_judge_or_a_missing_key_fails_before_a_build_starts(tmp_path, monkeypatch):
+    from character.errors import UserError
+
+    cfg = PipelineConfig(persona="pirate", workdir=str(tmp_path / "ws"), build_id="judge")
+    monkeypatch.setenv("CHARACTER_REVEALED_JUDGE", "no-such-model")
+    with pytest.raises(UserError, match="CHARACTER_REVEALED_JUDGE no-such-model: not 'tiny'"):
+        pipeline.validate(cfg)
+    monkeypatch.setenv("CHARACTER_REVEALED_JUDGE", TEACHER)  # served by Tinker: needs the key
+    with pytest.raises(UserError, match="TINKER_API_KEY"):
+        pipeline.validate(cfg)
+    assert not pipeline.read_record(cfg)
+    pipeline.validate(cfg.model_copy(update={"evaluate": False}))  # no evaluation: no judge needed
