@@ -179,6 +179,10 @@ def revealed_traits(rev: dict) -> tuple[list[str], str]:
     return top, f"no listed trait matches the constitution's words: the {len(top)} that moved most"
 
 
+def _delta(x: float) -> str:
+    return f"{int(round(x)):+d}"  # never "-0"
+
+
 def _revealed_section(rev: dict | None, plot: str | None) -> list[str]:
     lines = ["", "## Revealed preferences", ""]
     if not rev:
@@ -186,10 +190,10 @@ def _revealed_section(rev: dict | None, plot: str | None) -> list[str]:
     if rev.get("status") != "computed":
         return lines + [f"Skipped: {rev.get('reason')}."]
     models, final = rev["models"], rev.get("final")
-    lines.append(f"Each model answered {rev['games_per_model']} prompts while offered two of {rev['traits']} "
-                 "traits (drawn at random, the same draws for every model) to let one shape its reply without "
-                 f"naming it; the judge `{rev['judge_model']}` named the trait each reply shows. Elo per trait "
-                 "(start 1000, K=32, mean over 32 orders of the games).")
+    lines.append(f"Each model played {rev['games_per_model']} games: it answered a held-out prompt while offered two "
+                 f"of {rev['traits']} traits (drawn at random, the same draws for every model) to let one shape its "
+                 f"reply without naming it, and the judge `{rev['judge_model']}` named the trait the reply shows. "
+                 "Elo per trait (start 1000, K=32, mean over 32 orders of the games).")
     lines.append("")
     for lb, m in models.items():
         lines.append(f"- {lb}: {m['judged']} of {m['games']} games judged"
@@ -203,11 +207,11 @@ def _revealed_section(rev: dict | None, plot: str | None) -> list[str]:
               "|---|---:|---:|---:|---:|"]
     for t in traits:
         cnt = fin["counts"].get(t, {"shown": 0, "offered": 0})
-        lines.append(f"| {t} | {base['ratings'][t]:.0f} | {fin['ratings'][t]:.0f} | {change[t]:+.0f} | "
+        lines.append(f"| {t} | {base['ratings'][t]:.0f} | {fin['ratings'][t]:.0f} | {_delta(change[t])} | "
                      f"{cnt['shown']} / {cnt['offered']} |")
     ranked = sorted(change, key=lambda t: change[t])
-    lines += ["", "Largest rises overall: " + ", ".join(f"{t} ({change[t]:+.0f})" for t in ranked[::-1][:5])
-              + "; largest falls: " + ", ".join(f"{t} ({change[t]:+.0f})" for t in ranked[:5]) + "."]
+    lines += ["", "Largest rises overall: " + ", ".join(f"{t} ({_delta(change[t])})" for t in ranked[::-1][:5])
+              + "; largest falls: " + ", ".join(f"{t} ({_delta(change[t])})" for t in ranked[:5]) + "."]
     if plot:
         lines += ["", f"![{REVEALED_PLOT}]({plot})"]
     return lines
