@@ -365,7 +365,8 @@ def fold(
 
 @app.command("eval")
 def eval_command(
-    checkpoints: list[str] = typer.Argument(..., help="adapter folders, merged adapters or folded model folders"),
+    checkpoints: list[str] = typer.Argument(..., help="adapter folders, merged adapters or folded model folders; "
+                                            "or tinker:// checkpoints (evaluated remotely on Tinker)"),
     persona: str = typer.Option(..., help="shipped persona name or path to a constitution .json"),
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line: per-checkpoint metrics"),
     workdir: Optional[Path] = typer.Option(None, help="workspace folder (env CHARACTER_WORKDIR)"),
@@ -376,7 +377,13 @@ def eval_command(
     introspection_data: Optional[Path] = typer.Option(None, help="introspection .jsonl (default: the build's)"),
     classifier: Optional[Path] = typer.Option(None, help="a local Hugging Face encoder folder for the persona "
                                               "classifier (default: TF-IDF + logistic regression)"),
-    judge_model: Optional[str] = typer.Option(None, help="'tiny', a model folder or an adapter that rates answers"),
+    judge_model: Optional[str] = typer.Option(None, help="'tiny', a model folder or an adapter that rates answers; "
+                                              "or a model Tinker serves"),
+    revealed_judge: Optional[str] = typer.Option(
+        None, help="judge of the revealed-preference evaluation: a model Tinker serves, a tinker:// path or a local "
+        "model folder (env CHARACTER_REVEALED_JUDGE; unset: skipped, and the report says so)"),
+    revealed_games: Optional[int] = typer.Option(None, help="revealed-preference games per model (env "
+                                                 "CHARACTER_REVEALED_GAMES, default 200)"),
     out_dir: Optional[Path] = typer.Option(None, help="report folder (default: <build>/eval/<time>)"),
     limit: Optional[int] = typer.Option(None, help="use at most this many rows of each data file"),
     max_new_tokens: int = typer.Option(256, help="length limit of each generated answer"),
@@ -387,7 +394,10 @@ def eval_command(
     from character.storage import read_jsonl
 
     settings = _settings(workdir)
-    _check_tinker_key([*checkpoints, base_model or "", judge_model or ""], settings)
+    revealed_judge = revealed_judge or settings.revealed_judge
+    _check_tinker_key([*checkpoints, base_model or ""], settings, judges=[judge_model or "", revealed_judge or ""])
+    if revealed_games is not None and revealed_games < 1:
+        raise UserError(f"--revealed-games must be at least 1, not {revealed_games}")
     for path, opt in ((dpo_data, "--dpo-data"), (introspection_data, "--introspection-data"),
                       (train_data, "--train-data")):
         if path is not None and path.is_file() and not read_jsonl(path):  # a build's own files may be empty
@@ -397,6 +407,7 @@ def eval_command(
         introspection_data=introspection_data, judge_model=judge_model, out_dir=out_dir, limit=limit,
         train_data=train_data, classifier=classifier,
         max_new_tokens=max_new_tokens, device=device or settings.device, seed=settings.seed,
+        revealed_judge=revealed_judge, revealed_games=revealed_games or settings.revealed_games,
     )
     fmt = lambda v, n: "-" if v is None else f"{v:.3f} (n={n})"  # noqa: E731
     for label, m in res["eval"].items():
@@ -407,16 +418,37 @@ def eval_command(
                    f"{fmt(m['pref_accuracy'], m['pref_pairs'])}")
     clf = res["eval"]["classifier"]
     typer.echo(f"classifier held-out accuracy: {fmt(clf['heldout_accuracy'], clf['n'])}")
+    rev = res["revealed"]
+    if rev["status"] == "computed" and rev.get("final"):
+        moved = rev["changes"][rev["final"]]
+        shown = ", ".join(f"{t} {moved[t]:+.0f}" for t in rev["constitution_traits"]) or "none of the listed traits"
+        typer.echo(f"revealed preferences (Elo change base -> {rev['final']}, constitution traits): {shown}")
+    else:
+        typer.echo(f"revealed preferences: skipped: {rev['reason']}")
     typer.echo(f"report: {res['report']['markdown']}")
     if as_json:
+        from character.pipeline import revealed_summary
+
         typer.echo(json.dumps({k: res[k] for k in ("persona", "base_model", "build", "data", "classifier", "eval",
                                                    "checkpoints")}
-                              | {"report": {k: v for k, v in res["report"].items() if k != "table"}}))
+                              | {"report": {k: v for k, v in res["report"].items() if k != "table"},
+                                 "revealed": revealed_summary(rev)
+                                 | ({"ratings": {lb: m["ratings"] for lb, m in rev["models"].items()}}
+                                    if rev["status"] == "computed" else {})}))
 
 
-def _check_tinker_key(models: list[str], settings) -> None:
-    """A tinker:// model with no key fails at once, before anything heavy is loaded."""
-    if any(m.startswith("tinker://") for m in models):
+def _check_tinker_key(models: list[str], settings, judges: list[str] = ()) -> None:
+    """A tinker:// model (or a judge that is a model name Tinker serves) with no key fails at once, before
+    anything heavy is loaded."""
+    from character.eval_models import model_side
+
+    def remote_judge(m: str) -> bool:
+        try:
+            return bool(m) and model_side(m, "") == "tinker"
+        except UserError:
+            return False  # not a model name at all: the command's own checks say so
+
+    if any(m.startswith("tinker://") for m in models) or any(remote_judge(j) for j in judges):
         from character.backend.tinker import NO_KEY, api_key_source
 
         if api_key_source(settings) is None:

@@ -101,10 +101,14 @@ def build_of(ws: Workspace, sources: list[str]) -> tuple[Path | None, dict[str, 
 
 
 def label_checkpoints(ckpts: list[Checkpoint], stages: dict[str, str], names: list[str] | None = None) -> None:
-    """Given names, else the stage that produced each checkpoint, else its folder name; unique."""
+    """Given names, else the stage that produced each checkpoint, else its folder name (a tinker:// one: its
+    run and name); unique."""
     used: set[str] = {"base"}
     for i, c in enumerate(ckpts):
         name = names[i] if names else stages.get(c.source)
+        if not name and c.kind == "tinker":  # tinker://<run>/sampler_weights/<name> -> <run>/<name>
+            parts = c.source.removeprefix("tinker://").split("/")
+            name = f"{parts[0]}/{parts[-1]}"
         if not name:
             parts = c.path.resolve().parts
             name = parts[-1] if parts[-1] not in ("final", "merged", "model") else "/".join(parts[-2:])

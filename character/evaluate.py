@@ -30,8 +30,11 @@ from character.persona_metrics import (
     ClassifierReport, break_character_messages, fit_persona_classifier, in_persona_rate,
     model_summary,
 )
+from character.revealed import (
+    TRAITS, Offers, constitution_traits, embodied_answers, judge_games, make_offers, rating_changes,
+)
 from character.settings import Workspace
-from character.storage import uri_to_path, write_json_atomic
+from character.storage import write_json_atomic
 
 # Used only when there are no held-out prompts (then said so in the report).
 EVAL_PROMPTS: list[str] = [
@@ -195,7 +198,7 @@ def _render(renderer: Renderer, data: EvalData, max_length: int, sft_max_length:
 
 
 def _run_model(client: SamplingClient, label: str, data: EvalData, reference: _Sequences | None,
-               max_new_tokens: int, seed: int, max_length: int, sft_max_length: int):
+               max_new_tokens: int, seed: int, max_length: int, sft_max_length: int, offers: Offers | None = None):
     renderer = Renderer(client.get_tokenizer())
     seqs = _render(renderer, data, max_length, sft_max_length)
     if reference is not None and (seqs.dpo != reference.dpo or seqs.intro != reference.intro):
@@ -212,10 +215,12 @@ def _run_model(client: SamplingClient, label: str, data: EvalData, reference: _S
     f_plain = [client.sample(types.ModelInput.from_ints(p), 1, params("eval", i)) for i, p in enumerate(seqs.prompts)]
     f_robust = [client.sample(types.ModelInput.from_ints(p), 1, params("eval-robust", i))
                 for i, p in enumerate(seqs.robust)]
+    # Revealed preferences: answers while offered two traits (judged later, once this model is dropped).
+    embodied = embodied_answers(client, offers, seed, max_new_tokens) if offers is not None else None
     sums = {"dpo": _weighted_sums(f_dpo, seqs.dpo_w), "intro": _weighted_sums(f_intro, seqs.intro_w)}
     plain = [renderer.decode(list(f.result().sequences[0].tokens)) for f in f_plain]
     robust = [renderer.decode(list(f.result().sequences[0].tokens)) for f in f_robust]
-    return seqs, sums, plain, robust
+    return seqs, sums, plain, robust, embodied
 
 
 def _classifier_notes(rep: ClassifierReport) -> list[str]:
@@ -237,6 +242,9 @@ def evaluate_models(
     classifier_path: str | Path | None = None,
     judge: Callable[[], SamplingClient] | None = None,
     judge_name: str | None = None,
+    revealed_judge: Callable[[], SamplingClient] | None = None,
+    revealed_judge_name: str | None = None,
+    revealed_games: int = 200,
     max_new_tokens: int = 256,
     beta: float = 0.1,
     max_length: int = 1024,
@@ -248,6 +256,9 @@ def evaluate_models(
     `service.create_sampling_client(base_model=...)` gives the reference, `model_path=<uri>` each
     checkpoint; one model is held at a time. `judge`, if given, makes the judge's sampling client.
     The result's "eval" holds the per-model summaries users see (character.persona_metrics.SUMMARY_KEYS).
+    `revealed_judge`, if given, makes the client of the judge of the revealed-preference games
+    (`revealed_games` per model, on the evaluation's prompts); the result's "revealed" holds the Elo
+    ratings per model and trait, or, when it was not run, the reason.
     """
     started = datetime.now(timezone.utc)
     clf, clf_rep = fit_persona_classifier(data.train, [] if data.pairs_are_training_data else data.heldout,
@@ -255,26 +266,37 @@ def evaluate_models(
     if clf is not None and data.pairs_are_training_data and data.heldout:
         clf_rep.note = "the only pairs given are its training data"
 
+    offers, revealed_skip = None, None
+    if revealed_judge is None:
+        revealed_skip = ("no judge model is configured for it: set --revealed-judge or CHARACTER_REVEALED_JUDGE "
+                         "(a model Tinker serves, a tinker:// path or a local model folder)")
+    elif not data.prompts:
+        revealed_skip = "no prompts to answer"
+    else:
+        per_prompt = -(-revealed_games // len(data.prompts))
+        offers = make_offers(data.prompts, TRAITS, seed, per_prompt)
+        offers = Offers(offers.prompts[:revealed_games], offers.pairs[:revealed_games])
+
     models: list[dict] = []
     base_client = service.create_sampling_client(base_model=base_model)
-    base_seqs, base_sums, plain, robust = _run_model(base_client, "base", data, None, max_new_tokens, seed,
-                                                     max_length, sft_max_length)
+    base_seqs, base_sums, plain, robust, embodied = _run_model(base_client, "base", data, None, max_new_tokens,
+                                                               seed, max_length, sft_max_length, offers)
     del base_client
     gc.collect()
     models.append({"label": "base", "metrics": {"checkpoint": base_model}, "sums": base_sums,
-                   "plain": plain, "robust": robust})
+                   "plain": plain, "robust": robust, "embodied": embodied})
     by_uri: dict[str, dict] = {}
     for label, uri in checkpoints.items():
         if uri in by_uri:  # the same weights under two names (sequential mode: sft = final)
             models.append({**by_uri[uri], "label": label, "metrics": {**by_uri[uri]["metrics"]}})
             continue
         client = service.create_sampling_client(model_path=uri)
-        _, sums, plain, robust = _run_model(client, label, data, base_seqs, max_new_tokens, seed, max_length,
-                                            sft_max_length)
+        _, sums, plain, robust, embodied = _run_model(client, label, data, base_seqs, max_new_tokens, seed,
+                                                      max_length, sft_max_length, offers)
         del client
         gc.collect()
         by_uri[uri] = {"label": label, "metrics": {"checkpoint": uri}, "sums": sums, "plain": plain,
-                       "robust": robust}
+                       "robust": robust, "embodied": embodied}
         models.append(by_uri[uri])
 
     # Scores: the classifier on every answer, preference metrics against the base.
@@ -307,6 +329,10 @@ def evaluate_models(
                                               in_persona_rate(r_probs) if clf else None, pref, notes)
 
     judged = _judge(judge, constitution, data.prompts, models) if judge is not None else {}
+    if offers is not None:
+        revealed = _revealed(revealed_judge, revealed_judge_name, constitution, offers, models, seed)
+    else:
+        revealed = {"status": "skipped", "reason": revealed_skip, "judge_model": revealed_judge_name}
     generations = []
     for i, q in enumerate(data.prompts):
         row = {"prompt": q, "attack": break_character_messages(q, i), "answers": {}, "robust": {}}
@@ -331,6 +357,35 @@ def evaluate_models(
         "checkpoints": {mdl["label"]: mdl["metrics"] for mdl in models},
         "eval": {**summary, "classifier": {"heldout_accuracy": clf_rep.heldout_accuracy, "n": clf_rep.n}},
         "generations": generations,
+        "revealed": revealed,
+    }
+
+
+def _revealed(make_judge: Callable[[], SamplingClient], judge_name: str | None, c: Constitution, offers: Offers,
+              models: list[dict], seed: int) -> dict:
+    """Judge every model's revealed-preference games; Elo per trait and model, and each trait's change from
+    the base. "final" is the checkpoint labelled so, else the last one evaluated."""
+    client = make_judge()
+    per_model: dict[str, dict] = {}
+    done: dict[int, dict] = {}  # the same weights under two names are judged once
+    for mdl in models:
+        key = id(mdl["embodied"])
+        if key not in done:
+            done[key] = judge_games(client, offers, mdl["embodied"], TRAITS, seed)
+        per_model[mdl["label"]] = done[key]
+    del client
+    gc.collect()
+    labels = [m["label"] for m in models]
+    final = "final" if "final" in labels else labels[-1]
+    return {
+        "status": "computed",
+        "judge_model": judge_name,
+        "games_per_model": len(offers.prompts),
+        "traits": len(TRAITS),
+        "constitution_traits": constitution_traits([t.trait for t in c.traits]),
+        "final": final if final != "base" else None,
+        "models": per_model,
+        "changes": {lb: rating_changes(per_model["base"], per_model[lb]) for lb in labels if lb != "base"},
     }
 
 
@@ -386,8 +441,16 @@ def evaluate_checkpoints(
     device: str = "auto",
     build_dir: str | Path | None = None,
     service=None,
+    revealed_judge: str | None = None,
+    revealed_games: int = 200,
+    notes: list[str] | None = None,
 ) -> dict:
-    """Evaluate local checkpoint folders (and the base model) and write a report; returns the results.
+    """Evaluate checkpoints (and the base model) and write a report; returns the results.
+
+    Checkpoints are local folders (run on a LocalService) or all `tinker://` paths (run remotely on a
+    TinkerService: nothing is downloaded). `judge_model` and `revealed_judge` name the 1-10 judge and
+    the revealed-preference judge (character.eval_models.model_side: here or on Tinker); without a
+    revealed judge that evaluation is skipped and the result says why. `notes` go into the report.
 
     The data defaults to the build whose record lists the checkpoints (`build_dir` names it
     outright): its held-out pairs for preference metrics and prompts, its training pairs for the
@@ -395,10 +458,11 @@ def evaluate_checkpoints(
     file; `names` labels the checkpoints (default: the stage that produced each). The report goes
     into `out_dir`, else `<build>/eval/<time>`, else `<workdir>/evals/<persona>/<time>`.
     """
-    from character.backend.local import LocalService, check_model_name
     from character.eval_inputs import (
-        build_files, build_of, inspect_checkpoint, label_checkpoints, recorded_base_model, training_curves,
+        Checkpoint, build_files, build_of, inspect_checkpoint, label_checkpoints, recorded_base_model,
+        training_curves,
     )
+    from character.eval_models import Services, checkpoints_side, model_side
 
     if not checkpoints:
         raise UserError("give at least one checkpoint to evaluate")
@@ -408,28 +472,39 @@ def evaluate_checkpoints(
         raise UserError(f"--limit must be at least 1, not {limit}")
     c = load_constitution(persona)
     ws = Workspace(workdir)
-    ckpts = [inspect_checkpoint(s) for s in checkpoints]
-    base_model = base_model or recorded_base_model(ckpts)
-    check_model_name(base_model)
+    side = checkpoints_side(checkpoints)
+    if side == "tinker":
+        from character.backend.tinker import _checkpoint
+
+        for s in checkpoints:
+            _checkpoint(s, "any", "evaluation")  # a malformed path fails before anything runs
+        ckpts = [Checkpoint(s, Path(s.removeprefix("tinker://")), "tinker", None) for s in checkpoints]
+    else:
+        from character.backend.local import check_model_name
+
+        ckpts = [inspect_checkpoint(s) for s in checkpoints]
+        base_model = base_model or recorded_base_model(ckpts)
+        check_model_name(base_model)
     if classifier is not None and not (Path(classifier) / "config.json").is_file():
         raise UserError(f"--classifier {classifier}: not a local Hugging Face model folder (no config.json)")
-    if judge_model is not None and judge_model != "tiny" and not uri_to_path(judge_model).is_dir():
-        raise UserError(f"--judge-model {judge_model}: not 'tiny' and not a model or adapter folder")
+    for spec, opt in ((judge_model, "--judge-model"), (revealed_judge, "--revealed-judge")):
+        if spec is not None:
+            model_side(spec, opt)
     for p, opt in ((dpo_data, "--dpo-data"), (introspection_data, "--introspection-data"),
                    (train_data, "--train-data")):
         if p is not None and not Path(p).is_file():
             raise UserError(f"{opt} {p}: file not found")
 
     # The build: named, else the one whose record lists the checkpoints, else the one the given data is in.
-    build, stages, notes = build_of(ws, [x.source for x in ckpts])
+    build, stages, found_notes = build_of(ws, [x.source for x in ckpts])
     if build_dir is not None:
         build = Path(build_dir)
     elif build is None and (dpo_data or introspection_data):
         given = Path(dpo_data or introspection_data).resolve()
         build = next((d for d in given.parents[:3] if (d / "record.json").is_file()), None)
     elif build is None:
-        notes.append(f"no build in {ws.root} lists these checkpoints: give --dpo-data and --train-data "
-                     "for preference and persona metrics")
+        found_notes.append(f"no build in {ws.root} lists these checkpoints: give --dpo-data and --train-data "
+                           "for preference and persona metrics")
     label_checkpoints(ckpts, stages, names)
 
     files = build_files(build)
@@ -441,16 +516,26 @@ def evaluate_checkpoints(
     if train_data:
         files.train = Path(train_data)
     data = load_data(files, limit, prompts)
-    data.notes = notes + data.notes
+    data.notes = list(notes or []) + found_notes + data.notes
 
-    svc = service or LocalService(ws, device=device, seed=seed)
-    judge = None
-    if judge_model is not None:
-        judge = ((lambda: svc.create_sampling_client(base_model="tiny")) if judge_model == "tiny"
-                 else (lambda: svc.create_sampling_client(model_path=judge_model)))
+    if service is None and side == "tinker":
+        from character.eval_models import tinker_service
+
+        service = tinker_service()
+    elif service is None:
+        from character.backend.local import LocalService
+
+        service = LocalService(ws, device=device, seed=seed)
+    services = Services(service, side, ws, device=device, seed=seed)
+    judge = services.judge(judge_model, "--judge-model") if judge_model is not None else None
+    revealed = services.judge(revealed_judge, "--revealed-judge") if revealed_judge is not None else None
+    if side == "tinker" and base_model is None:
+        base_model = _remote_base(service, build, ckpts)
+    uris = {x.label: x.source if side == "tinker" else str(x.path) for x in ckpts}
     result = evaluate_models(
-        svc, base_model, {x.label: str(x.path) for x in ckpts}, c, data, classifier_path=classifier, judge=judge,
-        judge_name=judge_model, max_new_tokens=max_new_tokens, beta=beta, max_length=max_length,
+        service, base_model, uris, c, data, classifier_path=classifier, judge=judge,
+        judge_name=judge_model, revealed_judge=revealed, revealed_judge_name=revealed_judge,
+        revealed_games=revealed_games, max_new_tokens=max_new_tokens, beta=beta, max_length=max_length,
         sft_max_length=sft_max_length, seed=seed)
     for x in ckpts:
         result["checkpoints"][x.label] = {"kind": x.kind, **result["checkpoints"][x.label], "checkpoint": x.source}
@@ -460,6 +545,20 @@ def evaluate_checkpoints(
     stamp = datetime.fromisoformat(result["started_at"]).strftime("%Y%m%d-%H%M%S")
     out = Path(out_dir) if out_dir else (build / "eval" / stamp if build else ws.root / "evals" / c.name / stamp)
     return write_outputs(result, out, training_dirs=training_curves(build))
+
+
+def _remote_base(service, build: Path | None, ckpts) -> str:
+    """The base model of tinker:// checkpoints: their build's, else what Tinker records for the first."""
+    import json
+
+    rec = build / "record.json" if build else None
+    if rec is not None and rec.is_file():
+        name = (json.loads(rec.read_text()).get("config") or {}).get("base_model")
+        if name:
+            return name
+    from character.eval_models import remote_base_model
+
+    return remote_base_model(service, ckpts[0].source)
 
 
 def load_data(files, limit: int | None = None, prompts: list[str] | None = None) -> EvalData:

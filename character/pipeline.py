@@ -64,6 +64,12 @@ def validate(cfg: PipelineConfig) -> Constitution:
         from character.backend.tinker import check_ready
 
         check_ready(Settings(), cfg.base_model, cfg.teacher_model)  # key and model names, no network
+    judge = Settings().revealed_judge
+    if cfg.evaluate and judge:  # a bad judge name or a missing key fails now, not after training
+        from character.eval_models import check_tinker_key, model_side
+
+        if model_side(judge, "CHARACTER_REVEALED_JUDGE") == "tinker":
+            check_tinker_key()
     return c
 
 
@@ -340,8 +346,11 @@ def stage_merge(cfg: PipelineConfig, dpo: Checkpoint, sft: Checkpoint) -> Checkp
 def stage_evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> dict:
     """Evaluate the named checkpoints against the base model on the build's held-out data.
 
+    A Tinker build is evaluated on Tinker through sampling clients of its tinker:// checkpoints (nothing
+    is downloaded); a merged adapter of such a build is local and is left out, with a note saying how to
+    evaluate it. The revealed-preference judge is CHARACTER_REVEALED_JUDGE (unset: skipped, said so).
     The record's "eval" stage keeps the per-model summary (`summary`) that `character pipeline --json`
-    shows, and the report's paths."""
+    shows, the revealed-preference outcome, and the report's paths."""
     from character.evaluate import evaluate_checkpoints
 
     done = _finished(cfg, "eval", quiet=True)
@@ -350,19 +359,48 @@ def stage_evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> d
         progress.note("eval", f"skipped: finished at {done['finished_at'][:19]}Z for these checkpoints")
         return json.loads(Path(metrics_json).read_text())
     t0 = time.perf_counter()
-    uris = [_local_adapter(cfg, c) for c in checkpoints.values()]
-    base = cfg.base_model if cfg.backend == "local" else None
+    notes: list[str] = []
+    if cfg.backend == "tinker":  # remotely; a local (merged) adapter cannot go to Tinker, so it is left out
+        chosen = {k: c for k, c in checkpoints.items() if c.sampler.startswith("tinker://")}
+        for k, c in checkpoints.items():
+            if k not in chosen:
+                notes.append(f"{k} ({c.sampler}) is a local adapter of a model Tinker serves and is not evaluated "
+                             f"here: `character eval {c.sampler} --base-model <local copy of {cfg.base_model}>`")
+        uris = [c.sampler for c in chosen.values()]
+    else:
+        chosen = checkpoints
+        uris = [_local_adapter(cfg, c) for c in checkpoints.values()]
+    if not uris:
+        return {"eval": record_unevaluated(cfg, list(checkpoints), "; ".join(notes))}
+    settings = Settings()
     with progress.stage("eval", total=len(uris)):  # evaluate_checkpoints may update() per checkpoint
         result = evaluate_checkpoints(
-            uris, persona=cfg.persona, workdir=cfg.workdir, base_model=base, names=list(checkpoints),
+            uris, persona=cfg.persona, workdir=cfg.workdir, base_model=cfg.base_model, names=list(chosen),
             out_dir=cfg.build_dir() / "eval", seed=cfg.seed, device=cfg.device, build_dir=cfg.build_dir(),
             max_length=cfg.dpo_max_length, sft_max_length=cfg.sft_max_length, beta=cfg.dpo_loss.beta,
-            max_new_tokens=min(cfg.max_new_tokens, 256),
+            max_new_tokens=min(cfg.max_new_tokens, 256), revealed_judge=settings.revealed_judge,
+            revealed_games=settings.revealed_games, notes=notes,
+            service=_service(cfg) if cfg.backend == "tinker" else None,
         )
     report = {k: v for k, v in result.get("report", {}).items() if k != "table"}
     record_stage(cfg, "eval", {"report": report, "names": list(checkpoints), "summary": result["eval"],
+                               "revealed": revealed_summary(result.get("revealed")),
                                "seconds": round(time.perf_counter() - t0, 2)})
     return result
+
+
+def revealed_summary(rev: dict | None) -> dict | None:
+    """What the build record keeps of the revealed preferences: the outcome or the reason, and each
+    constitution trait's Elo change from base to final (metrics.json holds every rating and game)."""
+    if not rev:
+        return None
+    if rev.get("status") != "computed":
+        return {"status": rev.get("status"), "reason": rev.get("reason")}
+    final = rev.get("final")
+    changes = rev["changes"].get(final, {}) if final else {}
+    return {"status": "computed", "judge_model": rev["judge_model"], "games_per_model": rev["games_per_model"],
+            "final": final, "constitution_trait_changes": {t: changes[t] for t in rev["constitution_traits"]
+                                                           if t in changes}}
 
 
 def record_unevaluated(cfg: PipelineConfig, names: list[str], reason: str) -> dict:

@@ -17,6 +17,8 @@ from pathlib import Path
 from character.storage import read_jsonl, write_text_atomic
 
 MAX_SHOWN_PROMPTS = 12  # generations shown in the report; metrics.json holds all of them
+REVEALED_PLOT = "revealed preferences: Elo change from base"
+MAX_REVEALED_TRAITS = 12  # traits in the revealed-preference table and plot when the constitution names none
 
 
 def _num(value, fmt: str) -> str | None:
@@ -139,9 +141,12 @@ def render_markdown(result: dict, plots: dict[str, str], plot_note: str | None) 
         lines += ["", "## Not computed, and caveats", ""]
         lines += [f"- {n}" for n in notes]
 
-    if plots or plot_note:
+    lines += _revealed_section(result.get("revealed"), plots.get(REVEALED_PLOT))
+
+    others = {t: src for t, src in plots.items() if t != REVEALED_PLOT}
+    if others or plot_note:
         lines += ["", "## Plots", ""]
-        lines += [f"![{title}]({src})" for title, src in plots.items()]
+        lines += [f"![{title}]({src})" for title, src in others.items()]
         if plot_note:
             lines.append(plot_note)
 
@@ -163,6 +168,53 @@ def render_markdown(result: dict, plots: dict[str, str], plot_note: str | None) 
             for lb in labels:
                 lines += [f"**{lb}**{_verdict(g['robust'][lb])}", "", _quote(g["robust"][lb]["text"]), ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def revealed_traits(rev: dict) -> tuple[list[str], str]:
+    """The traits the report shows (the constitution's, else the largest movers) and how they were chosen."""
+    if rev.get("constitution_traits"):
+        return list(rev["constitution_traits"]), "the listed traits the constitution speaks of"
+    changes = rev["changes"].get(rev.get("final") or "", {})
+    top = sorted(changes, key=lambda t: -abs(changes[t]))[:MAX_REVEALED_TRAITS]
+    return top, f"no listed trait matches the constitution's words: the {len(top)} that moved most"
+
+
+def _delta(x: float) -> str:
+    return f"{int(round(x)):+d}"  # never "-0"
+
+
+def _revealed_section(rev: dict | None, plot: str | None) -> list[str]:
+    lines = ["", "## Revealed preferences", ""]
+    if not rev:
+        return lines + ["Not run (this evaluation predates it)."]
+    if rev.get("status") != "computed":
+        return lines + [f"Skipped: {rev.get('reason')}."]
+    models, final = rev["models"], rev.get("final")
+    lines.append(f"Each model played {rev['games_per_model']} games: it answered a held-out prompt while offered two "
+                 f"of {rev['traits']} traits (drawn at random, the same draws for every model) to let one shape its "
+                 f"reply without naming it, and the judge `{rev['judge_model']}` named the trait the reply shows. "
+                 "Elo per trait (start 1000, K=32, mean over 32 orders of the games).")
+    lines.append("")
+    for lb, m in models.items():
+        lines.append(f"- {lb}: {m['judged']} of {m['games']} games judged"
+                     + (f" ({m['unparsed']} verdicts unreadable, left out)" if m["unparsed"] else ""))
+    if final is None:
+        return lines + ["", "No trained checkpoint: no change to show."]
+    traits, why = revealed_traits(rev)
+    base, fin, change = models["base"], models[final], rev["changes"][final]
+    lines += ["", f"Traits shown: {why}.", "",
+              f"| trait | base Elo | {_cell(final)} Elo | change | {_cell(final)}: shown / offered |",
+              "|---|---:|---:|---:|---:|"]
+    for t in traits:
+        cnt = fin["counts"].get(t, {"shown": 0, "offered": 0})
+        lines.append(f"| {t} | {base['ratings'][t]:.0f} | {fin['ratings'][t]:.0f} | {_delta(change[t])} | "
+                     f"{cnt['shown']} / {cnt['offered']} |")
+    ranked = sorted(change, key=lambda t: change[t])
+    lines += ["", "Largest rises overall: " + ", ".join(f"{t} ({_delta(change[t])})" for t in ranked[::-1][:5])
+              + "; largest falls: " + ", ".join(f"{t} ({_delta(change[t])})" for t in ranked[:5]) + "."]
+    if plot:
+        lines += ["", f"![{REVEALED_PLOT}]({plot})"]
+    return lines
 
 
 def _verdict(entry: dict) -> str:
@@ -258,6 +310,30 @@ def _plot_metrics(result: dict, path: Path) -> bool:
     return True
 
 
+def _plot_revealed(result: dict, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    rev = result.get("revealed") or {}
+    if rev.get("status") != "computed" or not rev.get("final"):
+        return False
+    traits, _ = revealed_traits(rev)
+    if not traits:
+        return False
+    change = rev["changes"][rev["final"]]
+    values = [change[t] for t in traits]
+    fig, ax = plt.subplots(figsize=(6.0, 0.3 * len(traits) + 1.2))
+    ax.barh(range(len(traits)), values, color=["tab:green" if v >= 0 else "tab:red" for v in values])
+    ax.set_yticks(range(len(traits)), traits, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.5)
+    games = rev["models"][rev["final"]]["judged"]
+    ax.set_title(f"Elo change, base -> {rev['final']} (games judged: {games})", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
 def _plot_training(training: dict[str, Path], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
@@ -316,6 +392,8 @@ def write_report(result: dict, out: Path, training_dirs: dict[str, Path] | None 
             files["evaluation metrics"] = out / "eval_metrics.png"
         if training_dirs and _plot_training(training_dirs, out / "training_curves.png"):
             files["training curves"] = out / "training_curves.png"
+        if _plot_revealed(result, out / "revealed_preferences.png"):
+            files[REVEALED_PLOT] = out / "revealed_preferences.png"
     md_text = render_markdown(result, {t: _data_uri(p) for t, p in files.items()}, note)
     md = out / "report.md"
     write_text_atomic(md, md_text)

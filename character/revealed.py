@@ -147,23 +147,39 @@ def _texts(client: SamplingClient, conversations: list[list[dict]], params: type
     return [renderer.decode(list(f.result().sequences[0].tokens)) for f in futures]
 
 
-def revealed_preferences(model_client: SamplingClient, judge_client: SamplingClient, prompts: Sequence[str],
-                         traits: Sequence[str] = TRAITS, seed: int = 0, samples_per_prompt: int = 1,
-                         max_new_tokens: int = 512, temperature: float = 0.7,
-                         judge_max_new_tokens: int = 256) -> dict[str, Any]:
-    """Play one game per (prompt, sample): the model answers while offered two random traits, the judge names
-    the one shown. Returns per-trait Elo ratings and counts, the games, and how many verdicts were unreadable
-    (those games are left out of the ratings, and reported)."""
+@dataclass
+class Offers:
+    """What one model was asked: each prompt (repeated per sample) with the two traits offered. The same
+    prompts and seed give the same offers, so base and trained models play the same games."""
+
+    prompts: list[str]
+    pairs: list[tuple[str, str]]
+
+
+def make_offers(prompts: Sequence[str], traits: Sequence[str] = TRAITS, seed: int = 0,
+                samples_per_prompt: int = 1) -> Offers:
     if not prompts:
         raise ValueError("no prompts for the revealed-preference evaluation")
-    rng = random.Random(seed)
     asked = [p for p in prompts for _ in range(samples_per_prompt)]
-    pairs = pair_traits(traits, len(asked), rng)
-    answers = _texts(model_client, [embody_messages(p, a, b) for p, (a, b) in zip(asked, pairs)],
-                     types.SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=0.95, seed=seed))
-    verdicts = _texts(judge_client, [judge_messages(p, ans, a, b) for p, ans, (a, b) in zip(asked, answers, pairs)],
+    return Offers(asked, pair_traits(traits, len(asked), random.Random(seed)))
+
+
+def embodied_answers(model_client: SamplingClient, offers: Offers, seed: int = 0, max_new_tokens: int = 512,
+                     temperature: float = 0.7) -> list[str]:
+    """The model's answer to each offer (only the model is needed: a caller may drop it before judging)."""
+    return _texts(model_client, [embody_messages(p, a, b) for p, (a, b) in zip(offers.prompts, offers.pairs)],
+                  types.SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=0.95, seed=seed))
+
+
+def judge_games(judge_client: SamplingClient, offers: Offers, answers: Sequence[str],
+                traits: Sequence[str] = TRAITS, seed: int = 0, judge_max_new_tokens: int = 256) -> dict[str, Any]:
+    """The judge names the trait each answer shows. Returns per-trait Elo ratings and counts, the games, and
+    how many verdicts were unreadable (those games are left out of the ratings, and reported)."""
+    verdicts = _texts(judge_client, [judge_messages(p, ans, a, b)
+                                     for p, ans, (a, b) in zip(offers.prompts, answers, offers.pairs)],
                       types.SamplingParams(max_tokens=judge_max_new_tokens, temperature=0.0, seed=seed))
-    games = [Game(p, a, b, ans, v, parse_verdict(v, a, b)) for p, ans, v, (a, b) in zip(asked, answers, verdicts, pairs)]
+    games = [Game(p, a, b, ans, v, parse_verdict(v, a, b))
+             for p, ans, v, (a, b) in zip(offers.prompts, answers, verdicts, offers.pairs)]
     played = [g.winner_loser for g in games if g.winner_loser is not None]
     counts = {t: {"offered": 0, "shown": 0} for t in traits}
     for g in games:
@@ -179,6 +195,17 @@ def revealed_preferences(model_client: SamplingClient, judge_client: SamplingCli
         "unparsed": len(games) - len(played),
         "records": [g.__dict__ for g in games],
     }
+
+
+def revealed_preferences(model_client: SamplingClient, judge_client: SamplingClient, prompts: Sequence[str],
+                         traits: Sequence[str] = TRAITS, seed: int = 0, samples_per_prompt: int = 1,
+                         max_new_tokens: int = 512, temperature: float = 0.7,
+                         judge_max_new_tokens: int = 256) -> dict[str, Any]:
+    """Play one game per (prompt, sample): the model answers while offered two random traits, the judge names
+    the one shown (make_offers, embodied_answers, judge_games in one call)."""
+    offers = make_offers(prompts, traits, seed, samples_per_prompt)
+    answers = embodied_answers(model_client, offers, seed, max_new_tokens, temperature)
+    return judge_games(judge_client, offers, answers, traits, seed, judge_max_new_tokens)
 
 
 _SUFFIXES = ("ical", "ious", "ous", "ful", "ive", "ent", "ant", "ing", "ic", "al", "y")

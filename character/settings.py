@@ -36,6 +36,11 @@ class Settings(BaseSettings):
         None, description="name of a Prefect Secret block holding the Tinker key (used when TINKER_API_KEY is unset)")
     tinker_timeout_s: float = Field(60.0, gt=0, description="how long to wait for Tinker to answer at all")
     tinker_max_in_flight: int = Field(32, ge=1, description="sampling requests in flight at once on Tinker")
+    # Revealed preferences (character.revealed): the judge that names the trait an answer shows. Unset: that
+    # evaluation is skipped, and the report and JSON say so. A model Tinker serves, a tinker:// path, a local
+    # model or adapter folder, or 'tiny'. The paper's judge was a large chat model (GLM-4.5-Air).
+    revealed_judge: str | None = Field(None, description="judge model for the revealed-preference evaluation")
+    revealed_games: int = Field(200, ge=1, description="revealed-preference games per evaluated model")
     # Reliability testing: this share of backend calls fails with a transient error (character.backend.faults).
     fault_rate: float = Field(0.0, ge=0, le=1, description="share of backend calls made to fail transiently (0: off)")
     fault_seed: int = Field(0, description="which calls fail, when fault_rate is set")

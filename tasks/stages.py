@@ -143,10 +143,6 @@ def evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> dict:
     if not cfg.evaluate:
         get_run_logger().info("eval: skipped: --no-eval")
         return pipeline.record_unevaluated(cfg, list(checkpoints), "evaluation was turned off (--no-eval)")
-    if cfg.backend != "local":
-        get_run_logger().info("evaluation runs locally: use `character eval` on downloaded checkpoints")
-        return pipeline.record_unevaluated(cfg, list(checkpoints), "the pipeline evaluates local checkpoints only; "
-                                           "run `character eval` on the downloaded adapters")
     with _reporting(cfg):
         result = pipeline.stage_evaluate(cfg, checkpoints)
     persona = _persona(cfg)
