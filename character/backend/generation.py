@@ -165,15 +165,28 @@ def _padded_logprobs(model, sequences: list[list[int]], pad_id: int, grad: bool)
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
     ids, mask = ids.to(device), mask.to(device)
-    parts = _decoder_and_head(model) if grad else None
-    if parts is not None:
-        return _chunked_head_logprobs(*parts, ids, mask, sequences)
+    parts = _decoder_and_head(model)
+    positions = _head_chunk_positions(model, len(sequences))
+    # With a large vocabulary the batch's logits are the biggest tensor by far (8 x 1024 positions x 128k
+    # floats is 4 GB): compute the head a bounded number of tokens at a time, with gradients or without.
+    if parts is not None and (grad or positions < width - 1):
+        return _chunked_head_logprobs(*parts, ids, mask, sequences, positions, grad)
     with torch.set_grad_enabled(grad):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1, :].float()
         # x[t] - logsumexp(x) keeps one float copy of the logits for backward (log_softmax would keep its
         # output as well): the logits dominate activation memory with a large vocabulary.
         logp = logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
     return [logp[i, : len(s) - 1] for i, s in enumerate(sequences)]
+
+
+# Float32 logits per head chunk: about 2**27 values (512 MB), whatever the batch (a 128k vocabulary gives
+# ~1000 tokens per chunk; the tiny model's 2k vocabulary, one chunk for any batch it sees).
+_HEAD_CHUNK_VALUES = 2 ** 27
+
+
+def _head_chunk_positions(model, rows: int) -> int:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 32000
+    return max(1, _HEAD_CHUNK_VALUES // (vocab * max(1, rows)))
 
 
 # Models whose logits are the head applied to the decoder's last hidden state, nothing more (no logit
@@ -189,18 +202,20 @@ def _decoder_and_head(model):
     return base.get_decoder(), base.get_output_embeddings()
 
 
-def _chunked_head_logprobs(decoder, head, ids, mask, sequences, chunk: int = 256) -> list[torch.Tensor]:
-    """Training log-probs without ever holding the batch's logits: the head runs over `chunk` positions
-    at a time under activation checkpointing, so backward keeps only the hidden states and recomputes
-    each chunk's logits (batch x length x vocab floats would be gigabytes at a 128k vocabulary)."""
+def _chunked_head_logprobs(decoder, head, ids, mask, sequences, chunk: int, grad: bool) -> list[torch.Tensor]:
+    """Log-probs without ever holding the batch's logits: the head runs over `chunk` positions at a time;
+    with gradients under activation checkpointing, so backward keeps only the hidden states and
+    recomputes each chunk's logits (batch x length x vocab floats would be gigabytes at a 128k vocabulary)."""
     from torch.utils.checkpoint import checkpoint
 
     def piece(h, t):
         logits = head(h).float()
         return logits.gather(-1, t[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
 
-    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
-    targets = ids[:, 1:]
-    logp = torch.cat([checkpoint(piece, hidden[:, k: k + chunk], targets[:, k: k + chunk], use_reentrant=False)
-                      for k in range(0, hidden.shape[1], chunk)], dim=1)
+    with torch.set_grad_enabled(grad):
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
+        targets = ids[:, 1:]
+        run = (lambda h, t: checkpoint(piece, h, t, use_reentrant=False)) if grad else piece
+        logp = torch.cat([run(hidden[:, k: k + chunk], targets[:, k: k + chunk])
+                          for k in range(0, hidden.shape[1], chunk)], dim=1)
     return [logp[i, : len(s) - 1] for i, s in enumerate(sequences)]
