@@ -179,9 +179,10 @@ def _padded_logprobs(model, sequences: list[list[int]], pad_id: int, grad: bool)
     return [logp[i, : len(s) - 1] for i, s in enumerate(sequences)]
 
 
-# Float32 logits per head chunk: about 2**27 values (512 MB), whatever the batch (a 128k vocabulary gives
-# ~1000 tokens per chunk; the tiny model's 2k vocabulary, one chunk for any batch it sees).
-_HEAD_CHUNK_VALUES = 2 ** 27
+# Float32 logits per head chunk: about 2**25 values (128 MB; backward holds a few such tensors at once),
+# whatever the batch (a 128k vocabulary gives ~260 tokens per chunk; the tiny model's 2k vocabulary, one
+# chunk for any batch it sees).
+_HEAD_CHUNK_VALUES = 2 ** 25
 
 
 def _head_chunk_positions(model, rows: int) -> int:
