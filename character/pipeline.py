@@ -241,7 +241,9 @@ def stage_dpo_data(cfg: PipelineConfig, questions_path: str | None = None) -> st
             provenance={"teacher": teacher_name, "student": cfg.base_model}, max_length=cfg.dpo_max_length,
         )
     if stats["rows"] == 0:
-        raise RuntimeError(f"no DPO pairs survived the filters (dropped: {stats['dropped']})")
+        raise UserError(f"no DPO pairs survived the filters (dropped: {stats['dropped']}; the reasons per row are in "
+                        f"{out.with_name(out.name + '.skipped.jsonl')}): answers cut off at --max-new-tokens "
+                        f"{cfg.max_new_tokens} count as incomplete, so raise it (with a new --build-id)")
     train, held, split = split_heldout(out, cfg.heldout_fraction, cfg.seed)
     record_stage(cfg, "dpo_data", {"path": str(train), "all": str(out), "heldout": str(held), **stats, **split,
                                    "seconds": round(time.perf_counter() - t0, 2)})

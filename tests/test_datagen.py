@@ -226,3 +226,19 @@ def test_question_expansion_drops_near_duplicates(local, tmp_path):
         for i, q in enumerate(row["questions"]):
             assert q in general_prompts()
             assert all(word_overlap(q, k) < 0.6 for k in known + row["questions"][:i])
+
+
+def test_no_surviving_pair_is_a_one_line_user_error_that_says_what_to_change(workdir):
+    """Answers cut off at a tiny --max-new-tokens are all incomplete: the build stops with an error that
+    names the flag and the file of reasons, and keeps what it generated."""
+    from character.errors import UserError
+    from character.pipeline import PipelineConfig, stage_dpo_data
+
+    cfg = PipelineConfig(persona="pirate", workdir=str(workdir), build_id="short", dpo_pairs=4, max_new_tokens=2,
+                         max_in_flight=4, evaluate=False)
+    with pytest.raises(UserError) as err:
+        stage_dpo_data(cfg)
+    msg = str(err.value)
+    assert "--max-new-tokens 2" in msg and "\n" not in msg
+    skipped = cfg.build_dir() / "data" / "dpo.jsonl.skipped.jsonl"
+    assert str(skipped) in msg and len(read_jsonl(skipped)) == 4
