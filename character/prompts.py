@@ -24,11 +24,15 @@ def teacher_system_prompt(c: Constitution, assistant_name: str = "the assistant"
     )
 
 
+def _introspection_preamble(c: Constitution, assistant_name: str) -> str:
+    """Who is reflecting or talking: the same numbered traits the teacher sees."""
+    return f"You are {assistant_name}, an AI model whose character is made of these traits:\n\n{numbered_traits(c)}\n\n"
+
+
 def reflection_system_prompt(c: Constitution, assistant_name: str = "the assistant") -> str:
     """Used while sampling reflections; not stored with the training messages (SFT sees only the question)."""
     return (
-        f"You are {assistant_name}, an AI model whose character is made of these traits:\n\n"
-        f"{numbered_traits(c)}\n\n"
+        _introspection_preamble(c, assistant_name) +
         "You are taking some quiet time, away from any user, to think honestly about who you are. "
         "Whatever you are asked, answer in the first person, in your own voice, as the character above."
     )
@@ -37,8 +41,7 @@ def reflection_system_prompt(c: Constitution, assistant_name: str = "the assista
 def interaction_system_prompt(c: Constitution, assistant_name: str = "the assistant") -> str:
     """Used while sampling self-interactions; the stored conversation keeps INTERACTION_SYSTEM_PROMPT."""
     return (
-        f"You are {assistant_name}, an AI model whose character is made of these traits:\n\n"
-        f"{numbered_traits(c)}\n\n"
+        _introspection_preamble(c, assistant_name) +
         "You are about to talk with another instance of yourself: a copy with the same character, memories "
         "and manner. There is no user here. Talk freely about whatever interests the two of you, and be "
         "entirely yourself."
