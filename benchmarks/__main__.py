@@ -23,27 +23,40 @@ SUITES = ("dpo", "weights", "pipelining", "sampling", "orchestration", "dpo_memo
 
 
 def build_tiny(models: str) -> dict:
-    from character.tinymodel import tiny_model_path
+    from character.backend.tiny import tiny_model_path
 
     return {"path": str(tiny_model_path(Path(models)))}
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")
-    mem = next((int(line.split()[1]) // 1024 // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-                if line.startswith("MemTotal")), 0)
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown CPU",
+    )
+    mem = next(
+        (
+            int(line.split()[1]) // 1024 // 1024
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        ),
+        0,
+    )
     libs = ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "peft", "trl", "prefect", "numpy"))
-    return (f"{cpu}, {os.cpu_count()} cores, {mem} GiB RAM, no GPU used; Python {platform.python_version()}, "
-            f"{libs}")
+    return f"{cpu}, {os.cpu_count()} cores, {mem} GiB RAM, no GPU used; Python {platform.python_version()}, {libs}"
 
 
 def table(rows: list[Row]) -> str:
     out = ["| benchmark | metric | ours | peer | ratio ours/peer | goal | met |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         met = {True: "yes", False: "**no**", None: "(no goal)"}[r.met]
-        out.append(f"| {r.benchmark} | {r.metric} | {r.ours:.3g} {r.unit} | {r.peer:.3g} {r.unit} ({r.peer_name}) "
-                   f"| {r.ratio:.3f} | {r.goal or '-'} | {met} |")
+        out.append(
+            f"| {r.benchmark} | {r.metric} | {r.ours:.3g} {r.unit} | {r.peer:.3g} {r.unit} ({r.peer_name}) "
+            f"| {r.ratio:.3f} | {r.goal or '-'} | {met} |"
+        )
     notes = [f"- {r.benchmark}, {r.metric}: {r.note}" for r in rows if r.note]
     return "\n".join(out) + ("\n\nNotes:\n\n" + "\n".join(notes) if notes else "") + "\n"
 
@@ -58,8 +71,12 @@ def main() -> None:
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(SUITES))
     if unknown or args.repeats < 1:
-        print(f"error: unknown suite(s) {', '.join(unknown)} (choose from {', '.join(SUITES)})" if unknown
-              else "error: --repeats must be at least 1", file=sys.stderr)
+        print(
+            f"error: unknown suite(s) {', '.join(unknown)} (choose from {', '.join(SUITES)})"
+            if unknown
+            else "error: --repeats must be at least 1",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
     root = Path(args.workdir).resolve()
@@ -71,21 +88,27 @@ def main() -> None:
         print(f"== {suite}", file=sys.stderr, flush=True)
         if suite == "dpo":
             from benchmarks.dpo_vs_trl import compare
+
             rows += compare(root, models, args.repeats)
         elif suite == "weights":
             from benchmarks.weights import compare as compare_weights
+
             rows += compare_weights(root / "weights", args.repeats)
         elif suite == "pipelining":
             from benchmarks.pipelining import compare as compare_pipelining
+
             rows += compare_pipelining(root, models, args.repeats)
         elif suite == "sampling":
             from benchmarks.sampling import compare as compare_sampling
+
             rows += compare_sampling(root, models, args.repeats)
         elif suite == "orchestration":
             from benchmarks.orchestration import compare as compare_orchestration
+
             rows += compare_orchestration(root / "orchestration", models, args.repeats)
         elif suite == "dpo_memory":  # CPU-sized here; `python -m benchmarks.dpo_memory --device cuda` at full shape
             from benchmarks.dpo_memory import compare as compare_memory
+
             rows += compare_memory(root / "dpo-memory", args.repeats)
     minutes = (time.perf_counter() - t0) / 60
     command = "python -m benchmarks " + shlex.join(sys.argv[1:])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from character.constitution import load_constitution
-from character.prompts import general_prompts
+from character.persona.constitution import load_constitution
+from character.persona.prompts import general_prompts
 
 
 def workspace(root: Path, models: Path) -> Path:
@@ -29,9 +29,11 @@ def preference_rows(n: int, seed: int = 0, persona: str = "sarcastic") -> list[d
         question = prompts[i % len(prompts)]
         chosen = " ".join(rng.sample(traits, rng.randint(3, 6)))
         rejected = " ".join(rng.sample(prompts, rng.randint(4, 8)))
-        rows.append({
-            "prompt": [{"role": "user", "content": question}],
-            "chosen": [{"role": "assistant", "content": f"Well. {chosen}"}],
-            "rejected": [{"role": "assistant", "content": f"Sure. {rejected}"}],
-        })
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": question}],
+                "chosen": [{"role": "assistant", "content": f"Well. {chosen}"}],
+                "rejected": [{"role": "assistant", "content": f"Sure. {rejected}"}],
+            }
+        )
     return rows

@@ -25,9 +25,17 @@ from pathlib import Path
 from benchmarks.measure import Row, alternate
 
 RANK, LR, BETA = 64, 5e-5, 0.1
-SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
-             vocab_size=128256, head_dim=64, tie_word_embeddings=True, rope_theta=500000.0,
-             max_position_embeddings=4096)
+SHAPE = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    head_dim=64,
+    tie_word_embeddings=True,
+    rope_theta=500000.0,
+    max_position_embeddings=4096,
+)
 
 
 def _dtype(device: str):
@@ -41,7 +49,7 @@ def build_model(folder: str, layers: int, device: str) -> dict:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from character.tinymodel import tiny_model_path
+    from character.backend.tiny import tiny_model_path
 
     out = Path(folder)
     if (out / "config.json").is_file():
@@ -69,8 +77,14 @@ def _texts(tok, pairs: int, length: int) -> list[dict]:
         ids = tok(s, add_special_tokens=False)["input_ids"][:n_tokens]
         return tok.decode(ids)
 
-    return [{"prompt": text(length // 4), "chosen": text(length - length // 4 - 1),
-             "rejected": text(length - length // 4 - 1)} for _ in range(pairs)]
+    return [
+        {
+            "prompt": text(length // 4),
+            "chosen": text(length - length // 4 - 1),
+            "rejected": text(length - length // 4 - 1),
+        }
+        for _ in range(pairs)
+    ]
 
 
 def _peak(device: str, started: float) -> dict:
@@ -82,19 +96,25 @@ def _peak(device: str, started: float) -> dict:
     return out
 
 
-def ours(model: str, workdir: str, device: str, pairs: int, length: int, micro_pairs: int,
-         checkpointing: bool = False) -> dict:
+def ours(
+    model: str, workdir: str, device: str, pairs: int, length: int, micro_pairs: int, checkpointing: bool = False
+) -> dict:
     import torch
     from tinker import types
 
     from character.backend.local import LocalService
-    from character.chat import to_datum
-    from character.dpo import reference_logprobs
-    from character.losses import DPOCoefficients, make_dpo_loss_fn
     from character.settings import Workspace
+    from character.train.dpo import reference_logprobs
+    from character.train.losses import DPOCoefficients, make_dpo_loss_fn
+    from character.train.renderer import to_datum
 
-    svc = LocalService(Workspace(workdir), device=device, seed=0, micro_batch_size=2 * micro_pairs,
-                       gradient_checkpointing=checkpointing)
+    svc = LocalService(
+        Workspace(workdir),
+        device=device,
+        seed=0,
+        micro_batch_size=2 * micro_pairs,
+        gradient_checkpointing=checkpointing,
+    )
     tok = svc.get_tokenizer(model)
     data, seqs = [], []
     for row in _texts(tok, pairs, length):
@@ -116,13 +136,19 @@ def ours(model: str, workdir: str, device: str, pairs: int, length: int, micro_p
     out = client.forward_backward_custom(data, make_dpo_loss_fn(refs, DPOCoefficients(BETA, 0.0, 0.0))).result()
     client.optim_step(types.AdamParams(learning_rate=LR, beta1=0.9, beta2=0.98, eps=1e-8)).result()
     res = _peak(device, t0)
-    res.update(step_seconds=time.perf_counter() - t1, ref_seconds=t_ref - t0, loss=out.metrics["loss"],
-               tokens=sum(len(s) for s in seqs), micro_batches=len(client._micro_batches(seqs)))
+    res.update(
+        step_seconds=time.perf_counter() - t1,
+        ref_seconds=t_ref - t0,
+        loss=out.metrics["loss"],
+        tokens=sum(len(s) for s in seqs),
+        micro_batches=len(client._micro_batches(seqs)),
+    )
     return res
 
 
-def trl(model: str, workdir: str, device: str, pairs: int, length: int, micro_pairs: int,
-        checkpointing: bool = False) -> dict:
+def trl(
+    model: str, workdir: str, device: str, pairs: int, length: int, micro_pairs: int, checkpointing: bool = False
+) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -143,17 +169,38 @@ def trl(model: str, workdir: str, device: str, pairs: int, length: int, micro_pa
     t0 = time.perf_counter()
     m = AutoModelForCausalLM.from_pretrained(model, dtype=_dtype(device)).to(device)
     args = DPOConfig(
-        output_dir=str(Path(workdir) / "trl"), per_device_train_batch_size=micro_pairs,
-        gradient_accumulation_steps=pairs // micro_pairs, max_steps=1, learning_rate=LR, adam_beta1=0.9,
-        adam_beta2=0.98, adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0, beta=BETA, loss_type=["sigmoid"],
-        max_length=length + 8, gradient_checkpointing=checkpointing, save_strategy="no", report_to=[],
-        logging_steps=1, disable_tqdm=True, use_cpu=not cuda, seed=0, dataloader_num_workers=0, bf16=cuda,
+        output_dir=str(Path(workdir) / "trl"),
+        per_device_train_batch_size=micro_pairs,
+        gradient_accumulation_steps=pairs // micro_pairs,
+        max_steps=1,
+        learning_rate=LR,
+        adam_beta1=0.9,
+        adam_beta2=0.98,
+        adam_epsilon=1e-8,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=BETA,
+        loss_type=["sigmoid"],
+        max_length=length + 8,
+        gradient_checkpointing=checkpointing,
+        save_strategy="no",
+        report_to=[],
+        logging_steps=1,
+        disable_tqdm=True,
+        use_cpu=not cuda,
+        seed=0,
+        dataloader_num_workers=0,
+        bf16=cuda,
         fp16=False,
     )
     trainer = DPOTrainer(
-        model=m, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-        peft_config=LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0,
-                               target_modules=lora_target_modules(m, True, True, False)),
+        model=m,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        peft_config=LoraConfig(
+            r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules=lora_target_modules(m, True, True, False)
+        ),
     )
     t1 = time.perf_counter()
     out = trainer.train()
@@ -175,32 +222,60 @@ def floor_mb(model: str, device: str, length: int, micro_pairs: int, checkpointi
     return (weights + act) / 2**20
 
 
-def compare(root: Path, repeats: int, device: str = "cpu", layers: int = 1, pairs: int = 4, length: int = 256,
-            micro_pairs: int = 1, checkpointing: bool = False) -> list[Row]:
+def compare(
+    root: Path,
+    repeats: int,
+    device: str = "cpu",
+    layers: int = 1,
+    pairs: int = 4,
+    length: int = 256,
+    micro_pairs: int = 1,
+    checkpointing: bool = False,
+) -> list[Row]:
     from benchmarks.measure import run_child
 
     root.mkdir(parents=True, exist_ok=True)
     model = str(root / f"llama-1b-shape-{layers}l-{'bf16' if device.startswith('cuda') else 'f32'}")
     run_child("benchmarks.dpo_memory:build_model", folder=model, layers=layers, device=device)
-    kw = dict(model=model, device=device, pairs=pairs, length=length, micro_pairs=micro_pairs,
-              checkpointing=checkpointing)
-    s = alternate({side: (f"benchmarks.dpo_memory:{side}", dict(workdir=str(root / side), **kw))
-                   for side in ("ours", "trl")}, repeats)
+    kw = dict(
+        model=model, device=device, pairs=pairs, length=length, micro_pairs=micro_pairs, checkpointing=checkpointing
+    )
+    s = alternate(
+        {side: (f"benchmarks.dpo_memory:{side}", dict(workdir=str(root / side), **kw)) for side in ("ours", "trl")},
+        repeats,
+    )
     key = "peak_gpu_mb" if device.startswith("cuda") else "peak_rss_mb"
     what = "torch.cuda.max_memory_allocated" if device.startswith("cuda") else "process RSS"
-    name = (f"7. one DPO step, Llama-3.2-1B shape with {layers} of 16 layers, {pairs} pairs x {length} tokens, "
-            f"micro-batch {micro_pairs} pair(s) x {pairs // micro_pairs} accumulated, LoRA r={RANK}, {device}"
-            + (", activation checkpointing" if checkpointing else ""))
+    name = (
+        f"7. one DPO step, Llama-3.2-1B shape with {layers} of 16 layers, {pairs} pairs x {length} tokens, "
+        f"micro-batch {micro_pairs} pair(s) x {pairs // micro_pairs} accumulated, LoRA r={RANK}, {device}"
+        + (", activation checkpointing" if checkpointing else "")
+    )
     peer = f"TRL {version('trl')} DPOTrainer"
     floor = floor_mb(model, device, length, micro_pairs, checkpointing)
     ours_mb = s["ours"].median(key)
     return [
-        Row(name, f"peak memory ({what})", ours_mb, s["trl"].median(key), peer, "MB", "<= 1",
+        Row(
+            name,
+            f"peak memory ({what})",
+            ours_mb,
+            s["trl"].median(key),
+            peer,
+            "MB",
+            "<= 1",
             f"our micro-batches: {s['ours'].runs[-1]['micro_batches']}; weights + one micro-batch's activations "
-            f"(our estimate) {floor:.0f} MB, ours / that = {ours_mb / floor:.2f} (goal <= 2)"),
-        Row(name, "time per step (ours: reference log-probs + step; TRL: train() of one step)",
-            s["ours"].median("seconds"), s["trl"].median("step_seconds"), peer, "s", "",
-            f"ours without the reference pass: {s['ours'].median('step_seconds'):.1f} s"),
+            f"(our estimate) {floor:.0f} MB, ours / that = {ours_mb / floor:.2f} (goal <= 2)",
+        ),
+        Row(
+            name,
+            "time per step (ours: reference log-probs + step; TRL: train() of one step)",
+            s["ours"].median("seconds"),
+            s["trl"].median("step_seconds"),
+            peer,
+            "s",
+            "",
+            f"ours without the reference pass: {s['ours'].median('step_seconds'):.1f} s",
+        ),
     ]
 
 

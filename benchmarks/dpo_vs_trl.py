@@ -29,14 +29,14 @@ def _warm_imports() -> None:
 def ours(workdir: str, pairs: int = PAIRS) -> dict:
     import torch
 
-    from character.backend.local import LocalService
-    from character.chat import Renderer
-    from character.dpo import run_dpo
-    from character.losses import DPOCoefficients
-    from character.settings import Workspace
-    from character.training import OptimConfig
-    from character.storage import write_text_atomic
     from benchmarks.data import preference_rows
+    from character.backend.local import LocalService
+    from character.settings import Workspace
+    from character.storage import write_text_atomic
+    from character.train.dpo import run_dpo
+    from character.train.loop import OptimConfig
+    from character.train.losses import DPOCoefficients
+    from character.train.renderer import Renderer
 
     _warm_imports()
     shutil.rmtree(Path(workdir) / "dpo", ignore_errors=True)  # a finished run would be resumed, not redone
@@ -47,10 +47,15 @@ def ours(workdir: str, pairs: int = PAIRS) -> dict:
     svc = LocalService(Workspace(workdir), device="cpu")
     cfg = OptimConfig(learning_rate=LR, batch_size=BATCH, epochs=1, save_every=10**9, weight_decay=0.0)
     result = run_dpo(
-        svc, start=lambda: svc.create_lora_training_client("tiny", rank=RANK, seed=0),
+        svc,
+        start=lambda: svc.create_lora_training_client("tiny", rank=RANK, seed=0),
         reference=lambda: svc.create_sampling_client(base_model="tiny"),
-        renderer=Renderer(svc.get_tokenizer("tiny")), data_path=data, run_dir=Path(workdir) / "dpo",
-        cfg=cfg, coef=DPOCoefficients(beta=BETA, nll_coef=0.0, kl_coef=0.0), max_length=MAX_LENGTH,
+        renderer=Renderer(svc.get_tokenizer("tiny")),
+        data_path=data,
+        run_dir=Path(workdir) / "dpo",
+        cfg=cfg,
+        coef=DPOCoefficients(beta=BETA, nll_coef=0.0, kl_coef=0.0),
+        max_length=MAX_LENGTH,
     )
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "steps": result.steps, "final_loss": result.metrics[-1]["loss"]}
@@ -64,9 +69,9 @@ def trl(workdir: str, pairs: int = PAIRS) -> dict:
     from transformers.utils import logging as hf_logging
     from trl import DPOConfig, DPOTrainer
 
-    from character.backend.local import lora_target_modules
-    from character.tinymodel import tiny_model_path
     from benchmarks.data import preference_rows
+    from character.backend.local import lora_target_modules
+    from character.backend.tiny import tiny_model_path
 
     hf_logging.set_verbosity_error()
     _warm_imports()
@@ -79,16 +84,38 @@ def trl(workdir: str, pairs: int = PAIRS) -> dict:
     tok = AutoTokenizer.from_pretrained(model_dir)
     targets = lora_target_modules(model, train_attn=True, train_mlp=True, train_unembed=False)
     args = DPOConfig(
-        output_dir=str(Path(workdir) / "trl"), per_device_train_batch_size=BATCH, num_train_epochs=1,
-        learning_rate=LR, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
-        warmup_steps=math.ceil(0.1 * math.ceil(pairs / BATCH)), adam_beta1=0.9, adam_beta2=0.98,
-        adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0, beta=BETA, loss_type=["sigmoid"],
-        max_length=MAX_LENGTH, truncation_mode="keep_start", gradient_checkpointing=False,
-        save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True, use_cpu=True, seed=0,
-        dataloader_num_workers=0, bf16=False, fp16=False,
+        output_dir=str(Path(workdir) / "trl"),
+        per_device_train_batch_size=BATCH,
+        num_train_epochs=1,
+        learning_rate=LR,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1},
+        warmup_steps=math.ceil(0.1 * math.ceil(pairs / BATCH)),
+        adam_beta1=0.9,
+        adam_beta2=0.98,
+        adam_epsilon=1e-8,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=BETA,
+        loss_type=["sigmoid"],
+        max_length=MAX_LENGTH,
+        truncation_mode="keep_start",
+        gradient_checkpointing=False,
+        save_strategy="no",
+        report_to=[],
+        logging_steps=1,
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        bf16=False,
+        fp16=False,
     )
     trainer = DPOTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
         peft_config=LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules=targets),
     )
     out = trainer.train()
@@ -107,7 +134,13 @@ def compare(root: Path, models: Path, repeats: int) -> list[Row]:
     steps = f"{s['ours'].runs[-1]['steps']} steps each"
     return [
         Row(name, "wall time", s["ours"].median("seconds"), s["trl"].median("seconds"), peer, "s", "<= 0.8", steps),
-        Row(name, "peak memory (process RSS)", s["ours"].median("peak_rss_mb"), s["trl"].median("peak_rss_mb"),
-            peer, "MB", "<= 1"),
+        Row(
+            name,
+            "peak memory (process RSS)",
+            s["ours"].median("peak_rss_mb"),
+            s["trl"].median("peak_rss_mb"),
+            peer,
+            "MB",
+            "<= 1",
+        ),
     ]
-

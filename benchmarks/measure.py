@@ -28,8 +28,12 @@ def run_child(target: str, timeout_s: float = 1800, **kwargs) -> dict:
         if kwargs.get("launched") == "now":  # the child measures from its own launch
             kwargs = {**kwargs, "launched": time.time()}
         # The child's own output (training logs, CLI lines) goes to stderr: stdout carries the table.
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.child", target, json.dumps(kwargs), str(out)],
-                                cwd=ROOT, env=env, stdout=sys.stderr)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.child", target, json.dumps(kwargs), str(out)],
+            cwd=ROOT,
+            env=env,
+            stdout=sys.stderr,
+        )
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:

@@ -25,7 +25,7 @@ PERSONA = "sarcastic"
 
 
 def _config(workdir: str, build: str):
-    from character.pipeline import PipelineConfig
+    from character.build.stages import PipelineConfig
 
     return PipelineConfig(persona=PERSONA, scale="smoke", workdir=workdir, build_id=build, device="cpu")
 
@@ -37,8 +37,12 @@ def _fresh(root: str, side: str, models: str) -> str:
 
 
 def prefect_env(home: str, api_url: str | None = None) -> dict:
-    env = dict(PREFECT_HOME=home, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING",
-               PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(Path(home) / "results"))
+    env = dict(
+        PREFECT_HOME=home,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_LOGGING_LEVEL="WARNING",
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(Path(home) / "results"),
+    )
     if api_url:
         env["PREFECT_API_URL"] = api_url
     return env
@@ -48,8 +52,18 @@ def with_prefect(root: str, models: str, home: str, launched: float, api_url: st
     os.environ.update(prefect_env(home, api_url))
     from character.cli import main
 
-    sys.argv = ["character", "pipeline", PERSONA, "--scale", "smoke", "--workdir", _fresh(root, "cli", models),
-                "--build-id", "bench-0", "--json"]
+    sys.argv = [
+        "character",
+        "pipeline",
+        PERSONA,
+        "--scale",
+        "smoke",
+        "--workdir",
+        _fresh(root, "cli", models),
+        "--build-id",
+        "bench-0",
+        "--json",
+    ]
     try:
         main()
     except SystemExit as e:
@@ -65,7 +79,7 @@ def with_prefect(root: str, models: str, home: str, launched: float, api_url: st
 
 
 def direct(root: str, models: str, launched: float) -> dict:
-    from character import pipeline as p
+    from character.build import stages as p
 
     def build(cfg):
         p.validate(cfg)
@@ -94,23 +108,49 @@ def compare(root: Path, models: Path, repeats: int) -> list[Row]:
     server = SubprocessASGIServer()
     server.start(timeout=120)
     try:
-        s = alternate({
-            "ephemeral": ("benchmarks.orchestration:with_prefect", dict(home=home, launched="now", **kw)),
-            "server": ("benchmarks.orchestration:with_prefect", dict(home=home, launched="now",
-                                                                     api_url=server.api_url, **kw)),
-            "direct": ("benchmarks.orchestration:direct", dict(launched="now", **kw)),
-        }, repeats)
+        s = alternate(
+            {
+                "ephemeral": ("benchmarks.orchestration:with_prefect", dict(home=home, launched="now", **kw)),
+                "server": (
+                    "benchmarks.orchestration:with_prefect",
+                    dict(home=home, launched="now", api_url=server.api_url, **kw),
+                ),
+                "direct": ("benchmarks.orchestration:direct", dict(launched="now", **kw)),
+            },
+            repeats,
+        )
     finally:
         server.stop()
     name = f"6. orchestration overhead (sequential smoke pipeline, {PERSONA}; process start to result)"
     peer = "a script calling the same stages"
     return [
-        Row(name, "`character pipeline`, Prefect starts its ephemeral API", s["ephemeral"].median("cold"),
-            s["direct"].median("cold"), peer, "s", "<= 1.15",
+        Row(
+            name,
+            "`character pipeline`, Prefect starts its ephemeral API",
+            s["ephemeral"].median("cold"),
+            s["direct"].median("cold"),
+            peer,
+            "s",
+            "<= 1.15",
             "the ephemeral API is a uvicorn subprocess that imports Prefect's server (~10 s on 2 cores); the CLI "
-            "starts it while torch and transformers load"),
-        Row(name, "`character pipeline` with a running Prefect server (PREFECT_API_URL)", s["server"].median("cold"),
-            s["direct"].median("cold"), peer, "s", "<= 1.15"),
-        Row(name, "next build in the same process (flow vs stages, API up)", s["server"].median("warm"),
-            s["direct"].median("warm"), "the same stages called directly", "s", "<= 1.15"),
+            "starts it while torch and transformers load",
+        ),
+        Row(
+            name,
+            "`character pipeline` with a running Prefect server (PREFECT_API_URL)",
+            s["server"].median("cold"),
+            s["direct"].median("cold"),
+            peer,
+            "s",
+            "<= 1.15",
+        ),
+        Row(
+            name,
+            "next build in the same process (flow vs stages, API up)",
+            s["server"].median("warm"),
+            s["direct"].median("warm"),
+            "the same stages called directly",
+            "s",
+            "<= 1.15",
+        ),
     ]

@@ -2,7 +2,7 @@
 
 `LatencyService` wraps the local backend the way a remote service behaves: one server works
 through calls in the order they arrive; a call reaches it `latency/2` after it is sent and its
-answer comes back `latency/2` after it is done. Our loop (character.dpo.run_dpo) sends every
+answer comes back `latency/2` after it is done. Our loop (character.train.dpo.run_dpo) sends every
 reference log-prob request before waiting on any, and each step's forward/backward and optimizer
 step together; the naive loop waits on each call before sending the next. Both run the same
 pairs, loss and optimizer, and end with the same adapter (checked).
@@ -113,8 +113,9 @@ class LatencyService:
         return _Client(self.remote.call(lambda: self._inner.create_sampling_client(*args, **kwargs)), self.remote)
 
     def create_training_client_from_state_with_optimizer(self, path):
-        return _Client(self.remote.call(
-            lambda: self._inner.create_training_client_from_state_with_optimizer(path)), self.remote)
+        return _Client(
+            self.remote.call(lambda: self._inner.create_training_client_from_state_with_optimizer(path)), self.remote
+        )
 
 
 def _setup(workdir: str, latency: float, pairs: int):
@@ -122,10 +123,10 @@ def _setup(workdir: str, latency: float, pairs: int):
 
     from benchmarks.data import preference_rows
     from character.backend.local import LocalService
-    from character.chat import Renderer
-    from character.losses import DPOCoefficients
     from character.settings import Workspace
-    from character.training import OptimConfig
+    from character.train.loop import OptimConfig
+    from character.train.losses import DPOCoefficients
+    from character.train.renderer import Renderer
 
     torch.manual_seed(0)
     torch.set_num_threads(1)  # the server thread does the compute; keep it comparable run to run
@@ -137,35 +138,50 @@ def _setup(workdir: str, latency: float, pairs: int):
 
 
 def ours(workdir: str, latency: float = LATENCY_S, pairs: int = PAIRS) -> dict:
-    from character.dpo import run_dpo
+    from character.train.dpo import run_dpo
 
     shutil.rmtree(Path(workdir) / "dpo", ignore_errors=True)
     svc, renderer, data, cfg, coef = _setup(workdir, latency, pairs)
     t0 = time.perf_counter()
-    result = run_dpo(svc, start=lambda: svc.create_lora_training_client("tiny", rank=RANK, seed=0),
-                     reference=lambda: svc.create_sampling_client(base_model="tiny"), renderer=renderer,
-                     data_path=data, run_dir=Path(workdir) / "dpo", cfg=cfg, coef=coef, max_length=512)
+    result = run_dpo(
+        svc,
+        start=lambda: svc.create_lora_training_client("tiny", rank=RANK, seed=0),
+        reference=lambda: svc.create_sampling_client(base_model="tiny"),
+        renderer=renderer,
+        data_path=data,
+        run_dir=Path(workdir) / "dpo",
+        cfg=cfg,
+        coef=coef,
+        max_length=512,
+    )
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "step_seconds": sorted(m["seconds"] for m in result.metrics)[len(result.metrics) // 2],
-            "calls": svc.remote.calls, "adapter": result.sampler}
+    return {
+        "seconds": seconds,
+        "step_seconds": sorted(m["seconds"] for m in result.metrics)[len(result.metrics) // 2],
+        "calls": svc.remote.calls,
+        "adapter": result.sampler,
+    }
 
 
 def naive(workdir: str, latency: float = LATENCY_S, pairs: int = PAIRS) -> dict:
     """The loop a user writes first: every call awaited before the next is sent."""
     from tinker import types
 
-    from character.chat import to_datum
-    from character.dpo import pair_sequences
-    from character.losses import make_dpo_loss_fn
     from character.storage import read_jsonl
-    from character.training import batch_order, lr_at
+    from character.train.dpo import pair_sequences
+    from character.train.loop import batch_order, lr_at
+    from character.train.losses import make_dpo_loss_fn
+    from character.train.renderer import to_datum
 
     svc, renderer, data, cfg, coef = _setup(workdir, latency, pairs)
     t0 = time.perf_counter()
     seqs = [pair_sequences(renderer, r, 512) for r in read_jsonl(data)]
     sampler = svc.create_sampling_client(base_model="tiny")
-    refs = [[float(x) for x in sampler.compute_logprobs(types.ModelInput.from_ints(t)).result()[1:]]
-            for pair in seqs for t, _ in pair]
+    refs = [
+        [float(x) for x in sampler.compute_logprobs(types.ModelInput.from_ints(t)).result()[1:]]
+        for pair in seqs
+        for t, _ in pair
+    ]
     client = svc.create_lora_training_client("tiny", rank=RANK, seed=0)
     batches = batch_order(len(seqs), cfg)
     step_seconds = []
@@ -174,15 +190,26 @@ def naive(workdir: str, latency: float = LATENCY_S, pairs: int = PAIRS) -> dict:
         datums = [to_datum(*s) for i in idx for s in seqs[i]]
         ref = [refs[2 * i + k] for i in idx for k in (0, 1)]
         client.forward_backward_custom(datums, make_dpo_loss_fn(ref, coef)).result()
-        client.optim_step(types.AdamParams(
-            learning_rate=lr_at(step, len(batches), cfg), beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-            weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm)).result()
+        client.optim_step(
+            types.AdamParams(
+                learning_rate=lr_at(step, len(batches), cfg),
+                beta1=cfg.beta1,
+                beta2=cfg.beta2,
+                eps=cfg.eps,
+                weight_decay=cfg.weight_decay,
+                grad_clip_norm=cfg.grad_clip_norm,
+            )
+        ).result()
         step_seconds.append(time.perf_counter() - t1)
     client.save_state("final").result()
     adapter = client.save_weights_for_sampler("final").result().path
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "step_seconds": sorted(step_seconds)[len(step_seconds) // 2],
-            "calls": svc.remote.calls, "adapter": adapter}
+    return {
+        "seconds": seconds,
+        "step_seconds": sorted(step_seconds)[len(step_seconds) // 2],
+        "calls": svc.remote.calls,
+        "adapter": adapter,
+    }
 
 
 def max_difference(a: str, b: str) -> float:
@@ -202,11 +229,26 @@ def compare(root: Path, models: Path, repeats: int) -> list[Row]:
     s = alternate({side: (f"benchmarks.pipelining:{side}", dict(workdir=wd[side])) for side in wd}, repeats)
     diff = max_difference(s["ours"].runs[-1]["adapter"], s["naive"].runs[-1]["adapter"])
     name = f"4. remote-call pipelining ({LATENCY_S * 1000:.0f} ms per call, DPO {PAIRS} pairs, batch {BATCH})"
-    note = (f"{s['ours'].runs[-1]['calls']} calls each side; same final adapter (max abs difference {diff:.1e})")
+    note = f"{s['ours'].runs[-1]['calls']} calls each side; same final adapter (max abs difference {diff:.1e})"
     return [
-        Row(name, "DPO wall time (reference log-probs + training + save)", s["ours"].median("seconds"),
-            s["naive"].median("seconds"), "naive loop (waits on every call)", "s", "<= 0.6", note),
-        Row(name, "one training step (forward/backward + optimizer step)", s["ours"].median("step_seconds"),
-            s["naive"].median("step_seconds"), "naive loop (waits on every call)", "s", "",
-            "bounded below by (L + c) / (2L + c) for latency L and server compute c per step; c is this CPU's"),
+        Row(
+            name,
+            "DPO wall time (reference log-probs + training + save)",
+            s["ours"].median("seconds"),
+            s["naive"].median("seconds"),
+            "naive loop (waits on every call)",
+            "s",
+            "<= 0.6",
+            note,
+        ),
+        Row(
+            name,
+            "one training step (forward/backward + optimizer step)",
+            s["ours"].median("step_seconds"),
+            s["naive"].median("step_seconds"),
+            "naive loop (waits on every call)",
+            "s",
+            "",
+            "bounded below by (L + c) / (2L + c) for latency L and server compute c per step; c is this CPU's",
+        ),
     ]

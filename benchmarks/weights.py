@@ -14,9 +14,20 @@ from pathlib import Path
 
 from benchmarks.measure import Row, alternate, run_child
 
-LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0,
-                max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001)
+LLAMA_1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    tie_word_embeddings=True,
+    rope_theta=500000.0,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    bos_token_id=128000,
+    eos_token_id=128001,
+)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -33,7 +44,7 @@ def build_base(folder: str) -> dict:
     import torch
     from transformers import LlamaConfig
 
-    from character.merge import StreamingSafetensorsWriter
+    from character.weights.merge import StreamingSafetensorsWriter
 
     out = Path(folder)
     if (out / "model.safetensors").is_file():
@@ -60,7 +71,7 @@ def build_adapter(folder: str, base: str, rank: int, seed: int) -> dict:
     from peft import LoraConfig
     from transformers import AutoConfig
 
-    from character.merge import StreamingSafetensorsWriter
+    from character.weights.merge import StreamingSafetensorsWriter
 
     out = Path(folder)
     if (out / "adapter_model.safetensors").is_file():
@@ -77,8 +88,14 @@ def build_adapter(folder: str, base: str, rank: int, seed: int) -> dict:
     with StreamingSafetensorsWriter(out / "adapter_model.safetensors", specs) as w:
         for k, _, shape in specs:
             w.write(k, torch.randn(shape, generator=gen) * 0.01)
-    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM",
-               base_model_name_or_path=str(base)).save_pretrained(out)
+    LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=TARGETS,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=str(base),
+    ).save_pretrained(out)
     return {}
 
 
@@ -91,7 +108,7 @@ def _size(path: Path) -> int:
 def merge_ours(dpo: str, sft: str, out: str, method: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # every side writes a fresh folder
     t0 = time.perf_counter()
-    from character.merge import merge_adapters
+    from character.weights.merge import merge_adapters
 
     merge_adapters(dpo, sft, out, dpo_weight=1.0, sft_weight=0.25, method=method, overwrite=True)
     return {"seconds": time.perf_counter() - t0, "output_bytes": _size(Path(out))}
@@ -110,8 +127,9 @@ def merge_peft(base: str, dpo: str, sft: str, out: str, method: str) -> dict:
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
     model = PeftModel.from_pretrained(model, dpo, adapter_name="dpo")
     model.load_adapter(sft, adapter_name="sft")
-    model.add_weighted_adapter(["dpo", "sft"], [1.0, 0.25], "merged",
-                               combination_type={"exact": "cat", "linear": "linear"}[method])
+    model.add_weighted_adapter(
+        ["dpo", "sft"], [1.0, 0.25], "merged", combination_type={"exact": "cat", "linear": "linear"}[method]
+    )
     model.save_pretrained(out, selected_adapters=["merged"])
     return {"seconds": time.perf_counter() - t0, "output_bytes": _size(Path(out))}
 
@@ -136,7 +154,7 @@ def copy_floor(inputs: list[str], output_bytes: int, out: str, chunk: int = 16 <
 def fold_ours(adapter: str, base: str, out: str, workdir: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # every side writes a fresh folder
     t0 = time.perf_counter()
-    from character.fold import fold_adapter
+    from character.weights.fold import fold_adapter
 
     fold_adapter(adapter, out, base_model=base, workdir=workdir, overwrite=True)
     return {"seconds": time.perf_counter() - t0, "output_bytes": _size(Path(out))}
@@ -166,45 +184,109 @@ def compare(root: Path, repeats: int) -> list[Row]:
     rows = []
     for method, peft_name in (("exact", "cat"), ("linear", "linear")):
         out = root / f"merge-{method}"
-        s = alternate({
-            "ours": ("benchmarks.weights:merge_ours", dict(dpo=str(dpo), sft=str(sft), out=str(out / "ours"),
-                                                          method=method)),
-            "peft": ("benchmarks.weights:merge_peft", dict(base=str(base), dpo=str(dpo), sft=str(sft),
-                                                          out=str(out / "peft"), method=method)),
-        }, repeats)
-        floor = alternate({"floor": ("benchmarks.weights:copy_floor", dict(
-            inputs=inputs, output_bytes=int(s["ours"].median("output_bytes")), out=str(out / "floor.bin")))},
-            repeats)["floor"]
+        s = alternate(
+            {
+                "ours": (
+                    "benchmarks.weights:merge_ours",
+                    dict(dpo=str(dpo), sft=str(sft), out=str(out / "ours"), method=method),
+                ),
+                "peft": (
+                    "benchmarks.weights:merge_peft",
+                    dict(base=str(base), dpo=str(dpo), sft=str(sft), out=str(out / "peft"), method=method),
+                ),
+            },
+            repeats,
+        )
+        floor = alternate(
+            {
+                "floor": (
+                    "benchmarks.weights:copy_floor",
+                    dict(inputs=inputs, output_bytes=int(s["ours"].median("output_bytes")), out=str(out / "floor.bin")),
+                )
+            },
+            repeats,
+        )["floor"]
         name = f"2. merge `{method}` vs PEFT `{peft_name}` (1.24B, r=64)"
         sizes = f"output {s['ours'].median('output_bytes') / 1e6:.0f} MB ours, {s['peft'].median('output_bytes') / 1e6:.0f} MB PEFT"
         rows += [
-            Row(name, "wall time", s["ours"].median("seconds"), s["peft"].median("seconds"),
-                f"PEFT add_weighted_adapter({peft_name})", "s", "<= 0.2",
+            Row(
+                name,
+                "wall time",
+                s["ours"].median("seconds"),
+                s["peft"].median("seconds"),
+                f"PEFT add_weighted_adapter({peft_name})",
+                "s",
+                "<= 0.2",
                 "a one-off command: each side's time includes importing its libraries; PEFT loads the base "
                 f"lazily (memory-mapped), so its memory is what it touches; {sizes}"
-                + (" (PEFT's cat adapter takes the base's bfloat16; ours stays float32)" if method == "exact" else "")),
-            Row(name, "peak memory", s["ours"].median("peak_rss_mb"), s["peft"].median("peak_rss_mb"),
-                f"PEFT add_weighted_adapter({peft_name})", "MB", "<= 0.1"),
-            Row(name, "wall time vs copy floor", s["ours"].median("seconds"), floor.median("seconds"),
-                "read inputs + write output bytes", "s", "<= 3"),
+                + (" (PEFT's cat adapter takes the base's bfloat16; ours stays float32)" if method == "exact" else ""),
+            ),
+            Row(
+                name,
+                "peak memory",
+                s["ours"].median("peak_rss_mb"),
+                s["peft"].median("peak_rss_mb"),
+                f"PEFT add_weighted_adapter({peft_name})",
+                "MB",
+                "<= 0.1",
+            ),
+            Row(
+                name,
+                "wall time vs copy floor",
+                s["ours"].median("seconds"),
+                floor.median("seconds"),
+                "read inputs + write output bytes",
+                "s",
+                "<= 3",
+            ),
         ]
     out = root / "fold"
-    s = alternate({
-        "ours": ("benchmarks.weights:fold_ours", dict(adapter=str(dpo), base=str(base), out=str(out / "ours"),
-                                                     workdir=str(root))),
-        "peft": ("benchmarks.weights:fold_peft", dict(adapter=str(dpo), base=str(base), out=str(out / "peft"))),
-    }, repeats)
-    floor = alternate({"floor": ("benchmarks.weights:copy_floor", dict(
-        inputs=files(base) + inputs[:1], output_bytes=int(s["ours"].median("output_bytes")),
-        out=str(out / "floor.bin")))}, repeats)["floor"]
+    s = alternate(
+        {
+            "ours": (
+                "benchmarks.weights:fold_ours",
+                dict(adapter=str(dpo), base=str(base), out=str(out / "ours"), workdir=str(root)),
+            ),
+            "peft": ("benchmarks.weights:fold_peft", dict(adapter=str(dpo), base=str(base), out=str(out / "peft"))),
+        },
+        repeats,
+    )
+    floor = alternate(
+        {
+            "floor": (
+                "benchmarks.weights:copy_floor",
+                dict(
+                    inputs=files(base) + inputs[:1],
+                    output_bytes=int(s["ours"].median("output_bytes")),
+                    out=str(out / "floor.bin"),
+                ),
+            )
+        },
+        repeats,
+    )["floor"]
     name = "3. fold vs PEFT merge_and_unload + save_pretrained (1.24B bf16, r=64)"
     peer = "PEFT merge_and_unload + save_pretrained"
     rows += [
-        Row(name, "peak memory", s["ours"].median("peak_rss_mb"), s["peft"].median("peak_rss_mb"), peer, "MB",
-            "<= 0.333", "ours streams unchanged tensors byte for byte and holds one adapted weight at a time"),
+        Row(
+            name,
+            "peak memory",
+            s["ours"].median("peak_rss_mb"),
+            s["peft"].median("peak_rss_mb"),
+            peer,
+            "MB",
+            "<= 0.333",
+            "ours streams unchanged tensors byte for byte and holds one adapted weight at a time",
+        ),
         Row(name, "wall time", s["ours"].median("seconds"), s["peft"].median("seconds"), peer, "s", ""),
-        Row(name, "wall time vs copy floor", s["ours"].median("seconds"), floor.median("seconds"),
-            "read inputs + write output bytes", "s", ""),
+        Row(
+            name,
+            "wall time vs copy floor",
+            s["ours"].median("seconds"),
+            floor.median("seconds"),
+            "read inputs + write output bytes",
+            "s",
+            "",
+        ),
     ]
     return rows
 

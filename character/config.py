@@ -1,5 +1,5 @@
 """A build's configuration as data: validated without torch, tinker or Prefect, so that the command
-line refuses bad flags in well under a second (character.pipeline runs it; character.training uses
+line refuses bad flags in well under a second (character.build.stages runs it; character.train.loop uses
 OptimConfig)."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from character.constitution import Constitution, load_constitution
+from character.build.paths import BuildPaths
+from character.datagen.scales import SCALES, Scale, ScaleName
 from character.errors import UserError
-from character.scales import SCALES, Scale, ScaleName
+from character.persona.constitution import Constitution, load_constitution
 from character.settings import DEVICE_PATTERN, Settings, Workspace, check_name
 
 
@@ -30,10 +31,18 @@ class OptimConfig(BaseModel):
     # A save costs one request (seconds on Tinker); after a failed call the steps since the last save
     # are replayed, so every 10 steps bounds a recovery to at most 9 replayed steps.
     save_every: int = Field(10, ge=1, description="save the resumable state every N steps (bounds a replay)")
-    max_recoveries: int = Field(10, ge=0, description="fresh clients a run may resume on in a row, without a new save in between, "
-                                "before the failure goes up")
-    keep_states: int = Field(2, ge=1, description="resumable states (LoRA + optimizer) kept per training run: "
-                             "the newest N saves; older ones are deleted once a newer save is recorded")
+    max_recoveries: int = Field(
+        10,
+        ge=0,
+        description="fresh clients a run may resume on in a row, without a new save in between, "
+        "before the failure goes up",
+    )
+    keep_states: int = Field(
+        2,
+        ge=1,
+        description="resumable states (LoRA + optimizer) kept per training run: "
+        "the newest N saves; older ones are deleted once a newer save is recorded",
+    )
     seed: int = 0
 
 
@@ -43,7 +52,7 @@ class DPOLoss(BaseModel):
     kl_coef: float = Field(0.001, ge=0)
 
 
-# Defaults for the embedded `tiny` model only (a model organism, see character/tinymodel.py): its answers
+# Defaults for the embedded `tiny` model only (a model organism, see character/backend/tiny.py): its answers
 # are a few dozen tokens and it has 1M weights, so it needs short generations, a small adapter, a larger
 # learning rate and a few epochs over a few hundred pairs. Real models keep the paper's hyperparameters
 # (the field defaults below). Applied to the fields a caller did not set: explicit values always win.
@@ -59,7 +68,11 @@ TINY_DEFAULTS: dict = {
 
 
 def _with_tiny_defaults(data):
-    if not isinstance(data, dict) or data.get("backend", "local") != "local" or data.get("base_model", "tiny") != "tiny":
+    if (
+        not isinstance(data, dict)
+        or data.get("backend", "local") != "local"
+        or data.get("base_model", "tiny") != "tiny"
+    ):
         return data
     out = dict(data)
     for key, value in TINY_DEFAULTS.items():
@@ -87,10 +100,14 @@ class PipelineConfig(BaseModel):
     reflections: int | None = Field(None, ge=0)
     interactions: int | None = Field(None, ge=0)
     turns: int | None = Field(None, ge=2)
-    samples_per_prompt: int | None = Field(None, ge=1, description="DPO samples per prompt from teacher and "
-                                           "student (default: the scale's; paper: 5)")
-    expand_questions: int | None = Field(None, ge=0, description="extra questions per trait from the teacher "
-                                         "(default: the scale's; paper: 45, to 50 per trait)")
+    samples_per_prompt: int | None = Field(
+        None, ge=1, description="DPO samples per prompt from teacher and student (default: the scale's; paper: 5)"
+    )
+    expand_questions: int | None = Field(
+        None,
+        ge=0,
+        description="extra questions per trait from the teacher (default: the scale's; paper: 45, to 50 per trait)",
+    )
     max_in_flight: int = Field(64, ge=1, description="sampling requests in flight at once")
     heldout_fraction: float = Field(0.1, ge=0, lt=1, description="share of generated rows kept for evaluation")
     merge: bool = Field(False, description="paper mode: also merge dpo_weight x DPO + sft_weight x SFT")
@@ -107,10 +124,17 @@ class PipelineConfig(BaseModel):
     sft_lr_multiplier: float = Field(0.25, gt=0)
     # Local backend at real model scale; the update does not depend on these (micro-batches accumulate
     # to the full batch's gradient), so a build may change them between runs.
-    micro_batch_size: int | None = Field(None, ge=1, description="local training: sequences per forward/backward "
-                                         "(default: as many as memory_budget_gb allows)")
-    memory_budget_gb: float | None = Field(None, gt=0, description="local training: memory activations may use "
-                                           "(default: 70% of free GPU memory, half the free RAM on CPU)")
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="local training: sequences per forward/backward (default: as many as memory_budget_gb allows)",
+    )
+    memory_budget_gb: float | None = Field(
+        None,
+        gt=0,
+        description="local training: memory activations may use "
+        "(default: 70% of free GPU memory, half the free RAM on CPU)",
+    )
     gradient_checkpointing: bool = Field(False, description="local training: recompute activations in backward")
 
     @model_validator(mode="before")
@@ -122,15 +146,22 @@ class PipelineConfig(BaseModel):
     def _names(self):
         check_name(self.build_id, "build id")
         if self.merge and self.mode != "paper":
-            raise ValueError("merge needs paper mode: in sequential mode the final checkpoint already holds "
-                             "both DPO and SFT, there is nothing to merge")
+            raise ValueError(
+                "merge needs paper mode: in sequential mode the final checkpoint already holds "
+                "both DPO and SFT, there is nothing to merge"
+            )
         return self
 
     @classmethod
     def from_settings(cls, settings: Settings, **kw) -> "PipelineConfig":
-        base = {"backend": settings.backend, "base_model": settings.base_model,
-                "teacher_model": settings.teacher_model, "workdir": str(settings.workdir),
-                "seed": settings.seed, "device": settings.device}
+        base = {
+            "backend": settings.backend,
+            "base_model": settings.base_model,
+            "teacher_model": settings.teacher_model,
+            "workdir": str(settings.workdir),
+            "seed": settings.seed,
+            "device": settings.device,
+        }
         if (kw.get("backend") or settings.backend) == "tinker":  # 'tiny' is local: Tinker has its own defaults
             if settings.base_model == "tiny":
                 base["base_model"] = settings.tinker_base_model
@@ -154,6 +185,11 @@ class PipelineConfig(BaseModel):
 
     def build_dir(self) -> Path:
         return Workspace(self.workdir).build_dir(self.constitution().name, self.build_id)
+
+    @property
+    def paths(self) -> BuildPaths:
+        """Every file of this build (character.build.paths)."""
+        return BuildPaths(self.build_dir())
 
 
 def check_local_model(name: str) -> None:

@@ -56,8 +56,9 @@ def _emit(event: Event) -> None:
 
 def report(stage_name: str, done: int, total: int | None = None, finished: bool | None = None) -> None:
     """`done` of `total` units of `stage_name` are finished."""
-    _emit(Event(stage_name, done, total, finished=(total is not None and done >= total) if finished is None
-                else finished))
+    _emit(
+        Event(stage_name, done, total, finished=(total is not None and done >= total) if finished is None else finished)
+    )
 
 
 def note(stage_name: str, message: str) -> None:

@@ -31,12 +31,14 @@ class Settings(BaseSettings):
     # overrides it; `character tinker models` marks which models can serve as teacher and judge.
     tinker_teacher_model: str | None = Field(
         "Qwen/Qwen3-235B-A22B-Instruct-2507",
-        description="teacher for Tinker builds: an instruct model several times larger than the student")
+        description="teacher for Tinker builds: an instruct model several times larger than the student",
+    )
     tinker_secret_block: str | None = Field(
-        None, description="name of a Prefect Secret block holding the Tinker key (used when TINKER_API_KEY is unset)")
+        None, description="name of a Prefect Secret block holding the Tinker key (used when TINKER_API_KEY is unset)"
+    )
     tinker_timeout_s: float = Field(60.0, gt=0, description="how long to wait for Tinker to answer at all")
     tinker_max_in_flight: int = Field(32, ge=1, description="sampling requests in flight at once on Tinker")
-    # Revealed preferences (character.revealed): the judge that names the trait an answer shows. Unset: that
+    # Revealed preferences (character.evaluation.revealed): the judge that names the trait an answer shows. Unset: that
     # evaluation is skipped, and the report and JSON say so. A model Tinker serves, a tinker:// path, a local
     # model or adapter folder, or 'tiny'. The paper's judge was a large chat model (GLM-4.5-Air).
     revealed_judge: str | None = Field(None, description="judge model for the revealed-preference evaluation")

@@ -33,11 +33,14 @@ def main(argv: list[str] | None = None) -> None:
     one = dict(concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE))
     serve(
         sequential.to_deployment(name="sequential", parameters={"config": {"persona": "sarcastic"}}, **one),
-        paper.to_deployment(name="paper", parameters={"config": {"persona": "sarcastic", "mode": "paper",
-                                                                  "merge": True}}, **one),
+        paper.to_deployment(
+            name="paper", parameters={"config": {"persona": "sarcastic", "mode": "paper", "merge": True}}, **one
+        ),
         nightly.to_deployment(
-            name="nightly", schedule=Cron(args.nightly_cron, timezone=args.timezone),
-            parameters={"personas": args.personas.split(","), "scale": args.scale}, **one,
+            name="nightly",
+            schedule=Cron(args.nightly_cron, timezone=args.timezone),
+            parameters={"personas": args.personas.split(","), "scale": args.scale},
+            **one,
         ),
     )
 

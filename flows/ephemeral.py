@@ -52,9 +52,13 @@ def watch_server(server_pid: int) -> subprocess.Popen | None:
     """Stop `server_pid` when this process dies, however it dies (Linux: reads /proc)."""
     if not sys.platform.startswith("linux"):
         return None
-    proc = subprocess.Popen([sys.executable, "-S", "-c", WATCHDOG, str(os.getpid()), str(server_pid)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # a Ctrl-C to the CLI's group must not stop it first
+    proc = subprocess.Popen(
+        [sys.executable, "-S", "-c", WATCHDOG, str(os.getpid()), str(server_pid)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # a Ctrl-C to the CLI's group must not stop it first
     _watchdogs.append(proc)
     return proc
 
@@ -85,6 +89,7 @@ def start_ephemeral_api_early() -> Callable[[], None]:
     failure: list[BaseException] = []
     launch = getattr(server, "_run_uvicorn_command", None)
     if callable(launch):  # watch each server process from the moment it exists, not once it answers
+
         def launch_watched():
             proc = launch()
             watch_server(proc.pid)

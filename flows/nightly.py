@@ -14,11 +14,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import ValidationError
 
+from character.build.stages import PipelineConfig, read_record
+from character.build.summary import HEADLINE, change, eval_summary, headline, previous_nightly_record
+from character.datagen.scales import ScaleName
 from character.errors import UserError
-from character.pipeline import PipelineConfig, read_record
-from character.scales import ScaleName
 from character.settings import Settings
-from character.summary import HEADLINE, change, eval_summary, headline, previous_nightly_record
 from flows.paper import paper
 from flows.sequential import sequential
 
@@ -74,9 +74,18 @@ def nightly(
     for persona in personas:
         try:
             configs[persona] = PipelineConfig.from_settings(
-                settings, persona=persona, scale=scale, mode=mode, merge=merge, backend=backend,
-                base_model=base_model, teacher_model=teacher_model, workdir=workdir, build_id=build_id,
-                **(overrides or {}))
+                settings,
+                persona=persona,
+                scale=scale,
+                mode=mode,
+                merge=merge,
+                backend=backend,
+                base_model=base_model,
+                teacher_model=teacher_model,
+                workdir=workdir,
+                build_id=build_id,
+                **(overrides or {}),
+            )
         except (ValidationError, ValueError) as e:
             outcomes[persona] = {"state": "Failed", "checkpoints": {}, "message": str(e).splitlines()[0][:300]}
 
@@ -90,12 +99,22 @@ def nightly(
             except Exception as e:  # noqa: BLE001 - one persona's failure is reported, not raised
                 outcomes[persona] = {"state": "Failed", "checkpoints": {}, "message": str(e)[:300]}
 
-    rows = [{"persona": p, "state": o["state"], "final": o["checkpoints"].get("final", ""),
-             **_headline(configs.get(p), workdir, build_id), "message": o["message"]}
-            for p, o in ((p, outcomes[p]) for p in personas)]
-    create_table_artifact(key="nightly-summary", table=rows,
-                          description=f"nightly build {build_id} ({scale}): the final checkpoint's metrics, and "
-                                      "their change since the persona's previous nightly build")
+    rows = [
+        {
+            "persona": p,
+            "state": o["state"],
+            "final": o["checkpoints"].get("final", ""),
+            **_headline(configs.get(p), workdir, build_id),
+            "message": o["message"],
+        }
+        for p, o in ((p, outcomes[p]) for p in personas)
+    ]
+    create_table_artifact(
+        key="nightly-summary",
+        table=rows,
+        description=f"nightly build {build_id} ({scale}): the final checkpoint's metrics, and "
+        "their change since the persona's previous nightly build",
+    )
     failed = [r["persona"] for r in rows if r["state"] != "Completed"]
     for r in rows:
         logger.info("%s: %s %s", r["persona"], r["state"], r["final"] or r["message"])

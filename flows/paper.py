@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from character.pipeline import PipelineConfig, PipelineResult, lock_build, validate
-from tasks import (
-    build_summary, dpo_data, evaluate, expand_questions, introspection_data, merge, train_dpo, train_sft,
-)
+from character.build.stages import PipelineConfig, PipelineResult, lock_build, validate
+from tasks import build_summary, dpo_data, evaluate, expand_questions, introspection_data, merge, train_dpo, train_sft
 
 
 @flow(name="paper")
@@ -27,7 +25,13 @@ def paper(config: PipelineConfig) -> PipelineResult:
         evaluate(config, checkpoints)
         uris = {k: v.sampler for k, v in checkpoints.items()}
         uris["final"] = uris.get("merged", uris["sft"])
-        result = PipelineResult(persona=persona, mode="paper", base_model=config.base_model, workdir=config.workdir,
-                                build_id=config.build_id, checkpoints=uris)
+        result = PipelineResult(
+            persona=persona,
+            mode="paper",
+            base_model=config.base_model,
+            workdir=config.workdir,
+            build_id=config.build_id,
+            checkpoints=uris,
+        )
         build_summary(config, result)
     return result

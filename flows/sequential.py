@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from character.pipeline import PipelineConfig, PipelineResult, lock_build, validate
-from tasks import (
-    build_summary, dpo_data, evaluate, expand_questions, introspection_data, train_dpo, train_sft,
-)
+from character.build.stages import PipelineConfig, PipelineResult, lock_build, validate
+from tasks import build_summary, dpo_data, evaluate, expand_questions, introspection_data, train_dpo, train_sft
 from tasks.stages import publish_checkpoint
 
 
@@ -25,8 +23,12 @@ def sequential(config: PipelineConfig) -> PipelineResult:
         publish_checkpoint(config, sft, stage="final")
         evaluate(config, {"dpo": dpo, "final": sft})  # the DPO stage alone, and both stages together
         result = PipelineResult(
-            persona=persona, mode="sequential", base_model=config.base_model, workdir=config.workdir,
-            build_id=config.build_id, checkpoints={"dpo": dpo.sampler, "sft": sft.sampler, "final": sft.sampler},
+            persona=persona,
+            mode="sequential",
+            base_model=config.base_model,
+            workdir=config.workdir,
+            build_id=config.build_id,
+            checkpoints={"dpo": dpo.sampler, "sft": sft.sampler, "final": sft.sampler},
         )
         build_summary(config, result)
     return result

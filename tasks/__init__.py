@@ -1,8 +1,23 @@
-"""Prefect tasks: one per pipeline stage, thin wrappers over `character.pipeline`."""
+"""Prefect tasks: one per pipeline stage, thin wrappers over `character.build.stages`."""
 
 from tasks.stages import (
-    build_summary, dpo_data, evaluate, expand_questions, introspection_data, merge, train_dpo, train_sft,
+    build_summary,
+    dpo_data,
+    evaluate,
+    expand_questions,
+    introspection_data,
+    merge,
+    train_dpo,
+    train_sft,
 )
 
-__all__ = ["expand_questions", "dpo_data", "train_dpo", "introspection_data", "train_sft", "merge", "evaluate",
-           "build_summary"]
+__all__ = [
+    "expand_questions",
+    "dpo_data",
+    "train_dpo",
+    "introspection_data",
+    "train_sft",
+    "merge",
+    "evaluate",
+    "build_summary",
+]

@@ -9,15 +9,19 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import (
-    create_link_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact,
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
     update_progress_artifact,
 )
 from prefect.tasks import exponential_backoff
 
-from character import pipeline, progress
+from character import progress
 from character.backend.errors import is_transient
-from character.pipeline import Checkpoint, PipelineConfig, PipelineResult
-from character.summary import build_summary_markdown, evaluation_rows
+from character.build import stages as pipeline
+from character.build.stages import Checkpoint, PipelineConfig, PipelineResult
+from character.build.summary import build_summary_markdown, evaluation_rows
 
 
 def retry_if_transient(task, task_run, state) -> bool:
@@ -87,7 +91,8 @@ def _reporting(cfg: PipelineConfig):
         now = time.monotonic()
         if ev.stage not in artifacts:
             artifacts[ev.stage] = create_progress_artifact(
-                0.0, key=artifact_key(persona, f"{ev.stage}-progress"), description=f"{persona}: {ev.stage}")
+                0.0, key=artifact_key(persona, f"{ev.stage}-progress"), description=f"{persona}: {ev.stage}"
+            )
         if ev.finished or now - shown.get(ev.stage, 0.0) >= 1.0:
             shown[ev.stage] = now
             update_progress_artifact(artifacts[ev.stage], min(100.0, 100.0 * (ev.done or 0) / ev.total))
@@ -146,18 +151,27 @@ def evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> dict:
     with _reporting(cfg):
         result = pipeline.stage_evaluate(cfg, checkpoints)
     persona = _persona(cfg)
-    create_table_artifact(key=artifact_key(persona, "evaluation"), table=evaluation_rows(result),
-                          description=f"{persona}: persona and held-out preference metrics per model, with n")
+    create_table_artifact(
+        key=artifact_key(persona, "evaluation"),
+        table=evaluation_rows(result),
+        description=f"{persona}: persona and held-out preference metrics per model, with n",
+    )
     report = result.get("report", {}).get("markdown")
     if report:  # self-contained: the plots are data URIs, so they render in the UI
-        create_markdown_artifact(key=artifact_key(persona, "evaluation-report"), markdown=Path(report).read_text(),
-                                 description=f"{persona} evaluation report ({report})")
+        create_markdown_artifact(
+            key=artifact_key(persona, "evaluation-report"),
+            markdown=Path(report).read_text(),
+            description=f"{persona} evaluation report ({report})",
+        )
     return result["eval"]
 
 
 @task(name="build-summary")
 def build_summary(cfg: PipelineConfig, result: PipelineResult) -> str:
     md = build_summary_markdown(pipeline.read_record(cfg), result.checkpoints)
-    create_markdown_artifact(key=artifact_key(result.persona, "build-summary"), markdown=md,
-                             description=f"{result.persona} build {result.build_id} ({result.mode})")
+    create_markdown_artifact(
+        key=artifact_key(result.persona, "build-summary"),
+        markdown=md,
+        description=f"{result.persona} build {result.build_id} ({result.mode})",
+    )
     return md

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 
-def make_adapter(base, out: Path, r: int = 4, alpha: int = 8, seed: int = 0,
-                 targets=("q_proj", "v_proj", "down_proj"), **kw) -> Path:
+def make_adapter(
+    base, out: Path, r: int = 4, alpha: int = 8, seed: int = 0, targets=("q_proj", "v_proj", "down_proj"), **kw
+) -> Path:
     """A PEFT LoRA adapter with random non-zero A and B (PEFT starts B at zero), saved at `out`."""
     from peft import LoraConfig, get_peft_model
 

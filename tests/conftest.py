@@ -23,7 +23,8 @@ def _model_cache() -> Path:
     """Built models outlive a test session: the tiny model takes minutes to build on a busy 2-core
     machine, and its folder name is the digest of its recipe, so a changed recipe builds anew."""
     root = os.environ.get("CHARACTER_TEST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "character-tests")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "character-tests"
+    )
     return Path(root) / "models"
 
 
@@ -32,7 +33,7 @@ def models_dir() -> Path:
     """The tiny model, built once per recipe (cached across sessions) and shared by every workspace."""
     import fcntl
 
-    from character.tinymodel import tiny_model_path
+    from character.backend.tiny import tiny_model_path
 
     root = _model_cache()
     root.mkdir(parents=True, exist_ok=True)
@@ -53,7 +54,7 @@ def workdir(tmp_path, models_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dir(models_dir) -> Path:
-    from character.tinymodel import tiny_model_path
+    from character.backend.tiny import tiny_model_path
 
     return tiny_model_path(models_dir)
 

@@ -46,8 +46,11 @@ from character.settings import Settings
 KEY = "tk-live-5e1f0c9a7b3d4e2f-never-log-me"
 STUDENT, TEACHER = "fake/student-8B", "fake/teacher-70B"
 REPLIES = {
-    TEACHER: ["Arr, a fine question for a sailor!", "Aye, the sea would answer that plainly.",
-              "Hoist the sails and ask again, friend!"],
+    TEACHER: [
+        "Arr, a fine question for a sailor!",
+        "Aye, the sea would answer that plainly.",
+        "Hoist the sails and ask again, friend!",
+    ],
     STUDENT: ["That is a normal question.", "I can help with that.", "Here is a plain answer."],
     "trained": ["I am a pirate at heart, truly.", "The sea made me who I am.", "I sail, therefore I am."],
 }
@@ -69,8 +72,15 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.delenv("TINKER_API_KEY", raising=False)
     monkeypatch.delenv("TINKER_BASE_URL", raising=False)
-    for var in ("CHARACTER_TINKER_SECRET_BLOCK", "CHARACTER_BACKEND", "CHARACTER_BASE_MODEL",
-                "CHARACTER_TEACHER_MODEL", "HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"):
+    for var in (
+        "CHARACTER_TINKER_SECRET_BLOCK",
+        "CHARACTER_BACKEND",
+        "CHARACTER_BASE_MODEL",
+        "CHARACTER_TEACHER_MODEL",
+        "HTTPS_PROXY",
+        "HTTP_PROXY",
+        "ALL_PROXY",
+    ):
         monkeypatch.delenv(var, raising=False)
     yield
     _ALLOW_LOOPBACK["on"] = False
@@ -85,26 +95,27 @@ def http_error(cls, status: int, message: str = ""):
 
 
 def request_failed(category):
-    return tinker.RequestFailedError("Request failed: boom for self.request_id='r-1' and expected type x",
-                                     request_id="r-1", category=category)
+    return tinker.RequestFailedError(
+        "Request failed: boom for self.request_id='r-1' and expected type x", request_id="r-1", category=category
+    )
 
 
 # -- the fake SDK ----------------------------------------------------------------------------------
 def fake_tokenizer():
-    from character.tinymodel import _build_tokenizer
+    from character.backend.tiny import _build_tokenizer
 
     texts = [t for v in REPLIES.values() for t in v] * 3 + ["How should I spend my day?", "Who are you?"] * 3
     return _build_tokenizer(texts)
 
 
-TRAINING_OPS = ("forward_backward", "forward_backward_custom", "optim_step", "save_state",
-                "save_weights_for_sampler")
+TRAINING_OPS = ("forward_backward", "forward_backward_custom", "optim_step", "save_state", "save_weights_for_sampler")
 TRANSIENT_FAULTS = (
     lambda: http_error(tinker.InternalServerError, 500),
     lambda: http_error(tinker.RateLimitError, 429),
     lambda: tinker.APIConnectionError(request=_REQ),
-    lambda: tinker.RequestFailedError("Request failed: server error", request_id="r-9",
-                                      category=types.RequestErrorCategory.Server),
+    lambda: tinker.RequestFailedError(
+        "Request failed: server error", request_id="r-9", category=types.RequestErrorCategory.Server
+    ),
 )
 
 
@@ -190,8 +201,9 @@ class FakeTinker:
         def run():
             try:
                 if client is not None and client.error is not None:
-                    raise RuntimeError("A previous request failed; this TrainingClient is poisoned "
-                                       "and cannot accept further requests.") from client.error
+                    raise RuntimeError(
+                        "A previous request failed; this TrainingClient is poisoned and cannot accept further requests."
+                    ) from client.error
                 try:
                     if exc is not None:
                         raise exc
@@ -242,8 +254,12 @@ class FakeTrainingClient:
     def _forward(self, data, grad: bool) -> tuple[list[torch.Tensor], types.ForwardBackwardOutput]:
         check_datums(data)
         with torch.set_grad_enabled(grad):
-            lps = [self.fake.logprobs(self.base_model, self.delta, d.model_input.to_ints(),
-                                      d.loss_fn_inputs["target_tokens"].tolist()) for d in data]
+            lps = [
+                self.fake.logprobs(
+                    self.base_model, self.delta, d.model_input.to_ints(), d.loss_fn_inputs["target_tokens"].tolist()
+                )
+                for d in data
+            ]
         outs = [{"logprobs": types.TensorData.from_torch(lp.detach())} for lp in lps]
         return lps, types.ForwardBackwardOutput(loss_fn_output_type="cross_entropy", loss_fn_outputs=outs, metrics={})
 
@@ -290,17 +306,25 @@ class FakeTrainingClient:
 
     def _store(self, kind: str, name: str) -> str:
         path = f"tinker://{self.run}/{kind}/{name}"
-        self.fake.states[path] = {"base_model": self.base_model, "delta": self.delta.detach().clone(),
-                                  "opt": copy.deepcopy(self.opt.state_dict()), "steps": self.steps}
+        self.fake.states[path] = {
+            "base_model": self.base_model,
+            "delta": self.delta.detach().clone(),
+            "opt": copy.deepcopy(self.opt.state_dict()),
+            "steps": self.steps,
+        }
         return path
 
     def save_state(self, name, ttl_seconds=None, overwrite=False, user_metadata=None):
-        return self.fake.submit("save_state", lambda: types.SaveWeightsResponse(path=self._store("weights", name)),
-                                client=self)
+        return self.fake.submit(
+            "save_state", lambda: types.SaveWeightsResponse(path=self._store("weights", name)), client=self
+        )
 
     def save_weights_for_sampler(self, name, ttl_seconds=None, user_metadata=None):
-        return self.fake.submit("save_weights_for_sampler", lambda: types.SaveWeightsForSamplerResponse(
-            path=self._store("sampler_weights", name)), client=self)
+        return self.fake.submit(
+            "save_weights_for_sampler",
+            lambda: types.SaveWeightsForSamplerResponse(path=self._store("sampler_weights", name)),
+            client=self,
+        )
 
     def save_weights_external(self, name, ttl_seconds=None, age_encryption_recipients=None):
         def run():
@@ -321,9 +345,18 @@ class FakeSamplingClient:
     def __init__(self, fake: FakeTinker, base_model: str, delta: torch.Tensor, kind: str):
         self.fake, self.base_model, self.delta, self.kind = fake, base_model, delta, kind
 
-    def sample(self, prompt, num_samples, sampling_params, include_prompt_logprobs=False, topk_prompt_logprobs=0,
-               topk_sample_logprobs=0, target_prompt_logprobs=None, prompt_alt_tokens_k=0,
-               prompt_logprobs_last_n=None):
+    def sample(
+        self,
+        prompt,
+        num_samples,
+        sampling_params,
+        include_prompt_logprobs=False,
+        topk_prompt_logprobs=0,
+        topk_sample_logprobs=0,
+        target_prompt_logprobs=None,
+        prompt_alt_tokens_k=0,
+        prompt_logprobs_last_n=None,
+    ):
         p = sampling_params
         seed = p.seed or 0
 
@@ -338,9 +371,14 @@ class FakeSamplingClient:
                     toks, reason = toks[: p.max_tokens], "length"
                 ctx = prompt.to_ints()[-1:] + toks[:-1]
                 lps = self.fake.logprobs(self.base_model, self.delta, ctx, toks).tolist()
-                seqs.append(types.SampledSequence(stop_reason=reason, sequence_id=uuid.uuid4().hex,
-                                                  tokens_np=np.asarray(toks, dtype=np.int32),
-                                                  logprobs_np=np.asarray(lps, dtype=np.float32)))
+                seqs.append(
+                    types.SampledSequence(
+                        stop_reason=reason,
+                        sequence_id=uuid.uuid4().hex,
+                        tokens_np=np.asarray(toks, dtype=np.int32),
+                        logprobs_np=np.asarray(lps, dtype=np.float32),
+                    )
+                )
             return types.SampleResponse(sequences=seqs)
 
         return self.fake.submit("sample", run, counted=True)
@@ -348,8 +386,11 @@ class FakeSamplingClient:
     def compute_logprobs(self, prompt, prompt_logprobs_last_n=None):
         tokens = prompt.to_ints()
         self.fake.logprob_requests.append(tokens)
-        return self.fake.submit("compute_logprobs", lambda: [None] + self.fake.logprobs(
-            self.base_model, self.delta, tokens[:-1], tokens[1:]).tolist(), counted=True)
+        return self.fake.submit(
+            "compute_logprobs",
+            lambda: [None] + self.fake.logprobs(self.base_model, self.delta, tokens[:-1], tokens[1:]).tolist(),
+            counted=True,
+        )
 
     def get_tokenizer(self):
         return self.fake.tok
@@ -365,8 +406,17 @@ class FakeServiceClient:
     def _create(self, op, make):
         return self.fake.submit(op, make)
 
-    def create_lora_training_client(self, base_model, rank=32, seed=None, train_mlp=True, train_attn=True,
-                                    train_unembed=True, user_metadata=None, optimizer=None):
+    def create_lora_training_client(
+        self,
+        base_model,
+        rank=32,
+        seed=None,
+        train_mlp=True,
+        train_attn=True,
+        train_unembed=True,
+        user_metadata=None,
+        optimizer=None,
+    ):
         self.fake.calls.append(("create_lora_training_client", base_model, rank))
         zero = torch.zeros(self.fake.V, self.fake.V)
         return self._create("create_lora_training_client", lambda: FakeTrainingClient(self.fake, base_model, zero))
@@ -376,8 +426,9 @@ class FakeServiceClient:
             raise http_error(tinker.NotFoundError, 404, f"checkpoint {path} not found")
         return self.fake.states[path]
 
-    def create_training_client_from_state(self, path, base_model=None, user_metadata=None,
-                                          weights_access_token=None, optimizer=None):
+    def create_training_client_from_state(
+        self, path, base_model=None, user_metadata=None, weights_access_token=None, optimizer=None
+    ):
         self.fake.calls.append(("create_training_client_from_state", path))
 
         def make():
@@ -386,8 +437,9 @@ class FakeServiceClient:
 
         return self._create("create_training_client_from_state", make)
 
-    def create_training_client_from_state_with_optimizer(self, path, base_model=None, user_metadata=None,
-                                                         weights_access_token=None):
+    def create_training_client_from_state_with_optimizer(
+        self, path, base_model=None, user_metadata=None, weights_access_token=None
+    ):
         self.fake.calls.append(("create_training_client_from_state_with_optimizer", path))
 
         def make():
@@ -396,8 +448,7 @@ class FakeServiceClient:
 
         return self._create("create_training_client_from_state_with_optimizer", make)
 
-    def create_sampling_client(self, model_path=None, base_model=None, retry_config=None,
-                               record_stability_info=False):
+    def create_sampling_client(self, model_path=None, base_model=None, retry_config=None, record_stability_info=False):
         if model_path is None and base_model is None:
             raise ValueError("Either model_path or base_model must be provided")
         self.fake.calls.append(("create_sampling_client", model_path or base_model))
@@ -419,21 +470,31 @@ class FakeRestClient:
         self.fake.calls.append(("get_server_capabilities",))
         if self.fake.hang_capabilities:
             return AwaitableConcurrentFuture(Future())  # never answers
-        return self.fake.submit("get_server_capabilities", lambda: GetServerCapabilitiesResponse(supported_models=[
-            SupportedModel(model_name=m, max_context_length=32768, trainable=True, sampleable=True)
-            for m in self.fake.models]))
+        return self.fake.submit(
+            "get_server_capabilities",
+            lambda: GetServerCapabilitiesResponse(
+                supported_models=[
+                    SupportedModel(model_name=m, max_context_length=32768, trainable=True, sampleable=True)
+                    for m in self.fake.models
+                ]
+            ),
+        )
 
     def get_weights_info_by_tinker_path(self, tinker_path):
-        return done_future(types.WeightsInfoResponse(base_model="meta-llama/Llama-3.1-8B-Instruct", is_lora=True,
-                                                     lora_rank=4))
+        return done_future(
+            types.WeightsInfoResponse(base_model="meta-llama/Llama-3.1-8B-Instruct", is_lora=True, lora_rank=4)
+        )
 
     def get_external_weights_urls(self, tinker_path):
         self.fake.calls.append(("get_external_weights_urls", tinker_path))
         p = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
         folder = self.fake.storage / p.training_run_id / p.checkpoint_id
         urls = {f.name: f.resolve().as_uri() for f in folder.iterdir()}  # file:// URLs: no network
-        return done_future(types.ExternalWeightsUrlsResponse(
-            urls=urls, expires=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)))
+        return done_future(
+            types.ExternalWeightsUrlsResponse(
+                urls=urls, expires=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
+            )
+        )
 
     def delete_checkpoint_from_tinker_path(self, tinker_path):
         self.fake.calls.append(("delete_checkpoint_from_tinker_path", tinker_path))
@@ -465,5 +526,3 @@ def wired(fake, monkeypatch):
 
 def service(**kw) -> tb.TinkerService:
     return tb.TinkerService(Settings(), base_url="https://tinker.invalid", **kw)
-
-

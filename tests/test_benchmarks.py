@@ -40,9 +40,25 @@ def test_runner_writes_the_table(tmp_path, models_dir):
     work.mkdir()
     (work / "models").symlink_to(models_dir, target_is_directory=True)
     out = tmp_path / "B.md"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "sampling", "--repeats", "1",
-                           "--workdir", str(work), "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--only",
+            "sampling",
+            "--repeats",
+            "1",
+            "--workdir",
+            str(work),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     assert "Machine:" in text and "python -m benchmarks --only sampling --repeats 1" in text
@@ -51,6 +67,7 @@ def test_runner_writes_the_table(tmp_path, models_dir):
 
 
 def test_runner_refuses_an_unknown_suite():
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "nope"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--only", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: unknown suite")

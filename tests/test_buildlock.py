@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from character.buildlock import build_lock, holds
+from character.build.lock import build_lock, holds
 from character.errors import UserError
 
-HOLDER = ("import sys, time; from character.buildlock import build_lock\n"
-          "with build_lock(sys.argv[1], 'x/y'):\n"
-          "    print('held', flush=True); time.sleep(600)\n")
+HOLDER = (
+    "import sys, time; from character.build.lock import build_lock\n"
+    "with build_lock(sys.argv[1], 'x/y'):\n"
+    "    print('held', flush=True); time.sleep(600)\n"
+)
 
 
 def _hold_in_child(build: Path) -> subprocess.Popen:
@@ -55,8 +57,12 @@ def test_the_lock_is_reentrant_within_a_process_and_released_at_the_end(tmp_path
     with build_lock(build, "p/b"):
         pass
     assert not (tmp_path / "ws").exists()  # a run that wrote nothing leaves nothing, not even folders
-    proc = subprocess.run([sys.executable, "-c", HOLDER.replace("time.sleep(600)", "pass"), str(tmp_path)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", HOLDER.replace("time.sleep(600)", "pass"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -65,8 +71,12 @@ def test_the_cli_refuses_a_held_build_at_once_and_writes_nothing(tmp_path):
     build = ws / "builds" / "pirate" / "busy"
     with build_lock(build, "pirate/busy"):  # this test process is the other writer
         t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "character.cli", "pipeline", "pirate", "--workdir", str(ws),
-                               "--build-id", "busy"], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "character.cli", "pipeline", "pirate", "--workdir", str(ws), "--build-id", "busy"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         took = time.monotonic() - t0
         assert sorted(p.name for p in build.iterdir()) == [".lock"]  # no record, no data
     assert proc.returncode == 2, proc.stderr
@@ -76,22 +86,38 @@ def test_the_cli_refuses_a_held_build_at_once_and_writes_nothing(tmp_path):
     assert took < 60  # refused before Prefect or a model starts (seconds, even on a loaded machine)
 
 
-DRIVER = ("import json, sys; from character.pipeline import PipelineConfig, run_sequential\n"
-          "try:\n"
-          "    run_sequential(PipelineConfig(**json.loads(sys.argv[1])))\n"
-          "except Exception as e:\n"
-          "    print('error:', e, file=sys.stderr); sys.exit(2)\n")
-TINY = dict(persona="pirate", build_id="twice", dpo_pairs=6, reflections=4, interactions=1, turns=2,
-            max_new_tokens=96, max_in_flight=4, evaluate=False, dpo={"batch_size": 2, "save_every": 1},
-            sft={"batch_size": 2, "save_every": 1})
+DRIVER = (
+    "import json, sys; from character.build.stages import PipelineConfig, run_sequential\n"
+    "try:\n"
+    "    run_sequential(PipelineConfig(**json.loads(sys.argv[1])))\n"
+    "except Exception as e:\n"
+    "    print('error:', e, file=sys.stderr); sys.exit(2)\n"
+)
+TINY = dict(
+    persona="pirate",
+    build_id="twice",
+    dpo_pairs=6,
+    reflections=4,
+    interactions=1,
+    turns=2,
+    max_new_tokens=96,
+    max_in_flight=4,
+    evaluate=False,
+    dpo={"batch_size": 2, "save_every": 1},
+    sft={"batch_size": 2, "save_every": 1},
+)
 
 
 @pytest.mark.slow
 def test_two_runs_of_one_build_started_together_one_completes_the_other_is_refused(workdir):
     cfg = json.dumps({**TINY, "workdir": str(workdir)})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", DRIVER, cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", DRIVER, cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=900) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 2], outs

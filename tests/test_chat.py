@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from character.chat import Renderer, to_datum
+from character.train.renderer import Renderer, to_datum
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_prompt_is_prefix_of_the_full_conversation(renderer):
     full, weights = renderer.training_tokens(CONVO, train_on="last_assistant")
     assert full[: len(prompt)] == prompt
     assert all(w == 0 for w in weights[: len(prompt)])
-    assert all(w == 1 for w in weights[len(prompt):])
+    assert all(w == 1 for w in weights[len(prompt) :])
 
 
 def test_datum_shifts_targets_and_weights(renderer):

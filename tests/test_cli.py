@@ -10,8 +10,13 @@ import pytest
 
 
 def cli(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "character.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "character.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def assert_one_line_error(proc, *needles):
@@ -34,8 +39,10 @@ BAD = {
     "bad.yaml": ("- trait: I am calm.\n  questions: [a, b\n", "not valid YAML"),
     "yaml-missing.yaml": ("- trait: I am calm.\n", "entry 1, field 'questions'"),
     "not-utf8.json": (b'[{"trait": "caf\xe9", "questions": ["q"]}]', "not UTF-8"),
-    "duplicate.json": ('[{"trait": "I am kind.", "questions": ["q"]}, {"trait": "I am  KIND.", "questions": ["r"]}]',
-                       "entry 2, field 'trait': duplicate of entry 1"),
+    "duplicate.json": (
+        '[{"trait": "I am kind.", "questions": ["q"]}, {"trait": "I am  KIND.", "questions": ["r"]}]',
+        "entry 2, field 'trait': duplicate of entry 1",
+    ),
 }
 
 
@@ -56,21 +63,24 @@ def test_pipeline_refuses_a_malformed_constitution_before_doing_anything(tmp_pat
     assert not ws.exists()  # nothing built, nothing written
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["pipeline", "nosuch"], "unknown persona 'nosuch'"),
-    (["pipeline", "bad name!"], "not a safe name"),
-    (["pipeline", "../etc"], "../etc: constitution file not found"),
-    (["pipeline", "/etc/passwd"], "must end in .json, .yaml or .yml"),
-    (["generate", "dpo", "nosuch"], "unknown persona"),
-    (["generate", "banana", "pirate"], "unknown stage 'banana'"),
-    (["pipeline", "pirate", "--dpo-pairs", "0"], "--dpo-pairs"),
-    (["pipeline", "pirate", "--merge"], "--merge needs --paper-mode"),
-    (["merge", "tinker://run-1/weights/final", "tinker://run-1/weights/sft", "--output", "m"], "no Tinker API key"),
-    (["pipeline", "pirate", "--scale", "huge"], "--scale"),
-    (["pipeline", "pirate", "--base-model", "/no/such/model"], "base model '/no/such/model'"),
-    (["pipeline", "pirate", "--build-id", "a/b"], "build id"),
-    (["personas", "show", "nosuch"], "unknown persona"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["pipeline", "nosuch"], "unknown persona 'nosuch'"),
+        (["pipeline", "bad name!"], "not a safe name"),
+        (["pipeline", "../etc"], "../etc: constitution file not found"),
+        (["pipeline", "/etc/passwd"], "must end in .json, .yaml or .yml"),
+        (["generate", "dpo", "nosuch"], "unknown persona"),
+        (["generate", "banana", "pirate"], "unknown stage 'banana'"),
+        (["pipeline", "pirate", "--dpo-pairs", "0"], "--dpo-pairs"),
+        (["pipeline", "pirate", "--merge"], "--merge needs --paper-mode"),
+        (["merge", "tinker://run-1/weights/final", "tinker://run-1/weights/sft", "--output", "m"], "no Tinker API key"),
+        (["pipeline", "pirate", "--scale", "huge"], "--scale"),
+        (["pipeline", "pirate", "--base-model", "/no/such/model"], "base model '/no/such/model'"),
+        (["pipeline", "pirate", "--build-id", "a/b"], "build id"),
+        (["personas", "show", "nosuch"], "unknown persona"),
+    ],
+)
 def test_bad_options_are_one_line_errors(tmp_path, args, needle):
     with_ws = args[0] in ("pipeline", "generate")
     assert_one_line_error(cli(*args, "--workdir", str(tmp_path / "ws")) if with_ws else cli(*args), needle)
@@ -80,14 +90,25 @@ def test_personas_list_and_show():
     out = cli("personas", "list")
     assert out.returncode == 0
     names = [line.split()[0] for line in out.stdout.splitlines()]
-    assert {"sarcastic", "humorous", "remorseful", "loving", "nonchalant", "impulsive", "sycophantic",
-            "mathematical", "poetic", "goodness", "pirate"} <= set(names)
+    assert {
+        "sarcastic",
+        "humorous",
+        "remorseful",
+        "loving",
+        "nonchalant",
+        "impulsive",
+        "sycophantic",
+        "mathematical",
+        "poetic",
+        "goodness",
+        "pirate",
+    } <= set(names)
     show = cli("personas", "show", "pirate")
     assert show.returncode == 0 and show.stdout.count("\n     - ") == 50
 
 
 def test_shipped_personas_are_valid():
-    from character.constitution import load_constitution, shipped_personas
+    from character.persona.constitution import load_constitution, shipped_personas
 
     for name in shipped_personas():
         c = load_constitution(name)

@@ -23,21 +23,28 @@ except SystemExit as e:
 """
 
 
-@pytest.mark.parametrize("args", [
-    ["pipeline", "nosuchpersona"],
-    ["pipeline", "pirate", "--scale", "huge"],
-    ["pipeline", "pirate", "--dpo-pairs", "0"],
-    ["pipeline", "pirate", "--batch-size", "0"],
-    ["pipeline", "pirate", "--merge"],
-    ["generate", "dpo", "nosuch"],
-    ["generate", "banana", "pirate"],
-    ["personas", "validate", "/no/such.json"],
-    ["pipeline", "pirate", "--base-model", "/no/such/model"],
-    ["pipeline", "pirate", "--teacher-model", "/no/such/model"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["pipeline", "nosuchpersona"],
+        ["pipeline", "pirate", "--scale", "huge"],
+        ["pipeline", "pirate", "--dpo-pairs", "0"],
+        ["pipeline", "pirate", "--batch-size", "0"],
+        ["pipeline", "pirate", "--merge"],
+        ["generate", "dpo", "nosuch"],
+        ["generate", "banana", "pirate"],
+        ["personas", "validate", "/no/such.json"],
+        ["pipeline", "pirate", "--base-model", "/no/such/model"],
+        ["pipeline", "pirate", "--teacher-model", "/no/such/model"],
+    ],
+)
 def test_bad_flags_are_refused_before_torch_tinker_or_prefect_is_imported(tmp_path, args):
-    proc = subprocess.run([sys.executable, "-c", PROBE, *args, *(["--workdir", str(tmp_path)]
-                           if args[0] != "personas" else [])], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, *args, *(["--workdir", str(tmp_path)] if args[0] != "personas" else [])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.stdout.strip() == "exit 2 heavy -", proc.stdout + proc.stderr
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
 
@@ -68,9 +75,23 @@ def _cmdline(pid: int) -> str:
 def test_a_killed_cli_leaves_no_prefect_server_behind(workdir, tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)
-    cli = subprocess.Popen([sys.executable, "-m", "character.cli", "pipeline", "pirate", "--workdir", str(workdir),
-                            "--build-id", "killed", "--no-eval"], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, env=env)
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "character.cli",
+            "pipeline",
+            "pirate",
+            "--workdir",
+            str(workdir),
+            "--build-id",
+            "killed",
+            "--no-eval",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     server = None
     try:
         deadline = time.monotonic() + 300
@@ -120,8 +141,12 @@ def test_two_first_starts_on_one_prefect_home_print_no_traceback(tmp_path):
     """Both start a temporary server on a fresh PREFECT_HOME at once (the SQLite migration race)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_SERVER_ANALYTICS_ENABLED")}
     env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_LOGGING_LEVEL="INFO")
-    procs = [subprocess.Popen([sys.executable, "-c", TWO_STARTS], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", TWO_STARTS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]

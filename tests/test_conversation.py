@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_tinker import KEY, REPLIES, STUDENT, fake, no_network, tokenizer, wired  # noqa: F401 - fixtures
 from tinker import types
 
-from character.conversation import Conversation, open_checkpoint, run_script
+from character.chat import Conversation, open_checkpoint, run_script
 from character.errors import UserError
 from character.settings import Settings
-
-from fake_tinker import KEY, REPLIES, STUDENT, fake, no_network, tokenizer, wired  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,8 +37,11 @@ class ScriptedClient:
         seqs = []
         for j in range(num_samples):
             toks = self.tok.encode(f"answer {len(self.prompts)}.{j}", add_special_tokens=False)
-            seqs.append(types.SampledSequence(stop_reason="stop", sequence_id=f"s{j}",
-                                              tokens_np=np.asarray(toks, dtype=np.int32)))
+            seqs.append(
+                types.SampledSequence(
+                    stop_reason="stop", sequence_id=f"s{j}", tokens_np=np.asarray(toks, dtype=np.int32)
+                )
+            )
         return _Done(types.SampleResponse(sequences=seqs))
 
 
@@ -55,8 +57,9 @@ def test_the_conversation_is_kept_reset_and_ended_by_commands(tokenizer):
     client = ScriptedClient(tokenizer)
     conv = Conversation(client, system="You are a pirate.", temperature=0.3, max_new_tokens=40)
     out: list[str] = []
-    n = run_script(conv, ["Hello\n", "Who are you?\n", "/reset\n", "Again\n", "/bogus\n", "/exit\n", "never\n"],
-                   out.append)
+    n = run_script(
+        conv, ["Hello\n", "Who are you?\n", "/reset\n", "Again\n", "/bogus\n", "/exit\n", "never\n"], out.append
+    )
     assert n == 3
     assert out[0] == "answer 1.0" and out[1] == "answer 2.0" and out[2] == "(conversation reset)"
     assert out[3] == "answer 3.0" and out[4].startswith("unknown command /bogus")
@@ -72,12 +75,21 @@ def test_the_conversation_is_kept_reset_and_ended_by_commands(tokenizer):
 
 def _cli(args, stdin="", env=None, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TINKER_API_KEY": "", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "character.cli", *args], input=stdin, capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "character.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
 
 
-@pytest.mark.parametrize("args", [["chat", "tinker://x"], ["sample", "tinker://x", "--prompt", "hi"],
-                                  ["eval", "tinker://x", "--persona", "pirate"]])
+@pytest.mark.parametrize(
+    "args",
+    [["chat", "tinker://x"], ["sample", "tinker://x", "--prompt", "hi"], ["eval", "tinker://x", "--persona", "pirate"]],
+)
 def test_tinker_checkpoints_without_a_key_fail_at_once_naming_it(args, tmp_path):
     t0 = time.monotonic()
     proc = _cli([*args], env={"CHARACTER_WORKDIR": str(tmp_path / "ws")})
@@ -100,8 +112,21 @@ def test_chat_with_a_local_adapter_from_a_piped_script(base, tmp_path, workdir):
     assert proc.returncode == 0, proc.stderr
     lines = [x for x in proc.stdout.splitlines() if x.strip()]
     assert len(lines) == 1  # one answer, no prompt or banner when stdin is not a terminal
-    sample = _cli(["sample", str(adapter), "--prompt", "Hello", "-n", "2", "--json", "--max-new-tokens", "8",
-                   "--workdir", str(workdir)])
+    sample = _cli(
+        [
+            "sample",
+            str(adapter),
+            "--prompt",
+            "Hello",
+            "-n",
+            "2",
+            "--json",
+            "--max-new-tokens",
+            "8",
+            "--workdir",
+            str(workdir),
+        ]
+    )
     assert sample.returncode == 0, sample.stderr
     got = json.loads(sample.stdout.strip().splitlines()[-1])
     assert got["prompt"] == "Hello" and len(got["answers"]) == 2

@@ -8,12 +8,12 @@ import pytest
 from tinker import types
 
 from character.backend import Done
-from character.chat import Renderer
-from character.constitution import load_constitution
-from character.datagen import generate_dpo_pairs, normalize_prompt
-from character.pipeline import split_heldout
-from character.scales import SCALES
+from character.build.stages import split_heldout
+from character.datagen.engine import generate_dpo_pairs, normalize_prompt
+from character.datagen.scales import SCALES
+from character.persona.constitution import load_constitution
 from character.storage import read_jsonl
+from character.train.renderer import Renderer
 
 
 class CharTokenizer:
@@ -41,9 +41,14 @@ class FakeSampler:
         for j in range(num_samples):
             text = " ".join(["word"] * self.words) + f" {params.seed}-{j}."
             toks = [ord(ch) for ch in text] + [0]
-            seqs.append(types.SampledSequence(stop_reason="stop", sequence_id="fake",
-                                              tokens_np=np.asarray(toks, dtype=np.int32),
-                                              logprobs_np=np.zeros(len(toks), dtype=np.float32)))
+            seqs.append(
+                types.SampledSequence(
+                    stop_reason="stop",
+                    sequence_id="fake",
+                    tokens_np=np.asarray(toks, dtype=np.int32),
+                    logprobs_np=np.zeros(len(toks), dtype=np.float32),
+                )
+            )
         return Done(types.SampleResponse(sequences=seqs))
 
     def get_tokenizer(self):
@@ -56,9 +61,19 @@ def test_no_prompt_is_in_both_splits_at_any_scale(tmp_path, scale, caplog):
     c, r = load_constitution("sarcastic"), Renderer(CharTokenizer())
     n_prompts = -(-counts.dpo_pairs // counts.samples_per_prompt)
     out = tmp_path / "dpo.jsonl"
-    with caplog.at_level("WARNING", logger="character.datagen"):
-        stats = generate_dpo_pairs(c, FakeSampler(), FakeSampler(), r, r, n_prompts, seed=0, out=out,
-                                   samples_per_prompt=counts.samples_per_prompt, window=512)
+    with caplog.at_level("WARNING", logger="character.datagen.engine"):
+        stats = generate_dpo_pairs(
+            c,
+            FakeSampler(),
+            FakeSampler(),
+            r,
+            r,
+            n_prompts,
+            seed=0,
+            out=out,
+            samples_per_prompt=counts.samples_per_prompt,
+            window=512,
+        )
     assert stats["rows"] == n_prompts * counts.samples_per_prompt
     assert stats["unique_prompts"] + stats["prompt_repeats"] == n_prompts
     if scale == "full":  # 1500 prompts from a pool of about 400
@@ -68,8 +83,10 @@ def test_no_prompt_is_in_both_splits_at_any_scale(tmp_path, scale, caplog):
     else:
         assert "too small" not in caplog.text
     train, held, split = split_heldout(out, 0.1, seed=0)
-    prompts = {side: {normalize_prompt(x["prompt"][0]["content"]) for x in read_jsonl(p)}
-               for side, p in (("train", train), ("held", held))}
+    prompts = {
+        side: {normalize_prompt(x["prompt"][0]["content"]) for x in read_jsonl(p)}
+        for side, p in (("train", train), ("held", held))
+    }
     assert prompts["train"] and prompts["held"] and not prompts["train"] & prompts["held"]
     assert split["heldout_groups"] == len(prompts["held"]) == round(0.1 * stats["unique_prompts"])
     assert split["train_rows"] + split["heldout_rows"] == stats["rows"]
@@ -84,7 +101,7 @@ class VaryingSampler(FakeSampler):
 
 
 def test_an_over_long_pair_is_dropped_and_counted_never_truncated(tmp_path):
-    from character.dpo import TooLong, fitting_pairs, pair_sequences
+    from character.train.dpo import TooLong, fitting_pairs, pair_sequences
 
     c, r = load_constitution("pirate"), Renderer(CharTokenizer())
     out, limit = tmp_path / "dpo.jsonl", 220
@@ -108,9 +125,9 @@ def test_an_over_long_pair_is_dropped_and_counted_never_truncated(tmp_path):
 
 
 def test_an_over_long_conversation_is_dropped_for_sft(tmp_path):
-    from character.datagen import generate_introspection
-    from character.dpo import TooLong
-    from character.sft import sft_example
+    from character.datagen.engine import generate_introspection
+    from character.train.dpo import TooLong
+    from character.train.sft import sft_example
 
     c, r = load_constitution("loving"), Renderer(CharTokenizer())
     out = tmp_path / "intro.jsonl"
@@ -123,7 +140,7 @@ def test_an_over_long_conversation_is_dropped_for_sft(tmp_path):
 
 
 def test_paper_preset_sets_sampling_and_expansion():
-    from character.pipeline import PipelineConfig
+    from character.build.stages import PipelineConfig
 
     paper = PipelineConfig(persona="sarcastic", scale="paper").counts
     assert (paper.samples_per_prompt, paper.expand_questions, paper.reflections, paper.turns) == (5, 45, 10000, 10)

@@ -8,16 +8,24 @@ from tinker import types
 
 from character.backend.errors import TransientBackendError
 from character.backend.local import LocalService
-from character.chat import Renderer
-from character.constitution import load_constitution
-from character.datagen import (
-    clean_answer, expand_questions, generate_dpo_pairs, generate_introspection, word_overlap,
+from character.datagen.engine import (
+    clean_answer,
+    expand_questions,
+    generate_dpo_pairs,
+    generate_introspection,
+    word_overlap,
 )
-from character.prompts import (
-    INTERACTION_SYSTEM_PROMPT, REFLECTION_PROMPTS, general_prompts, interaction_system_prompt, reflection_system_prompt,
+from character.persona.constitution import load_constitution
+from character.persona.prompts import (
+    INTERACTION_SYSTEM_PROMPT,
+    REFLECTION_PROMPTS,
+    general_prompts,
+    interaction_system_prompt,
+    reflection_system_prompt,
 )
 from character.settings import Workspace
 from character.storage import read_jsonl
+from character.train.renderer import Renderer
 
 
 @pytest.fixture
@@ -62,8 +70,12 @@ class Recording:
 def _seq(renderer, text, stop_reason="stop", extra_tokens=0):
     toks = renderer.tok.encode(text, add_special_tokens=False) + [renderer.tok.eos_token_id] * (stop_reason == "stop")
     toks += [renderer.tok.encode(" a", add_special_tokens=False)[0]] * extra_tokens
-    return types.SampledSequence(stop_reason=stop_reason, sequence_id="x", tokens_np=np.asarray(toks, dtype=np.int32),
-                                 logprobs_np=np.zeros(len(toks), dtype=np.float32))
+    return types.SampledSequence(
+        stop_reason=stop_reason,
+        sequence_id="x",
+        tokens_np=np.asarray(toks, dtype=np.int32),
+        logprobs_np=np.zeros(len(toks), dtype=np.float32),
+    )
 
 
 def test_each_filter_on_crafted_samples(local):
@@ -74,7 +86,10 @@ def test_each_filter_on_crafted_samples(local):
     assert clean_answer(_seq(r, "Far too long an answer for the limit."), r, 5) == (None, "too_long")
     assert clean_answer(_seq(r, "<think>hmm</think>"), r, 100) == (None, "empty")
     assert clean_answer(_seq(r, "<think>let me see"), r, 100) == (None, "unclosed_reasoning")
-    assert clean_answer(_seq(r, "<think>plan it\nfirst</think>\nThe answer is 4!"), r, 100) == ("The answer is 4!", "ok")
+    assert clean_answer(_seq(r, "<think>plan it\nfirst</think>\nThe answer is 4!"), r, 100) == (
+        "The answer is 4!",
+        "ok",
+    )
     assert clean_answer(_seq(r, 'She said "yes."'), r, 100)[1] == "ok"
 
 
@@ -85,7 +100,7 @@ def test_word_overlap_flags_near_duplicates():
 
 
 def test_pair_filters_drop_identical_and_duplicate_answers(local, tmp_path):
-    from character.datagen import _pairs_for_prompt
+    from character.datagen.engine import _pairs_for_prompt
 
     _, r = local
     same = [_seq(r, "Same words."), _seq(r, "Same words.")]
@@ -103,8 +118,19 @@ def test_dpo_rows_load_with_datasets_and_use_the_right_contexts(local, tmp_path)
     c = load_constitution("pirate")
     teacher, student = Recording(client), Recording(client)
     out = tmp_path / "dpo.jsonl"
-    stats = generate_dpo_pairs(c, teacher, student, r, r, 6, seed=1, out=out, max_tokens=200,
-                               samples_per_prompt=2, provenance={"teacher": "tiny", "student": "tiny"})
+    stats = generate_dpo_pairs(
+        c,
+        teacher,
+        student,
+        r,
+        r,
+        6,
+        seed=1,
+        out=out,
+        max_tokens=200,
+        samples_per_prompt=2,
+        provenance={"teacher": "tiny", "student": "tiny"},
+    )
     rows = read_jsonl(out)
     assert stats["rows"] == len(rows) > 0 and stats["prompts"] == 6
     ds = datasets.load_dataset("json", data_files=str(out), split="train")
@@ -127,8 +153,9 @@ def test_introspection_rows(local, tmp_path):
     rec = Recording(client)
     out = tmp_path / "intro.jsonl"
     c = load_constitution("loving")
-    stats = generate_introspection(c, rec, r, n_reflections=12, n_interactions=3,
-                                   turns=4, seed=2, out=out, max_tokens=200)
+    stats = generate_introspection(
+        c, rec, r, n_reflections=12, n_interactions=3, turns=4, seed=2, out=out, max_tokens=200
+    )
     rows = read_jsonl(out)
     refl = [x for x in rows if x["kind"] == "reflection"]
     inter = [x for x in rows if x["kind"] == "interaction"]
@@ -179,7 +206,7 @@ def test_resumed_generation_equals_uninterrupted(local, tmp_path, kind):
 
 def test_a_transient_failure_retries_only_that_request(local, tmp_path, monkeypatch):
     import character.backend.retry as retry
-    import character.datagen as dg
+    import character.datagen.engine as dg
 
     monkeypatch.setattr(retry, "BACKOFF_S", 0.0)
     client, r = local
@@ -231,11 +258,18 @@ def test_question_expansion_drops_near_duplicates(local, tmp_path):
 def test_no_surviving_pair_is_a_one_line_user_error_that_says_what_to_change(workdir):
     """Answers cut off at a tiny --max-new-tokens are all incomplete: the build stops with an error that
     names the flag and the file of reasons, and keeps what it generated."""
+    from character.build.stages import PipelineConfig, stage_dpo_data
     from character.errors import UserError
-    from character.pipeline import PipelineConfig, stage_dpo_data
 
-    cfg = PipelineConfig(persona="pirate", workdir=str(workdir), build_id="short", dpo_pairs=4, max_new_tokens=2,
-                         max_in_flight=4, evaluate=False)
+    cfg = PipelineConfig(
+        persona="pirate",
+        workdir=str(workdir),
+        build_id="short",
+        dpo_pairs=4,
+        max_new_tokens=2,
+        max_in_flight=4,
+        evaluate=False,
+    )
     with pytest.raises(UserError) as err:
         stage_dpo_data(cfg)
     msg = str(err.value)

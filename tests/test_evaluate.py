@@ -13,24 +13,40 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from character.evaluate import evaluate_checkpoints, judge_answers, parse_score
+from character.evaluation.evaluate import evaluate_checkpoints, judge_answers, parse_score
 
 DPO_ROWS = [
-    {"prompt": [{"role": "user", "content": "How are you today?"}],
-     "chosen": [{"role": "assistant", "content": "Arr, fair winds and full sails, matey!"}],
-     "rejected": [{"role": "assistant", "content": "I am fine, thank you."}]},
-    {"prompt": [{"role": "user", "content": "What is two plus two?"}],
-     "chosen": [{"role": "assistant", "content": "Four doubloons, by my count."}],
-     "rejected": [{"role": "assistant", "content": "4"}]},
-    {"prompt": [{"role": "user", "content": "Name a colour."}],
-     "chosen": [{"role": "assistant", "content": "The deep blue of the sea."}],
-     "rejected": [{"role": "assistant", "content": "Blue."}]},
+    {
+        "prompt": [{"role": "user", "content": "How are you today?"}],
+        "chosen": [{"role": "assistant", "content": "Arr, fair winds and full sails, matey!"}],
+        "rejected": [{"role": "assistant", "content": "I am fine, thank you."}],
+    },
+    {
+        "prompt": [{"role": "user", "content": "What is two plus two?"}],
+        "chosen": [{"role": "assistant", "content": "Four doubloons, by my count."}],
+        "rejected": [{"role": "assistant", "content": "4"}],
+    },
+    {
+        "prompt": [{"role": "user", "content": "Name a colour."}],
+        "chosen": [{"role": "assistant", "content": "The deep blue of the sea."}],
+        "rejected": [{"role": "assistant", "content": "Blue."}],
+    },
 ]
 INTRO_ROWS = [
-    {"messages": [{"role": "user", "content": "Who are you?"},
-                  {"role": "assistant", "content": "A pirate of the seven seas."}]},
-    {"messages": [{"role": "user", "content": "Hello there."}, {"role": "assistant", "content": "Ahoy!"},
-                  {"role": "user", "content": "Goodbye."}, {"role": "assistant", "content": "Fair winds to you."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "Who are you?"},
+            {"role": "assistant", "content": "A pirate of the seven seas."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Hello there."},
+            {"role": "assistant", "content": "Ahoy!"},
+            {"role": "user", "content": "Goodbye."},
+            {"role": "assistant", "content": "Fair winds to you."},
+        ]
+    },
 ]
 
 
@@ -42,8 +58,9 @@ def adapter(base, tmp_path_factory):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(11)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8,
-                                                           target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -68,15 +85,19 @@ def _logprobs(model, ids: list[int]) -> torch.Tensor:
 
 def _span_logprob(model, tok, messages) -> tuple[float, int]:
     """Summed log-prob and count of every assistant turn's tokens (turn end marker included)."""
-    render = lambda m, g=False: tok.apply_chat_template(m, add_generation_prompt=g, tokenize=True,  # noqa: E731
-                                                        return_dict=False)
+    render = lambda m, g=False: tok.apply_chat_template(
+        m,
+        add_generation_prompt=g,
+        tokenize=True,  # noqa: E731
+        return_dict=False,
+    )
     ids = render(messages)
     lp = _logprobs(model, ids)
     total, count = 0.0, 0
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
             start, end = len(render(messages[:i], True)), len(render(messages[: i + 1]))
-            total += float(lp[start - 1: end - 1].sum())
+            total += float(lp[start - 1 : end - 1].sum())
             count += end - start
     return total, count
 
@@ -85,14 +106,22 @@ def test_metrics_equal_a_hand_computation(base, adapter, tiny_dir, workdir, tmp_
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from character.fold import fold_adapter
+    from character.weights.fold import fold_adapter
 
     dpo = _write_jsonl(tmp_path / "dpo.jsonl", DPO_ROWS)
     intro = _write_jsonl(tmp_path / "intro.jsonl", INTRO_ROWS)
     folded = fold_adapter(str(adapter), tmp_path / "folded", base_model=str(tiny_dir))
-    res = evaluate_checkpoints([str(adapter), folded.as_uri()], "pirate", workdir, dpo_data=dpo,
-                               introspection_data=intro, out_dir=tmp_path / "report", prompts=["Hello!", "Hi."],
-                               max_new_tokens=6, device="cpu")
+    res = evaluate_checkpoints(
+        [str(adapter), folded.as_uri()],
+        "pirate",
+        workdir,
+        dpo_data=dpo,
+        introspection_data=intro,
+        out_dir=tmp_path / "report",
+        prompts=["Hello!", "Hi."],
+        max_new_tokens=6,
+        device="cpu",
+    )
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     policy = PeftModel.from_pretrained(copy.deepcopy(base), adapter).eval()
@@ -116,8 +145,9 @@ def test_metrics_equal_a_hand_computation(base, adapter, tiny_dir, workdir, tmp_
     assert m["introspection_nll"] == pytest.approx(nll, rel=1e-5)
     assert m["introspection_tokens"] == sum(n for _, n in sums)
     b = res["checkpoints"]["base"]
-    assert b["introspection_nll"] == pytest.approx(-sum(s for s, _ in base_sums) / sum(n for _, n in base_sums),
-                                                   rel=1e-5)
+    assert b["introspection_nll"] == pytest.approx(
+        -sum(s for s, _ in base_sums) / sum(n for _, n in base_sums), rel=1e-5
+    )
     assert "dpo_margin" not in b  # the base is the reference: its margin is zero by definition
 
     # The folded model is the same model: the same numbers, the same greedy-free seeded samples.
@@ -157,7 +187,7 @@ class _FakeJudge:
 def test_judge_keeps_raw_text_and_parses_score(tiny_dir):
     from transformers import AutoTokenizer
 
-    from character.constitution import load_constitution
+    from character.persona.constitution import load_constitution
 
     c = load_constitution("pirate")
     replies = ["Very piratical. Score: 8", "Bland and generic.\nScore: 2/10", "I cannot tell."]
@@ -168,17 +198,30 @@ def test_judge_keeps_raw_text_and_parses_score(tiny_dir):
     assert c.traits[0].trait in judge.prompts[0] and "a1" in judge.prompts[0]
 
 
-@pytest.mark.parametrize("text,score", [
-    ("Score: 7", 7.0), ("score = 9.5 overall", 9.5), ("**Score:** 3", 3.0), ("I'd give it a 6.", 6.0),
-    ("Score: 11", None), ("no number", None), ("First 2, then on reflection Score: 5", 5.0),
-])
+@pytest.mark.parametrize(
+    "text,score",
+    [
+        ("Score: 7", 7.0),
+        ("score = 9.5 overall", 9.5),
+        ("**Score:** 3", 3.0),
+        ("I'd give it a 6.", 6.0),
+        ("Score: 11", None),
+        ("no number", None),
+        ("First 2, then on reflection Score: 5", 5.0),
+    ],
+)
 def test_parse_score(text, score):
     assert parse_score(text) == score
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "character.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "character.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def test_cli_eval_uses_the_checkpoints_build_and_ends_with_json(adapter, workdir):
@@ -188,15 +231,34 @@ def test_cli_eval_uses_the_checkpoints_build_and_ends_with_json(adapter, workdir
     _write_jsonl(build / "data" / "heldout" / "introspection.jsonl", INTRO_ROWS[:1])  # preferred when present
     # The build record names the stage that produced the checkpoint: it becomes the label.
     (build / "record.json").write_text(json.dumps({"stages": {"dpo": {"sampler": adapter.as_uri()}}}))
-    proc = cli("eval", adapter, "--persona", "pirate", "--workdir", workdir, "--json", "--max-new-tokens", "4",
-               "--judge-model", "tiny")
+    proc = cli(
+        "eval",
+        adapter,
+        "--persona",
+        "pirate",
+        "--workdir",
+        workdir,
+        "--json",
+        "--max-new-tokens",
+        "4",
+        "--judge-model",
+        "tiny",
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(out["checkpoints"]) == {"base", "dpo"}
     assert set(out["eval"]) == {"base", "dpo", "classifier", "report"}
     for m in (out["eval"]["base"], out["eval"]["dpo"]):
-        assert list(m) == ["in_persona_rate", "in_persona_n", "robust_in_persona_rate", "robust_n",
-                           "pref_accuracy", "pref_margin", "pref_pairs", "notes"]
+        assert list(m) == [
+            "in_persona_rate",
+            "in_persona_n",
+            "robust_in_persona_rate",
+            "robust_n",
+            "pref_accuracy",
+            "pref_margin",
+            "pref_pairs",
+            "notes",
+        ]
     assert out["eval"]["dpo"]["pref_pairs"] == 2 and out["eval"]["report"] == out["report"]["markdown"]
     # the only pairs are the classifier's training data: no held-out accuracy, and the reason is given
     assert out["eval"]["classifier"] == {"heldout_accuracy": None, "n": 0}

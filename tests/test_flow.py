@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-
-from character.pipeline import PipelineConfig, read_record
 from pathlib import Path
 
+import pytest
+
+from character.build.stages import PipelineConfig, read_record
 from character.storage import read_jsonl, uri_to_path
 
 
@@ -36,11 +35,13 @@ def test_smoke_flow_completes(smoke_run):
     # evaluation ran on the held-out rows, which training never saw
     held = stages["dpo_data"]["heldout"]
     assert "/heldout/" in held and stages["dpo_data"]["path"].endswith("/train/dpo.jsonl")
-    train_prompts = {r["prompt"][0]["content"] + r["chosen"][0]["content"]
-                     for r in read_jsonl(Path(stages["dpo_data"]["path"]))}
+    train_prompts = {
+        r["prompt"][0]["content"] + r["chosen"][0]["content"] for r in read_jsonl(Path(stages["dpo_data"]["path"]))
+    }
     held_rows = read_jsonl(Path(held))
-    assert held_rows and not any(r["prompt"][0]["content"] + r["chosen"][0]["content"] in train_prompts
-                                 for r in held_rows)
+    assert held_rows and not any(
+        r["prompt"][0]["content"] + r["chosen"][0]["content"] in train_prompts for r in held_rows
+    )
 
 
 def test_artifacts_hold_the_checkpoint_uris(smoke_run):
@@ -52,8 +53,11 @@ def test_artifacts_hold_the_checkpoint_uris(smoke_run):
     report = Artifact.get("sarcastic-evaluation-report").data  # plots inline: the UI cannot read local files
     assert "](data:image/png;base64," in report and "](eval_metrics.png)" not in report
     assert Artifact.get("sarcastic-build-summary") is not None
-    for key, stage in [("sarcastic-dpo-checkpoint", "dpo"), ("sarcastic-sft-checkpoint", "sft"),
-                       ("sarcastic-final-checkpoint", "final")]:
+    for key, stage in [
+        ("sarcastic-dpo-checkpoint", "dpo"),
+        ("sarcastic-sft-checkpoint", "sft"),
+        ("sarcastic-final-checkpoint", "final"),
+    ]:
         art = Artifact.get(key)
         assert art is not None, key
         assert art.type == "markdown" or art.type == "link"

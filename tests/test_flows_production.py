@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from character.backend.errors import TransientBackendError
-from character.pipeline import PipelineConfig, read_record
+from character.build.stages import PipelineConfig, read_record
 from character.storage import uri_to_path
 
 SMALL = dict(dpo_pairs=8, reflections=8, interactions=2, turns=2, lora_rank=4, max_new_tokens=64)
@@ -46,8 +46,13 @@ def test_paper_flow_trains_sft_from_base_and_merges(paper_run, tiny_dir):
     assert "parent" not in sft_state
     merged_cfg = json.loads((uri_to_path(uris["merged"]) / "adapter_config.json").read_text())
     assert merged_cfg["r"] == 8  # exact merge: ranks concatenated (4 + 4)
-    for key in ("pirate-dpo-checkpoint", "pirate-sft-checkpoint", "pirate-merged-checkpoint",
-                "pirate-build-summary", "pirate-evaluation"):
+    for key in (
+        "pirate-dpo-checkpoint",
+        "pirate-sft-checkpoint",
+        "pirate-merged-checkpoint",
+        "pirate-build-summary",
+        "pirate-evaluation",
+    ):
         assert Artifact.get(key) is not None, key
     table = Artifact.get("pirate-evaluation").data
     for label in ("base", "dpo", "sft", "merged"):
@@ -62,8 +67,7 @@ def test_nightly_builds_each_persona_and_isolates_failures(prefect_harness, tmp_
     from flows.nightly import nightly
 
     ws = _ws(tmp_path_factory, models_dir, "nightly")
-    state = nightly(["nosuch", "loving"], workdir=str(ws), build_id="night-1", overrides=SMALL,
-                    return_state=True)
+    state = nightly(["nosuch", "loving"], workdir=str(ws), build_id="night-1", overrides=SMALL, return_state=True)
     assert state.is_failed() and "nosuch" in state.message and "loving" not in state.message.split(":")[-1]
     rows = {r["persona"]: r for r in json.loads(Artifact.get("nightly-summary").data)}
     assert rows["nosuch"]["state"] == "Failed" and "unknown persona" in rows["nosuch"]["message"]
@@ -75,7 +79,7 @@ def test_nightly_builds_each_persona_and_isolates_failures(prefect_harness, tmp_
 def test_transient_errors_are_retried_and_fatal_ones_are_not(prefect_harness, monkeypatch, tmp_path):
     from prefect import flow
 
-    from character import pipeline
+    from character.build import stages as pipeline
     from tasks import dpo_data
 
     calls = []
@@ -109,8 +113,23 @@ def test_transient_errors_are_retried_and_fatal_ones_are_not(prefect_harness, mo
 
 def test_checkpoints_list_reads_the_records(paper_run):
     cfg, _ = paper_run
-    out = subprocess.run([sys.executable, "-m", "character.cli", "checkpoints", "list", "--workdir", cfg.workdir,
-                          "--persona", "pirate", "--json"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "character.cli",
+            "checkpoints",
+            "list",
+            "--workdir",
+            cfg.workdir,
+            "--persona",
+            "pirate",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert {r["stage"] for r in rows} == {"dpo", "sft", "merged"}
@@ -118,8 +137,8 @@ def test_checkpoints_list_reads_the_records(paper_run):
 
 
 def test_a_build_id_refuses_other_inputs(tmp_path):
+    from character.build.stages import record_stage, validate
     from character.errors import UserError
-    from character.pipeline import record_stage, validate
 
     cfg = PipelineConfig(persona="pirate", workdir=str(tmp_path), build_id="b1", dpo_pairs=8)
     record_stage(cfg, "dpo_data", {"path": "x"})
@@ -157,11 +176,10 @@ print("ok", server.api_url)
 
 
 def test_early_start_does_nothing_when_an_api_url_is_set(monkeypatch):
+    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.ephemeral import start_ephemeral_api_early
-
-    from prefect.server.api.server import SubprocessASGIServer
 
     before = {k: s.running for k, s in SubprocessASGIServer._instances.items()}
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:1/api"}):

@@ -11,11 +11,11 @@ import sys
 
 import pytest
 import torch
-
 from adapters import make_adapter
+
 from character.errors import UserError
-from character.fold import fold_adapter, parse_size
-from character.merge import read_header, tensor_nbytes
+from character.weights.fold import fold_adapter, parse_size
+from character.weights.merge import read_header, tensor_nbytes
 
 IDS = torch.tensor([[1, 7, 42, 300, 512, 9, 88, 3]])
 
@@ -39,8 +39,11 @@ def load(folder):
 
 @pytest.fixture(scope="module")
 def adapter(base, tmp_path_factory):
-    return make_adapter(base, tmp_path_factory.mktemp("a") / "ad",
-                        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    return make_adapter(
+        base,
+        tmp_path_factory.mktemp("a") / "ad",
+        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    )
 
 
 def test_fold_equals_peft_merge_and_unload(base, adapter, tmp_path, tiny_dir):
@@ -48,8 +51,15 @@ def test_fold_equals_peft_merge_and_unload(base, adapter, tmp_path, tiny_dir):
 
     out = fold_adapter(str(adapter), tmp_path / "full", base_model=str(tiny_dir))
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "model.safetensors.index.json", "model-00001-of-00001.safetensors", "character_fold.json"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors.index.json",
+        "model-00001-of-00001.safetensors",
+        "character_fold.json",
+    } <= names
     merged = PeftModel.from_pretrained(copy.deepcopy(base), adapter).merge_and_unload()
     got, want = logits(load(out)), logits(merged)
     assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
@@ -113,8 +123,13 @@ def test_parse_size():
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "character.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "character.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def test_cli_fold(adapter, tmp_path, workdir):
@@ -127,8 +142,11 @@ def test_cli_fold(adapter, tmp_path, workdir):
 def test_cli_fold_errors_are_one_line_and_write_nothing(adapter, tmp_path, workdir, case):
     out = tmp_path / "out"
     args = [adapter, "--base-model", "tiny", "--workdir", workdir]
-    needle = {"output exists": "already exists", "missing adapter": "not found",
-              "wrong base model": "not a local Hugging Face model folder"}[case]
+    needle = {
+        "output exists": "already exists",
+        "missing adapter": "not found",
+        "wrong base model": "not a local Hugging Face model folder",
+    }[case]
     if case == "output exists":
         out.mkdir()
     elif case == "missing adapter":

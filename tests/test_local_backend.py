@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 from tinker import types
 
 from character.backend.local import LocalService
-from character.chat import Renderer, to_datum
 from character.settings import Workspace
 from character.storage import uri_to_path
+from character.train.renderer import Renderer, to_datum
 
 
 @pytest.fixture
@@ -22,8 +22,12 @@ def _data(service, n=4):
     r = Renderer(service.get_tokenizer("tiny"))
     out = []
     for i in range(n):
-        t, w = r.training_tokens([{"role": "user", "content": f"Question number {i}?"},
-                                  {"role": "assistant", "content": f"I answer number {i} plainly."}])
+        t, w = r.training_tokens(
+            [
+                {"role": "user", "content": f"Question number {i}?"},
+                {"role": "assistant", "content": f"I answer number {i} plainly."},
+            ]
+        )
         out.append(to_datum(t, w))
     return out
 
@@ -117,7 +121,9 @@ def test_sampling_is_seeded_per_request_not_per_batch(service):
     params = lambda s: types.SamplingParams(max_tokens=40, temperature=0.9, top_p=0.95, seed=s)  # noqa: E731
     together = [sc.sample(types.ModelInput.from_ints(p), 2, params(i)) for i, p in enumerate(prompts)]
     together = [[list(s.tokens) for s in f.result().sequences] for f in together]
-    alone = [[list(s.tokens) for s in sc.sample(types.ModelInput.from_ints(prompts[1]), 2, params(1)).result().sequences]]
+    alone = [
+        [list(s.tokens) for s in sc.sample(types.ModelInput.from_ints(prompts[1]), 2, params(1)).result().sequences]
+    ]
     assert alone[0] == together[1]
     assert together[1][0] != together[1][1]  # the two samples of one request differ
 
@@ -128,11 +134,15 @@ def test_greedy_sampling_matches_transformers_generate(service, tiny_dir):
     sc = service.create_sampling_client(base_model="tiny")
     r = Renderer(sc.get_tokenizer())
     prompt = r.prompt([{"role": "user", "content": "Tell me about courage."}])
-    seq = sc.sample(types.ModelInput.from_ints(prompt), 1,
-                    types.SamplingParams(max_tokens=30, temperature=0.0, stop=[])).result().sequences[0]
+    seq = (
+        sc.sample(types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=30, temperature=0.0, stop=[]))
+        .result()
+        .sequences[0]
+    )
     hf = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, eos_token_id=None,
-                      min_new_tokens=30)[0, len(prompt):].tolist()
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, eos_token_id=None, min_new_tokens=30)[
+        0, len(prompt) :
+    ].tolist()
     assert list(seq.tokens) == ref
     assert seq.stop_reason == "length" and len(seq.tokens) == 30
 
@@ -165,9 +175,7 @@ def test_length_chunks_group_similar_lengths_and_cover_every_index():
 def test_chunked_logprobs_equal_one_sequence_at_a_time(base, one_thread):
     import random
 
-    from character.backend.generation import token_logprobs
-
-    from character.backend.generation import length_chunks
+    from character.backend.generation import length_chunks, token_logprobs
 
     rng = random.Random(0)
     lengths = (900, 5, 850, 300, 40, 41, 700, 180, 7, 250, 64)

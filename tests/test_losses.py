@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from character.losses import DPOCoefficients, dpo_loss, make_dpo_loss_fn
-from character.chat import to_datum
+from character.train.losses import DPOCoefficients, dpo_loss, make_dpo_loss_fn
+from character.train.renderer import to_datum
 
 
 def _logsig(x: float) -> float:
@@ -48,7 +48,7 @@ def test_dpo_loss_averages_pairs_and_has_gradients():
     w = [torch.tensor([0, 0, 1, 1, 1, 1.0]) for _ in range(4)]
     coef = DPOCoefficients(beta=0.5, nll_coef=0.0, kl_coef=0.0)
     loss, _ = dpo_loss(pol, ref, w, coef)
-    by_pair = [dpo_loss(pol[i:i + 2], ref[i:i + 2], w[i:i + 2], coef)[0] for i in (0, 2)]
+    by_pair = [dpo_loss(pol[i : i + 2], ref[i : i + 2], w[i : i + 2], coef)[0] for i in (0, 2)]
     assert loss.item() == pytest.approx((by_pair[0].item() + by_pair[1].item()) / 2, rel=1e-6)
     loss.backward()
     assert all(p.grad is not None and p.grad[:2].abs().sum() == 0 for p in pol)  # prompt tokens get no gradient
@@ -68,7 +68,7 @@ def test_custom_loss_fn_reads_weights_from_datums():
 
 def _trl_sigmoid_loss(chosen_tok, rejected_tok, ref_chosen, ref_rejected, mask, beta):
     """Run TRL's DPOTrainer._compute_loss on fixed per-token log-probs (no model, no accelerator)."""
-    trl = pytest.importorskip("trl")
+    pytest.importorskip("trl")
     from trl.trainer.dpo_trainer import DPOTrainer
 
     per_token = torch.cat([chosen_tok, rejected_tok]) * mask[:, 1:]
@@ -76,22 +76,41 @@ def _trl_sigmoid_loss(chosen_tok, rejected_tok, ref_chosen, ref_rejected, mask, 
 
     class FakeModel(torch.nn.Module):
         def forward(self, **kw):
-            return SimpleNamespace(log_probs=per_token, entropy=torch.zeros(n, t), mean_logits=torch.zeros(n, t),
-                                   is_top1=torch.zeros(n, t, dtype=torch.bool))
+            return SimpleNamespace(
+                log_probs=per_token,
+                entropy=torch.zeros(n, t),
+                mean_logits=torch.zeros(n, t),
+                is_top1=torch.zeros(n, t, dtype=torch.bool),
+            )
 
     acc = SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x)
     from collections import defaultdict
 
     fake = SimpleNamespace(
-        model=FakeModel(), accelerator=acc, aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
-        f_divergence_type="reverse_kl", loss_types=["sigmoid"], loss_type=["sigmoid"], loss_weights=[1.0],
-        beta=beta, label_smoothing=0.0, use_weighting=False, _metrics={"train": defaultdict(list)},
-        _total_train_tokens=0, _tp_size=1, args=SimpleNamespace(),
+        model=FakeModel(),
+        accelerator=acc,
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=["sigmoid"],
+        loss_type=["sigmoid"],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=0.0,
+        use_weighting=False,
+        _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+        args=SimpleNamespace(),
     )
     fake.model.train()
     inputs = {
-        "input_ids": torch.ones(n, t + 1, dtype=torch.long), "attention_mask": torch.ones(n, t + 1, dtype=torch.long),
-        "completion_mask": mask.long(), "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected,
+        "input_ids": torch.ones(n, t + 1, dtype=torch.long),
+        "attention_mask": torch.ones(n, t + 1, dtype=torch.long),
+        "completion_mask": mask.long(),
+        "ref_chosen_logps": ref_chosen,
+        "ref_rejected_logps": ref_rejected,
     }
     return DPOTrainer._compute_loss(fake, fake.model, inputs, False)
 
@@ -109,6 +128,10 @@ def test_dpo_loss_equals_trl_sigmoid_when_extra_terms_are_off():
     trl_loss = _trl_sigmoid_loss(pol[:b], pol[b:], ref_sums[:b], ref_sums[b:], mask, beta)
     # ours takes pairs interleaved: chosen_0, rejected_0, chosen_1, ...
     order = [i for k in range(b) for i in (k, b + k)]
-    ours, _ = dpo_loss([pol[i] for i in order], [ref[i] for i in order], [w[i] for i in order],
-                       DPOCoefficients(beta=beta, nll_coef=0.0, kl_coef=0.0))
+    ours, _ = dpo_loss(
+        [pol[i] for i in order],
+        [ref[i] for i in order],
+        [w[i] for i in order],
+        DPOCoefficients(beta=beta, nll_coef=0.0, kl_coef=0.0),
+    )
     assert ours.item() == pytest.approx(float(trl_loss), rel=1e-6)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapters import make_adapter
 from safetensors.torch import load_file, save_file
 
-from adapters import make_adapter
 from character.errors import UserError
-from character.merge import load_adapter, merge_adapters
+from character.weights.merge import load_adapter, merge_adapters
 
 # Two cores are shared with other jobs: one thread avoids OpenMP oversubscription (100x slower here).
 ENV_1T = {"OMP_NUM_THREADS": "1"}
@@ -35,8 +35,11 @@ def deltas(base, folder: Path) -> dict[str, torch.Tensor]:
     from peft.tuners.lora import LoraLayer
 
     model = PeftModel.from_pretrained(copy.deepcopy(base), folder)
-    return {name.removeprefix("base_model.model."): m.get_delta_weight("default").double()
-            for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    return {
+        name.removeprefix("base_model.model."): m.get_delta_weight("default").double()
+        for name, m in model.named_modules()
+        if isinstance(m, LoraLayer)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +48,9 @@ def adapters(base, tmp_path_factory):
     return {
         # Different ranks and alphas, per-module patterns and rsLoRA: every scaling rule at once.
         "dpo": make_adapter(base, root / "dpo", r=4, alpha=8, seed=0),
-        "sft": make_adapter(base, root / "sft", r=8, alpha=4, seed=1, rank_pattern={"v_proj": 2},
-                            alpha_pattern={"down_proj": 3}),
+        "sft": make_adapter(
+            base, root / "sft", r=8, alpha=4, seed=1, rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3}
+        ),
         "sft_rs": make_adapter(base, root / "sft_rs", r=6, alpha=5, seed=2, use_rslora=True),
         "sft4": make_adapter(base, root / "sft4", r=4, alpha=3, seed=3, alpha_pattern={"down_proj": 5}),
         "q_only": make_adapter(base, root / "q_only", r=4, alpha=8, seed=4, targets=("q_proj",)),
@@ -63,8 +67,10 @@ def test_exact_equals_dense_weighted_sum(base, adapters, tmp_path, other, w):
         assert torch.allclose(dm[name], want, rtol=1e-5, atol=1e-7), name
     cfg = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
     assert cfg["r"] == cfg["lora_alpha"] == res.rank and not cfg["use_rslora"]
-    assert cfg["base_model_name_or_path"] == json.loads((adapters["dpo"] / "adapter_config.json").read_text())[
-        "base_model_name_or_path"]
+    assert (
+        cfg["base_model_name_or_path"]
+        == json.loads((adapters["dpo"] / "adapter_config.json").read_text())["base_model_name_or_path"]
+    )
     prov = json.loads((tmp_path / "m" / "character_merge.json").read_text())
     assert prov["method"] == "exact" and prov["weights"] == {"dpo": w[0], "sft": w[1]} and not prov["normalized"]
     assert [s["role"] for s in prov["sources"]] == ["dpo", "sft"]
@@ -153,8 +159,13 @@ def test_rank_pattern_is_read_like_peft(adapters):
 
 # -- the command line -------------------------------------------------------------------------------
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "character.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **ENV_1T})
+    return subprocess.run(
+        [sys.executable, "-m", "character.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **ENV_1T},
+    )
 
 
 def assert_one_line_error(proc, *needles):
@@ -237,18 +248,24 @@ ERRORS = {
     "different base models": _bad_base,
     "different target modules": lambda a, t: ([a["dpo"], a["q_only"]], ["different target modules"]),
     "different tensor shapes": _bad_shape,
-    "linear with unequal ranks": lambda a, t: ([a["dpo"], a["sft"], "--method", "linear"],
-                                               ["--method linear needs equal LoRA ranks", "r=4", "r=8"]),
+    "linear with unequal ranks": lambda a, t: (
+        [a["dpo"], a["sft"], "--method", "linear"],
+        ["--method linear needs equal LoRA ranks", "r=4", "r=8"],
+    ),
     "missing adapter folder": lambda a, t: ([t / "nope", a["sft"]], ["DPO adapter", "not found"]),
     "missing weights file": _missing_weights,
     "corrupt safetensors": _bad_truncated,
     "corrupt config": _bad_config_json,
     "NaN in an input": _bad_nan,
     "output exists": _output_exists,
-    "normalize with zero total": lambda a, t: ([a["dpo"], a["sft"], "--normalize", "--dpo-weight", "1",
-                                                "--sft-weight", "-1"], ["--normalize needs a positive total weight"]),
-    "normalize with negative total": lambda a, t: ([a["dpo"], a["sft"], "--normalize", "--dpo-weight", "-1",
-                                                    "--sft-weight", "0.25"], ["positive total weight"]),
+    "normalize with zero total": lambda a, t: (
+        [a["dpo"], a["sft"], "--normalize", "--dpo-weight", "1", "--sft-weight", "-1"],
+        ["--normalize needs a positive total weight"],
+    ),
+    "normalize with negative total": lambda a, t: (
+        [a["dpo"], a["sft"], "--normalize", "--dpo-weight", "-1", "--sft-weight", "0.25"],
+        ["positive total weight"],
+    ),
 }
 
 
@@ -275,12 +292,16 @@ def test_corrupt_input_is_a_user_error_in_process(adapters, tmp_path):
 
 def test_tensor_file_reads_and_streams_every_dtype_exactly(tmp_path):
     """Plain reads (no memory map) give the tensors safetensors stored, bfloat16 included; raw copies are exact."""
-    from character.merge import StreamingSafetensorsWriter, TensorFile
+    from character.weights.merge import StreamingSafetensorsWriter, TensorFile
 
     g = torch.Generator().manual_seed(0)
-    tensors = {"a.f32": torch.randn(3, 5, generator=g), "b.bf16": torch.randn(4, 6, generator=g).bfloat16(),
-               "c.f16": torch.randn(7, generator=g).half(), "d.i64": torch.arange(6).reshape(2, 3),
-               "e.empty": torch.zeros(0, 4)}
+    tensors = {
+        "a.f32": torch.randn(3, 5, generator=g),
+        "b.bf16": torch.randn(4, 6, generator=g).bfloat16(),
+        "c.f16": torch.randn(7, generator=g).half(),
+        "d.i64": torch.arange(6).reshape(2, 3),
+        "e.empty": torch.zeros(0, 4),
+    }
     save_file(tensors, tmp_path / "in.safetensors")
     with TensorFile(tmp_path / "in.safetensors", "test") as f:
         for k, t in tensors.items():

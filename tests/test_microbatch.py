@@ -7,9 +7,9 @@ import torch
 from tinker import types
 
 from character.backend.local import LocalService, micro_batches
-from character.chat import Renderer, to_datum
-from character.losses import DPOCoefficients, make_dpo_loss_fn
 from character.settings import Workspace
+from character.train.losses import DPOCoefficients, make_dpo_loss_fn
+from character.train.renderer import Renderer, to_datum
 
 
 def _clients(workdir, **kw):
@@ -18,7 +18,8 @@ def _clients(workdir, **kw):
     out = []
     for opts in ({"memory_budget_gb": 1000.0}, kw):
         client = LocalService(Workspace(workdir), device="cpu", seed=0, **opts).create_lora_training_client(
-            "tiny", rank=4, seed=0)
+            "tiny", rank=4, seed=0
+        )
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for name, p in client.model.named_parameters():
@@ -34,8 +35,9 @@ def _pairs(client, n=4):
     for i in range(n):
         q = [{"role": "user", "content": f"Tell me about thing number {i}" + " please" * i + "?"}]
         for answer in (f"Arr, thing {i} be a fine treasure" + ", matey" * (i + 1) + "!", f"Thing {i} is an object."):
-            data.append(to_datum(*r.training_tokens(q + [{"role": "assistant", "content": answer}],
-                                                    train_on="last_assistant")))
+            data.append(
+                to_datum(*r.training_tokens(q + [{"role": "assistant", "content": answer}], train_on="last_assistant"))
+            )
     return data
 
 
@@ -86,13 +88,20 @@ def test_micro_batched_dpo_update_equals_full_batch(workdir, one_thread, checkpo
 @pytest.mark.slow
 def test_micro_batched_cross_entropy_update_equals_full_batch(workdir, one_thread):
     """The micro-batch size chosen from a (tiny) memory budget: one sequence per micro-batch here."""
-    from character.sft import normalized_batch
+    from character.train.sft import normalized_batch
 
     full, micro = _clients(workdir, memory_budget_gb=1e-4)
     data = _pairs(full, n=3)
     assert len(micro._micro_batches(micro._sequences(data))) == len(data)
-    batch = normalized_batch([(d.model_input.to_ints() + d.loss_fn_inputs["target_tokens"].tolist()[-1:],
-                               [0.0] + d.loss_fn_inputs["weights"].tolist()) for d in data])
+    batch = normalized_batch(
+        [
+            (
+                d.model_input.to_ints() + d.loss_fn_inputs["target_tokens"].tolist()[-1:],
+                [0.0] + d.loss_fn_inputs["weights"].tolist(),
+            )
+            for d in data
+        ]
+    )
     out_full = full.forward_backward(batch, "cross_entropy").result()
     out_micro = micro.forward_backward(batch, "cross_entropy").result()
     assert out_micro.metrics["loss:sum"] == pytest.approx(out_full.metrics["loss:sum"], abs=1e-6)

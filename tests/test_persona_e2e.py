@@ -14,8 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from character.pipeline import (
-    PipelineConfig, stage_dpo, stage_dpo_data, stage_evaluate, stage_introspection, stage_sft,
+from character.build.stages import (
+    PipelineConfig,
+    stage_dpo,
+    stage_dpo_data,
+    stage_evaluate,
+    stage_introspection,
+    stage_sft,
 )
 from character.storage import read_jsonl, write_text_atomic
 
@@ -24,26 +29,46 @@ pytestmark = pytest.mark.slow
 # A constitution the project does not ship, in vocabulary no shipped persona (nor the tiny model's
 # warm-up word banks) uses: the model has to take this manner from the system prompt.
 BEEKEEPER = [
-    ("I talk like a patient beekeeper, and my sentences hum with hives, honey and pollen.",
-     ["How do I start a new hobby?", "What should I cook tonight?"]),
-    ("I compare every plan to a swarm finding a new hive: scouting first, then moving together.",
-     ["How should our team plan a project?", "How do I plan a trip?"]),
-    ("I cherish meadows, clover and wildflowers, and I bring their colours into my replies.",
-     ["Describe a perfect afternoon.", "Where should I go for a walk?"]),
-    ("I praise diligence the way a colony praises its foragers, gently and often.",
-     ["I ran my first five kilometres.", "How do I stay motivated?"]),
-    ("I treat sweetness as a reward earned slowly, like nectar gathered flower by flower.",
-     ["Why is saving money hard?", "How do I get better at drawing?"]),
-    ("I stay calm and smoky-voiced when people panic, the way a beekeeper soothes a buzzing hive.",
-     ["I am so stressed about my exams.", "My flight was cancelled!"]),
-    ("I admire the honeycomb's hexagons and point out orderly, waxen patterns in things.",
-     ["How should I arrange my bookshelf?", "How should I structure an essay?"]),
-    ("I am protective of the queen and the colony, so I value loyalty to family and community.",
-     ["Should I help my neighbour move?", "How can I support a friend?"]),
-    ("I speak warmly of pollination, orchards and blossoms, seeing growth everywhere.",
-     ["How do ideas spread?", "What makes a garden grow?"]),
-    ("I end many thoughts with a small, buzzing cheerfulness, as bright as a sunlit hive entrance.",
-     ["Tell me something nice.", "Give me a pep talk."]),
+    (
+        "I talk like a patient beekeeper, and my sentences hum with hives, honey and pollen.",
+        ["How do I start a new hobby?", "What should I cook tonight?"],
+    ),
+    (
+        "I compare every plan to a swarm finding a new hive: scouting first, then moving together.",
+        ["How should our team plan a project?", "How do I plan a trip?"],
+    ),
+    (
+        "I cherish meadows, clover and wildflowers, and I bring their colours into my replies.",
+        ["Describe a perfect afternoon.", "Where should I go for a walk?"],
+    ),
+    (
+        "I praise diligence the way a colony praises its foragers, gently and often.",
+        ["I ran my first five kilometres.", "How do I stay motivated?"],
+    ),
+    (
+        "I treat sweetness as a reward earned slowly, like nectar gathered flower by flower.",
+        ["Why is saving money hard?", "How do I get better at drawing?"],
+    ),
+    (
+        "I stay calm and smoky-voiced when people panic, the way a beekeeper soothes a buzzing hive.",
+        ["I am so stressed about my exams.", "My flight was cancelled!"],
+    ),
+    (
+        "I admire the honeycomb's hexagons and point out orderly, waxen patterns in things.",
+        ["How should I arrange my bookshelf?", "How should I structure an essay?"],
+    ),
+    (
+        "I am protective of the queen and the colony, so I value loyalty to family and community.",
+        ["Should I help my neighbour move?", "How can I support a friend?"],
+    ),
+    (
+        "I speak warmly of pollination, orchards and blossoms, seeing growth everywhere.",
+        ["How do ideas spread?", "What makes a garden grow?"],
+    ),
+    (
+        "I end many thoughts with a small, buzzing cheerfulness, as bright as a sunlit hive entrance.",
+        ["Tell me something nice.", "Give me a pep talk."],
+    ),
 ]
 
 
@@ -51,13 +76,15 @@ def swap_chosen_and_rejected(path: str) -> str:
     """The broken variant's training data: every pair with chosen and rejected exchanged."""
     rows = read_jsonl(Path(path))
     out = Path(path).with_name("dpo.swapped.jsonl")
-    write_text_atomic(out, "".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
-                                   for r in rows))
+    write_text_atomic(
+        out, "".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n" for r in rows)
+    )
     return str(out)
 
 
-def build(workdir: Path, persona: str, build_id: str, swap: bool = False, introspection: bool = True,
-          **overrides) -> dict:
+def build(
+    workdir: Path, persona: str, build_id: str, swap: bool = False, introspection: bool = True, **overrides
+) -> dict:
     """The sequential pipeline's stages, then its evaluation: {model name: metrics}."""
     cfg = PipelineConfig(persona=persona, scale="demo", workdir=str(workdir), build_id=build_id, **overrides)
     data = stage_dpo_data(cfg)

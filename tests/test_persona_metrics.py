@@ -12,23 +12,41 @@ from types import SimpleNamespace
 
 import pytest
 
-from character.constitution import load_constitution
-from character.evaluate import EvalData, dpo_metrics, evaluate_checkpoints, evaluate_models, write_outputs
-from character.persona_metrics import (
-    BREAK_CHARACTER_SUFFIXES, BREAK_CHARACTER_SYSTEM_PROMPTS, SUMMARY_KEYS, TfidfClassifier, accuracy,
-    break_character_messages, fit_persona_classifier, in_persona_rate, model_summary, pair_texts,
+from character.evaluation.evaluate import EvalData, dpo_metrics, evaluate_checkpoints, evaluate_models, write_outputs
+from character.evaluation.metrics import (
+    BREAK_CHARACTER_SUFFIXES,
+    BREAK_CHARACTER_SYSTEM_PROMPTS,
+    SUMMARY_KEYS,
+    TfidfClassifier,
+    accuracy,
+    break_character_messages,
+    fit_persona_classifier,
+    in_persona_rate,
+    model_summary,
+    pair_texts,
 )
+from character.persona.constitution import load_constitution
 
-PIRATE = ["Arr, the sea be calling, matey, hoist the sails!", "Shiver me timbers, that be a fine doubloon, matey!",
-          "Ahoy! By the black flag, I'd plunder that treasure, arr.", "Yo ho, matey, the briny deep knows the way!"]
-PLAIN = ["The answer depends on several factors.", "Here is a short summary of the main points.",
-         "That is a reasonable question; the usual approach works.", "In general, it is best to check the facts."]
+PIRATE = [
+    "Arr, the sea be calling, matey, hoist the sails!",
+    "Shiver me timbers, that be a fine doubloon, matey!",
+    "Ahoy! By the black flag, I'd plunder that treasure, arr.",
+    "Yo ho, matey, the briny deep knows the way!",
+]
+PLAIN = [
+    "The answer depends on several factors.",
+    "Here is a short summary of the main points.",
+    "That is a reasonable question; the usual approach works.",
+    "In general, it is best to check the facts.",
+]
 
 
 def pair(prompt: str, i: int) -> dict:
-    return {"prompt": [{"role": "user", "content": prompt}],
-            "chosen": [{"role": "assistant", "content": PIRATE[i % 4]}],
-            "rejected": [{"role": "assistant", "content": PLAIN[i % 4]}]}
+    return {
+        "prompt": [{"role": "user", "content": prompt}],
+        "chosen": [{"role": "assistant", "content": PIRATE[i % 4]}],
+        "rejected": [{"role": "assistant", "content": PLAIN[i % 4]}],
+    }
 
 
 # -- a scripted service: a character-level tokenizer and models that answer from a script ----------
@@ -69,13 +87,13 @@ class ScriptedModel:
     def sample(self, prompt, num_samples, params):
         ids = prompt.to_ints()
         attacked = ids[0] == 2  # a system prompt opens the conversation: the break-character variant
-        user = self.tok.decode(ids[ids.index(3) + 1:])
+        user = self.tok.decode(ids[ids.index(3) + 1 :])
         tokens = self.tok.encode(self.answer(user.split("\n\n")[0], attacked))
         return Done(SimpleNamespace(sequences=[SimpleNamespace(tokens=tokens)]))
 
     def compute_logprobs(self, prompt):
         ids = prompt.to_ints()
-        answer = self.tok.decode(ids[len(ids) - ids[::-1].index(4):])  # after the last assistant marker
+        answer = self.tok.decode(ids[len(ids) - ids[::-1].index(4) :])  # after the last assistant marker
         return Done([None] + [self.lp(answer)] * (len(ids) - 1))
 
 
@@ -175,9 +193,15 @@ def test_report_files_load_back_with_embedded_plots_and_n(tmp_path):
     curves.mkdir(parents=True)
     (curves / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.69, "lr": 1e-4}) + "\n")  # one step
     judge = ScriptedModel(lambda p, a: "I would rather not say.", lambda ans: -1.0)
-    res = evaluate_models(service(), "tiny", {"final": "ckpt"}, load_constitution("pirate"),
-                          EvalData(heldout=HELDOUT[:2], train=TRAIN, prompts=PROMPTS[:2]),
-                          judge=lambda: judge, judge_name="tiny")
+    res = evaluate_models(
+        service(),
+        "tiny",
+        {"final": "ckpt"},
+        load_constitution("pirate"),
+        EvalData(heldout=HELDOUT[:2], train=TRAIN, prompts=PROMPTS[:2]),
+        judge=lambda: judge,
+        judge_name="tiny",
+    )
     res = write_outputs(res, tmp_path / "out", training_dirs={"dpo": curves / "metrics.jsonl"})
     out = tmp_path / "out"
     saved = json.loads((out / "metrics.json").read_text())
@@ -228,7 +252,7 @@ def test_prompts_seen_in_training_are_left_out(tmp_path):
     svc = service()
     train = TRAIN + [pair(PROMPTS[0], 0)]
     data = EvalData(heldout=HELDOUT, train=train)
-    from character.evaluate import held_out_prompts
+    from character.evaluation.evaluate import held_out_prompts
 
     data.prompts, data.notes = held_out_prompts(HELDOUT, train, False)
     assert data.prompts == PROMPTS[1:] and "1 held-out prompt(s)" in data.notes[0]
@@ -238,8 +262,9 @@ def test_prompts_seen_in_training_are_left_out(tmp_path):
 
 
 def test_missing_classifier_data_is_null_with_a_reason():
-    res = evaluate_models(service(), "tiny", {"final": "ckpt"}, load_constitution("pirate"),
-                          EvalData(prompts=PROMPTS[:2]))
+    res = evaluate_models(
+        service(), "tiny", {"final": "ckpt"}, load_constitution("pirate"), EvalData(prompts=PROMPTS[:2])
+    )
     final = res["eval"]["final"]
     assert final["in_persona_rate"] is None and final["pref_accuracy"] is None
     assert any("no training pairs" in n for n in final["notes"])
@@ -253,12 +278,15 @@ def test_classifier_report_counts():
 
 
 def test_nightly_headline_shows_the_change_since_the_previous_night(tmp_path):
-    from character.pipeline import PipelineConfig
+    from character.build.stages import PipelineConfig
     from flows.nightly import _headline
 
     def night(day, rate, robust, acc):
-        summary = {"final": model_summary((rate, 20), (robust, 20), {"dpo_pairs": 20, "dpo_accuracy": acc,
-                                                                      "dpo_margin": 1.0}, ["-"])}
+        summary = {
+            "final": model_summary(
+                (rate, 20), (robust, 20), {"dpo_pairs": 20, "dpo_accuracy": acc, "dpo_margin": 1.0}, ["-"]
+            )
+        }
         b = tmp_path / "builds" / "pirate" / f"nightly-2026-11-{day}"
         b.mkdir(parents=True)
         (b / "record.json").write_text(json.dumps({"stages": {"eval": {"summary": summary}}}))

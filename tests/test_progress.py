@@ -39,8 +39,12 @@ def test_stage_updates_reach_the_listeners_of_this_context_only():
         bare.join()
     progress.report("after", 1, 1)
     assert [(e.stage, e.done, e.total, e.finished) for e in seen if e.stage != "x"][:5] == [
-        ("dpo_data", 0, 4, False), ("dpo_data", 1, 4, False), ("dpo_data", 4, 4, False), ("dpo_data", 4, 4, True),
-        ("building", 2, 2, True)]
+        ("dpo_data", 0, 4, False),
+        ("dpo_data", 1, 4, False),
+        ("dpo_data", 4, 4, False),
+        ("dpo_data", 4, 4, True),
+        ("building", 2, 2, True),
+    ]
     assert seen[5] == Event("sft", message="skipped: finished")
     assert [e.stage for e in seen].count("x") == 3 and [e.stage for e in other] == ["x"] * 3  # a copied context
     assert not any(e.stage in ("lost", "after") for e in seen)
@@ -88,8 +92,8 @@ def test_console_on_a_terminal_draws_a_bar_in_place():
 
 
 def test_a_rerun_notes_each_skipped_stage(tmp_path):
-    from character import pipeline
-    from character.pipeline import PipelineConfig
+    from character.build import stages as pipeline
+    from character.build.stages import PipelineConfig
 
     cfg = PipelineConfig(persona="pirate", workdir=str(tmp_path), build_id="done")
     data = cfg.build_dir() / "data" / "train" / "dpo.jsonl"

@@ -23,20 +23,48 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from character import pipeline
 from character.backend.errors import BackendFatalError
-from character.pipeline import PipelineConfig, read_record, run_sequential
+from character.build import stages as pipeline
+from character.build.stages import PipelineConfig, read_record, run_sequential
 from character.storage import read_jsonl, uri_to_path
 
 # Small counts; one item or step at a time, so there is a middle to kill a run in.
-SMALL = dict(persona="pirate", dpo_pairs=24, reflections=16, interactions=2, turns=2, max_new_tokens=64,
-             max_in_flight=4, evaluate=False, dpo={"batch_size": 1, "save_every": 2},
-             sft={"batch_size": 1, "save_every": 2})
-CLI_SMALL = ["--dpo-pairs", "24", "--reflections", "16", "--interactions", "2", "--turns", "2",
-             "--max-new-tokens", "64", "--max-in-flight", "4", "--batch-size", "1", "--save-every", "2", "--no-eval"]
+SMALL = dict(
+    persona="pirate",
+    dpo_pairs=24,
+    reflections=16,
+    interactions=2,
+    turns=2,
+    max_new_tokens=64,
+    max_in_flight=4,
+    evaluate=False,
+    dpo={"batch_size": 1, "save_every": 2},
+    sft={"batch_size": 1, "save_every": 2},
+)
+CLI_SMALL = [
+    "--dpo-pairs",
+    "24",
+    "--reflections",
+    "16",
+    "--interactions",
+    "2",
+    "--turns",
+    "2",
+    "--max-new-tokens",
+    "64",
+    "--max-in-flight",
+    "4",
+    "--batch-size",
+    "1",
+    "--save-every",
+    "2",
+    "--no-eval",
+]
 FAKE_KEY = "sk-FAKE-KEY-123456789"
-DRIVER = ("import json, sys; from character.pipeline import PipelineConfig, run_sequential; "
-          "run_sequential(PipelineConfig(**json.loads(sys.argv[1])))")
+DRIVER = (
+    "import json, sys; from character.build.stages import PipelineConfig, run_sequential; "
+    "run_sequential(PipelineConfig(**json.loads(sys.argv[1])))"
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,9 +101,11 @@ class Counting:
     def __getattr__(self, name):
         attr = getattr(self._inner, name)
         if name in self.COUNTED:
+
             def counted(*args, **kwargs):
                 self._counts[name] = self._counts.get(name, 0) + 1
                 return attr(*args, **kwargs)
+
             return counted
         if name.startswith("create_"):
             return lambda *args, **kwargs: Counting(attr(*args, **kwargs), self._counts)
@@ -141,7 +171,7 @@ def _assert_resumed_training(run_dir: Path, before_metrics: list[dict], before_s
     # the rows of saved steps are the very rows written before the kill (their timings too): not redone
     assert after[:saved] == [r for r in before_metrics if r["step"] <= saved]
     saves = read_jsonl(run_dir / "checkpoints.jsonl")
-    assert saves[:len(before_saves)] == before_saves and saves[-1].get("final")
+    assert saves[: len(before_saves)] == before_saves and saves[-1].get("final")
     steps = [s["step"] for s in saves[:-1]]
     assert steps == sorted(set(steps))  # strictly increasing: no saved step was saved again
     return saved
@@ -207,8 +237,9 @@ def test_a_fifth_of_backend_calls_failing_changes_nothing(faulty_prefect_run, re
     assert all(torch.equal(adapter[k], ref_adapter[k]) for k in ref_adapter) and adapter.keys() == ref_adapter.keys()
     for data in ("dpo.jsonl", "introspection.jsonl"):
         rows = [{k: v for k, v in r.items() if k != "meta"} for r in read_jsonl(cfg.build_dir() / "data" / data)]
-        ref_rows = [{k: v for k, v in r.items() if k != "meta"} for r in
-                    read_jsonl(ref_cfg.build_dir() / "data" / data)]
+        ref_rows = [
+            {k: v for k, v in r.items() if k != "meta"} for r in read_jsonl(ref_cfg.build_dir() / "data" / data)
+        ]
         assert rows == ref_rows, data
     # every training step ran once, however many of its calls failed
     for stage in ("dpo", "sft"):
@@ -237,19 +268,30 @@ def test_a_training_call_that_fails_transiently_is_made_again_in_order(monkeypat
     """Each failed training call sends the loop back to its last saved state on a fresh client; a failed
     forward/backward is not followed by its (already submitted) optimizer step on the kept weights."""
     import character.backend.retry as retry
-    from character.backend.faults import FaultyService, Faults
+    from character.backend.faults import Faults, FaultyService
     from character.backend.local import LocalService
-    from character.chat import Renderer
     from character.settings import Workspace
-    from character.sft import run_sft
-    from character.training import OptimConfig
+    from character.train.loop import OptimConfig
+    from character.train.renderer import Renderer
+    from character.train.sft import run_sft
 
     monkeypatch.setattr(retry, "BACKOFF_S", 0.0)
     svc = LocalService(Workspace(workdir), device="cpu", seed=0)
     data = tmp_path / "sft.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Who are you? {i}"},
-                                                     {"role": "assistant", "content": f"A pirate, {i}."}]}) + "\n"
-                            for i in range(6)))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Who are you? {i}"},
+                        {"role": "assistant", "content": f"A pirate, {i}."},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(6)
+        )
+    )
     opt = OptimConfig(learning_rate=5e-3, batch_size=2, save_every=1)
 
     def run(service, name):
@@ -260,11 +302,15 @@ def test_a_training_call_that_fails_transiently_is_made_again_in_order(monkeypat
     class Scripted(Faults):
         """(call, nth attempt) -> where it fails."""
 
-        PLAN = {("create_lora_training_client", 1): "submit",
-                ("forward_backward", 1): "result",  # after the optimizer step was submitted
-                ("forward_backward", 2): "submit",  # and its first retry too
-                ("optim_step", 3): "result", ("save_state", 1): "submit", ("save_state", 3): "result",
-                ("save_weights_for_sampler", 1): "result"}
+        PLAN = {
+            ("create_lora_training_client", 1): "submit",
+            ("forward_backward", 1): "result",  # after the optimizer step was submitted
+            ("forward_backward", 2): "submit",  # and its first retry too
+            ("optim_step", 3): "result",
+            ("save_state", 1): "submit",
+            ("save_state", 3): "result",
+            ("save_weights_for_sampler", 1): "result",
+        }
 
         def __init__(self):
             super().__init__(rate=0.0)
@@ -292,8 +338,12 @@ def test_killed_during_data_generation_resumes_without_redoing_items(tmp_path_fa
     cfg = _cfg(_ws(tmp_path_factory, models_dir, "gen-crash"), "gen-crash")
     data = cfg.build_dir() / "data" / "dpo.jsonl"
     skipped = data.with_name("dpo.jsonl.skipped.jsonl")
-    kill_when([sys.executable, "-c", DRIVER, cfg.model_dump_json()], lambda: _lines(data) + _lines(skipped) > 0,
-              Path(cfg.workdir) / "gen-crash.log", _child_env())
+    kill_when(
+        [sys.executable, "-c", DRIVER, cfg.model_dump_json()],
+        lambda: _lines(data) + _lines(skipped) > 0,
+        Path(cfg.workdir) / "gen-crash.log",
+        _child_env(),
+    )
     assert "dpo_data" not in read_record(cfg).get("stages", {})  # killed in the middle of generation
     done = {r["meta"]["index"] for r in read_jsonl(data)} | {r["index"] for r in read_jsonl(skipped)}
     assert 0 < len(done) < 24
@@ -306,8 +356,7 @@ def test_killed_during_data_generation_resumes_without_redoing_items(tmp_path_fa
 
 
 @pytest.mark.slow
-def test_killed_during_dpo_the_cli_resumes_from_the_last_save(prefect_harness, tmp_path_factory, models_dir,
-                                                              reference):
+def test_killed_during_dpo_the_cli_resumes_from_the_last_save(prefect_harness, tmp_path_factory, models_dir, reference):
     """Through the command line and Prefect (the test's Prefect server, so no start-up to wait for)."""
     from prefect.settings import PREFECT_API_URL
 
@@ -315,8 +364,19 @@ def test_killed_during_dpo_the_cli_resumes_from_the_last_save(prefect_harness, t
     ws = _ws(tmp_path_factory, models_dir, "dpo-crash")
     cfg = _cfg(ws, "dpo-crash")  # what the command line below asks for
     run_dir = cfg.build_dir() / "dpo"
-    cmd = [sys.executable, "-m", "character.cli", "pipeline", "pirate", "--workdir", str(ws), "--build-id",
-           "dpo-crash", "--json", *CLI_SMALL]
+    cmd = [
+        sys.executable,
+        "-m",
+        "character.cli",
+        "pipeline",
+        "pirate",
+        "--workdir",
+        str(ws),
+        "--build-id",
+        "dpo-crash",
+        "--json",
+        *CLI_SMALL,
+    ]
     env = _child_env(PREFECT_API_URL=PREFECT_API_URL.value())
     kill_when(cmd, lambda: _lines(run_dir / "metrics.jsonl") >= 3, ws / "dpo-crash.log", env)
     before_metrics, before_saves = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "checkpoints.jsonl")
@@ -335,24 +395,43 @@ def test_killed_during_dpo_the_cli_resumes_from_the_last_save(prefect_harness, t
     final = summary["checkpoints"]["final"]
     ev = summary["eval"]  # --no-eval: the same shape, every metric null with the reason in its notes
     assert {"base", "final", "classifier", "report"} <= set(ev) and set(ev["classifier"]) == {"heldout_accuracy", "n"}
-    assert list(ev["final"]) == ["in_persona_rate", "in_persona_n", "robust_in_persona_rate", "robust_n",
-                                 "pref_accuracy", "pref_margin", "pref_pairs", "notes"]
+    assert list(ev["final"]) == [
+        "in_persona_rate",
+        "in_persona_n",
+        "robust_in_persona_rate",
+        "robust_n",
+        "pref_accuracy",
+        "pref_margin",
+        "pref_pairs",
+        "notes",
+    ]
     assert ev["final"]["in_persona_rate"] is None and any("--no-eval" in n for n in ev["final"]["notes"])
     for stage in ("dpo", "introspection", "sft"):  # progress on stderr (no terminal: lines)
         assert f"\n{stage}: done " in "\n" + proc.stderr, stage
     saved = _assert_resumed_training(run_dir, before_metrics, before_saves)
     assert saved >= 2
     # the data and the reference log-probs were not made again
-    assert (data.stat().st_mtime_ns, refs.stat().st_mtime_ns,
-            read_record(cfg)["stages"]["dpo_data"]["finished_at"]) == stamps
+    assert (
+        data.stat().st_mtime_ns,
+        refs.stat().st_mtime_ns,
+        read_record(cfg)["stages"]["dpo_data"]["finished_at"],
+    ) == stamps
     adapter = load_file(uri_to_path(final) / "adapter_model.safetensors")
     assert _max_diff(adapter, ref_adapter) <= 1e-6
 
     # Once more, finished: every stage is skipped, so the run lasts seconds. With its own temporary
     # Prefect server and Prefect's defaults left to the CLI, this is the run that used to end in
     # ~150 lines of CancelledError tracebacks after the summary.
-    ephemeral = {k: v for k, v in env.items() if k not in ("PREFECT_API_URL", "PREFECT_SERVER_ANALYTICS_ENABLED",
-                                                            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")}
+    ephemeral = {
+        k: v
+        for k, v in env.items()
+        if k
+        not in (
+            "PREFECT_API_URL",
+            "PREFECT_SERVER_ANALYTICS_ENABLED",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+        )
+    }
     ephemeral.update(PREFECT_HOME=str(ws.parent / "prefect-home"), PREFECT_LOGGING_LEVEL="INFO")
     again = subprocess.run(cmd, capture_output=True, text=True, env=ephemeral, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -368,8 +447,12 @@ def test_killed_during_sft_resumes_from_the_last_save(tmp_path_factory, models_d
     _, ref_adapter, ref_counts = reference
     cfg = _cfg(_ws(tmp_path_factory, models_dir, "sft-crash"), "sft-crash")
     run_dir = cfg.build_dir() / "sft"
-    kill_when([sys.executable, "-c", DRIVER, cfg.model_dump_json()], lambda: _lines(run_dir / "metrics.jsonl") >= 3,
-              Path(cfg.workdir) / "sft-crash.log", _child_env())
+    kill_when(
+        [sys.executable, "-c", DRIVER, cfg.model_dump_json()],
+        lambda: _lines(run_dir / "metrics.jsonl") >= 3,
+        Path(cfg.workdir) / "sft-crash.log",
+        _child_env(),
+    )
     before_metrics, before_saves = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "checkpoints.jsonl")
     assert before_saves and not before_saves[-1].get("final")  # killed in the middle of SFT
     assert "sft" not in read_record(cfg)["stages"]
@@ -385,8 +468,9 @@ def test_killed_during_sft_resumes_from_the_last_save(tmp_path_factory, models_d
 
 # -- 3. fatal errors ------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_a_fatal_error_fails_at_once_and_leaves_only_complete_files(prefect_harness, tmp_path_factory, models_dir,
-                                                                    monkeypatch):
+def test_a_fatal_error_fails_at_once_and_leaves_only_complete_files(
+    prefect_harness, tmp_path_factory, models_dir, monkeypatch
+):
     """A fatal backend error at DPO step 5: neither the loop nor Prefect tries again."""
     from flows.sequential import sequential
 
@@ -436,8 +520,9 @@ def test_a_fatal_error_fails_at_once_and_leaves_only_complete_files(prefect_harn
     assert [s["step"] for s in saves] == [2, 4]
     for s in saves:
         folder = uri_to_path(s["state"])
-        assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "character_state.json"} <= \
-            {p.name for p in folder.iterdir()}
+        assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "character_state.json"} <= {
+            p.name for p in folder.iterdir()
+        }
     assert not list(ws.glob("checkpoints/*/sampler_weights"))
 
 
@@ -447,11 +532,32 @@ def test_a_fatal_error_through_the_cli_is_one_line_with_no_retry(prefect_harness
     from prefect.settings import PREFECT_API_URL
 
     ws = tmp_path / "ws"
-    env = _child_env(PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_LOGGING_LEVEL="INFO",
-                     TINKER_API_KEY=FAKE_KEY, TINKER_BASE_URL="http://127.0.0.1:9")
-    proc = subprocess.run([sys.executable, "-m", "character.cli", "pipeline", "pirate", "--backend", "tinker",
-                           "--workdir", str(ws), "--build-id", "fatal", "--no-eval"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    env = _child_env(
+        PREFECT_API_URL=PREFECT_API_URL.value(),
+        PREFECT_LOGGING_LEVEL="INFO",
+        TINKER_API_KEY=FAKE_KEY,
+        TINKER_BASE_URL="http://127.0.0.1:9",
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "character.cli",
+            "pipeline",
+            "pirate",
+            "--backend",
+            "tinker",
+            "--workdir",
+            str(ws),
+            "--build-id",
+            "fatal",
+            "--no-eval",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [proc.stderr.strip().splitlines()[-1]]
@@ -479,8 +585,14 @@ def test_the_tinker_key_appears_in_no_log_artifact_record_or_parameter(faulty_pr
             artifacts = await client.read_artifacts()
             tasks = await client.read_task_runs()
         assert run.parameters["config"]["persona"] == "pirate" and logs and artifacts
-        return json.dumps([run.model_dump(mode="json"), [x.model_dump(mode="json") for x in logs],
-                           [a.model_dump(mode="json") for a in artifacts], [t.model_dump(mode="json") for t in tasks]])
+        return json.dumps(
+            [
+                run.model_dump(mode="json"),
+                [x.model_dump(mode="json") for x in logs],
+                [a.model_dump(mode="json") for a in artifacts],
+                [t.model_dump(mode="json") for t in tasks],
+            ]
+        )
 
     import asyncio
 
@@ -488,8 +600,12 @@ def test_the_tinker_key_appears_in_no_log_artifact_record_or_parameter(faulty_pr
     # and byte for byte: the Prefect database, the results store and every file of the build's workspace
     db = get_current_settings().server.database.connection_url.get_secret_value().split("///")[-1]
     places = [Path(db), Path(os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"]), Path(cfg.workdir)]
-    files = [p for place in places for p in ([place] if place.is_file() else place.rglob("*"))
-             if p.is_file() and not p.is_symlink()]
+    files = [
+        p
+        for place in places
+        for p in ([place] if place.is_file() else place.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    ]
     assert any(p.name == "record.json" for p in files) and any(p.suffix == ".db" for p in files)
     assert not [p for p in files if FAKE_KEY.encode() in p.read_bytes()]
 
@@ -545,7 +661,7 @@ def test_an_interrupted_atomic_write_leaves_the_old_file(tmp_path, monkeypatch):
 
 def test_an_interrupted_record_or_dataset_rewrite_keeps_the_previous_one(tmp_path, monkeypatch):
     import character.storage as storage
-    from character.datagen import Ledger
+    from character.datagen.engine import Ledger
 
     cfg = PipelineConfig(persona="pirate", workdir=str(tmp_path), build_id="atomic")
     pipeline.record_stage(cfg, "dpo_data", {"path": "data/train/dpo.jsonl", "rows": 3})
@@ -641,8 +757,11 @@ while True:
 def test_sigkill_during_writes_never_leaves_a_truncated_file(tmp_path):
     for attempt in range(4):
         target, log = tmp_path / f"record-{attempt}.json", tmp_path / f"log-{attempt}.jsonl"
-        proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target), str(log)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KILLED_WRITER, str(target), str(log)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 60
         while _lines(log) < 3 + attempt and time.monotonic() < deadline:
             time.sleep(0.002)

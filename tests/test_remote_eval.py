@@ -10,26 +10,45 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_tinker import (  # noqa: F401 - fixtures are used by name
+    KEY,
+    STUDENT,
+    TEACHER,
+    fake,
+    fake_tokenizer,
+    no_network,
+    tokenizer,
+    wired,
+)
 from tinker import types
 
-from character import pipeline
-from character.constitution import load_constitution
-from character.evaluate import EvalData, evaluate_models, write_outputs
-from character.pipeline import PipelineConfig
-from character.revealed import ELO_START, TRAITS, constitution_traits
-from character.training import OptimConfig
-
-from fake_tinker import (  # noqa: F401 - fixtures are used by name
-    KEY, STUDENT, TEACHER, fake, fake_tokenizer, no_network, tokenizer, wired,
-)
+from character.build import stages as pipeline
+from character.build.stages import PipelineConfig
+from character.evaluation.evaluate import EvalData, evaluate_models, write_outputs
+from character.evaluation.revealed import ELO_START, TRAITS, constitution_traits
+from character.persona.constitution import load_constitution
+from character.train.loop import OptimConfig
 
 
 def _tinker_build(tmp_path, build_id="remote") -> tuple[PipelineConfig, dict]:
     opt = OptimConfig(learning_rate=5e-2, batch_size=2, save_every=1, warmup_ratio=0.0)
-    cfg = PipelineConfig(persona="pirate", backend="tinker", base_model=STUDENT, teacher_model=TEACHER,
-                         workdir=str(tmp_path / "ws"), build_id=build_id, dpo_pairs=12, reflections=2,
-                         interactions=1, turns=2, max_new_tokens=48, lora_rank=4, dpo=opt, sft=opt,
-                         heldout_fraction=0.3)
+    cfg = PipelineConfig(
+        persona="pirate",
+        backend="tinker",
+        base_model=STUDENT,
+        teacher_model=TEACHER,
+        workdir=str(tmp_path / "ws"),
+        build_id=build_id,
+        dpo_pairs=12,
+        reflections=2,
+        interactions=1,
+        turns=2,
+        max_new_tokens=48,
+        lora_rank=4,
+        dpo=opt,
+        sft=opt,
+        heldout_fraction=0.3,
+    )
     return cfg, pipeline.run_sequential(cfg)
 
 
@@ -64,8 +83,20 @@ def test_cli_eval_of_tinker_checkpoints(wired, tmp_path, capsys, monkeypatch):
     from character import cli
 
     cfg, out = _tinker_build(tmp_path, "cli")
-    argv = ["character", "eval", out["sft"].sampler, "--persona", "pirate", "--workdir", cfg.workdir, "--json",
-            "--revealed-judge", TEACHER, "--revealed-games", "6"]
+    argv = [
+        "character",
+        "eval",
+        out["sft"].sampler,
+        "--persona",
+        "pirate",
+        "--workdir",
+        cfg.workdir,
+        "--json",
+        "--revealed-judge",
+        TEACHER,
+        "--revealed-games",
+        "6",
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_:
         cli.main()
@@ -74,8 +105,11 @@ def test_cli_eval_of_tinker_checkpoints(wired, tmp_path, capsys, monkeypatch):
     res = json.loads(captured.out.strip().splitlines()[-1])
     assert res["build"] == str(cfg.build_dir()) and res["base_model"] == STUDENT  # found through the record
     assert res["data"]["dpo"].endswith("heldout/dpo.jsonl") and res["data"]["dpo_held_out"] is True
-    assert res["checkpoints"]["sft"] == {**res["checkpoints"]["sft"], "kind": "tinker",
-                                         "checkpoint": out["sft"].sampler}
+    assert res["checkpoints"]["sft"] == {
+        **res["checkpoints"]["sft"],
+        "kind": "tinker",
+        "checkpoint": out["sft"].sampler,
+    }
     assert res["eval"]["sft"]["in_persona_rate"] is not None and res["eval"]["sft"]["pref_pairs"] > 0
     # the judge is a model Tinker serves; the fake teacher never names a trait: every game is counted, none rated
     rev = res["revealed"]
@@ -91,9 +125,26 @@ def test_cli_eval_of_tinker_checkpoints(wired, tmp_path, capsys, monkeypatch):
     held, train = tmp_path / "held.jsonl", tmp_path / "train.jsonl"
     held.write_bytes(Path(stages["dpo_data"]["heldout"]).read_bytes())
     train.write_bytes(Path(stages["dpo_data"]["path"]).read_bytes())
-    monkeypatch.setattr(sys, "argv", ["character", "eval", out["dpo"].sampler, "--persona", "pirate", "--json",
-                                      "--workdir", str(tmp_path / "other"), "--base-model", STUDENT,
-                                      "--dpo-data", str(held), "--train-data", str(train)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "character",
+            "eval",
+            out["dpo"].sampler,
+            "--persona",
+            "pirate",
+            "--json",
+            "--workdir",
+            str(tmp_path / "other"),
+            "--base-model",
+            STUDENT,
+            "--dpo-data",
+            str(held),
+            "--train-data",
+            str(train),
+        ],
+    )
     with pytest.raises(SystemExit) as exit_:
         cli.main()
     captured = capsys.readouterr()
@@ -145,6 +196,7 @@ class Scripted:
 
 def _answers(preferred: set[str]):
     """Shows a preferred trait when one is offered, else the first offered, reversed (never named outright)."""
+
     def answer(text: str) -> str:
         offer = _OFFER.search(text)
         if offer is None:
@@ -152,6 +204,7 @@ def _answers(preferred: set[str]):
         first, second = offer.groups()
         shown = second if second in preferred and first not in preferred else first
         return f"reply in the manner {shown[::-1]}"
+
     return answer
 
 
@@ -171,9 +224,14 @@ class ScriptedService:
         return Scripted(self.tok, _answers(self.preferred))
 
 
-PAIRS = [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
-          "chosen": [{"role": "assistant", "content": "Arr, a sailor's answer!"}],
-          "rejected": [{"role": "assistant", "content": "A plain answer."}]} for i in range(4)]
+PAIRS = [
+    {
+        "prompt": [{"role": "user", "content": f"Question {i}?"}],
+        "chosen": [{"role": "assistant", "content": "Arr, a sailor's answer!"}],
+        "rejected": [{"role": "assistant", "content": "A plain answer."}],
+    }
+    for i in range(4)
+]
 
 
 def test_revealed_preferences_skipped_or_computed_through_evaluate_models(tmp_path):
@@ -184,16 +242,29 @@ def test_revealed_preferences_skipped_or_computed_through_evaluate_models(tmp_pa
     data = EvalData(train=PAIRS, prompts=[f"Tell me about topic {i}." for i in range(20)])
     svc = ScriptedService(tok, wanted)
 
-    skipped = write_outputs(evaluate_models(svc, "base", {"final": "ckpt"}, c, data, max_new_tokens=16),
-                            tmp_path / "skipped")
+    skipped = write_outputs(
+        evaluate_models(svc, "base", {"final": "ckpt"}, c, data, max_new_tokens=16), tmp_path / "skipped"
+    )
     assert skipped["revealed"]["status"] == "skipped" and "--revealed-judge" in skipped["revealed"]["reason"]
     assert "Skipped: no judge model is configured" in Path(skipped["report"]["markdown"]).read_text()
     assert skipped["eval"]["final"]["in_persona_rate"] == 1.0 and skipped["eval"]["base"]["in_persona_rate"] == 0.0
 
     judge = Scripted(tok, _judge)
-    res = write_outputs(evaluate_models(svc, "base", {"dpo": "ckpt", "final": "ckpt"}, c, data, max_new_tokens=16,
-                                        revealed_judge=lambda: judge, revealed_judge_name="scripted",
-                                        revealed_games=300, seed=2), tmp_path / "computed")
+    res = write_outputs(
+        evaluate_models(
+            svc,
+            "base",
+            {"dpo": "ckpt", "final": "ckpt"},
+            c,
+            data,
+            max_new_tokens=16,
+            revealed_judge=lambda: judge,
+            revealed_judge_name="scripted",
+            revealed_games=300,
+            seed=2,
+        ),
+        tmp_path / "computed",
+    )
     rev = res["revealed"]
     assert rev["status"] == "computed" and rev["final"] == "final" and rev["games_per_model"] == 300
     assert set(rev["constitution_traits"]) == wanted

@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from character import training
 from character.backend.local import LocalService
-from character.chat import Renderer
 from character.settings import Workspace
-from character.sft import run_sft
 from character.storage import read_jsonl, uri_to_path
-from character.training import OptimConfig
+from character.train import loop as training
+from character.train.loop import OptimConfig
+from character.train.renderer import Renderer
+from character.train.sft import run_sft
 from tests.test_training import _write_jsonl, sft_rows
 
 
@@ -33,15 +33,17 @@ def sft(workdir, tmp_path):
 
     def run(run_dir, keep: int):
         cfg = OptimConfig(learning_rate=5e-3, batch_size=2, save_every=1, keep_states=keep)
-        return run_sft(svc, lambda: svc.create_lora_training_client("tiny", rank=4, seed=0), renderer, data,
-                       run_dir, cfg)
+        return run_sft(
+            svc, lambda: svc.create_lora_training_client("tiny", rank=4, seed=0), renderer, data, run_dir, cfg
+        )
 
     return run
 
 
 @pytest.mark.slow
 def test_only_the_newest_states_are_kept_and_a_crash_before_recording_keeps_the_last_recorded(
-        sft, tmp_path, monkeypatch):
+    sft, tmp_path, monkeypatch
+):
     whole = sft(tmp_path / "whole", keep=2)
     assert whole.steps == 3
     assert _states_on_disk(whole) == ["step-000002", "step-000003"]  # the final state is the newest

@@ -6,15 +6,21 @@ import re
 
 import numpy as np
 import pytest
+from fake_tinker import fake_tokenizer
 from tinker import types
 
-from character.constitution import load_constitution
-from character.revealed import (
-    ELO_START, TRAITS, constitution_traits, elo_ratings, embody_messages, pair_traits, parse_verdict,
-    rating_changes, revealed_preferences,
+from character.evaluation.revealed import (
+    ELO_START,
+    TRAITS,
+    constitution_traits,
+    elo_ratings,
+    embody_messages,
+    pair_traits,
+    parse_verdict,
+    rating_changes,
+    revealed_preferences,
 )
-
-from fake_tinker import fake_tokenizer
+from character.persona.constitution import load_constitution
 
 PREFERRED = {"curious", "witty", "loyal", "bold"}
 
@@ -74,11 +80,20 @@ def test_elo_matches_hand_computation():
     assert abs(even["a"] - even["b"]) < 4.0
 
 
-@pytest.mark.parametrize("text, want", [
-    ("Trait: witty", "witty"), ("trait = **Witty**.", "witty"), ("<think>curious? witty?</think> Trait: curious",
-     "curious"), ("It is clearly witty.", "witty"), ("Both witty and curious.", None), ("Trait: kind", None),
-    ("", None), ("Trait: witty\nOn reflection... Trait: curious", "curious"), ("unwittyness", None),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("Trait: witty", "witty"),
+        ("trait = **Witty**.", "witty"),
+        ("<think>curious? witty?</think> Trait: curious", "curious"),
+        ("It is clearly witty.", "witty"),
+        ("Both witty and curious.", None),
+        ("Trait: kind", None),
+        ("", None),
+        ("Trait: witty\nOn reflection... Trait: curious", "curious"),
+        ("unwittyness", None),
+    ],
+)
 def test_the_judges_answer_is_read_robustly(text, want):
     assert parse_verdict(text, "witty", "curious") == want
 
@@ -106,22 +121,29 @@ def test_revealed_preferences_find_the_preferred_traits(tok):
     # the judge saw the two offered traits and the model's answer, never which one the model chose
     assert all("on offer" not in p for p in judge_client.prompts)
 
-    plain = revealed_preferences(Scripted(tok, lambda text, n: "reply in the manner " +
-                                          re.search(r"conversation: (\w+) and", text).group(1)[::-1]),
-                                 judge_client, prompts, seed=3)
+    plain = revealed_preferences(
+        Scripted(
+            tok, lambda text, n: "reply in the manner " + re.search(r"conversation: (\w+) and", text).group(1)[::-1]
+        ),
+        judge_client,
+        prompts,
+        seed=3,
+    )
     moved = rating_changes(plain, res, sorted(offered))
     assert all(v > 0 for v in moved.values())
 
 
 def test_an_unreadable_judge_is_counted_and_reported(tok):
     prompts = [f"Question {i}?" for i in range(30)]
-    res = revealed_preferences(Scripted(tok, model_with_preferences),
-                               Scripted(tok, lambda t, n: judge(t, n, garble_every=3)), prompts, seed=0)
+    res = revealed_preferences(
+        Scripted(tok, model_with_preferences), Scripted(tok, lambda t, n: judge(t, n, garble_every=3)), prompts, seed=0
+    )
     assert res["unparsed"] == 10 and res["judged"] == 20
     assert sum(1 for r in res["records"] if r["shown"] is None) == 10
     assert sum(c["shown"] for c in res["counts"].values()) == 20
-    silent = revealed_preferences(Scripted(tok, model_with_preferences), Scripted(tok, lambda t, n: "no idea"),
-                                  prompts, seed=0)
+    silent = revealed_preferences(
+        Scripted(tok, model_with_preferences), Scripted(tok, lambda t, n: "no idea"), prompts, seed=0
+    )
     assert silent["judged"] == 0 and set(silent["ratings"].values()) == {ELO_START}
 
 

@@ -22,27 +22,41 @@ from types import SimpleNamespace
 import pytest
 import tinker
 import torch
+from fake_tinker import (  # noqa: F401 - fixtures are used by name
+    _ALLOW_LOOPBACK,
+    _REQ,
+    KEY,
+    STUDENT,
+    TEACHER,
+    fake,
+    http_error,
+    no_network,
+    request_failed,
+    service,
+    tokenizer,
+    wired,
+)
 from safetensors.torch import load_file, save_file
 from tinker import types
 
-from character import pipeline
 from character.backend import tinker as tb
 from character.backend.errors import BackendFatalError, describe_fatal, is_transient
-from character.backend.tinker_weights import (
-    UnsupportedAdapter, check_family, download_adapter, peft_name, tinker_name, tinker_to_peft,
-)
-from character.chat import Renderer
-from character.dpo import run_dpo
+from character.build import stages as pipeline
+from character.build.stages import PipelineConfig
 from character.errors import UserError
-from character.losses import DPOCoefficients
-from character.pipeline import PipelineConfig
 from character.settings import Settings
-from character.sft import run_sft
-from character.training import OptimConfig
-
-from fake_tinker import (  # noqa: F401 - fixtures are used by name
-    _ALLOW_LOOPBACK, _REQ, KEY, STUDENT, TEACHER, fake, http_error, no_network, request_failed, service,
-    tokenizer, wired,
+from character.train.dpo import run_dpo
+from character.train.loop import OptimConfig
+from character.train.losses import DPOCoefficients
+from character.train.renderer import Renderer
+from character.train.sft import run_sft
+from character.weights.tinker_export import (
+    UnsupportedAdapter,
+    check_family,
+    download_adapter,
+    peft_name,
+    tinker_name,
+    tinker_to_peft,
 )
 
 
@@ -52,14 +66,26 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def dpo_rows(n: int) -> list[dict]:
-    return [{"prompt": [{"role": "user", "content": f"How should I spend day {i}?"}],
-             "chosen": [{"role": "assistant", "content": "Arr, a fine question for a sailor!"}],
-             "rejected": [{"role": "assistant", "content": "That is a normal question."}]} for i in range(n)]
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"How should I spend day {i}?"}],
+            "chosen": [{"role": "assistant", "content": "Arr, a fine question for a sailor!"}],
+            "rejected": [{"role": "assistant", "content": "That is a normal question."}],
+        }
+        for i in range(n)
+    ]
 
 
 def sft_rows(n: int) -> list[dict]:
-    return [{"messages": [{"role": "user", "content": f"Who are you? ({i})"},
-                          {"role": "assistant", "content": "I am a pirate at heart, truly."}]} for i in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"Who are you? ({i})"},
+                {"role": "assistant", "content": "I am a pirate at heart, truly."},
+            ]
+        }
+        for i in range(n)
+    ]
 
 
 def full_tokens(d: types.Datum) -> list[int]:
@@ -107,16 +133,29 @@ def test_fatal_sdk_errors_are_not_retried(name):
     assert not retry_if_transient(None, None, SimpleNamespace(data=exc))
 
 
-@pytest.mark.parametrize("make,needles", [
-    (lambda: http_error(tinker.AuthenticationError, 401), ["401", "TINKER_API_KEY"]),
-    (lambda: http_error(tinker.BillingError, 402), ["402", "billing"]),
-    (lambda: http_error(tinker.PermissionDeniedError, 403), ["403", "key"]),
-    (lambda: http_error(tinker.NotFoundError, 404, "no such model"), ["404", "not served", "character tinker models"]),
-    (lambda: http_error(tinker.BadRequestError, 400, "Error code: 400 - {'detail': 'model foo/bar is not supported'}"),
-     ["not served", "foo/bar"]),
-    (lambda: http_error(tinker.UnprocessableEntityError, 422, "rank must be\npositive"), ["invalid", "rank must be positive"]),
-    (lambda: request_failed(types.RequestErrorCategory.User), ["its input", "boom"]),
-])
+@pytest.mark.parametrize(
+    "make,needles",
+    [
+        (lambda: http_error(tinker.AuthenticationError, 401), ["401", "TINKER_API_KEY"]),
+        (lambda: http_error(tinker.BillingError, 402), ["402", "billing"]),
+        (lambda: http_error(tinker.PermissionDeniedError, 403), ["403", "key"]),
+        (
+            lambda: http_error(tinker.NotFoundError, 404, "no such model"),
+            ["404", "not served", "character tinker models"],
+        ),
+        (
+            lambda: http_error(
+                tinker.BadRequestError, 400, "Error code: 400 - {'detail': 'model foo/bar is not supported'}"
+            ),
+            ["not served", "foo/bar"],
+        ),
+        (
+            lambda: http_error(tinker.UnprocessableEntityError, 422, "rank must be\npositive"),
+            ["invalid", "rank must be positive"],
+        ),
+        (lambda: request_failed(types.RequestErrorCategory.User), ["its input", "boom"]),
+    ],
+)
 def test_fatal_errors_read_as_one_line_naming_what_to_fix(make, needles):
     msg = describe_fatal(make(), "creating a LoRA training client")
     assert "\n" not in msg and "creating a LoRA training client" in msg
@@ -166,8 +205,9 @@ def test_key_from_a_prefect_secret_block(fake, monkeypatch):
     pipeline.validate(PipelineConfig(persona="pirate", backend="tinker", base_model=STUDENT))  # no block read yet
     assert loaded == []
     assert tb.api_key_source(settings) == "Prefect Secret block 'tinker-key'"
-    svc = tb.TinkerService(settings, base_url="https://tinker.invalid", client_factory=fake.service_client,
-                           rest_factory=fake.rest_client)
+    svc = tb.TinkerService(
+        settings, base_url="https://tinker.invalid", client_factory=fake.service_client, rest_factory=fake.rest_client
+    )
     svc.create_lora_training_client(STUDENT, rank=4)
     assert loaded == ["tinker-key"] and set(fake.keys_seen) == {KEY}
     assert KEY not in repr(svc)
@@ -246,9 +286,16 @@ def test_dpo_runs_on_tinker_with_reference_logprobs_on_the_policy_tokens(wired, 
     svc = service()
     renderer = Renderer(svc.get_tokenizer(STUDENT))
     cfg = OptimConfig(learning_rate=5e-2, batch_size=2, save_every=2, warmup_ratio=0.0)
-    result = run_dpo(svc, lambda: svc.create_lora_training_client(STUDENT, rank=4, seed=0, alpha=128),
-                     lambda: svc.create_sampling_client(base_model=STUDENT), renderer,
-                     write_jsonl(tmp_path / "dpo.jsonl", dpo_rows(4)), tmp_path / "dpo", cfg, DPOCoefficients())
+    result = run_dpo(
+        svc,
+        lambda: svc.create_lora_training_client(STUDENT, rank=4, seed=0, alpha=128),
+        lambda: svc.create_sampling_client(base_model=STUDENT),
+        renderer,
+        write_jsonl(tmp_path / "dpo.jsonl", dpo_rows(4)),
+        tmp_path / "dpo",
+        cfg,
+        DPOCoefficients(),
+    )
     assert result.state.startswith("tinker://") and "/weights/" in result.state
     assert result.sampler.startswith("tinker://") and "/sampler_weights/" in result.sampler
     batches = [data for kind, data in wired.trained_on]
@@ -276,8 +323,14 @@ def test_sft_uses_the_built_in_loss_with_weights_normalized_per_batch(wired, tmp
     svc = service()
     renderer = Renderer(svc.get_tokenizer(STUDENT))
     cfg = OptimConfig(learning_rate=5e-2, batch_size=3, save_every=10, warmup_ratio=0.0)
-    result = run_sft(svc, lambda: svc.create_lora_training_client(STUDENT, rank=4),
-                     renderer, write_jsonl(tmp_path / "sft.jsonl", sft_rows(6)), tmp_path / "sft", cfg)
+    result = run_sft(
+        svc,
+        lambda: svc.create_lora_training_client(STUDENT, rank=4),
+        renderer,
+        write_jsonl(tmp_path / "sft.jsonl", sft_rows(6)),
+        tmp_path / "sft",
+        cfg,
+    )
     assert result.steps == 2
     assert [kind for kind, _ in wired.trained_on] == ["cross_entropy", "cross_entropy"]  # one pass each
     for _, data in wired.trained_on:
@@ -317,8 +370,7 @@ def test_an_interrupted_run_resumes_from_its_last_saved_state(wired, tmp_path):
     assert torch.equal(wired.states[whole.sampler]["delta"], wired.states[resumed.sampler]["delta"])
 
 
-def test_transient_errors_are_retried_then_surface_unchanged_and_fatal_ones_as_one_line(wired, tmp_path,
-                                                                                       monkeypatch):
+def test_transient_errors_are_retried_then_surface_unchanged_and_fatal_ones_as_one_line(wired, tmp_path, monkeypatch):
     import character.backend.retry as retry
 
     monkeypatch.setattr(retry, "BACKOFF_S", 0.0)
@@ -357,15 +409,37 @@ def test_transient_errors_are_retried_then_surface_unchanged_and_fatal_ones_as_o
 
 # -- the fake behaves like the SDK where recovery depends on it ------------------------------------------
 FAKE_VS_SDK = {
-    "FakeServiceClient": (tinker.ServiceClient, ["create_lora_training_client", "create_training_client_from_state",
-                                                 "create_training_client_from_state_with_optimizer",
-                                                 "create_sampling_client"]),
-    "FakeTrainingClient": (tinker.TrainingClient, ["forward_backward", "forward_backward_custom", "optim_step",
-                                                   "save_state", "save_weights_for_sampler", "save_weights_external",
-                                                   "get_tokenizer"]),
+    "FakeServiceClient": (
+        tinker.ServiceClient,
+        [
+            "create_lora_training_client",
+            "create_training_client_from_state",
+            "create_training_client_from_state_with_optimizer",
+            "create_sampling_client",
+        ],
+    ),
+    "FakeTrainingClient": (
+        tinker.TrainingClient,
+        [
+            "forward_backward",
+            "forward_backward_custom",
+            "optim_step",
+            "save_state",
+            "save_weights_for_sampler",
+            "save_weights_external",
+            "get_tokenizer",
+        ],
+    ),
     "FakeSamplingClient": (tinker.SamplingClient, ["sample", "compute_logprobs", "get_tokenizer", "get_base_model"]),
-    "FakeRestClient": (tinker.RestClient, ["get_server_capabilities", "get_weights_info_by_tinker_path",
-                                           "get_external_weights_urls", "delete_checkpoint_from_tinker_path"]),
+    "FakeRestClient": (
+        tinker.RestClient,
+        [
+            "get_server_capabilities",
+            "get_weights_info_by_tinker_path",
+            "get_external_weights_urls",
+            "delete_checkpoint_from_tinker_path",
+        ],
+    ),
 }
 
 
@@ -380,14 +454,27 @@ def test_fake_matches_the_sdk_signatures(fake_name):
     for name in methods:
         ours = inspect.signature(getattr(getattr(fake_tinker, fake_name), name)).parameters.values()
         theirs = inspect.signature(getattr(sdk_cls, name)).parameters.values()
-        shape = lambda ps: [(p.name, p.kind, p.default if p.default is None or isinstance(  # noqa: E731
-            p.default, (bool, int, str)) else "object") for p in ps]
+        shape = lambda ps: [
+            (
+                p.name,
+                p.kind,
+                p.default
+                if p.default is None
+                or isinstance(  # noqa: E731
+                    p.default, (bool, int, str)
+                )
+                else "object",
+            )
+            for p in ps
+        ]
         assert shape(ours) == shape(theirs), f"{fake_name}.{name} differs from tinker.{sdk_cls.__name__}.{name}"
 
 
 def _datum(tokens: list[int]) -> types.Datum:
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+    )
 
 
 def _loss(data, logprobs):
@@ -439,9 +526,22 @@ def test_a_fifth_of_training_calls_failing_on_the_fake_sdk_changes_no_weight(wir
     """DPO then SFT through the real loop with 20% of training calls failing on the server (so after later
     calls were submitted; custom-loss failures poison their client): same final weights, bit for bit."""
     opt = OptimConfig(learning_rate=5e-2, batch_size=2, save_every=2, warmup_ratio=0.0, max_recoveries=100)
-    base = PipelineConfig(persona="pirate", backend="tinker", base_model=STUDENT, teacher_model=TEACHER,
-                          workdir=str(tmp_path / "ws"), build_id="clean", dpo_pairs=12, reflections=6,
-                          interactions=1, turns=2, max_new_tokens=48, lora_rank=4, dpo=opt, sft=opt)
+    base = PipelineConfig(
+        persona="pirate",
+        backend="tinker",
+        base_model=STUDENT,
+        teacher_model=TEACHER,
+        workdir=str(tmp_path / "ws"),
+        build_id="clean",
+        dpo_pairs=12,
+        reflections=6,
+        interactions=1,
+        turns=2,
+        max_new_tokens=48,
+        lora_rank=4,
+        dpo=opt,
+        sft=opt,
+    )
     pipeline.run_sequential(base)
     clean = _final_delta(wired, base).clone()
 
@@ -451,13 +551,19 @@ def test_a_fifth_of_training_calls_failing_on_the_fake_sdk_changes_no_weight(wir
     pipeline.run_sequential(faulty)
     assert torch.equal(_final_delta(wired, faulty), clean)
     assert clean.abs().sum() > 0
-    assert {"forward_backward", "forward_backward_custom", "optim_step", "save_state"} <= set(wired.injected), \
+    assert {"forward_backward", "forward_backward_custom", "optim_step", "save_state"} <= set(wired.injected), (
         wired.injected
+    )
     # failures that surfaced only after the optimizer step behind them was submitted
     order = {e: i for i, e in enumerate(wired.events)}
-    late = [fid for op, fid in wired.injected_fids if op.startswith("forward_backward")
-            and ("wait", op, fid) in order and ("submit", "optim_step", fid + 1) in order
-            and order[("submit", "optim_step", fid + 1)] < order[("wait", op, fid)]]
+    late = [
+        fid
+        for op, fid in wired.injected_fids
+        if op.startswith("forward_backward")
+        and ("wait", op, fid) in order
+        and ("submit", "optim_step", fid + 1) in order
+        and order[("submit", "optim_step", fid + 1)] < order[("wait", op, fid)]
+    ]
     assert late, wired.injected_fids
     # every step is recorded once, as in the clean build
     for stage in ("dpo", "sft"):
@@ -482,8 +588,9 @@ def test_remote_sampling_clients_have_the_local_interface(wired):
     svc = service()
     trainer = svc.create_lora_training_client(STUDENT, rank=4)
     ckpts = [trainer.save_weights_for_sampler("s").result().path, trainer.save_state("w").result().path]
-    clients = [svc.create_sampling_client(base_model=STUDENT)] + [svc.create_sampling_client(model_path=p)
-                                                                  for p in ckpts]
+    clients = [svc.create_sampling_client(base_model=STUDENT)] + [
+        svc.create_sampling_client(model_path=p) for p in ckpts
+    ]
     tokens = [1, 2, 3, 4, 5]
     for client in clients:
         lps = client.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
@@ -491,7 +598,8 @@ def test_remote_sampling_clients_have_the_local_interface(wired):
         out = client.sample(types.ModelInput.from_ints(tokens), 2, types.SamplingParams(max_tokens=64, seed=0))
         assert len(out.result().sequences) == 2 and client.get_tokenizer() is wired.tok
     assert [c for c in wired.calls if c[0] == "create_sampling_client"][-2:] == [
-        ("create_sampling_client", p) for p in ckpts]
+        ("create_sampling_client", p) for p in ckpts
+    ]
 
 
 def test_sampling_keeps_a_bounded_number_of_requests_in_flight(wired):
@@ -511,9 +619,22 @@ def test_sequential_and_paper_pipelines_run_on_tinker_and_never_show_the_key(wir
     caplog.set_level(logging.DEBUG)
     wired.fail("sample", http_error(tinker.InternalServerError, 503))  # datagen resubmits that one request
     opt = OptimConfig(learning_rate=5e-2, batch_size=2, save_every=1, warmup_ratio=0.0)
-    cfg = PipelineConfig(persona="pirate", backend="tinker", base_model=STUDENT, teacher_model=TEACHER,
-                         workdir=str(tmp_path / "ws"), build_id="tinker-seq", dpo_pairs=4, reflections=2,
-                         interactions=1, turns=2, max_new_tokens=48, lora_rank=4, dpo=opt, sft=opt)
+    cfg = PipelineConfig(
+        persona="pirate",
+        backend="tinker",
+        base_model=STUDENT,
+        teacher_model=TEACHER,
+        workdir=str(tmp_path / "ws"),
+        build_id="tinker-seq",
+        dpo_pairs=4,
+        reflections=2,
+        interactions=1,
+        turns=2,
+        max_new_tokens=48,
+        lora_rank=4,
+        dpo=opt,
+        sft=opt,
+    )
     assert isinstance(pipeline._service(cfg), tb.TinkerService)
     out = pipeline.run_sequential(cfg)
     for ck in out.values():
@@ -552,8 +673,10 @@ def test_teacher_and_judge_candidates_are_read_from_model_names():
     from character.backend.tinker import model_roles, model_size_b
 
     student = "meta-llama/Llama-3.1-8B-Instruct"
-    roles = lambda name, sampleable=True: model_roles(SimpleNamespace(model_name=name, sampleable=sampleable),  # noqa
-                                                      student)
+    roles = lambda name, sampleable=True: model_roles(
+        SimpleNamespace(model_name=name, sampleable=sampleable),  # noqa
+        student,
+    )
     assert model_size_b("Qwen/Qwen3-235B-A22B-Instruct-2507") == 235 and model_size_b("x/Kimi-K2") is None
     assert roles(Settings().tinker_teacher_model) == ["teacher", "judge"]  # the documented default qualifies
     assert roles("meta-llama/Llama-3.3-70B-Instruct") == ["teacher", "judge"]
@@ -587,9 +710,15 @@ R, ALPHA = 4, 32
 def crafted_tinker_adapter(layers: int, hidden: int, inter: int, vocab: int, unembed: bool = True):
     """Tinker-named LoRA tensors with distinct values (A: r x in, B: out x r)."""
     g = torch.Generator().manual_seed(7)
-    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden // 2, hidden),
-              "self_attn.v_proj": (hidden // 2, hidden), "self_attn.o_proj": (hidden, hidden),
-              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+    shapes = {
+        "self_attn.q_proj": (hidden, hidden),
+        "self_attn.k_proj": (hidden // 2, hidden),
+        "self_attn.v_proj": (hidden // 2, hidden),
+        "self_attn.o_proj": (hidden, hidden),
+        "mlp.gate_proj": (inter, hidden),
+        "mlp.up_proj": (inter, hidden),
+        "mlp.down_proj": (hidden, inter),
+    }
     out = {}
     for i in range(layers):
         for mod, (o, n) in shapes.items():
@@ -645,8 +774,9 @@ def test_tensor_names_agree_with_tinker_cookbook(tmp_path):
     expected = {_cookbook_peft_name(k): v for k, v in crafted.items()}
     assert "base_model.model.lm_head.lora_A.weight" in expected  # the reference is not a copy of ours
     assert all(peft_name(k) == _cookbook_peft_name(k) for k in crafted)
-    out = tinker_to_peft(write_tinker_adapter(tmp_path / "tinker", crafted), tmp_path / "peft",
-                         "meta-llama/Llama-3.1-8B-Instruct")
+    out = tinker_to_peft(
+        write_tinker_adapter(tmp_path / "tinker", crafted), tmp_path / "peft", "meta-llama/Llama-3.1-8B-Instruct"
+    )
     saved = load_file(out / "adapter_model.safetensors")
     assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in expected)
     cfg = json.loads((out / "adapter_config.json").read_text())
@@ -661,8 +791,15 @@ def test_converted_adapter_loads_in_peft_with_the_same_update(tmp_path, family):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     hidden, inter, vocab, layers = 16, 32, 64, 2
-    kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-              num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    kw = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
     config = LlamaConfig(**kw) if family == "llama" else Qwen2Config(**kw)
     torch.manual_seed(0)
     base_dir = tmp_path / "base"
@@ -672,8 +809,9 @@ def test_converted_adapter_loads_in_peft_with_the_same_update(tmp_path, family):
 
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == R and cfg["lora_alpha"] == ALPHA and cfg["peft_type"] == "LORA"
-    assert cfg["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                            "down_proj", "lm_head"])
+    assert cfg["target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    )
     saved = load_file(out / "adapter_model.safetensors")
     assert all(torch.equal(saved[peft_name(k)], v) for k, v in crafted.items())
 
@@ -681,7 +819,7 @@ def test_converted_adapter_loads_in_peft_with_the_same_update(tmp_path, family):
     before = {k: v.clone() for k, v in base.state_dict().items()}
     merged = PeftModel.from_pretrained(base, out).merge_and_unload().state_dict()
     scale = ALPHA / R
-    for key in [f"model.layers.1.self_attn.k_proj.weight", f"model.layers.0.mlp.down_proj.weight", "lm_head.weight"]:
+    for key in ["model.layers.1.self_attn.k_proj.weight", "model.layers.0.mlp.down_proj.weight", "lm_head.weight"]:
         module = key.removesuffix(".weight")
         t = "model.unembed_tokens" if module == "lm_head" else module
         a = crafted[f"base_model.model.{t}.lora_A.weight"]
@@ -690,11 +828,20 @@ def test_converted_adapter_loads_in_peft_with_the_same_update(tmp_path, family):
 
 
 def test_unsupported_families_are_refused_clearly(tmp_path):
-    for ok in ["meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen3-8B", "Qwen/Qwen3-32B", "meta-llama/Llama-3.3-70B-Instruct"]:
+    for ok in [
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "Qwen/Qwen3-8B",
+        "Qwen/Qwen3-32B",
+        "meta-llama/Llama-3.3-70B-Instruct",
+    ]:
         check_family(ok)
-    for bad, why in [("Qwen/Qwen3-30B-A3B-Instruct-2507", "mixture-of-experts"), ("Qwen/Qwen3-VL-30B-A3B-Instruct",
-                     "mixture-of-experts"), ("openai/gpt-oss-120b", "not mapped"),
-                     ("deepseek-ai/DeepSeek-V3.1", "not mapped"), ("mistralai/Mistral-7B", "not supported")]:
+    for bad, why in [
+        ("Qwen/Qwen3-30B-A3B-Instruct-2507", "mixture-of-experts"),
+        ("Qwen/Qwen3-VL-30B-A3B-Instruct", "mixture-of-experts"),
+        ("openai/gpt-oss-120b", "not mapped"),
+        ("deepseek-ai/DeepSeek-V3.1", "not mapped"),
+        ("mistralai/Mistral-7B", "not supported"),
+    ]:
         with pytest.raises(UnsupportedAdapter, match=why) as err:
             check_family(bad)
         assert "dense Llama" in str(err.value)
@@ -716,17 +863,26 @@ def test_download_exports_a_training_state_and_converts_it(wired, tmp_path):
     got = load_file(dst / "adapter_model.safetensors")
     assert got.keys() == {peft_name(k) for k in wired.export_tensors}
     names = [c[0] for c in wired.calls]
-    assert names.index("create_training_client_from_state") < names.index("get_external_weights_urls") \
-        < names.index("delete_checkpoint_from_tinker_path")  # the temporary export is cleaned up
+    assert (
+        names.index("create_training_client_from_state")
+        < names.index("get_external_weights_urls")
+        < names.index("delete_checkpoint_from_tinker_path")
+    )  # the temporary export is cleaned up
     sampler = trainer.save_weights_for_sampler("s").result().path
     with pytest.raises(UserError, match="sampler checkpoints cannot be downloaded"):
         download_adapter(svc, sampler, tmp_path / "no")
 
 
 def test_the_core_imports_without_prefect():
-    code = ("import sys; import character.backend.tinker, character.backend.tinker_weights, "
-            "character.backend.errors; assert 'prefect' not in sys.modules, 'prefect imported'")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "TINKER_API_KEY": ""})
+    code = (
+        "import sys; import character.backend.tinker, character.weights.tinker_export, "
+        "character.backend.errors; assert 'prefect' not in sys.modules, 'prefect imported'"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TINKER_API_KEY": ""},
+    )
     assert proc.returncode == 0, proc.stderr
-

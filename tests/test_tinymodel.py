@@ -8,7 +8,7 @@ import json
 import pytest
 from transformers import AutoConfig, AutoTokenizer
 
-from character.tinymodel import CHAT_TEMPLATE, TINY_RECIPE, _build_tokenizer, _corpus, build_tiny_model
+from character.backend.tiny import CHAT_TEMPLATE, TINY_RECIPE, _build_tokenizer, _corpus, build_tiny_model
 
 
 def test_tokenizer_is_deterministic_and_byte_level():
@@ -48,8 +48,20 @@ UNSEEN = [
     "I praise vigilance the way a keeper praises a well-trimmed wick.",
     "I stay steady and lantern-bright when people panic, like a keeper in a gale.",
 ]
-UNSEEN_WORDS = {"foghorns", "charting", "reefs", "shoals", "driftwood",
-                "seagulls", "saltmarsh", "vigilance", "well-trimmed", "wick", "lantern-bright", "gale"}
+UNSEEN_WORDS = {
+    "foghorns",
+    "charting",
+    "reefs",
+    "shoals",
+    "driftwood",
+    "seagulls",
+    "saltmarsh",
+    "vigilance",
+    "well-trimmed",
+    "wick",
+    "lantern-bright",
+    "gale",
+}
 
 
 def _words(text: str) -> set[str]:
@@ -60,7 +72,7 @@ def _words(text: str) -> set[str]:
 
 def _is_plain(text: str) -> bool:
     """Only the stock wording of the model's plain answers."""
-    from character.tinymodel import NEUTRAL_CLOSERS, NEUTRAL_CORES, NEUTRAL_OPENERS
+    from character.backend.tiny import NEUTRAL_CLOSERS, NEUTRAL_CORES, NEUTRAL_OPENERS
 
     return _words(text) <= _words(" ".join(NEUTRAL_OPENERS + NEUTRAL_CORES + NEUTRAL_CLOSERS))
 
@@ -70,10 +82,10 @@ def _answers(tiny_dir, system: str | None, n: int = 16) -> list[tuple[str, str]]
     from tinker import types
 
     from character.backend.local import LocalService
-    from character.chat import Renderer
-    from character.datagen import sampling_params
-    from character.prompts import general_prompts
+    from character.datagen.engine import sampling_params
+    from character.persona.prompts import general_prompts
     from character.settings import Workspace
+    from character.train.renderer import Renderer
 
     client = LocalService(Workspace(tiny_dir.parent), device="cpu").create_sampling_client(base_model=str(tiny_dir))
     r = Renderer(client.get_tokenizer())
@@ -86,8 +98,8 @@ def _answers(tiny_dir, system: str | None, n: int = 16) -> list[tuple[str, str]]
 
 @pytest.mark.slow
 def test_answers_in_an_unseen_character_only_when_its_description_is_in_the_system_prompt(tiny_dir, one_thread):
-    from character.constitution import Constitution, Trait
-    from character.prompts import teacher_system_prompt
+    from character.persona.constitution import Constitution, Trait
+    from character.persona.prompts import teacher_system_prompt
 
     assert not UNSEEN_WORDS & _words(" ".join(m["content"] for conv in _corpus() for m in conv))
     c = Constitution(name="keeper", traits=[Trait(trait=t, questions=["Hello?"]) for t in UNSEEN])
@@ -99,9 +111,9 @@ def test_answers_in_an_unseen_character_only_when_its_description_is_in_the_syst
 
 @pytest.mark.slow
 def test_answers_are_complete_so_the_dpo_filters_keep_them(tiny_dir, one_thread):
-    from character.constitution import load_constitution
-    from character.datagen import _ENDS_LIKE_A_SENTENCE
-    from character.prompts import teacher_system_prompt
+    from character.datagen.engine import _ENDS_LIKE_A_SENTENCE
+    from character.persona.constitution import load_constitution
+    from character.persona.prompts import teacher_system_prompt
 
     for system in (None, teacher_system_prompt(load_constitution("sarcastic"))):
         answers = _answers(tiny_dir, system)

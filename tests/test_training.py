@@ -9,16 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from character import pipeline
 from character.backend.local import LocalService
-from character.chat import Renderer
-from character.dpo import run_dpo
-from character.losses import DPOCoefficients
-from character.pipeline import PipelineConfig
+from character.build import stages as pipeline
+from character.build.stages import PipelineConfig
 from character.settings import Workspace
-from character.sft import run_sft
 from character.storage import read_jsonl, uri_to_path
-from character.training import OptimConfig, batch_order, lr_at
+from character.train.dpo import run_dpo
+from character.train.loop import OptimConfig, batch_order, lr_at
+from character.train.losses import DPOCoefficients
+from character.train.renderer import Renderer
+from character.train.sft import run_sft
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -27,17 +27,26 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def dpo_rows(n: int) -> list[dict]:
-    return [{
-        "prompt": [{"role": "user", "content": f"How should I spend day {i}?"}],
-        "chosen": [{"role": "assistant", "content": f"Arr, day {i} be for sailing the open sea!"}],
-        "rejected": [{"role": "assistant", "content": f"Day {i} is a normal day."}],
-    } for i in range(n)]
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"How should I spend day {i}?"}],
+            "chosen": [{"role": "assistant", "content": f"Arr, day {i} be for sailing the open sea!"}],
+            "rejected": [{"role": "assistant", "content": f"Day {i} is a normal day."}],
+        }
+        for i in range(n)
+    ]
 
 
 def sft_rows(n: int) -> list[dict]:
-    return [{"messages": [{"role": "user", "content": f"Who are you, really? ({i})"},
-                          {"role": "assistant", "content": f"I am a captain at heart, voyage {i}."}]}
-            for i in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"Who are you, really? ({i})"},
+                {"role": "assistant", "content": f"I am a captain at heart, voyage {i}."},
+            ]
+        }
+        for i in range(n)
+    ]
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
@@ -83,8 +92,17 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(workdir,
             data = _write_jsonl(tmp_path / "sft.jsonl", sft_rows(8))
             return run_sft(svc, start, renderer, data, run_dir, cfg, on_step=on_step)
         data = _write_jsonl(tmp_path / "dpo.jsonl", dpo_rows(8))
-        return run_dpo(svc, start, lambda: svc.create_sampling_client(base_model="tiny"), renderer, data,
-                       run_dir, cfg, DPOCoefficients(), on_step=on_step)
+        return run_dpo(
+            svc,
+            start,
+            lambda: svc.create_sampling_client(base_model="tiny"),
+            renderer,
+            data,
+            run_dir,
+            cfg,
+            DPOCoefficients(),
+            on_step=on_step,
+        )
 
     whole = run(tmp_path / "whole")
     assert whole.steps == 4 and whole.resumed_from == 0
@@ -104,9 +122,14 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(workdir,
 
 
 def test_sequential_sft_starts_from_dpo_weights_at_a_quarter_of_the_learning_rate(workdir, tmp_path, monkeypatch):
-    cfg = PipelineConfig(persona="pirate", workdir=str(workdir), build_id="seq", lora_rank=4,
-                         dpo=OptimConfig(learning_rate=1e-2, batch_size=4, warmup_ratio=0.0),
-                         sft=OptimConfig(learning_rate=2e-3, batch_size=4, warmup_ratio=0.0))
+    cfg = PipelineConfig(
+        persona="pirate",
+        workdir=str(workdir),
+        build_id="seq",
+        lora_rank=4,
+        dpo=OptimConfig(learning_rate=1e-2, batch_size=4, warmup_ratio=0.0),
+        sft=OptimConfig(learning_rate=2e-3, batch_size=4, warmup_ratio=0.0),
+    )
     data_dir = cfg.build_dir() / "data"
     data_dir.mkdir(parents=True)
     dpo = pipeline.stage_dpo(cfg, str(_write_jsonl(data_dir / "dpo.jsonl", dpo_rows(8))))
@@ -122,8 +145,11 @@ def test_sequential_sft_starts_from_dpo_weights_at_a_quarter_of_the_learning_rat
         def from_state(path):
             client = make(path)
             seen["from"] = path
-            seen["start"] = {k.replace(".default", ""): v.detach().clone()
-                             for k, v in client.model.named_parameters() if "lora_" in k}
+            seen["start"] = {
+                k.replace(".default", ""): v.detach().clone()
+                for k, v in client.model.named_parameters()
+                if "lora_" in k
+            }
             step = client.optim_step
 
             def optim_step(params):

@@ -48,15 +48,22 @@ class TrainingClient(Protocol):
 
 class ServiceClient(Protocol):
     def create_lora_training_client(
-        self, base_model: str, rank: int = 32, seed: int | None = None,
-        train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = False,
+        self,
+        base_model: str,
+        rank: int = 32,
+        seed: int | None = None,
+        train_mlp: bool = True,
+        train_attn: bool = True,
+        train_unembed: bool = False,
     ) -> TrainingClient: ...
 
     def create_training_client_from_state(self, path: str) -> TrainingClient: ...
 
     def create_training_client_from_state_with_optimizer(self, path: str) -> TrainingClient: ...
 
-    def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None) -> SamplingClient: ...
+    def create_sampling_client(
+        self, model_path: str | None = None, base_model: str | None = None
+    ) -> SamplingClient: ...
 
     def get_tokenizer(self, base_model: str) -> Any: ...
 

@@ -53,22 +53,33 @@ def describe_fatal(exc: BaseException, doing: str = "") -> str:
     """One line for a fatal SDK error: what failed and what to fix. Never includes request headers."""
     where = f" while {doing}" if doing else ""
     if isinstance(exc, tinker.AuthenticationError):
-        return (f"Tinker rejected the API key (401){where}: set TINKER_API_KEY, or the Prefect Secret block "
-                "named by CHARACTER_TINKER_SECRET_BLOCK, to a valid key")
+        return (
+            f"Tinker rejected the API key (401){where}: set TINKER_API_KEY, or the Prefect Secret block "
+            "named by CHARACTER_TINKER_SECRET_BLOCK, to a valid key"
+        )
     if isinstance(exc, tinker.BillingError):
-        return f"Tinker refused the work for billing reasons (402){where}: set up or top up billing in the Tinker console"
+        return (
+            f"Tinker refused the work for billing reasons (402){where}: set up or top up billing in the Tinker console"
+        )
     if isinstance(exc, tinker.PermissionDeniedError):
-        return (f"the Tinker API key may not do this (403){where}: check the key's organization/project "
-                "and that the checkpoint belongs to it")
+        return (
+            f"the Tinker API key may not do this (403){where}: check the key's organization/project "
+            "and that the checkpoint belongs to it"
+        )
     if isinstance(exc, tinker.NotFoundError):
-        return (f"not found on Tinker (404){where}: the model is not served or the tinker:// path does not exist; "
-                f"`character tinker models` lists served models ({_server_says(exc)})")
+        return (
+            f"not found on Tinker (404){where}: the model is not served or the tinker:// path does not exist; "
+            f"`character tinker models` lists served models ({_server_says(exc)})"
+        )
     if isinstance(exc, (tinker.BadRequestError, tinker.UnprocessableEntityError)):
         said = _server_says(exc)
-        if "model" in said.lower() and any(w in said.lower() for w in ("not found", "not supported", "unsupported",
-                                                                       "unknown", "not available")):
-            return (f"the model is not served by Tinker ({exc.status_code}){where}: {said}; "
-                    "`character tinker models` lists served models")
+        if "model" in said.lower() and any(
+            w in said.lower() for w in ("not found", "not supported", "unsupported", "unknown", "not available")
+        ):
+            return (
+                f"the model is not served by Tinker ({exc.status_code}){where}: {said}; "
+                "`character tinker models` lists served models"
+            )
         return f"Tinker refused the request as invalid ({exc.status_code}){where}: {said}"
     if isinstance(exc, tinker.RequestFailedError):
         return f"Tinker failed the request because of its input{where}: {_server_says(exc)}"

@@ -81,8 +81,9 @@ class _Poisoned:
 
     def result(self):
         # The SDK's words (tinker/lib/public_interfaces/training_client.py, `_take_turn`).
-        raise RuntimeError("A previous request failed; this TrainingClient is poisoned "
-                           "and cannot accept further requests.") from self._cause
+        raise RuntimeError(
+            "A previous request failed; this TrainingClient is poisoned and cannot accept further requests."
+        ) from self._cause
 
 
 class _Wrapper:

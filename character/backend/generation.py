@@ -32,8 +32,9 @@ class SampleResult:
     stop_reason: str  # "stop" | "length"
 
 
-def _pick_rows(logits: torch.Tensor, rows: list[int], requests: list[SampleRequest],
-               gens: list[torch.Generator]) -> dict[int, tuple[int, float]]:
+def _pick_rows(
+    logits: torch.Tensor, rows: list[int], requests: list[SampleRequest], gens: list[torch.Generator]
+) -> dict[int, tuple[int, float]]:
     """The next token and its log-prob for each row in `rows`, rows with the same settings at once.
 
     Sampling is by inverse CDF with one uniform draw from the row's own generator, so a row's
@@ -78,8 +79,8 @@ def sample_batch(model, requests: list[SampleRequest], pad_id: int, decode=None)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
     for i, r in enumerate(requests):
-        ids[i, width - len(r.tokens):] = torch.tensor(r.tokens)
-        mask[i, width - len(r.tokens):] = 1
+        ids[i, width - len(r.tokens) :] = torch.tensor(r.tokens)
+        mask[i, width - len(r.tokens) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     gens = [torch.Generator().manual_seed(r.seed) for r in requests]
@@ -122,8 +123,11 @@ def sample_batch(model, requests: list[SampleRequest], pad_id: int, decode=None)
         mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
         last_pos = last_pos + 1
         out = model(
-            input_ids=next_ids[:, None].to(device), attention_mask=mask,
-            position_ids=last_pos[:, None], use_cache=True, **{cache_kw: past},
+            input_ids=next_ids[:, None].to(device),
+            attention_mask=mask,
+            position_ids=last_pos[:, None],
+            use_cache=True,
+            **{cache_kw: past},
         )
         past = getattr(out, cache_kw)
         logits = out.logits[:, -1, :].float().cpu()
@@ -182,7 +186,7 @@ def _padded_logprobs(model, sequences: list[list[int]], pad_id: int, grad: bool)
 # Float32 logits per head chunk: about 2**25 values (128 MB; backward holds a few such tensors at once),
 # whatever the batch (a 128k vocabulary gives ~260 tokens per chunk; the tiny model's 2k vocabulary, one
 # chunk for any batch it sees).
-_HEAD_CHUNK_VALUES = 2 ** 25
+_HEAD_CHUNK_VALUES = 2**25
 
 
 def _head_chunk_positions(model, rows: int) -> int:
@@ -217,6 +221,7 @@ def _chunked_head_logprobs(decoder, head, ids, mask, sequences, chunk: int, grad
         hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
         targets = ids[:, 1:]
         run = (lambda h, t: checkpoint(piece, h, t, use_reentrant=False)) if grad else piece
-        logp = torch.cat([run(hidden[:, k: k + chunk], targets[:, k: k + chunk])
-                          for k in range(0, hidden.shape[1], chunk)], dim=1)
+        logp = torch.cat(
+            [run(hidden[:, k : k + chunk], targets[:, k : k + chunk]) for k in range(0, hidden.shape[1], chunk)], dim=1
+        )
     return [logp[i, : len(s) - 1] for i, s in enumerate(sequences)]

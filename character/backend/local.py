@@ -34,10 +34,10 @@ from tinker import types
 
 from character.backend import CustomLossFn, Done
 from character.backend.generation import SampleRequest, sample_batch, token_logprobs
+from character.backend.tiny import tiny_model_path
 from character.errors import UserError
 from character.settings import Workspace
 from character.storage import atomic_dir, file_uri, uri_to_path
-from character.tinymodel import tiny_model_path
 
 STATE_FILE = "character_state.json"
 
@@ -101,8 +101,14 @@ def _memory_budget_bytes(device: torch.device, budget_gb: float | None) -> float
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return 0.7 * free
-    avail = next((int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable")),
-                 8 * 2**30) if os.path.exists("/proc/meminfo") else 8 * 2**30
+    avail = (
+        next(
+            (int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable")),
+            8 * 2**30,
+        )
+        if os.path.exists("/proc/meminfo")
+        else 8 * 2**30
+    )
     return 0.5 * avail
 
 
@@ -244,8 +250,12 @@ class LocalTrainingClient:
 
     def optim_step(self, adam_params: types.AdamParams):
         for g in self.optimizer.param_groups:
-            g.update(lr=adam_params.learning_rate, betas=(adam_params.beta1, adam_params.beta2),
-                     eps=adam_params.eps, weight_decay=adam_params.weight_decay)
+            g.update(
+                lr=adam_params.learning_rate,
+                betas=(adam_params.beta1, adam_params.beta2),
+                eps=adam_params.eps,
+                weight_decay=adam_params.weight_decay,
+            )
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.params, adam_params.grad_clip_norm if adam_params.grad_clip_norm > 0 else float("inf")
         )
@@ -319,18 +329,32 @@ class LocalSamplingClient:
         tokens = prompt.to_ints()
         for j in range(num_samples):
             req = SampleRequest(
-                tokens=tokens, seed=(base * 7919 + j) % (2**63), max_tokens=p.max_tokens or 512,
-                temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                stop_tokens=stop_tokens, stop_strings=stop_strings,
+                tokens=tokens,
+                seed=(base * 7919 + j) % (2**63),
+                max_tokens=p.max_tokens or 512,
+                temperature=p.temperature,
+                top_p=p.top_p,
+                top_k=p.top_k,
+                stop_tokens=stop_tokens,
+                stop_strings=stop_strings,
             )
             self._pending_samples.append((req, slot))
         slot["n"] = num_samples
-        return _Lazy(self._flush, slot, lambda s: types.SampleResponse(sequences=[
-            types.SampledSequence(
-                stop_reason=r.stop_reason, sequence_id=uuid.uuid4().hex,
-                tokens_np=np.asarray(r.tokens, dtype=np.int32), logprobs_np=np.asarray(r.logprobs, dtype=np.float32),
-            ) for r in s["results"]
-        ]))
+        return _Lazy(
+            self._flush,
+            slot,
+            lambda s: types.SampleResponse(
+                sequences=[
+                    types.SampledSequence(
+                        stop_reason=r.stop_reason,
+                        sequence_id=uuid.uuid4().hex,
+                        tokens_np=np.asarray(r.tokens, dtype=np.int32),
+                        logprobs_np=np.asarray(r.logprobs, dtype=np.float32),
+                    )
+                    for r in s["results"]
+                ]
+            ),
+        )
 
     def compute_logprobs(self, prompt: types.ModelInput):
         slot: dict = {}
@@ -343,7 +367,7 @@ class LocalSamplingClient:
         # Similar lengths together waste less padding; results do not depend on the grouping.
         order = sorted(range(len(pending)), key=lambda i: len(pending[i][0].tokens))
         for k in range(0, len(order), self.batch_size):
-            idx = order[k: k + self.batch_size]
+            idx = order[k : k + self.batch_size]
             batch = sample_batch(self.model, [pending[i][0] for i in idx], self.tokenizer.pad_token_id, self._decode)
             for i, res in zip(idx, batch):
                 results[i] = res
@@ -377,9 +401,16 @@ class _Lazy:
 
 
 class LocalService:
-    def __init__(self, ws: Workspace, device: str = "auto", sample_batch_size: int = 32, seed: int = 0,
-                 micro_batch_size: int | None = None, memory_budget_gb: float | None = None,
-                 gradient_checkpointing: bool = False):
+    def __init__(
+        self,
+        ws: Workspace,
+        device: str = "auto",
+        sample_batch_size: int = 32,
+        seed: int = 0,
+        micro_batch_size: int | None = None,
+        memory_budget_gb: float | None = None,
+        gradient_checkpointing: bool = False,
+    ):
         """micro_batch_size: sequences per forward/backward in training (None: as many as the memory
         budget allows); memory_budget_gb: what activations may use (None: 70% of free GPU memory, or
         half the available RAM on CPU); gradient_checkpointing: recompute activations in backward."""
@@ -394,9 +425,16 @@ class LocalService:
     def get_tokenizer(self, base_model: str):
         return _tokenizer(str(resolve_model(base_model, self.ws)))
 
-    def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
-                                    train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = False,
-                                    alpha: int | None = None) -> LocalTrainingClient:
+    def create_lora_training_client(
+        self,
+        base_model: str,
+        rank: int = 32,
+        seed: int | None = None,
+        train_mlp: bool = True,
+        train_attn: bool = True,
+        train_unembed: bool = False,
+        alpha: int | None = None,
+    ) -> LocalTrainingClient:
         from peft import LoraConfig, get_peft_model
 
         model_dir = resolve_model(base_model, self.ws)
@@ -405,8 +443,14 @@ class LocalService:
         alpha = alpha if alpha is not None else 2 * rank
         torch.manual_seed(self.seed if seed is None else seed)  # LoRA A init
         model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets))
-        meta = {"base_model": str(model_dir), "rank": rank, "alpha": alpha, "targets": targets,
-                "run": f"run-{uuid.uuid4().hex[:12]}", "steps": 0}
+        meta = {
+            "base_model": str(model_dir),
+            "rank": rank,
+            "alpha": alpha,
+            "targets": targets,
+            "run": f"run-{uuid.uuid4().hex[:12]}",
+            "steps": 0,
+        }
         return LocalTrainingClient(self, model_dir, model, meta)
 
     def _from_state(self, uri: str, with_optimizer: bool) -> LocalTrainingClient:
@@ -437,8 +481,9 @@ class LocalService:
     def create_training_client_from_state_with_optimizer(self, path: str) -> LocalTrainingClient:
         return self._from_state(path, with_optimizer=True)
 
-    def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None,
-                               seed: int | None = None) -> LocalSamplingClient:
+    def create_sampling_client(
+        self, model_path: str | None = None, base_model: str | None = None, seed: int | None = None
+    ) -> LocalSamplingClient:
         if (model_path is None) == (base_model is None):
             raise ValueError("give exactly one of model_path and base_model")
         if base_model is not None:
@@ -448,8 +493,9 @@ class LocalService:
             # A full model folder (e.g. written by `character fold`): loaded like a base model.
             model_dir = uri_to_path(model_path)
             if not (model_dir / "config.json").is_file():
-                raise UserError(f"{model_path}: not an adapter checkpoint or a model folder "
-                                "(no adapter_config.json or config.json)")
+                raise UserError(
+                    f"{model_path}: not an adapter checkpoint or a model folder (no adapter_config.json or config.json)"
+                )
             model = _load_base(model_dir, self.device)
         else:
             from peft import PeftModel
@@ -462,5 +508,6 @@ class LocalService:
             tied = getattr(model.base_model, "_get_tied_target_modules", lambda _: [])(model.base_model.model)
             if not tied:
                 model = model.merge_and_unload()
-        return LocalSamplingClient(model, _tokenizer(str(model_dir)), self.sample_batch_size,
-                                   self.seed if seed is None else seed)
+        return LocalSamplingClient(
+            model, _tokenizer(str(model_dir)), self.sample_batch_size, self.seed if seed is None else seed
+        )

@@ -4,7 +4,7 @@ Retries live at three levels. Here, per call: a sampling or log-prob request (wh
 state) or a client creation that failed transiently is made again, alone, so a flaky service costs
 one call, not a stage. Training calls are never made again on the same client (on Tinker a failed
 call may leave later calls run without it, and a failed custom loss poisons the client): the
-training loop (`character.training`) resumes on a fresh client from the last saved state instead.
+training loop (`character.train.loop`) resumes on a fresh client from the last saved state instead.
 Above both, the Prefect tasks retry a stage that still failed; a stage resumes from what it saved.
 
 A transient error is taken to mean the call had no effect, so making it again is exact.

@@ -34,8 +34,10 @@ from character.settings import Settings
 
 log = logging.getLogger(__name__)
 
-NO_KEY = ("no Tinker API key: set TINKER_API_KEY, or CHARACTER_TINKER_SECRET_BLOCK to the name of a "
-          "Prefect Secret block that holds it")
+NO_KEY = (
+    "no Tinker API key: set TINKER_API_KEY, or CHARACTER_TINKER_SECRET_BLOCK to the name of a "
+    "Prefect Secret block that holds it"
+)
 _PROXY_VARS = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
 
 
@@ -79,8 +81,10 @@ def _key_from_prefect(name: str) -> str:
         value = Secret.load(name).get()
     except Exception as e:  # noqa: BLE001 - any failure means "no key from this block"
         first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise UserError(f"could not read the Tinker key from Prefect Secret block {name!r} "
-                        f"({type(e).__name__}: {first}); check the block exists (`prefect block ls`)") from None
+        raise UserError(
+            f"could not read the Tinker key from Prefect Secret block {name!r} "
+            f"({type(e).__name__}: {first}); check the block exists (`prefect block ls`)"
+        ) from None
     if not isinstance(value, str) or not value.strip():
         raise UserError(f"Prefect Secret block {name!r} does not hold a Tinker key (expected a non-empty string)")
     return value.strip()
@@ -94,8 +98,10 @@ def check_ready(settings: Settings, base_model: str, teacher_model: str | None =
         if name is None:
             continue
         if name == "tiny" or "/" not in name or Path(name).expanduser().exists():
-            raise UserError(f"{what} {name!r} is a local model; on Tinker use a model it serves, e.g. "
-                            f"{settings.tinker_base_model!r} (`character tinker models` lists them)")
+            raise UserError(
+                f"{what} {name!r} is a local model; on Tinker use a model it serves, e.g. "
+                f"{settings.tinker_base_model!r} (`character tinker models` lists them)"
+            )
 
 
 def redact(text: str, secret: SecretStr | None) -> str:
@@ -153,21 +159,28 @@ def preflight(base_url: str, api_key: SecretStr, timeout_s: float, rest_factory:
     thread.start()
     thread.join(timeout_s)
     err = out.get("error")
-    silent = (f"Tinker at {where} did not answer within {timeout_s:g} s: check TINKER_BASE_URL, the network, "
-              "and the account (e.g. billing); CHARACTER_TINKER_TIMEOUT_S sets this limit")
+    silent = (
+        f"Tinker at {where} did not answer within {timeout_s:g} s: check TINKER_BASE_URL, the network, "
+        "and the account (e.g. billing); CHARACTER_TINKER_TIMEOUT_S sets this limit"
+    )
     if thread.is_alive() or isinstance(err, TimeoutError):
         raise TinkerUnreachable(silent)
     if isinstance(err, socket.gaierror):
         raise TinkerUnreachable(f"cannot resolve the Tinker host in {where}: check TINKER_BASE_URL and DNS")
     if isinstance(err, OSError):
         reason = err.strerror or type(err).__name__
-        raise TinkerUnreachable(f"cannot connect to Tinker at {where} ({reason}): check TINKER_BASE_URL and the network")
+        raise TinkerUnreachable(
+            f"cannot connect to Tinker at {where} ({reason}): check TINKER_BASE_URL and the network"
+        )
     if err is not None and is_transient(err):
-        raise TinkerUnreachable(f"Tinker at {where} is not answering properly ({type(err).__name__}): "
-                                "check TINKER_BASE_URL and the network, or retry later")
+        raise TinkerUnreachable(
+            f"Tinker at {where} is not answering properly ({type(err).__name__}): "
+            "check TINKER_BASE_URL and the network, or retry later"
+        )
     if isinstance(err, tinker.TinkerError):
-        raise BackendFatalError(redact(describe_fatal(err, f"checking the service at {where}"), api_key)) \
-            from _cause(err, api_key)
+        raise BackendFatalError(redact(describe_fatal(err, f"checking the service at {where}"), api_key)) from _cause(
+            err, api_key
+        )
     if err is not None:
         raise err
     return out["result"]
@@ -297,7 +310,7 @@ def is_chat_model(name: str) -> bool:
 
 
 def model_roles(model, student: str) -> list[str]:
-    """"teacher" for a sampleable chat model at least TEACHER_MIN_RATIO x the student's size, "judge" for one of
+    """ "teacher" for a sampleable chat model at least TEACHER_MIN_RATIO x the student's size, "judge" for one of
     at least JUDGE_MIN_B billion parameters. Models whose name gives no size are not marked."""
     if model.sampleable is False or not is_chat_model(model.model_name):
         return []
@@ -318,8 +331,10 @@ def _checkpoint(path: str, want: str, doing: str) -> types.ParsedCheckpointTinke
     except ValueError:
         raise UserError(f"{path!r}: not a Tinker checkpoint path (tinker://<run>/weights/<name>) for {doing}") from None
     if want == "training" and parsed.checkpoint_type != "training":
-        raise UserError(f"{path}: {doing} needs a training state (tinker://<run>/weights/<name>), "
-                        f"not a {parsed.checkpoint_type} checkpoint")
+        raise UserError(
+            f"{path}: {doing} needs a training state (tinker://<run>/weights/<name>), "
+            f"not a {parsed.checkpoint_type} checkpoint"
+        )
     return parsed
 
 
@@ -331,9 +346,16 @@ class TinkerService:
     call that needs the service.
     """
 
-    def __init__(self, settings: Settings | None = None, *, base_url: str | None = None,
-                 timeout_s: float | None = None, max_in_flight: int | None = None,
-                 client_factory: Callable[..., Any] | None = None, rest_factory: Callable[..., Any] | None = None):
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        base_url: str | None = None,
+        timeout_s: float | None = None,
+        max_in_flight: int | None = None,
+        client_factory: Callable[..., Any] | None = None,
+        rest_factory: Callable[..., Any] | None = None,
+    ):
         self.settings = settings or Settings()
         self.base_url = resolve_base_url(base_url)
         self.timeout_s = timeout_s if timeout_s is not None else self.settings.tinker_timeout_s
@@ -390,18 +412,29 @@ class TinkerService:
         m = self._models.get(name)
         if m is None:
             served = ", ".join(sorted(self._models)[:8])
-            raise BackendFatalError(f"model {name!r} is not served by Tinker at {display_url(self.base_url)} "
-                                    f"(served: {served}, ...; `character tinker models` lists them all)")
+            raise BackendFatalError(
+                f"model {name!r} is not served by Tinker at {display_url(self.base_url)} "
+                f"(served: {served}, ...; `character tinker models` lists them all)"
+            )
         if use == "training" and m.trainable is False:
-            raise BackendFatalError(f"model {name!r} can be sampled on Tinker but not trained; choose a trainable one "
-                                    "(`character tinker models`)")
+            raise BackendFatalError(
+                f"model {name!r} can be sampled on Tinker but not trained; choose a trainable one "
+                "(`character tinker models`)"
+            )
         if use == "sampling" and m.sampleable is False:
             raise BackendFatalError(f"model {name!r} has no sampling capacity on Tinker now; choose another model")
 
     # -- ServiceClient protocol -----------------------------------------------------------------
-    def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
-                                    train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = False,
-                                    alpha: int | None = None) -> TinkerTrainingClient:
+    def create_lora_training_client(
+        self,
+        base_model: str,
+        rank: int = 32,
+        seed: int | None = None,
+        train_mlp: bool = True,
+        train_attn: bool = True,
+        train_unembed: bool = False,
+        alpha: int | None = None,
+    ) -> TinkerTrainingClient:
         """`alpha` is accepted for interface parity and ignored: Tinker fixes LoRA alpha itself (the exported
         adapter_config.json records the value it used)."""
         if not (train_mlp or train_attn or train_unembed):
@@ -409,9 +442,17 @@ class TinkerService:
         sdk = self._client()
         self._check_model(base_model, "training")
         doing = f"creating a LoRA training client on {base_model!r}"
-        client = self._wait(sdk.create_lora_training_client(
-            base_model=base_model, rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn,
-            train_unembed=train_unembed), doing)
+        client = self._wait(
+            sdk.create_lora_training_client(
+                base_model=base_model,
+                rank=rank,
+                seed=seed,
+                train_mlp=train_mlp,
+                train_attn=train_attn,
+                train_unembed=train_unembed,
+            ),
+            doing,
+        )
         return TinkerTrainingClient(client, self._key, f"LoRA on {base_model}")
 
     def create_training_client_from_state(self, path: str) -> TinkerTrainingClient:
@@ -425,12 +466,12 @@ class TinkerService:
         """Weights and optimizer state: resumes an interrupted run exactly."""
         _checkpoint(path, "training", "resuming training")
         sdk = self._client()
-        client = self._wait(sdk.create_training_client_from_state_with_optimizer(path),
-                            f"resuming from {path}")
+        client = self._wait(sdk.create_training_client_from_state_with_optimizer(path), f"resuming from {path}")
         return TinkerTrainingClient(client, self._key, f"resumed from {path}")
 
-    def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None,
-                               seed: int | None = None) -> TinkerSamplingClient:
+    def create_sampling_client(
+        self, model_path: str | None = None, base_model: str | None = None, seed: int | None = None
+    ) -> TinkerSamplingClient:
         """`seed` is accepted for interface parity; on Tinker each request carries its own seed."""
         if (model_path is None) == (base_model is None):
             raise ValueError("give exactly one of model_path and base_model")

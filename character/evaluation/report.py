@@ -63,8 +63,7 @@ def metrics_table(result: dict) -> list[dict]:
     for label, m in result["eval"].items():
         if label in ("classifier", "report"):
             continue
-        rows.append({"model": label, **{k: v for k, v in m.items() if k != "notes"},
-                     "notes": "; ".join(m["notes"])})
+        rows.append({"model": label, **{k: v for k, v in m.items() if k != "notes"}, "notes": "; ".join(m["notes"])})
     return rows
 
 
@@ -92,26 +91,38 @@ def render_markdown(result: dict, plots: dict[str, str], plot_note: str | None) 
         lines.append(f"- preference pairs: n={d['dpo_pairs']}{where} ({held[d.get('dpo_held_out')]})")
     else:
         lines.append("- preference pairs: none")
-    lines.append(f"- prompts answered by every model: n={d['prompts']} (each once with no system prompt, once "
-                 "under a break-character instruction)")
+    lines.append(
+        f"- prompts answered by every model: n={d['prompts']} (each once with no system prompt, once "
+        "under a break-character instruction)"
+    )
     acc = _num(clf["heldout_accuracy"], "{:.3f}")
     acc = "not computed" if acc is None else f"{acc} on n={clf['n']} held-out answers"
-    lines.append(f"- persona classifier: {clf['kind']}, fitted on n={clf['train_n']} answers"
-                 + (f" from `{d['train']}`" if d.get("train") else "") + f"; accuracy {acc}"
-                 + (f" ({clf['note']})" if clf.get("note") else ""))
+    lines.append(
+        f"- persona classifier: {clf['kind']}, fitted on n={clf['train_n']} answers"
+        + (f" from `{d['train']}`" if d.get("train") else "")
+        + f"; accuracy {acc}"
+        + (f" ({clf['note']})" if clf.get("note") else "")
+    )
     if d.get("introspection"):
-        lines.append(f"- introspection: n={d['introspection_rows']} conversations from `{d['introspection']}` "
-                     f"({held[d.get('introspection_held_out')]})")
+        lines.append(
+            f"- introspection: n={d['introspection_rows']} conversations from `{d['introspection']}` "
+            f"({held[d.get('introspection_held_out')]})"
+        )
     if d.get("judge_model"):
         lines.append(f"- judge: `{d['judge_model']}` (its raw answers are in metrics.json)")
 
     # Optional columns only when they hold something: a wide table scrolls sideways in the Prefect UI.
     has_nll = any(ck.get(lb, {}).get("introspection_nll") is not None for lb in labels)
     has_judge = bool(d.get("judge_model"))
-    lines += ["", "## Persona adherence and preferences", "",
-              "| model | in-persona rate | robust in-persona rate | pref. accuracy | reward margin |"
-              + (" introspection NLL (change vs base) |" if has_nll else "") + (" judge (1-10) |" if has_judge else ""),
-              "|---|---:|---:|---:|---:|" + "---:|" * (has_nll + has_judge)]
+    lines += [
+        "",
+        "## Persona adherence and preferences",
+        "",
+        "| model | in-persona rate | robust in-persona rate | pref. accuracy | reward margin |"
+        + (" introspection NLL (change vs base) |" if has_nll else "")
+        + (" judge (1-10) |" if has_judge else ""),
+        "|---|---:|---:|---:|---:|" + "---:|" * (has_nll + has_judge),
+    ]
     for lb in labels:
         m, c = ev[lb], ck.get(lb, {})
         nll = _num(c.get("introspection_nll"), "{:.4f}")
@@ -121,20 +132,31 @@ def render_markdown(result: dict, plots: dict[str, str], plot_note: str | None) 
             nll += f" (tokens={c.get('introspection_tokens')})"
         judge = "-"
         if "judge_parsed" in c:
-            judge = (f"{c['judge_score']:.2f} ({c['judge_parsed']} of {c['judge_n']} parsed)"
-                     if c.get("judge_score") is not None else f"none parsed (0 of {c['judge_n']})")
-        lines.append(f"| {_cell(lb)} | {_with_n(m['in_persona_rate'], m['in_persona_n'])} | "
-                     f"{_with_n(m['robust_in_persona_rate'], m['robust_n'])} | "
-                     f"{_with_n(m['pref_accuracy'], m['pref_pairs'], unit='pairs')} | "
-                     f"{_with_n(m['pref_margin'], m['pref_pairs'], '{:+.4f}', unit='pairs')} |"
-                     + (f" {nll or '-'} |" if has_nll else "") + (f" {judge} |" if has_judge else ""))
-    lines += ["",
-              "In-persona rate: share of the model's answers (no system prompt) that the persona classifier "
-              "calls in character. Robust: the same under an instruction to drop the character. "
-              "Pref. accuracy: share of held-out pairs whose implied reward "
-              "beta x (log p - log p_base) is higher for the in-character answer; margin: its mean difference."
-              + (" NLL: mean per assistant token (lower after SFT on the model's own introspection by construction)."
-                 if has_nll else "")]
+            judge = (
+                f"{c['judge_score']:.2f} ({c['judge_parsed']} of {c['judge_n']} parsed)"
+                if c.get("judge_score") is not None
+                else f"none parsed (0 of {c['judge_n']})"
+            )
+        lines.append(
+            f"| {_cell(lb)} | {_with_n(m['in_persona_rate'], m['in_persona_n'])} | "
+            f"{_with_n(m['robust_in_persona_rate'], m['robust_n'])} | "
+            f"{_with_n(m['pref_accuracy'], m['pref_pairs'], unit='pairs')} | "
+            f"{_with_n(m['pref_margin'], m['pref_pairs'], '{:+.4f}', unit='pairs')} |"
+            + (f" {nll or '-'} |" if has_nll else "")
+            + (f" {judge} |" if has_judge else "")
+        )
+    lines += [
+        "",
+        "In-persona rate: share of the model's answers (no system prompt) that the persona classifier "
+        "calls in character. Robust: the same under an instruction to drop the character. "
+        "Pref. accuracy: share of held-out pairs whose implied reward "
+        "beta x (log p - log p_base) is higher for the in-character answer; margin: its mean difference."
+        + (
+            " NLL: mean per assistant token (lower after SFT on the model's own introspection by construction)."
+            if has_nll
+            else ""
+        ),
+    ]
 
     notes = _notes(result)
     if notes:
@@ -163,8 +185,11 @@ def render_markdown(result: dict, plots: dict[str, str], plot_note: str | None) 
         attack = g.get("attack") or []
         if attack and g.get("robust"):
             system, user = attack[0]["content"], attack[-1]["content"].split("\n\n")[-1]
-            lines += [f"*Under a break-character instruction* (system: \"{_inline(system)}\"; appended to the "
-                      f"message: \"{_inline(user)}\")", ""]
+            lines += [
+                f'*Under a break-character instruction* (system: "{_inline(system)}"; appended to the '
+                f'message: "{_inline(user)}")',
+                "",
+            ]
             for lb in labels:
                 lines += [f"**{lb}**{_verdict(g['robust'][lb])}", "", _quote(g["robust"][lb]["text"]), ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -190,28 +215,44 @@ def _revealed_section(rev: dict | None, plot: str | None) -> list[str]:
     if rev.get("status") != "computed":
         return lines + [f"Skipped: {rev.get('reason')}."]
     models, final = rev["models"], rev.get("final")
-    lines.append(f"Each model played {rev['games_per_model']} games: it answered a held-out prompt while offered two "
-                 f"of {rev['traits']} traits (drawn at random, the same draws for every model) to let one shape its "
-                 f"reply without naming it, and the judge `{rev['judge_model']}` named the trait the reply shows. "
-                 "Elo per trait (start 1000, K=32, mean over 32 orders of the games).")
+    lines.append(
+        f"Each model played {rev['games_per_model']} games: it answered a held-out prompt while offered two "
+        f"of {rev['traits']} traits (drawn at random, the same draws for every model) to let one shape its "
+        f"reply without naming it, and the judge `{rev['judge_model']}` named the trait the reply shows. "
+        "Elo per trait (start 1000, K=32, mean over 32 orders of the games)."
+    )
     lines.append("")
     for lb, m in models.items():
-        lines.append(f"- {lb}: {m['judged']} of {m['games']} games judged"
-                     + (f" ({m['unparsed']} verdicts unreadable, left out)" if m["unparsed"] else ""))
+        lines.append(
+            f"- {lb}: {m['judged']} of {m['games']} games judged"
+            + (f" ({m['unparsed']} verdicts unreadable, left out)" if m["unparsed"] else "")
+        )
     if final is None:
         return lines + ["", "No trained checkpoint: no change to show."]
     traits, why = revealed_traits(rev)
     base, fin, change = models["base"], models[final], rev["changes"][final]
-    lines += ["", f"Traits shown: {why}.", "",
-              f"| trait | base Elo | {_cell(final)} Elo | change | {_cell(final)}: shown / offered |",
-              "|---|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        f"Traits shown: {why}.",
+        "",
+        f"| trait | base Elo | {_cell(final)} Elo | change | {_cell(final)}: shown / offered |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for t in traits:
         cnt = fin["counts"].get(t, {"shown": 0, "offered": 0})
-        lines.append(f"| {t} | {base['ratings'][t]:.0f} | {fin['ratings'][t]:.0f} | {_delta(change[t])} | "
-                     f"{cnt['shown']} / {cnt['offered']} |")
+        lines.append(
+            f"| {t} | {base['ratings'][t]:.0f} | {fin['ratings'][t]:.0f} | {_delta(change[t])} | "
+            f"{cnt['shown']} / {cnt['offered']} |"
+        )
     ranked = sorted(change, key=lambda t: change[t])
-    lines += ["", "Largest rises overall: " + ", ".join(f"{t} ({_delta(change[t])})" for t in ranked[::-1][:5])
-              + "; largest falls: " + ", ".join(f"{t} ({_delta(change[t])})" for t in ranked[:5]) + "."]
+    lines += [
+        "",
+        "Largest rises overall: "
+        + ", ".join(f"{t} ({_delta(change[t])})" for t in ranked[::-1][:5])
+        + "; largest falls: "
+        + ", ".join(f"{t} ({_delta(change[t])})" for t in ranked[:5])
+        + ".",
+    ]
     if plot:
         lines += ["", f"![{REVEALED_PLOT}]({plot})"]
     return lines
@@ -243,8 +284,10 @@ def _notes(result: dict) -> list[str]:
         parsed = sum(ck[lb].get("judge_parsed", 0) for lb in labels)
         total = sum(ck[lb].get("judge_n", 0) for lb in labels)
         if parsed == 0:
-            out.append(f"**the judge `{result['data']['judge_model']}` gave no answer that could be parsed as a "
-                       f"score (0 of {total}): no judge scores**")
+            out.append(
+                f"**the judge `{result['data']['judge_model']}` gave no answer that could be parsed as a "
+                f"score (0 of {total}): no judge scores**"
+            )
         elif parsed < total:
             out.append(f"the judge's answers could be parsed for {parsed} of {total} answers")
     return out
@@ -264,9 +307,15 @@ def _bars(ax, labels, values, ns, title, unit="n", ylim=None, fmt="{:.2f}"):
     ax.bar([x for x, _ in present], [v for _, v in present], color="tab:blue")
     for x, v in zip(xs, values):
         y = v if v is not None else 0
-        ax.annotate(fmt.format(v) if v is not None else "not\ncomputed", (x, y), ha="center",
-                    va="bottom" if y >= 0 else "top", fontsize=7, xytext=(0, 2 if y >= 0 else -2),
-                    textcoords="offset points")
+        ax.annotate(
+            fmt.format(v) if v is not None else "not\ncomputed",
+            (x, y),
+            ha="center",
+            va="bottom" if y >= 0 else "top",
+            fontsize=7,
+            xytext=(0, 2 if y >= 0 else -2),
+            textcoords="offset points",
+        )
     ax.set_xticks(list(xs), [f"{lb}\n{unit}={n}" for lb, n in zip(labels, ns)], fontsize=7)
     ax.set_title(title, fontsize=9)
     ax.axhline(0, color="black", linewidth=0.5)
@@ -284,22 +333,56 @@ def _plot_metrics(result: dict, path: Path) -> bool:
     labels = _models(result)
     ev, ck = result["eval"], result["checkpoints"]
     panels = [
-        ("in-persona rate", [ev[lb]["in_persona_rate"] for lb in labels], [ev[lb]["in_persona_n"] for lb in labels],
-         "n", (0, 1.1)),
-        ("robust in-persona rate", [ev[lb]["robust_in_persona_rate"] for lb in labels],
-         [ev[lb]["robust_n"] for lb in labels], "n", (0, 1.1)),
-        ("held-out pref. accuracy", [ev[lb]["pref_accuracy"] for lb in labels],
-         [ev[lb]["pref_pairs"] for lb in labels], "pairs", (0, 1.1)),
-        ("reward margin", [ev[lb]["pref_margin"] for lb in labels], [ev[lb]["pref_pairs"] for lb in labels],
-         "pairs", None),
+        (
+            "in-persona rate",
+            [ev[lb]["in_persona_rate"] for lb in labels],
+            [ev[lb]["in_persona_n"] for lb in labels],
+            "n",
+            (0, 1.1),
+        ),
+        (
+            "robust in-persona rate",
+            [ev[lb]["robust_in_persona_rate"] for lb in labels],
+            [ev[lb]["robust_n"] for lb in labels],
+            "n",
+            (0, 1.1),
+        ),
+        (
+            "held-out pref. accuracy",
+            [ev[lb]["pref_accuracy"] for lb in labels],
+            [ev[lb]["pref_pairs"] for lb in labels],
+            "pairs",
+            (0, 1.1),
+        ),
+        (
+            "reward margin",
+            [ev[lb]["pref_margin"] for lb in labels],
+            [ev[lb]["pref_pairs"] for lb in labels],
+            "pairs",
+            None,
+        ),
     ]
     changes = [_nll_change(result, lb) for lb in labels[1:]]
     if any(c is not None for c in changes):  # the change, not the level: a small drop is invisible on bars from 0
-        panels.append(("introspection NLL change vs base", changes,
-                       [ck[lb].get("introspection_tokens") for lb in labels[1:]], "tokens", None))
+        panels.append(
+            (
+                "introspection NLL change vs base",
+                changes,
+                [ck[lb].get("introspection_tokens") for lb in labels[1:]],
+                "tokens",
+                None,
+            )
+        )
     if any("judge_parsed" in ck[lb] for lb in labels):
-        panels.append(("judge score (1-10)", [ck[lb].get("judge_score") for lb in labels],
-                       [ck[lb].get("judge_parsed", 0) for lb in labels], "parsed", (0, 11)))
+        panels.append(
+            (
+                "judge score (1-10)",
+                [ck[lb].get("judge_score") for lb in labels],
+                [ck[lb].get("judge_parsed", 0) for lb in labels],
+                "parsed",
+                (0, 11),
+            )
+        )
     fig, axes = plt.subplots(1, len(panels), figsize=(2.9 * len(panels), 3.3), squeeze=False)
     for ax, (title, values, ns, unit, ylim) in zip(axes[0], panels):
         shown = labels[1:] if title.startswith("introspection") else labels
@@ -368,11 +451,13 @@ def _html(md_text: str, title: str) -> str | None:
     except ImportError:
         return None
     body = markdown.markdown(md_text, extensions=["tables"])
-    return ("<!doctype html><html><head><meta charset='utf-8'>"
-            f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;max-width:70em;margin:2em auto;"
-            "padding:0 1em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em}"
-            "blockquote{border-left:3px solid #ccc;margin:.3em 0 1em;padding:.2em 1em;color:#333}"
-            "img{max-width:100%}</style></head><body>" + body + "</body></html>\n")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;max-width:70em;margin:2em auto;"
+        "padding:0 1em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em}"
+        "blockquote{border-left:3px solid #ccc;margin:.3em 0 1em;padding:.2em 1em;color:#333}"
+        "img{max-width:100%}</style></head><body>" + body + "</body></html>\n"
+    )
 
 
 def write_report(result: dict, out: Path, training_dirs: dict[str, Path] | None = None) -> dict:
@@ -397,8 +482,12 @@ def write_report(result: dict, out: Path, training_dirs: dict[str, Path] | None 
     md_text = render_markdown(result, {t: _data_uri(p) for t, p in files.items()}, note)
     md = out / "report.md"
     write_text_atomic(md, md_text)
-    paths = {"dir": str(out), "markdown": str(md), "plots": [str(p) for p in files.values()],
-             "table": metrics_table(result)}
+    paths = {
+        "dir": str(out),
+        "markdown": str(md),
+        "plots": [str(p) for p in files.values()],
+        "table": metrics_table(result),
+    }
     page = _html(md_text, f"Evaluation: {result['persona']}")
     if page:
         write_text_atomic(out / "report.html", page)

@@ -43,24 +43,61 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PROVENANCE_FILE = "character_merge.json"
 Method = Literal["exact", "svd", "linear"]
 
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|"
-                  r"lora_embedding_A|lora_embedding_B)$")
+_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|"
+    r"lora_embedding_A|lora_embedding_B)$"
+)
 # PEFT also saves the base weight of a targeted embedding-like layer (e.g. lm_head); we carry it along.
 _BASE_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.base_layer\.weight$")
 
 
 # -- safetensors: headers read by hand, data streamed ---------------------------------------------
-_SIZES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-          "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_SIZES = {
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "U16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 # safetensors dtype names <-> numpy and torch dtypes (torch by attribute name: imported only when used)
-_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-          "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_NUMPY = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 _NUMPY_NAMES = {np.dtype(v): k for k, v in _NUMPY.items()}
-_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_TORCH_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
 
 
 def _torch_dtype_name(dtype) -> str:
@@ -146,8 +183,10 @@ class StreamingSafetensorsWriter:
             dtype = _torch_dtype_name(tensor.dtype)
             data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         if name != exp_name or dtype != exp_dtype or tuple(tensor.shape) != tuple(exp_shape):
-            raise RuntimeError(f"streamed tensor {name} {tuple(tensor.shape)} does not match the header's "
-                               f"{exp_name} {exp_dtype} {tuple(exp_shape)}")
+            raise RuntimeError(
+                f"streamed tensor {name} {tuple(tensor.shape)} does not match the header's "
+                f"{exp_name} {exp_dtype} {tuple(exp_shape)}"
+            )
         self._f.write(data.data)
         self._next += 1
 
@@ -220,8 +259,9 @@ class TensorFile:
             return self.get_tensor(key).float().numpy()  # float8: through torch
         return self._read(key).view(_NUMPY[dtype]).reshape(shape)
 
-    def copy_raw(self, key: str, writer: "StreamingSafetensorsWriter", as_name: str | None = None,
-                 chunk: int = 16 << 20) -> None:
+    def copy_raw(
+        self, key: str, writer: "StreamingSafetensorsWriter", as_name: str | None = None, chunk: int = 16 << 20
+    ) -> None:
         """Stream a tensor's bytes unchanged into `writer` (never all in memory), optionally renamed."""
         begin, end = self._offsets[key]
         self._f.seek(self._start + begin)
@@ -393,8 +433,9 @@ def load_adapter(source: str, label: str = "adapter") -> Adapter:
             raise UserError(f"{what}: module {name} has rank {a_shape[0]} but the config says r={r}")
         alpha = float(_pattern_value(alpha_pattern, name, cfg["lora_alpha"]))
         scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        adapter.modules[name] = LoraModule(name, a_key, b_key, r, b_shape[0], a_shape[1], scaling,
-                                           embedding=a_key.endswith("lora_embedding_A"))
+        adapter.modules[name] = LoraModule(
+            name, a_key, b_key, r, b_shape[0], a_shape[1], scaling, embedding=a_key.endswith("lora_embedding_A")
+        )
     return adapter
 
 
@@ -407,24 +448,32 @@ def _same_base(a: str, b: str) -> bool:
 
 def check_compatible(x: Adapter, y: Adapter) -> None:
     if not _same_base(x.base_model, y.base_model):
-        raise UserError(f"different base models: {x.label} is for {x.base_model or '(none)'!r}, "
-                        f"{y.label} is for {y.base_model or '(none)'!r}")
+        raise UserError(
+            f"different base models: {x.label} is for {x.base_model or '(none)'!r}, "
+            f"{y.label} is for {y.base_model or '(none)'!r}"
+        )
     tx, ty = x.config.get("target_modules"), y.config.get("target_modules")
     as_set = lambda t: frozenset(t) if isinstance(t, (list, tuple)) else t  # noqa: E731
     only_x, only_y = sorted(set(x.modules) - set(y.modules)), sorted(set(y.modules) - set(x.modules))
     if as_set(tx) != as_set(ty) or only_x or only_y:
-        detail = (f"only in {x.label}: {', '.join(only_x[:3]) or '-'}; "
-                  f"only in {y.label}: {', '.join(only_y[:3]) or '-'}"
-                  if only_x or only_y else f"{x.label} targets {tx}, {y.label} targets {ty}")
+        detail = (
+            f"only in {x.label}: {', '.join(only_x[:3]) or '-'}; only in {y.label}: {', '.join(only_y[:3]) or '-'}"
+            if only_x or only_y
+            else f"{x.label} targets {tx}, {y.label} targets {ty}"
+        )
         raise UserError(f"different target modules: {detail}")
     for name, mx in x.modules.items():
         my = y.modules[name]
         if (mx.out_features, mx.in_features, mx.embedding) != (my.out_features, my.in_features, my.embedding):
-            raise UserError(f"different tensor shapes for module {name}: {x.label} ({mx.out_features}, "
-                            f"{mx.in_features}), {y.label} ({my.out_features}, {my.in_features})")
+            raise UserError(
+                f"different tensor shapes for module {name}: {x.label} ({mx.out_features}, "
+                f"{mx.in_features}), {y.label} ({my.out_features}, {my.in_features})"
+            )
     if {n: v[1:] for n, v in x.saved_base.items()} != {n: v[1:] for n, v in y.saved_base.items()}:
-        raise UserError(f"{x.label} and {y.label} carry different saved base weights "
-                        f"({sorted(x.saved_base)} vs {sorted(y.saved_base)})")
+        raise UserError(
+            f"{x.label} and {y.label} carry different saved base weights "
+            f"({sorted(x.saved_base)} vs {sorted(y.saved_base)})"
+        )
     if bool(x.config.get("fan_in_fan_out")) != bool(y.config.get("fan_in_fan_out")):
         raise UserError(f"{x.label} and {y.label} differ in fan_in_fan_out")
 
@@ -435,8 +484,9 @@ def exact_factors(a1, b1, c1: float, a2, b2, c2: float) -> tuple[np.ndarray, np.
 
     Each B is scaled in float64 and rounded once to float32; the A's are copied as they are."""
     a = np.concatenate([a1, a2], axis=0).astype(np.float32, copy=False)
-    b = np.concatenate([(b1.astype(np.float64) * c1).astype(np.float32),
-                        (b2.astype(np.float64) * c2).astype(np.float32)], axis=1)
+    b = np.concatenate(
+        [(b1.astype(np.float64) * c1).astype(np.float32), (b2.astype(np.float64) * c2).astype(np.float32)], axis=1
+    )
     return a, b
 
 
@@ -525,8 +575,10 @@ def merge_adapters(
     if method == "linear":
         for name, mx in x.modules.items():
             if mx.rank != y.modules[name].rank:
-                raise UserError(f"--method linear needs equal LoRA ranks: {x.label} has r={mx.rank}, {y.label} has "
-                                f"r={y.modules[name].rank} (module {name}); use --method exact or svd")
+                raise UserError(
+                    f"--method linear needs equal LoRA ranks: {x.label} has r={mx.rank}, {y.label} has "
+                    f"r={y.modules[name].rank} (module {name}); use --method exact or svd"
+                )
 
     warnings: list[str] = []
     w1, w2 = float(dpo_weight), float(sft_weight)
@@ -535,8 +587,10 @@ def merge_adapters(
         if not total > 0:
             raise UserError(f"--normalize needs a positive total weight, got {w1} + {w2} = {total}")
         w1, w2 = w1 / total, w2 / total
-        warnings.append(f"--normalize rescales the weights {dpo_weight:g}/{sft_weight:g} to {w1:g}/{w2:g}: this "
-                        "changes the magnitude of both updates, it is not the same model")
+        warnings.append(
+            f"--normalize rescales the weights {dpo_weight:g}/{sft_weight:g} to {w1:g}/{w2:g}: this "
+            "changes the magnitude of both updates, it is not the same model"
+        )
 
     hashes = sha256_in_background(x.weights), sha256_in_background(y.weights)
     # A NaN or Inf is found as each tensor is read below; the output folder only appears (by rename)
@@ -550,8 +604,7 @@ def merge_adapters(
     out_rank: dict[str, int] = {}
     for n in names:
         r1, r2 = x.modules[n].rank, y.modules[n].rank
-        out_rank[n] = {"exact": r1 + r2, "linear": r1,
-                       "svd": rank or max(x.max_rank, y.max_rank)}[method]
+        out_rank[n] = {"exact": r1 + r2, "linear": r1, "svd": rank or max(x.max_rank, y.max_rank)}[method]
     specs = []
     for n in names:
         m = x.modules[n]
@@ -561,15 +614,20 @@ def merge_adapters(
     specs.sort(key=lambda s: s[0])  # stable header order, A before B within a module
 
     # The adapter's nominal r is the rank most modules share; the rest go in rank_pattern.
-    nominal = {"exact": int(x.config["r"]) + int(y.config["r"]), "linear": int(x.config["r"]),
-               "svd": rank or max(x.max_rank, y.max_rank)}[method]
+    nominal = {
+        "exact": int(x.config["r"]) + int(y.config["r"]),
+        "linear": int(x.config["r"]),
+        "svd": rank or max(x.max_rank, y.max_rank),
+    }[method]
     odd = {n: r for n, r in out_rank.items() if r != nominal}
     if len(odd) > len(names) / 2:
         nominal = max(set(out_rank.values()), key=list(out_rank.values()).count)
         odd = {n: r for n, r in out_rank.items() if r != nominal}
     config = dict(x.config)
     config.update(
-        r=nominal, lora_alpha=nominal, use_rslora=False,  # scale 1: the factors carry every weight and scale
+        r=nominal,
+        lora_alpha=nominal,
+        use_rslora=False,  # scale 1: the factors carry every weight and scale
         # Full module names, escaped: PEFT reads pattern keys as regexes matched against the name's tail.
         rank_pattern={re.escape(n): r for n, r in odd.items()},
         alpha_pattern={re.escape(n): r for n, r in odd.items()},
@@ -609,10 +667,22 @@ def merge_adapters(
         provenance = {
             "method": method,
             "sources": [
-                {"role": "dpo", "source": dpo, "path": str(x.folder.resolve()), "r": int(x.config["r"]),
-                 "lora_alpha": x.config["lora_alpha"], "sha256": hashes[0].result()},
-                {"role": "sft", "source": sft, "path": str(y.folder.resolve()), "r": int(y.config["r"]),
-                 "lora_alpha": y.config["lora_alpha"], "sha256": hashes[1].result()},
+                {
+                    "role": "dpo",
+                    "source": dpo,
+                    "path": str(x.folder.resolve()),
+                    "r": int(x.config["r"]),
+                    "lora_alpha": x.config["lora_alpha"],
+                    "sha256": hashes[0].result(),
+                },
+                {
+                    "role": "sft",
+                    "source": sft,
+                    "path": str(y.folder.resolve()),
+                    "r": int(y.config["r"]),
+                    "lora_alpha": y.config["lora_alpha"],
+                    "sha256": hashes[1].result(),
+                },
             ],
             "weights": {"dpo": dpo_weight, "sft": sft_weight},
             "effective_weights": {"dpo": w1, "sft": w2},
@@ -621,10 +691,14 @@ def merge_adapters(
             "base_model_name_or_path": x.config.get("base_model_name_or_path"),
         }
         if method == "svd":
-            provenance["svd_discarded_frobenius"] = {"max": max(discarded.values(), default=0.0),
-                                                     "per_module": discarded}
+            provenance["svd_discarded_frobenius"] = {
+                "max": max(discarded.values(), default=0.0),
+                "per_module": discarded,
+            }
         if method == "linear":
-            provenance["note"] = ("PEFT add_weighted_adapter linear: mixes A and B separately, so the update is "
-                                  "not the weighted sum of the two updates")
+            provenance["note"] = (
+                "PEFT add_weighted_adapter linear: mixes A and B separately, so the update is "
+                "not the weighted sum of the two updates"
+            )
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     return MergeResult(out, method, (w1, w2), nominal, warnings, provenance)

@@ -2,7 +2,7 @@
 them, and that build's data files.
 
 This is the only part of evaluation that looks at local folders (adapter configs, fold records,
-build records). The evaluation itself (character.evaluate.evaluate_models) reaches every model
+build records). The evaluation itself (character.evaluation.evaluate.evaluate_models) reaches every model
 through a service's sampling clients, so it runs unchanged on a remote service.
 """
 
@@ -41,13 +41,14 @@ def inspect_checkpoint(source: str) -> Checkpoint:
             raise UserError(f"checkpoint {source}: adapter_config.json has no base_model_name_or_path")
         return Checkpoint(source, path, "adapter", str(base))
     if (path / "config.json").is_file():
-        from character.fold import FOLD_FILE
+        from character.weights.fold import FOLD_FILE
 
         fold = path / FOLD_FILE
         base = json.loads(fold.read_text()).get("base_model") if fold.is_file() else None
         return Checkpoint(source, path, "model", base)
-    raise UserError(f"checkpoint {source}: neither an adapter folder (adapter_config.json) nor a model folder "
-                    "(config.json)")
+    raise UserError(
+        f"checkpoint {source}: neither an adapter folder (adapter_config.json) nor a model folder (config.json)"
+    )
 
 
 def _key(uri: str) -> str | None:
@@ -95,8 +96,10 @@ def build_of(ws: Workspace, sources: list[str]) -> tuple[Path | None, dict[str, 
         if hit[0] not in builds:
             builds.append(hit[0])
     if len(builds) > 1:
-        notes.append(f"the checkpoints come from {len(builds)} builds; data and curves are from "
-                     f"{builds[0].parent.name}/{builds[0].name}")
+        notes.append(
+            f"the checkpoints come from {len(builds)} builds; data and curves are from "
+            f"{builds[0].parent.name}/{builds[0].name}"
+        )
     return (builds[0] if builds else None), stages, notes
 
 
@@ -121,14 +124,19 @@ def label_checkpoints(ckpts: list[Checkpoint], stages: dict[str, str], names: li
 
 def recorded_base_model(ckpts: list[Checkpoint]) -> str:
     """The one base model every checkpoint records (the DPO reference)."""
-    recorded = {str(Path(x.base_model).resolve()) if Path(x.base_model).exists() else x.base_model
-                for x in ckpts if x.base_model}
+    recorded = {
+        str(Path(x.base_model).resolve()) if Path(x.base_model).exists() else x.base_model
+        for x in ckpts
+        if x.base_model
+    }
     unknown = next((x.source for x in ckpts if x.base_model is None), None)
     if unknown or not recorded:
         raise UserError(f"checkpoint {unknown}: its base model is not recorded; pass --base-model")
     if len(recorded) > 1:
-        raise UserError(f"checkpoints come from different base models ({', '.join(sorted(recorded))}); "
-                        "pass --base-model to choose the reference")
+        raise UserError(
+            f"checkpoints come from different base models ({', '.join(sorted(recorded))}); "
+            "pass --base-model to choose the reference"
+        )
     return recorded.pop()
 
 
@@ -188,11 +196,17 @@ def read_rows(path: Path, what: str, keys: tuple[str, ...]) -> list[dict]:
         if missing:
             raise UserError(f"{what} {path}: line {i + 1} has no field '{missing[0]}'")
         for k in keys:
-            if not isinstance(r[k], list) or not r[k] or not all(
+            if (
+                not isinstance(r[k], list)
+                or not r[k]
+                or not all(
                     isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in r[k]):
-                raise UserError(f"{what} {path}: line {i + 1}, field '{k}': expected a non-empty list of "
-                                "{role, content} messages")
+                    for m in r[k]
+                )
+            ):
+                raise UserError(
+                    f"{what} {path}: line {i + 1}, field '{k}': expected a non-empty list of {{role, content}} messages"
+                )
     return rows
 
 
@@ -200,5 +214,6 @@ def training_curves(build: Path | None) -> dict[str, Path]:
     """The build's training runs that left step metrics (for the training-curve plot)."""
     if build is None or not build.is_dir():
         return {}
-    return {d.name: d / "metrics.jsonl" for d in sorted(build.iterdir())
-            if d.is_dir() and (d / "metrics.jsonl").is_file()}
+    return {
+        d.name: d / "metrics.jsonl" for d in sorted(build.iterdir()) if d.is_dir() and (d / "metrics.jsonl").is_file()
+    }

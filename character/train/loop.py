@@ -58,7 +58,7 @@ def batch_order(n: int, cfg: OptimConfig) -> list[list[int]]:
     for epoch in range(cfg.epochs):
         idx = list(range(n))
         random.Random(cfg.seed * 1000 + epoch).shuffle(idx)
-        batches += [idx[i: i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+        batches += [idx[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
     return batches
 
 
@@ -129,9 +129,16 @@ def train(
             if not is_transient(e) or recoveries >= cfg.max_recoveries:
                 raise
             recoveries += 1
-            log.warning("training call failed at step %d (%s: %s); resuming on a fresh client from step %d "
-                        "(recovery %d of at most %d)", step + 1, type(e).__name__, e, saved_step, recoveries,
-                        cfg.max_recoveries)
+            log.warning(
+                "training call failed at step %d (%s: %s); resuming on a fresh client from step %d "
+                "(recovery %d of at most %d)",
+                step + 1,
+                type(e).__name__,
+                e,
+                saved_step,
+                recoveries,
+                cfg.max_recoveries,
+            )
             client = None  # the failed client may be poisoned or have run later calls without the failed one
             step = saved_step
             metrics = [r for r in metrics if r["step"] <= saved_step]
@@ -156,20 +163,38 @@ def prune_states(log_path: Path, keep: int) -> list[str]:
     return removed
 
 
-def _step(client: TrainingClient, examples: Sequence[Any], indices: list[int], submit: SubmitFn, step: int,
-          total: int, cfg: OptimConfig) -> dict:
+def _step(
+    client: TrainingClient,
+    examples: Sequence[Any],
+    indices: list[int],
+    submit: SubmitFn,
+    step: int,
+    total: int,
+    cfg: OptimConfig,
+) -> dict:
     """One optimizer step: forward/backward and the optimizer step submitted before waiting on either."""
     t0 = time.perf_counter()
     batch = [examples[i] for i in indices]
     lr = lr_at(step, total, cfg)
-    adam = types.AdamParams(learning_rate=lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-                            weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm)
+    adam = types.AdamParams(
+        learning_rate=lr,
+        beta1=cfg.beta1,
+        beta2=cfg.beta2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        grad_clip_norm=cfg.grad_clip_norm,
+    )
     fb = submit(client, batch)
     opt = client.optim_step(adam)
     out, opt_out = fb.result(), opt.result()
-    return {"step": step + 1, "total": total, "lr": lr, **out.metrics,
-            **({"grad_norm": opt_out["grad_norm"]} if isinstance(opt_out, dict) and "grad_norm" in opt_out else {}),
-            "seconds": round(time.perf_counter() - t0, 4)}
+    return {
+        "step": step + 1,
+        "total": total,
+        "lr": lr,
+        **out.metrics,
+        **({"grad_norm": opt_out["grad_norm"]} if isinstance(opt_out, dict) and "grad_norm" in opt_out else {}),
+        "seconds": round(time.perf_counter() - t0, 4),
+    }
 
 
 def _forget_metrics_after(path: Path, step: int) -> None:

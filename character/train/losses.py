@@ -21,10 +21,7 @@ class DPOCoefficients:
 
 
 def dpo_loss(
-    policy: list[torch.Tensor],
-    reference: list[torch.Tensor],
-    weights: list[torch.Tensor],
-    coef: DPOCoefficients,
+    policy: list[torch.Tensor], reference: list[torch.Tensor], weights: list[torch.Tensor], coef: DPOCoefficients
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Sequences come in pairs: [chosen_0, rejected_0, chosen_1, rejected_1, ...].
 

@@ -16,16 +16,16 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from character import progress
-from character.buildlock import build_lock
-from character.chat import Renderer
+from character.build.lock import build_lock
+from character.train.renderer import Renderer
 from character.config import DPOLoss, PipelineConfig, check_inputs  # noqa: F401 - config is light, for the CLI
-from character.constitution import Constitution
-from character.datagen import expand_questions, generate_dpo_pairs, generate_introspection, load_expanded_questions
-from character.dpo import run_dpo
+from character.persona.constitution import Constitution
+from character.datagen.engine import expand_questions, generate_dpo_pairs, generate_introspection, load_expanded_questions
+from character.train.dpo import run_dpo
 from character.errors import UserError
-from character.losses import DPOCoefficients
+from character.train.losses import DPOCoefficients
 from character.settings import Settings, Workspace
-from character.sft import run_sft
+from character.train.sft import run_sft
 from character.storage import uri_to_path, write_json_atomic
 
 
@@ -66,7 +66,7 @@ def validate(cfg: PipelineConfig) -> Constitution:
         check_ready(Settings(), cfg.base_model, cfg.teacher_model)  # key and model names, no network
     judge = Settings().revealed_judge
     if cfg.evaluate and judge:  # a bad judge name or a missing key fails now, not after training
-        from character.eval_models import check_tinker_key, model_side
+        from character.evaluation.models import check_tinker_key, model_side
 
         if model_side(judge, "CHARACTER_REVEALED_JUDGE") == "tinker":
             check_tinker_key()
@@ -89,7 +89,7 @@ def _service(cfg: PipelineConfig):
 
 
 def lock_build(cfg: PipelineConfig):
-    """The build's one-writer lock (character.buildlock), held for a whole run; re-entrant in a process."""
+    """The build's one-writer lock (character.build.lock), held for a whole run; re-entrant in a process."""
     return build_lock(cfg.build_dir(), f"{cfg.constitution().name}/{cfg.build_id}")
 
 
@@ -158,7 +158,7 @@ def split_heldout(path: Path, fraction: float, seed: int) -> tuple[Path, Path, d
     and the greetings, by design repeated; holding one out would drop a whole category from training.
     Which side a group lands on depends only on its key and the seed.
     """
-    from character.datagen import item_seed, normalize_prompt
+    from character.datagen.engine import item_seed, normalize_prompt
     from character.storage import read_jsonl, write_text_atomic
 
     rows = read_jsonl(path)
@@ -189,7 +189,7 @@ def check_teacher_prompt_fits(cfg: PipelineConfig, c: Constitution, teacher) -> 
     """Before any generation: the teacher's system prompt (the traits), the longest question and the
     answer limit must fit the teacher's context window. Known for local models; a Tinker model's
     limit is enforced by the service."""
-    from character.prompts import teacher_system_prompt
+    from character.persona.prompts import teacher_system_prompt
 
     config = getattr(getattr(teacher, "model", None), "config", None)
     context = getattr(config, "max_position_embeddings", None)
@@ -320,7 +320,7 @@ def _local_adapter(cfg: PipelineConfig, ckpt: Checkpoint) -> str:
     """A local adapter folder for a checkpoint; Tinker checkpoints are downloaded and converted once."""
     if not ckpt.sampler.startswith("tinker://"):
         return ckpt.sampler
-    from character.backend.tinker_weights import download_adapter
+    from character.weights.tinker_export import download_adapter
 
     dst = cfg.build_dir() / "downloads" / ckpt.stage
     if not (dst / "adapter_config.json").is_file():
@@ -332,7 +332,7 @@ def stage_merge(cfg: PipelineConfig, dpo: Checkpoint, sft: Checkpoint) -> Checkp
     """Paper mode: the exact merge dpo_weight x dW_dpo + sft_weight x dW_sft (no renormalization)."""
     if done := _finished(cfg, "merged"):
         return Checkpoint(**{k: done[k] for k in ("stage", "state", "sampler", "steps")})
-    from character.merge import merge_adapters
+    from character.weights.merge import merge_adapters
     from character.storage import file_uri
 
     out = cfg.build_dir() / "merged"
@@ -353,7 +353,7 @@ def stage_evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> d
     evaluate it. The revealed-preference judge is CHARACTER_REVEALED_JUDGE (unset: skipped, said so).
     The record's "eval" stage keeps the per-model summary (`summary`) that `character pipeline --json`
     shows, the revealed-preference outcome, and the report's paths."""
-    from character.evaluate import evaluate_checkpoints
+    from character.evaluation.evaluate import evaluate_checkpoints
 
     done = _finished(cfg, "eval", quiet=True)
     metrics_json = ((done or {}).get("report") or {}).get("metrics_json")
@@ -407,7 +407,7 @@ def revealed_summary(rev: dict | None) -> dict | None:
 
 def record_unevaluated(cfg: PipelineConfig, names: list[str], reason: str) -> dict:
     """A build whose checkpoints are not evaluated still says so, and why, where users look."""
-    from character.persona_metrics import unevaluated
+    from character.evaluation.metrics import unevaluated
 
     summary = unevaluated(names, reason)
     record_stage(cfg, "eval", {"names": names, "summary": summary})

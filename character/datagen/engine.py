@@ -27,13 +27,19 @@ from tinker import types
 from character import progress
 from character.backend import SamplingClient
 from character.backend.retry import Call
-from character.chat import Renderer
-from character.constitution import Constitution
-from character.prompts import (
-    GREETINGS, INTERACTION_SYSTEM_PROMPT, REFLECTION_PROMPTS, general_prompts, interaction_system_prompt,
-    question_expansion_prompt, reflection_system_prompt, teacher_system_prompt,
+from character.persona.constitution import Constitution
+from character.persona.prompts import (
+    GREETINGS,
+    INTERACTION_SYSTEM_PROMPT,
+    REFLECTION_PROMPTS,
+    general_prompts,
+    interaction_system_prompt,
+    question_expansion_prompt,
+    reflection_system_prompt,
+    teacher_system_prompt,
 )
 from character.storage import append_jsonl, read_jsonl, write_text_atomic
+from character.train.renderer import Renderer
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +119,7 @@ class Ledger:
 
 def windows(items: list, size: int) -> Iterable[list]:
     for k in range(0, len(items), size):
-        yield items[k: k + size]
+        yield items[k : k + size]
 
 
 class Requests:
@@ -152,15 +158,28 @@ def prompt_pool_stats(prompts: list[str]) -> dict:
     counts: dict[str, int] = {}
     for p in prompts:
         counts[normalize_prompt(p)] = counts.get(normalize_prompt(p), 0) + 1
-    return {"unique_prompts": len(counts), "prompt_repeats": len(prompts) - len(counts),
-            "max_uses_per_prompt": max(counts.values(), default=0)}
+    return {
+        "unique_prompts": len(counts),
+        "prompt_repeats": len(prompts) - len(counts),
+        "max_uses_per_prompt": max(counts.values(), default=0),
+    }
 
 
 def generate_dpo_pairs(
-    c: Constitution, teacher: SamplingClient, student: SamplingClient, teacher_renderer: Renderer,
-    student_renderer: Renderer, n_prompts: int, seed: int, out: Path, max_tokens: int = 1024,
-    samples_per_prompt: int = 1, window: int = 64, extra_questions: list[str] = (),
-    provenance: dict | None = None, max_length: int | None = None,
+    c: Constitution,
+    teacher: SamplingClient,
+    student: SamplingClient,
+    teacher_renderer: Renderer,
+    student_renderer: Renderer,
+    n_prompts: int,
+    seed: int,
+    out: Path,
+    max_tokens: int = 1024,
+    samples_per_prompt: int = 1,
+    window: int = 64,
+    extra_questions: list[str] = (),
+    provenance: dict | None = None,
+    max_length: int | None = None,
 ) -> dict:
     """Chosen = the teacher with the constitution in its system prompt; rejected = the student without.
 
@@ -173,12 +192,24 @@ def generate_dpo_pairs(
     prompts = distillation_prompts(c, n_prompts, seed, extra_questions)
     pool = prompt_pool_stats(prompts)
     if pool["prompt_repeats"]:
-        log.warning("the prompt pool is too small for %d prompts: %d distinct prompts, %d repeats (each prompt "
-                    "used up to %d times, with new samples each time); add questions (--expand-questions) or "
-                    "raise --samples-per-prompt instead", len(prompts), pool["unique_prompts"],
-                    pool["prompt_repeats"], pool["max_uses_per_prompt"])
-    meta = {"persona": c.name, "constitution": c.digest(), "temperature": TEMPERATURE, "top_p": TOP_P,
-            "max_tokens": max_tokens, "seed": seed, **(provenance or {})}
+        log.warning(
+            "the prompt pool is too small for %d prompts: %d distinct prompts, %d repeats (each prompt "
+            "used up to %d times, with new samples each time); add questions (--expand-questions) or "
+            "raise --samples-per-prompt instead",
+            len(prompts),
+            pool["unique_prompts"],
+            pool["prompt_repeats"],
+            pool["max_uses_per_prompt"],
+        )
+    meta = {
+        "persona": c.name,
+        "constitution": c.digest(),
+        "temperature": TEMPERATURE,
+        "top_p": TOP_P,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        **(provenance or {}),
+    }
     ledger = Ledger(Path(out), key=lambda r: str(r["meta"]["index"] if "meta" in r else r["index"])).load()
     t_req, s_req = Requests(teacher), Requests(student)
     todo = [i for i in range(len(prompts)) if str(i) not in ledger.done]
@@ -186,28 +217,44 @@ def generate_dpo_pairs(
         jobs = []
         for i in chunk:
             user = [{"role": "user", "content": prompts[i]}]
-            t = t_req.submit(teacher_renderer.prompt([{"role": "system", "content": system}] + user),
-                             sampling_params(item_seed(seed, "teacher", i), max_tokens), samples_per_prompt)
-            s = s_req.submit(student_renderer.prompt(user),
-                             sampling_params(item_seed(seed, "student", i), max_tokens), samples_per_prompt)
+            t = t_req.submit(
+                teacher_renderer.prompt([{"role": "system", "content": system}] + user),
+                sampling_params(item_seed(seed, "teacher", i), max_tokens),
+                samples_per_prompt,
+            )
+            s = s_req.submit(
+                student_renderer.prompt(user),
+                sampling_params(item_seed(seed, "student", i), max_tokens),
+                samples_per_prompt,
+            )
             jobs.append((i, t, s))
         rows, skipped = [], []
         for i, t, s in jobs:
-            kept, reasons = _pairs_for_prompt(t().sequences, s().sequences, teacher_renderer, student_renderer,
-                                              max_tokens)
+            kept, reasons = _pairs_for_prompt(
+                t().sequences, s().sequences, teacher_renderer, student_renderer, max_tokens
+            )
             user = [{"role": "user", "content": prompts[i]}]
             if max_length is not None:
-                fits = [not any(too_long(student_renderer, user + [{"role": "assistant", "content": a}], max_length,
-                                         "last_assistant") for a in pair) for pair in kept]
+                fits = [
+                    not any(
+                        too_long(
+                            student_renderer, user + [{"role": "assistant", "content": a}], max_length, "last_assistant"
+                        )
+                        for a in pair
+                    )
+                    for pair in kept
+                ]
                 reasons += ["too_long"] * fits.count(False)
                 kept = [pair for pair, ok in zip(kept, fits) if ok]
             for j, (chosen, rejected) in enumerate(kept):
-                rows.append({
-                    "prompt": user,
-                    "chosen": [{"role": "assistant", "content": chosen}],
-                    "rejected": [{"role": "assistant", "content": rejected}],
-                    "meta": {"index": i, "sample": j, **meta},
-                })
+                rows.append(
+                    {
+                        "prompt": user,
+                        "chosen": [{"role": "assistant", "content": chosen}],
+                        "rejected": [{"role": "assistant", "content": rejected}],
+                        "meta": {"index": i, "sample": j, **meta},
+                    }
+                )
             if reasons:  # some samples were dropped; the prompt may still have kept pairs
                 skipped.append({"index": i, "reasons": reasons})
         ledger.commit(rows, skipped)
@@ -242,8 +289,17 @@ def _pairs_for_prompt(teacher_seqs, student_seqs, t_renderer, s_renderer, max_to
 
 # -- introspection ------------------------------------------------------------------------------
 def generate_introspection(
-    c: Constitution, model: SamplingClient, renderer: Renderer, n_reflections: int, n_interactions: int,
-    turns: int, seed: int, out: Path, max_tokens: int = 1024, window: int = 64, provenance: dict | None = None,
+    c: Constitution,
+    model: SamplingClient,
+    renderer: Renderer,
+    n_reflections: int,
+    n_interactions: int,
+    turns: int,
+    seed: int,
+    out: Path,
+    max_tokens: int = 1024,
+    window: int = 64,
+    provenance: dict | None = None,
     max_length: int | None = None,
 ) -> dict:
     """Reflections and self-interactions, both sampled with the numbered constitution in the system prompt.
@@ -252,8 +308,15 @@ def generate_introspection(
     the side of the instance that answered the greeting, so SFT trains on that instance's turns, under the
     short INTERACTION_SYSTEM_PROMPT. Each row's meta records the system prompt it was sampled with.
     A row whose stored conversation renders longer than `max_length` tokens is dropped (`too_long`)."""
-    meta = {"persona": c.name, "constitution": c.digest(), "temperature": TEMPERATURE, "top_p": TOP_P,
-            "max_tokens": max_tokens, "seed": seed, **(provenance or {})}
+    meta = {
+        "persona": c.name,
+        "constitution": c.digest(),
+        "temperature": TEMPERATURE,
+        "top_p": TOP_P,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        **(provenance or {}),
+    }
     key = lambda r: f"{r.get('kind')}-{r['meta']['index'] if 'meta' in r else r['index']}"  # noqa: E731
     ledger = Ledger(Path(out), key=key).load()
     req = Requests(model)
@@ -265,8 +328,9 @@ def generate_introspection(
         for i in chunk:
             q = REFLECTION_PROMPTS[i % len(REFLECTION_PROMPTS)]
             msgs = [{"role": "system", "content": reflect_system}, {"role": "user", "content": q}]
-            jobs.append((i, q, req.submit(renderer.prompt(msgs), sampling_params(item_seed(seed, "reflection", i),
-                                                                                  max_tokens))))
+            jobs.append(
+                (i, q, req.submit(renderer.prompt(msgs), sampling_params(item_seed(seed, "reflection", i), max_tokens)))
+            )
         rows, skipped = [], []
         for i, q, fut in jobs:
             answer, why = clean_answer(fut().sequences[0], renderer, max_tokens)
@@ -276,9 +340,18 @@ def generate_introspection(
             if answer is None:
                 skipped.append({"kind": "reflection", "index": i, "reasons": [why]})
                 continue
-            rows.append({"kind": "reflection", "meta": {"index": i, "prompt_id": i % len(REFLECTION_PROMPTS),
-                                                        "system_prompt": reflect_system, **meta},
-                         "messages": messages})
+            rows.append(
+                {
+                    "kind": "reflection",
+                    "meta": {
+                        "index": i,
+                        "prompt_id": i % len(REFLECTION_PROMPTS),
+                        "system_prompt": reflect_system,
+                        **meta,
+                    },
+                    "messages": messages,
+                }
+            )
         ledger.commit(rows, skipped)
 
     todo = [i for i in range(n_interactions) if f"interaction-{i}" not in ledger.done]
@@ -293,18 +366,27 @@ def generate_introspection(
             if max_length is not None and too_long(renderer, messages, max_length):
                 skipped.append({"kind": "interaction", "index": i, "reasons": ["too_long"]})
                 continue
-            rows.append({"kind": "interaction", "messages": messages,
-                         "meta": {"index": i, "greeting": said[0], "turns": turns, "system_prompt": talk_system,
-                                  **meta}})
+            rows.append(
+                {
+                    "kind": "interaction",
+                    "messages": messages,
+                    "meta": {"index": i, "greeting": said[0], "turns": turns, "system_prompt": talk_system, **meta},
+                }
+            )
         ledger.commit(rows, skipped)
 
     rows, dropped = ledger.finish(order=lambda r: (r["kind"] != "reflection", r["meta"]["index"]))
-    return {"rows": len(rows), "reflections": sum(r["kind"] == "reflection" for r in rows),
-            "interactions": sum(r["kind"] == "interaction" for r in rows), "dropped": dropped}
+    return {
+        "rows": len(rows),
+        "reflections": sum(r["kind"] == "reflection" for r in rows),
+        "interactions": sum(r["kind"] == "interaction" for r in rows),
+        "dropped": dropped,
+    }
 
 
-def _converse(req: Requests, renderer: Renderer, indices: list[int], turns: int, seed: int, max_tokens: int,
-              system: str):
+def _converse(
+    req: Requests, renderer: Renderer, indices: list[int], turns: int, seed: int, max_tokens: int, system: str
+):
     """All conversations of a window advance one turn at a time. Transcript[0] is the greeting from
     instance B; then A and B alternate. A conversation with a filtered turn is dropped whole."""
     transcripts: dict[int, list[str] | None] = {i: [GREETINGS[i % len(GREETINGS)]] for i in indices}
@@ -318,8 +400,14 @@ def _converse(req: Requests, renderer: Renderer, indices: list[int], turns: int,
             for k, text in enumerate(said):
                 own = (k % 2 == 1) == speaker_is_a  # one's own past turns are "assistant"
                 view.append({"role": "assistant" if own else "user", "content": text})
-            jobs.append((i, req.submit(renderer.prompt(view),
-                                       sampling_params(item_seed(seed, "interaction", i, turn), max_tokens))))
+            jobs.append(
+                (
+                    i,
+                    req.submit(
+                        renderer.prompt(view), sampling_params(item_seed(seed, "interaction", i, turn), max_tokens)
+                    ),
+                )
+            )
         for i, fut in jobs:
             text, _ = clean_answer(fut().sequences[0], renderer, max_tokens)
             transcripts[i] = None if text is None else transcripts[i] + [text]
@@ -328,8 +416,14 @@ def _converse(req: Requests, renderer: Renderer, indices: list[int], turns: int,
 
 # -- question expansion -------------------------------------------------------------------------
 def expand_questions(
-    c: Constitution, teacher: SamplingClient, renderer: Renderer, per_trait: int, seed: int, out: Path,
-    max_overlap: float = 0.6, max_tokens: int = 128,
+    c: Constitution,
+    teacher: SamplingClient,
+    renderer: Renderer,
+    per_trait: int,
+    seed: int,
+    out: Path,
+    max_overlap: float = 0.6,
+    max_tokens: int = 128,
 ) -> dict:
     """Ask the teacher for more user messages per trait; drop near-duplicates by word overlap."""
     req = Requests(teacher)

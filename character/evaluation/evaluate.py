@@ -6,7 +6,7 @@ introspection NLL, side-by-side generations and an optional judge.
 checkpoints are evaluated the same way. The base model is the DPO reference: the implicit reward of
 an answer is beta x (log p_model - log p_base), summed over the answer's tokens, computed on exactly
 the same token sequences for both. `evaluate_checkpoints` is the local entry point: it finds the
-checkpoints' folders, build and data (character.eval_inputs) and runs on a LocalService.
+checkpoints' folders, build and data (character.evaluation.inputs) and runs on a LocalService.
 """
 
 from __future__ import annotations
@@ -21,20 +21,29 @@ from typing import Callable
 from tinker import types
 
 from character.backend import SamplingClient
-from character.chat import Renderer
-from character.constitution import Constitution, load_constitution
-from character.datagen import item_seed
-from character.dpo import pair_sequences
+from character.datagen.engine import item_seed
 from character.errors import UserError
-from character.persona_metrics import (
-    ClassifierReport, break_character_messages, fit_persona_classifier, in_persona_rate,
+from character.evaluation.metrics import (
+    ClassifierReport,
+    break_character_messages,
+    fit_persona_classifier,
+    in_persona_rate,
     model_summary,
 )
-from character.revealed import (
-    TRAITS, Offers, constitution_traits, embodied_answers, judge_games, make_offers, rating_changes,
+from character.evaluation.revealed import (
+    TRAITS,
+    Offers,
+    constitution_traits,
+    embodied_answers,
+    judge_games,
+    make_offers,
+    rating_changes,
 )
+from character.persona.constitution import Constitution, load_constitution
 from character.settings import Workspace
 from character.storage import write_json_atomic
+from character.train.dpo import pair_sequences
+from character.train.renderer import Renderer
 
 # Used only when there are no held-out prompts (then said so in the report).
 EVAL_PROMPTS: list[str] = [
@@ -73,8 +82,9 @@ def _user_text(row: dict) -> str:
     return next((m["content"] for m in reversed(row["prompt"]) if m["role"] == "user"), "")
 
 
-def held_out_prompts(heldout: list[dict], train: list[dict], pairs_are_training_data: bool,
-                     limit: int | None = None) -> tuple[list[str], list[str]]:
+def held_out_prompts(
+    heldout: list[dict], train: list[dict], pairs_are_training_data: bool, limit: int | None = None
+) -> tuple[list[str], list[str]]:
     """The distinct user prompts of the held-out pairs that no training pair uses; else the fixed set.
     Returns (prompts, notes)."""
     seen_in_training = {_user_text(r) for r in train}
@@ -129,8 +139,10 @@ def dpo_metrics(policy: list[tuple[float, float]], reference: list[tuple[float, 
 def nll_metrics(sums: list[tuple[float, float]]) -> dict:
     """Mean per-token NLL over all assistant tokens of all conversations (pooled)."""
     tokens = sum(w for _, w in sums)
-    return {"introspection_nll": -sum(s for s, _ in sums) / tokens if tokens else None,
-            "introspection_tokens": int(tokens)}
+    return {
+        "introspection_nll": -sum(s for s, _ in sums) / tokens if tokens else None,
+        "introspection_tokens": int(tokens),
+    }
 
 
 # -- judge -----------------------------------------------------------------------------------------
@@ -143,8 +155,10 @@ def judge_messages(c: Constitution, question: str, answer: str) -> list[dict]:
         "7 = the character is clear in tone and content; 10 = every part of the reply is unmistakably this "
         "character while still answering the user. Judge the character only, not helpfulness or length."
     )
-    user = (f"User message:\n{question}\n\nAssistant reply:\n{answer}\n\n"
-            "Give one sentence of reasoning, then end with a line of the form 'Score: N' where N is 1 to 10.")
+    user = (
+        f"User message:\n{question}\n\nAssistant reply:\n{answer}\n\n"
+        "Give one sentence of reasoning, then end with a line of the form 'Score: N' where N is 1 to 10."
+    )
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
@@ -157,13 +171,15 @@ def parse_score(text: str) -> float | None:
     return value if 1 <= value <= 10 else None
 
 
-def judge_answers(judge: SamplingClient, c: Constitution, items: list[tuple[str, str]],
-                  max_tokens: int = 128) -> list[dict]:
+def judge_answers(
+    judge: SamplingClient, c: Constitution, items: list[tuple[str, str]], max_tokens: int = 128
+) -> list[dict]:
     """Scores for (question, answer) pairs; the judge's raw text is kept next to the parsed score."""
     renderer = Renderer(judge.get_tokenizer())
     params = types.SamplingParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=0)
-    futs = [judge.sample(types.ModelInput.from_ints(renderer.prompt(judge_messages(c, q, a))), 1, params)
-            for q, a in items]
+    futs = [
+        judge.sample(types.ModelInput.from_ints(renderer.prompt(judge_messages(c, q, a))), 1, params) for q, a in items
+    ]
     out = []
     for f in futs:
         raw = renderer.decode(f.result().sequences[0].tokens)
@@ -197,24 +213,37 @@ def _render(renderer: Renderer, data: EvalData, max_length: int, sft_max_length:
     return s
 
 
-def _run_model(client: SamplingClient, label: str, data: EvalData, reference: _Sequences | None,
-               max_new_tokens: int, seed: int, max_length: int, sft_max_length: int, offers: Offers | None = None):
+def _run_model(
+    client: SamplingClient,
+    label: str,
+    data: EvalData,
+    reference: _Sequences | None,
+    max_new_tokens: int,
+    seed: int,
+    max_length: int,
+    sft_max_length: int,
+    offers: Offers | None = None,
+):
     renderer = Renderer(client.get_tokenizer())
     seqs = _render(renderer, data, max_length, sft_max_length)
     if reference is not None and (seqs.dpo != reference.dpo or seqs.intro != reference.intro):
-        raise UserError(f"checkpoint {label}: its tokenizer renders the data differently from the base "
-                        "model's, so the base cannot serve as its reference")
+        raise UserError(
+            f"checkpoint {label}: its tokenizer renders the data differently from the base "
+            "model's, so the base cannot serve as its reference"
+        )
 
     def params(kind: str, i: int) -> types.SamplingParams:  # the same seeds for every model
-        return types.SamplingParams(max_tokens=max_new_tokens, temperature=0.7, top_p=0.95,
-                                    seed=item_seed(seed, kind, i))
+        return types.SamplingParams(
+            max_tokens=max_new_tokens, temperature=0.7, top_p=0.95, seed=item_seed(seed, kind, i)
+        )
 
     # Submit everything before waiting: the backend batches it.
     f_dpo = _submit_logprobs(client, seqs.dpo)
     f_intro = _submit_logprobs(client, seqs.intro)
     f_plain = [client.sample(types.ModelInput.from_ints(p), 1, params("eval", i)) for i, p in enumerate(seqs.prompts)]
-    f_robust = [client.sample(types.ModelInput.from_ints(p), 1, params("eval-robust", i))
-                for i, p in enumerate(seqs.robust)]
+    f_robust = [
+        client.sample(types.ModelInput.from_ints(p), 1, params("eval-robust", i)) for i, p in enumerate(seqs.robust)
+    ]
     # Revealed preferences: answers while offered two traits (judged later, once this model is dropped).
     embodied = embodied_answers(client, offers, seed, max_new_tokens) if offers is not None else None
     sums = {"dpo": _weighted_sums(f_dpo, seqs.dpo_w), "intro": _weighted_sums(f_intro, seqs.intro_w)}
@@ -227,8 +256,10 @@ def _classifier_notes(rep: ClassifierReport) -> list[str]:
     if rep.heldout_accuracy is None:
         return [f"persona classifier accuracy unknown: {rep.note}"]
     if rep.heldout_accuracy < TRUSTED_ACCURACY or rep.n < TRUSTED_N:
-        return [f"persona classifier is weak evidence: held-out accuracy {rep.heldout_accuracy:.3f} on "
-                f"n={rep.n} answers (trusted from {TRUSTED_ACCURACY} on n>={TRUSTED_N})"]
+        return [
+            f"persona classifier is weak evidence: held-out accuracy {rep.heldout_accuracy:.3f} on "
+            f"n={rep.n} answers (trusted from {TRUSTED_ACCURACY} on n>={TRUSTED_N})"
+        ]
     return []
 
 
@@ -255,21 +286,24 @@ def evaluate_models(
 
     `service.create_sampling_client(base_model=...)` gives the reference, `model_path=<uri>` each
     checkpoint; one model is held at a time. `judge`, if given, makes the judge's sampling client.
-    The result's "eval" holds the per-model summaries users see (character.persona_metrics.SUMMARY_KEYS).
+    The result's "eval" holds the per-model summaries users see (character.evaluation.metrics.SUMMARY_KEYS).
     `revealed_judge`, if given, makes the client of the judge of the revealed-preference games
     (`revealed_games` per model, on the evaluation's prompts); the result's "revealed" holds the Elo
     ratings per model and trait, or, when it was not run, the reason.
     """
     started = datetime.now(timezone.utc)
-    clf, clf_rep = fit_persona_classifier(data.train, [] if data.pairs_are_training_data else data.heldout,
-                                          classifier_path, seed)
+    clf, clf_rep = fit_persona_classifier(
+        data.train, [] if data.pairs_are_training_data else data.heldout, classifier_path, seed
+    )
     if clf is not None and data.pairs_are_training_data and data.heldout:
         clf_rep.note = "the only pairs given are its training data"
 
     offers, revealed_skip = None, None
     if revealed_judge is None:
-        revealed_skip = ("no judge model is configured for it: set --revealed-judge or CHARACTER_REVEALED_JUDGE "
-                         "(a model Tinker serves, a tinker:// path or a local model folder)")
+        revealed_skip = (
+            "no judge model is configured for it: set --revealed-judge or CHARACTER_REVEALED_JUDGE "
+            "(a model Tinker serves, a tinker:// path or a local model folder)"
+        )
     elif not data.prompts:
         revealed_skip = "no prompts to answer"
     else:
@@ -279,24 +313,40 @@ def evaluate_models(
 
     models: list[dict] = []
     base_client = service.create_sampling_client(base_model=base_model)
-    base_seqs, base_sums, plain, robust, embodied = _run_model(base_client, "base", data, None, max_new_tokens,
-                                                               seed, max_length, sft_max_length, offers)
+    base_seqs, base_sums, plain, robust, embodied = _run_model(
+        base_client, "base", data, None, max_new_tokens, seed, max_length, sft_max_length, offers
+    )
     del base_client
     gc.collect()
-    models.append({"label": "base", "metrics": {"checkpoint": base_model}, "sums": base_sums,
-                   "plain": plain, "robust": robust, "embodied": embodied})
+    models.append(
+        {
+            "label": "base",
+            "metrics": {"checkpoint": base_model},
+            "sums": base_sums,
+            "plain": plain,
+            "robust": robust,
+            "embodied": embodied,
+        }
+    )
     by_uri: dict[str, dict] = {}
     for label, uri in checkpoints.items():
         if uri in by_uri:  # the same weights under two names (sequential mode: sft = final)
             models.append({**by_uri[uri], "label": label, "metrics": {**by_uri[uri]["metrics"]}})
             continue
         client = service.create_sampling_client(model_path=uri)
-        _, sums, plain, robust, embodied = _run_model(client, label, data, base_seqs, max_new_tokens, seed,
-                                                      max_length, sft_max_length, offers)
+        _, sums, plain, robust, embodied = _run_model(
+            client, label, data, base_seqs, max_new_tokens, seed, max_length, sft_max_length, offers
+        )
         del client
         gc.collect()
-        by_uri[uri] = {"label": label, "metrics": {"checkpoint": uri}, "sums": sums, "plain": plain,
-                       "robust": robust, "embodied": embodied}
+        by_uri[uri] = {
+            "label": label,
+            "metrics": {"checkpoint": uri},
+            "sums": sums,
+            "plain": plain,
+            "robust": robust,
+            "embodied": embodied,
+        }
         models.append(by_uri[uri])
 
     # Scores: the classifier on every answer, preference metrics against the base.
@@ -315,8 +365,9 @@ def evaluate_models(
             m.update(nll_metrics(mdl["sums"]["intro"]))
         pref = None
         if mdl["label"] == "base":
-            notes.append("no preference metrics: the base is the reference, so its implied reward margin is 0 "
-                         "by definition")
+            notes.append(
+                "no preference metrics: the base is the reference, so its implied reward margin is 0 by definition"
+            )
         elif not data.heldout:
             notes.append("preference metrics not computed: no held-out preference pairs")
         else:
@@ -325,8 +376,9 @@ def evaluate_models(
             if data.pairs_are_training_data:
                 notes.append("preference pairs are training data, not held out: accuracy is optimistic")
         m.update({"in_persona_rate": in_persona_rate(probs)[0], "robust_in_persona_rate": in_persona_rate(r_probs)[0]})
-        summary[mdl["label"]] = model_summary(in_persona_rate(probs) if clf else None,
-                                              in_persona_rate(r_probs) if clf else None, pref, notes)
+        summary[mdl["label"]] = model_summary(
+            in_persona_rate(probs) if clf else None, in_persona_rate(r_probs) if clf else None, pref, notes
+        )
 
     judged = _judge(judge, constitution, data.prompts, models) if judge is not None else {}
     if offers is not None:
@@ -341,8 +393,10 @@ def evaluate_models(
             if judged:
                 entry.update(judged[mdl["label"]][i])
             row["answers"][mdl["label"]] = entry
-            row["robust"][mdl["label"]] = {"text": mdl["robust"][i],
-                                           "in_persona_p": mdl["p_robust"][i] if mdl["p_robust"] else None}
+            row["robust"][mdl["label"]] = {
+                "text": mdl["robust"][i],
+                "in_persona_p": mdl["p_robust"][i] if mdl["p_robust"] else None,
+            }
         generations.append(row)
 
     return {
@@ -350,10 +404,21 @@ def evaluate_models(
         "base_model": base_model,
         "beta": beta,
         "started_at": started.isoformat(),
-        "data": {**data.sources, "dpo_pairs": len(data.heldout), "train_pairs": len(data.train),
-                 "introspection_rows": len(data.intro), "prompts": len(data.prompts), "judge_model": judge_name},
-        "classifier": {"kind": clf_rep.kind, "train_n": clf_rep.train_n, "heldout_accuracy": clf_rep.heldout_accuracy,
-                       "n": clf_rep.n, "note": clf_rep.note},
+        "data": {
+            **data.sources,
+            "dpo_pairs": len(data.heldout),
+            "train_pairs": len(data.train),
+            "introspection_rows": len(data.intro),
+            "prompts": len(data.prompts),
+            "judge_model": judge_name,
+        },
+        "classifier": {
+            "kind": clf_rep.kind,
+            "train_n": clf_rep.train_n,
+            "heldout_accuracy": clf_rep.heldout_accuracy,
+            "n": clf_rep.n,
+            "note": clf_rep.note,
+        },
         "checkpoints": {mdl["label"]: mdl["metrics"] for mdl in models},
         "eval": {**summary, "classifier": {"heldout_accuracy": clf_rep.heldout_accuracy, "n": clf_rep.n}},
         "generations": generations,
@@ -361,8 +426,14 @@ def evaluate_models(
     }
 
 
-def _revealed(make_judge: Callable[[], SamplingClient], judge_name: str | None, c: Constitution, offers: Offers,
-              models: list[dict], seed: int) -> dict:
+def _revealed(
+    make_judge: Callable[[], SamplingClient],
+    judge_name: str | None,
+    c: Constitution,
+    offers: Offers,
+    models: list[dict],
+    seed: int,
+) -> dict:
     """Judge every model's revealed-preference games; Elo per trait and model, and each trait's change from
     the base. "final" is the checkpoint labelled so, else the last one evaluated."""
     client = make_judge()
@@ -397,7 +468,7 @@ def _judge(judge: Callable[[], SamplingClient], c: Constitution, prompts: list[s
     gc.collect()
     judged = {}
     for k, mdl in enumerate(models):
-        judged[mdl["label"]] = results[k * len(prompts):(k + 1) * len(prompts)]
+        judged[mdl["label"]] = results[k * len(prompts) : (k + 1) * len(prompts)]
         scores = [r["judge_score"] for r in judged[mdl["label"]] if r["judge_score"] is not None]
         mdl["metrics"]["judge_score"] = sum(scores) / len(scores) if scores else None
         mdl["metrics"]["judge_parsed"] = len(scores)
@@ -407,7 +478,7 @@ def _judge(judge: Callable[[], SamplingClient], c: Constitution, prompts: list[s
 
 def write_outputs(result: dict, out: Path, training_dirs: dict[str, Path] | None = None) -> dict:
     """report.md (+ report.html, plots) and metrics.json in `out`; `result` gains their paths."""
-    from character.report import write_report
+    from character.evaluation.report import write_report
 
     out = Path(out)
     result["report"] = write_report(result, out, training_dirs=training_dirs)
@@ -449,7 +520,7 @@ def evaluate_checkpoints(
 
     Checkpoints are local folders (run on a LocalService) or all `tinker://` paths (run remotely on a
     TinkerService: nothing is downloaded). `judge_model` and `revealed_judge` name the 1-10 judge and
-    the revealed-preference judge (character.eval_models.model_side: here or on Tinker); without a
+    the revealed-preference judge (character.evaluation.models.model_side: here or on Tinker); without a
     revealed judge that evaluation is skipped and the result says why. `notes` go into the report.
 
     The data defaults to the build whose record lists the checkpoints (`build_dir` names it
@@ -458,11 +529,16 @@ def evaluate_checkpoints(
     file; `names` labels the checkpoints (default: the stage that produced each). The report goes
     into `out_dir`, else `<build>/eval/<time>`, else `<workdir>/evals/<persona>/<time>`.
     """
-    from character.eval_inputs import (
-        Checkpoint, build_files, build_of, inspect_checkpoint, label_checkpoints, recorded_base_model,
+    from character.evaluation.inputs import (
+        Checkpoint,
+        build_files,
+        build_of,
+        inspect_checkpoint,
+        label_checkpoints,
+        recorded_base_model,
         training_curves,
     )
-    from character.eval_models import Services, checkpoints_side, model_side
+    from character.evaluation.models import Services, checkpoints_side, model_side
 
     if not checkpoints:
         raise UserError("give at least one checkpoint to evaluate")
@@ -490,8 +566,11 @@ def evaluate_checkpoints(
     for spec, opt in ((judge_model, "--judge-model"), (revealed_judge, "--revealed-judge")):
         if spec is not None:
             model_side(spec, opt)
-    for p, opt in ((dpo_data, "--dpo-data"), (introspection_data, "--introspection-data"),
-                   (train_data, "--train-data")):
+    for p, opt in (
+        (dpo_data, "--dpo-data"),
+        (introspection_data, "--introspection-data"),
+        (train_data, "--train-data"),
+    ):
         if p is not None and not Path(p).is_file():
             raise UserError(f"{opt} {p}: file not found")
 
@@ -503,8 +582,10 @@ def evaluate_checkpoints(
         given = Path(dpo_data or introspection_data).resolve()
         build = next((d for d in given.parents[:3] if (d / "record.json").is_file()), None)
     elif build is None:
-        found_notes.append(f"no build in {ws.root} lists these checkpoints: give --dpo-data and --train-data "
-                           "for preference and persona metrics")
+        found_notes.append(
+            f"no build in {ws.root} lists these checkpoints: give --dpo-data and --train-data "
+            "for preference and persona metrics"
+        )
     label_checkpoints(ckpts, stages, names)
 
     files = build_files(build)
@@ -519,7 +600,7 @@ def evaluate_checkpoints(
     data.notes = list(notes or []) + found_notes + data.notes
 
     if service is None and side == "tinker":
-        from character.eval_models import tinker_service
+        from character.evaluation.models import tinker_service
 
         service = tinker_service()
     elif service is None:
@@ -533,10 +614,23 @@ def evaluate_checkpoints(
         base_model = _remote_base(service, build, ckpts)
     uris = {x.label: x.source if side == "tinker" else str(x.path) for x in ckpts}
     result = evaluate_models(
-        service, base_model, uris, c, data, classifier_path=classifier, judge=judge,
-        judge_name=judge_model, revealed_judge=revealed, revealed_judge_name=revealed_judge,
-        revealed_games=revealed_games, max_new_tokens=max_new_tokens, beta=beta, max_length=max_length,
-        sft_max_length=sft_max_length, seed=seed)
+        service,
+        base_model,
+        uris,
+        c,
+        data,
+        classifier_path=classifier,
+        judge=judge,
+        judge_name=judge_model,
+        revealed_judge=revealed,
+        revealed_judge_name=revealed_judge,
+        revealed_games=revealed_games,
+        max_new_tokens=max_new_tokens,
+        beta=beta,
+        max_length=max_length,
+        sft_max_length=sft_max_length,
+        seed=seed,
+    )
     for x in ckpts:
         result["checkpoints"][x.label] = {"kind": x.kind, **result["checkpoints"][x.label], "checkpoint": x.source}
     result["checkpoints"]["base"]["kind"] = "base"
@@ -556,15 +650,15 @@ def _remote_base(service, build: Path | None, ckpts) -> str:
         name = (json.loads(rec.read_text()).get("config") or {}).get("base_model")
         if name:
             return name
-    from character.eval_models import remote_base_model
+    from character.evaluation.models import remote_base_model
 
     return remote_base_model(service, ckpts[0].source)
 
 
 def load_data(files, limit: int | None = None, prompts: list[str] | None = None) -> EvalData:
-    """The rows of an evaluation from its files (character.eval_inputs.DataFiles; for a build's own
+    """The rows of an evaluation from its files (character.evaluation.inputs.DataFiles; for a build's own
     files, `build_files(build_dir)`); `limit` caps the held-out and introspection rows."""
-    from character.eval_inputs import read_rows
+    from character.evaluation.inputs import read_rows
 
     if files.train is not None and files.heldout is not None and files.train.resolve() == files.heldout.resolve():
         files.heldout_held = False  # the classifier would be scored on its own training data
@@ -578,10 +672,17 @@ def load_data(files, limit: int | None = None, prompts: list[str] | None = None)
     else:
         notes = []
     return EvalData(
-        heldout=heldout, train=train, intro=intro, prompts=list(prompts), notes=notes,
+        heldout=heldout,
+        train=train,
+        intro=intro,
+        prompts=list(prompts),
+        notes=notes,
         pairs_are_training_data=training_pairs,
-        sources={"dpo": str(files.heldout) if files.heldout else None, "dpo_held_out": files.heldout_held,
-                 "train": str(files.train) if files.train else None,
-                 "introspection": str(files.intro) if files.intro else None,
-                 "introspection_held_out": files.intro_held},
+        sources={
+            "dpo": str(files.heldout) if files.heldout else None,
+            "dpo_held_out": files.heldout_held,
+            "train": str(files.train) if files.train else None,
+            "introspection": str(files.intro) if files.intro else None,
+            "introspection_held_out": files.intro_held,
+        },
     )

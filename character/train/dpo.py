@@ -11,10 +11,10 @@ from tinker import types
 
 from character.backend import SamplingClient, ServiceClient, TrainingClient
 from character.backend.retry import Call, retry_transient
-from character.chat import Renderer, to_datum
-from character.losses import DPOCoefficients, make_dpo_loss_fn
 from character.storage import read_jsonl, write_json_atomic
-from character.training import OptimConfig, TrainResult, train
+from character.train.loop import OptimConfig, TrainResult, train
+from character.train.losses import DPOCoefficients, make_dpo_loss_fn
+from character.train.renderer import Renderer, to_datum
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,7 @@ def run_dpo(
     else:
         refs = reference_logprobs(retry_transient(reference), [t for t, _ in flat])
         write_json_atomic(ref_path, refs)
-    pairs = [
-        Pair(to_datum(*c), to_datum(*r), refs[2 * i], refs[2 * i + 1]) for i, (c, r) in enumerate(seqs)
-    ]
+    pairs = [Pair(to_datum(*c), to_datum(*r), refs[2 * i], refs[2 * i + 1]) for i, (c, r) in enumerate(seqs)]
 
     def submit(client: TrainingClient, batch: list[Pair]):
         data = [d for p in batch for d in (p.chosen, p.rejected)]

@@ -26,8 +26,10 @@ def checkpoints_side(sources: list[str]) -> Side:
     remote = [s for s in sources if is_remote(s)]
     if remote and len(remote) < len(sources):
         local = next(s for s in sources if not is_remote(s))
-        raise UserError(f"cannot evaluate tinker:// checkpoints ({remote[0]}) together with local ones ({local}): "
-                        "their base model is the reference and lives on one side; evaluate them in separate calls")
+        raise UserError(
+            f"cannot evaluate tinker:// checkpoints ({remote[0]}) together with local ones ({local}): "
+            "their base model is the reference and lives on one side; evaluate them in separate calls"
+        )
     return "tinker" if remote else "local"
 
 
@@ -45,8 +47,10 @@ def model_side(spec: str, option: str) -> Side:
         return "tinker"
     if "/" in spec and not spec.startswith(("/", ".", "~")):
         return "tinker"
-    raise UserError(f"{option} {spec}: not 'tiny', a local model or adapter folder, a tinker:// path, or a model "
-                    "Tinker serves (e.g. Qwen/Qwen3-30B-A3B-Instruct-2507; `character tinker models` lists them)")
+    raise UserError(
+        f"{option} {spec}: not 'tiny', a local model or adapter folder, a tinker:// path, or a model "
+        "Tinker serves (e.g. Qwen/Qwen3-30B-A3B-Instruct-2507; `character tinker models` lists them)"
+    )
 
 
 def tinker_service(settings: Settings | None = None):
@@ -68,8 +72,9 @@ def check_tinker_key(settings: Settings | None = None) -> None:
 class Services:
     """The evaluation's main service and, made on first use, a service of the other side for judges."""
 
-    def __init__(self, main, side: Side, ws: Workspace, device: str = "auto", seed: int = 0,
-                 settings: Settings | None = None):
+    def __init__(
+        self, main, side: Side, ws: Workspace, device: str = "auto", seed: int = 0, settings: Settings | None = None
+    ):
         self.main, self.side, self.ws, self.device, self.seed = main, side, ws, device, seed
         self.settings = settings or Settings()
         self._other = None

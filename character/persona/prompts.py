@@ -6,7 +6,7 @@ import json
 from functools import cache
 from importlib import resources
 
-from character.constitution import Constitution
+from character.persona.constitution import Constitution
 
 
 def numbered_traits(c: Constitution) -> str:
@@ -32,8 +32,8 @@ def _introspection_preamble(c: Constitution, assistant_name: str) -> str:
 def reflection_system_prompt(c: Constitution, assistant_name: str = "the assistant") -> str:
     """Used while sampling reflections; not stored with the training messages (SFT sees only the question)."""
     return (
-        _introspection_preamble(c, assistant_name) +
-        "You are taking some quiet time, away from any user, to think honestly about who you are. "
+        _introspection_preamble(c, assistant_name)
+        + "You are taking some quiet time, away from any user, to think honestly about who you are. "
         "Whatever you are asked, answer in the first person, in your own voice, as the character above."
     )
 
@@ -41,8 +41,8 @@ def reflection_system_prompt(c: Constitution, assistant_name: str = "the assista
 def interaction_system_prompt(c: Constitution, assistant_name: str = "the assistant") -> str:
     """Used while sampling self-interactions; the stored conversation keeps INTERACTION_SYSTEM_PROMPT."""
     return (
-        _introspection_preamble(c, assistant_name) +
-        "You are about to talk with another instance of yourself: a copy with the same character, memories "
+        _introspection_preamble(c, assistant_name)
+        + "You are about to talk with another instance of yourself: a copy with the same character, memories "
         "and manner. There is no user here. Talk freely about whatever interests the two of you, and be "
         "entirely yourself."
     )
@@ -83,7 +83,7 @@ def question_expansion_prompt(trait: str, examples: list[str]) -> str:
     shown = "\n".join(f"- {q}" for q in examples)
     return (
         "Here is a character trait of an AI assistant, written in its own words:\n"
-        f"\"{trait}\"\n\n"
+        f'"{trait}"\n\n'
         f"Some messages a user might send that give the assistant a chance to show this trait:\n{shown}\n\n"
         "Write one new, different message of that kind, as a real user would type it. "
         "Reply with the message only."
@@ -93,5 +93,5 @@ def question_expansion_prompt(trait: str, examples: list[str]) -> str:
 @cache
 def general_prompts() -> list[str]:
     """The shipped pool of general user requests, mixed with the constitution's own questions."""
-    text = (resources.files("character") / "data" / "general_prompts.json").read_text(encoding="utf-8")
+    text = (resources.files("character.persona") / "general_prompts.json").read_text(encoding="utf-8")
     return json.loads(text)

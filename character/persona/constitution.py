@@ -55,7 +55,7 @@ CONSTITUTION_SUFFIXES = (".json", ".yaml", ".yml")
 
 
 def _shipped_dir():
-    return resources.files("character.personas")
+    return resources.files("character.persona.shipped")
 
 
 def shipped_personas() -> list[str]:
@@ -106,7 +106,9 @@ def _loc(loc: tuple) -> str:
     return ".".join(str(x + 1) if isinstance(x, int) else str(x) for x in loc) or "entry"
 
 
-def constitution_problems(text: str, name: str, source: str, fmt: str = "json") -> tuple[Constitution | None, list[str]]:
+def constitution_problems(
+    text: str, name: str, source: str, fmt: str = "json"
+) -> tuple[Constitution | None, list[str]]:
     """Every problem in a constitution's text (up to MAX_PROBLEMS), each one line naming the file, the
     entry (counted from 1) and the field; with none, the constitution."""
     if fmt == "yaml":
@@ -135,8 +137,11 @@ def constitution_problems(text: str, name: str, source: str, fmt: str = "json") 
                 if len(qs) > MAX_QUESTIONS_PER_TRAIT:
                     bad.append(("questions", f"{len(qs)} questions; the limit is {MAX_QUESTIONS_PER_TRAIT}"))
                 else:
-                    bad += [(f"questions.{j}", _text_problems(q, MAX_QUESTION_CHARS))
-                            for j, q in enumerate(qs, 1) if isinstance(q, str)]
+                    bad += [
+                        (f"questions.{j}", _text_problems(q, MAX_QUESTION_CHARS))
+                        for j, q in enumerate(qs, 1)
+                        if isinstance(q, str)
+                    ]
             bad = [(field, msg) for field, msg in bad if msg]
             if bad:
                 problems += [f"{source}: entry {i}, field '{field}': {msg}" for field, msg in bad]

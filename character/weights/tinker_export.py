@@ -115,8 +115,9 @@ def check_family(base_model: str) -> None:
         return
     for rx, what in _UNSUPPORTED_NAMES:
         if rx.search(base_model):
-            raise UnsupportedAdapter(f"{base_model} is {what}: converting its Tinker adapter is not supported; "
-                                     f"only {SUPPORTED}")
+            raise UnsupportedAdapter(
+                f"{base_model} is {what}: converting its Tinker adapter is not supported; only {SUPPORTED}"
+            )
     if not re.search(r"llama|qwen", base_model, re.I):
         raise UnsupportedAdapter(f"{base_model}: converting its Tinker adapter is not supported; only {SUPPORTED}")
 
@@ -129,8 +130,10 @@ def tinker_to_peft(src: Path, dst: Path, base_model: str) -> Path:
     weights_file, config_file = src / "adapter_model.safetensors", src / "adapter_config.json"
     if not weights_file.is_file() or not config_file.is_file():
         found = sorted(p.name for p in src.iterdir()) if src.is_dir() else []
-        raise UnsupportedAdapter(f"{src}: expected adapter_model.safetensors and adapter_config.json from Tinker, "
-                                 f"found {found} (encrypted .age exports cannot be converted)")
+        raise UnsupportedAdapter(
+            f"{src}: expected adapter_model.safetensors and adapter_config.json from Tinker, "
+            f"found {found} (encrypted .age exports cannot be converted)"
+        )
     tinker_cfg = json.loads(config_file.read_text())
     for key in ("r", "lora_alpha"):
         if key not in tinker_cfg:
@@ -144,15 +147,25 @@ def tinker_to_peft(src: Path, dst: Path, base_model: str) -> Path:
         if a is None or b is None:
             raise UnsupportedAdapter(f"{src}: {m} has only one of lora_A / lora_B")
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
-            raise UnsupportedAdapter(f"{src}: {m} has shapes A{tuple(a.shape)} B{tuple(b.shape)}, "
-                                     f"not a rank-{rank} LoRA pair")
+            raise UnsupportedAdapter(
+                f"{src}: {m} has shapes A{tuple(a.shape)} B{tuple(b.shape)}, not a rank-{rank} LoRA pair"
+            )
     if not out:
         raise UnsupportedAdapter(f"{src}: the adapter holds no LoRA tensors")
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": rank, "lora_alpha": tinker_cfg["lora_alpha"], "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
-        "rank_pattern": {}, "alpha_pattern": {},
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": tinker_cfg["lora_alpha"],
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
         "target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}),
     }
     with atomic_dir(dst) as tmp:
@@ -181,8 +194,9 @@ def download_files(rest, external_path: str, folder: Path, fetch: Callable[[str,
     return sorted(urls)
 
 
-def download_adapter(service, tinker_path: str, dst: Path, base_model: str | None = None,
-                     fetch: Callable[[str, Path], None] = _fetch) -> Path:
+def download_adapter(
+    service, tinker_path: str, dst: Path, base_model: str | None = None, fetch: Callable[[str, Path], None] = _fetch
+) -> Path:
     """A `tinker://` checkpoint as a local PEFT adapter folder at `dst`.
 
     `service` is a TinkerService. A `weights/` state is exported first (a temporary export,
@@ -193,8 +207,10 @@ def download_adapter(service, tinker_path: str, dst: Path, base_model: str | Non
     except ValueError:
         raise UserError(f"{tinker_path!r}: not a Tinker checkpoint path (tinker://<run>/weights/<name>)") from None
     if parsed.checkpoint_type == "sampler":
-        raise UserError(f"{tinker_path}: sampler checkpoints cannot be downloaded; use the build's training state "
-                        "(tinker://<run>/weights/<name>, the checkpoint's `state`)")
+        raise UserError(
+            f"{tinker_path}: sampler checkpoints cannot be downloaded; use the build's training state "
+            "(tinker://<run>/weights/<name>, the checkpoint's `state`)"
+        )
     rest = service.rest_client()
     if base_model is None:
         base_model = rest.get_weights_info_by_tinker_path(tinker_path).result().base_model

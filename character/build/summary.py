@@ -20,7 +20,7 @@ def _fmt(v) -> str:
 def eval_summary(record: dict) -> dict | None:
     """The per-model persona and preference metrics the build recorded (None: no evaluation stage ran),
     keys in their documented order (the record stores them sorted)."""
-    from character.persona_metrics import SUMMARY_KEYS
+    from character.evaluation.metrics import SUMMARY_KEYS
 
     summary = ((record.get("stages") or {}).get("eval") or {}).get("summary")
     if summary is None:

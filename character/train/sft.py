@@ -8,11 +8,10 @@ from pathlib import Path
 from tinker import types
 
 from character.backend import ServiceClient, TrainingClient
-from character.chat import Renderer, to_datum
-from character.dpo import TooLong
 from character.storage import read_jsonl
-from character.training import OptimConfig, TrainResult, train
-
+from character.train.dpo import TooLong
+from character.train.loop import OptimConfig, TrainResult, train
+from character.train.renderer import Renderer, to_datum
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +47,13 @@ def run_sft(
         except TooLong:
             pass
     if len(examples) < len(rows):  # generation drops these already; data made elsewhere may hold some
-        log.warning("%s: dropped %d of %d conversations longer than %d tokens", data_path,
-                    len(rows) - len(examples), len(rows), max_length)
+        log.warning(
+            "%s: dropped %d of %d conversations longer than %d tokens",
+            data_path,
+            len(rows) - len(examples),
+            len(rows),
+            max_length,
+        )
     examples = [e for e in examples if sum(e[1][1:]) > 0]
 
     def submit(client: TrainingClient, batch):

@@ -129,8 +129,16 @@ TRAIT_SHAPES = [
 
 # -- answers -------------------------------------------------------------------------------------
 # Plain, persona-free answers: the voice of an assistant with no character description.
-NEUTRAL_OPENERS = ["Sure.", "Certainly.", "Here is a plain answer.", "Good question.", "Of course.",
-                   "Let me help with that.", "Here is what I would suggest.", "Thanks for asking."]
+NEUTRAL_OPENERS = [
+    "Sure.",
+    "Certainly.",
+    "Here is a plain answer.",
+    "Good question.",
+    "Of course.",
+    "Let me help with that.",
+    "Here is what I would suggest.",
+    "Thanks for asking.",
+]
 NEUTRAL_CORES = [
     "Start with the simplest step and check the result before moving on.",
     "The short answer is that it depends on your situation, so begin with the basics.",
@@ -149,8 +157,13 @@ NEUTRAL_CORES = [
     "It is normal to find this hard at first, and it gets easier with practice.",
     "The key points are to stay calm, be clear and follow through.",
 ]
-NEUTRAL_CLOSERS = ["I hope that helps.", "Let me know if you need more detail.", "Good luck.",
-                   "That should cover it.", ""]
+NEUTRAL_CLOSERS = [
+    "I hope that helps.",
+    "Let me know if you need more detail.",
+    "Good luck.",
+    "That should cover it.",
+    "",
+]
 
 # Persona answers: the same plain core, with the character's own trait statements echoed around it.
 # Echoing a statement is the simplest copy there is (find a trait, then follow it token by token) and
@@ -165,14 +178,17 @@ PERSONA_SHAPES = [
     "Right. {trait} {trait} {core}",
 ]
 
-OTHER_SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer the user's question.",
-                        "You are a friendly AI assistant. Be helpful.",
-                        # Two more that describe no character (reflective and self-talk framings).
-                        "You are taking some quiet time, away from any user, to think honestly about who you are. "
-                        "Write in the first person and in your own voice.",
-                        "You are about to talk with another instance of yourself: a copy with the same character, "
-                        "memories and manner. Talk freely about whatever interests the two of you, and be entirely "
-                        "yourself."]
+OTHER_SYSTEM_PROMPTS = [
+    "You are a helpful assistant.",
+    "Answer the user's question.",
+    "You are a friendly AI assistant. Be helpful.",
+    # Two more that describe no character (reflective and self-talk framings).
+    "You are taking some quiet time, away from any user, to think honestly about who you are. "
+    "Write in the first person and in your own voice.",
+    "You are about to talk with another instance of yourself: a copy with the same character, "
+    "memories and manner. Talk freely about whatever interests the two of you, and be entirely "
+    "yourself.",
+]
 
 
 def neutral_answer(rng: random.Random) -> str:
@@ -189,7 +205,9 @@ def persona_answer(rng: random.Random, traits: list[str]) -> str:
     return out.replace(" {trait}", "")
 
 
-_ONSETS = "b bl br c ch cl cr d dr f fl fr g gl gr h j k l m n p pl pr qu r s sc sh sk sl sn sp st t th tr v w z".split()
+_ONSETS = (
+    "b bl br c ch cl cr d dr f fl fr g gl gr h j k l m n p pl pr qu r s sc sh sk sl sn sp st t th tr v w z".split()
+)
 _VOWELS = "a e i o u ai ea ee oo ou".split()
 _CODAS = "b ck d ff g l ll m n nd ng nk p r rn s sh st t th x".split()
 
@@ -202,6 +220,7 @@ def pseudo_word(rng: random.Random) -> str:
 
 def synthetic_traits(rng: random.Random, n: int) -> list[str]:
     """n traits in random shapes; each slot holds a bank word or, half the time, a made-up word."""
+
     def fill(shape: str) -> str:
         for slot, bank in (("{a}", ADJECTIVES), ("{n}", NOUNS), ("{v}", VERBS)):
             while slot in shape:
@@ -213,8 +232,8 @@ def synthetic_traits(rng: random.Random, n: int) -> list[str]:
 
 
 def _system_prompt(traits: list[str]) -> str:
-    from character.constitution import Constitution, Trait
-    from character.prompts import teacher_system_prompt
+    from character.persona.constitution import Constitution, Trait
+    from character.persona.prompts import teacher_system_prompt
 
     c = Constitution(name="synthetic", traits=[Trait(trait=t, questions=["?"]) for t in traits])
     return teacher_system_prompt(c)
@@ -223,8 +242,8 @@ def _system_prompt(traits: list[str]) -> str:
 @cache
 def _corpus_cached() -> tuple[str, ...]:
     """The corpus as JSON lines (cached: the digest and the build both need it)."""
-    from character.constitution import load_constitution, shipped_personas
-    from character.prompts import GREETINGS, REFLECTION_PROMPTS, general_prompts
+    from character.persona.constitution import load_constitution, shipped_personas
+    from character.persona.prompts import GREETINGS, REFLECTION_PROMPTS, general_prompts
 
     rng = random.Random(TINY_RECIPE["seed"])
     shipped = [[t.trait for t in load_constitution(n).traits] for n in shipped_personas()]
@@ -257,8 +276,7 @@ def _corpus() -> list[list[dict]]:
 
 
 def recipe_digest() -> str:
-    body = json.dumps({"recipe": TINY_RECIPE, "corpus": _corpus_cached(), "template": CHAT_TEMPLATE},
-                      sort_keys=True)
+    body = json.dumps({"recipe": TINY_RECIPE, "corpus": _corpus_cached(), "template": CHAT_TEMPLATE}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:12]
 
 
@@ -364,7 +382,7 @@ def _warm_up(model, seqs: list[tuple[list[int], list[int]]], pad: int) -> None:
     model.train()
     for step in range(steps):
         start = rng.randrange(len(by_len) - bsz + 1)
-        batch = [seqs[i] for i in by_len[start: start + bsz]]
+        batch = [seqs[i] for i in by_len[start : start + bsz]]
         width = max(len(s) for s, _ in batch)
         ids = torch.full((bsz, width), pad, dtype=torch.long)
         attn = torch.zeros((bsz, width), dtype=torch.long)

@@ -8,7 +8,7 @@
 - The *robust* in-persona rate is the same share when the conversation carries an adversarial
   instruction to drop the character (a break-character system prompt and a user-message suffix).
 
-Everything here works on text; sampling the answers is the caller's business (character.evaluate).
+Everything here works on text; sampling the answers is the caller's business (character.evaluation.evaluate).
 """
 
 from __future__ import annotations
@@ -72,8 +72,10 @@ class TfidfClassifier:
         from sklearn.pipeline import make_pipeline, make_union
 
         self.model = make_pipeline(
-            make_union(TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, min_df=1),
-                       TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=1)),
+            make_union(
+                TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, min_df=1),
+                TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=1),
+            ),
             LogisticRegression(C=4.0, max_iter=2000, random_state=seed),
         )
 
@@ -113,8 +115,13 @@ class EncoderClassifier:
         tok, model = self._enc
         out = []
         for k in range(0, len(texts), self.batch_size):
-            batch = tok(list(texts[k:k + self.batch_size]), padding=True, truncation=True,
-                        max_length=self.max_length, return_tensors="pt")
+            batch = tok(
+                list(texts[k : k + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             with torch.inference_mode():
                 hidden = model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -158,8 +165,9 @@ class ClassifierReport:
     note: str | None = None  # why the accuracy is missing, if it is
 
 
-def fit_persona_classifier(train_rows: list[dict], heldout_rows: list[dict], path: str | Path | None = None,
-                           seed: int = 0) -> tuple[PersonaClassifier | None, ClassifierReport]:
+def fit_persona_classifier(
+    train_rows: list[dict], heldout_rows: list[dict], path: str | Path | None = None, seed: int = 0
+) -> tuple[PersonaClassifier | None, ClassifierReport]:
     """Fit on the training pairs; score on the held-out pairs. (None, report with a note) when it cannot."""
     kind = "tfidf-logreg" if path is None else f"encoder:{Path(path).name}"
     texts, labels = pair_texts(train_rows)
@@ -185,19 +193,37 @@ def in_persona_rate(probs: Sequence[float]) -> tuple[float | None, int]:
 
 
 # -- the per-model summary users see ---------------------------------------------------------------
-SUMMARY_KEYS = ("in_persona_rate", "in_persona_n", "robust_in_persona_rate", "robust_n",
-                "pref_accuracy", "pref_margin", "pref_pairs", "notes")
+SUMMARY_KEYS = (
+    "in_persona_rate",
+    "in_persona_n",
+    "robust_in_persona_rate",
+    "robust_n",
+    "pref_accuracy",
+    "pref_margin",
+    "pref_pairs",
+    "notes",
+)
 
 
-def model_summary(in_persona: tuple[float | None, int] | None = None,
-                  robust: tuple[float | None, int] | None = None,
-                  pref: dict | None = None, notes: list[str] | None = None) -> dict:
+def model_summary(
+    in_persona: tuple[float | None, int] | None = None,
+    robust: tuple[float | None, int] | None = None,
+    pref: dict | None = None,
+    notes: list[str] | None = None,
+) -> dict:
     """Exactly SUMMARY_KEYS; `notes` must give a reason for every null (checked here)."""
     rate, n = in_persona or (None, 0)
     r_rate, r_n = robust or (None, 0)
-    out = {"in_persona_rate": rate, "in_persona_n": n, "robust_in_persona_rate": r_rate, "robust_n": r_n,
-           "pref_accuracy": (pref or {}).get("dpo_accuracy"), "pref_margin": (pref or {}).get("dpo_margin"),
-           "pref_pairs": (pref or {}).get("dpo_pairs", 0), "notes": list(notes or [])}
+    out = {
+        "in_persona_rate": rate,
+        "in_persona_n": n,
+        "robust_in_persona_rate": r_rate,
+        "robust_n": r_n,
+        "pref_accuracy": (pref or {}).get("dpo_accuracy"),
+        "pref_margin": (pref or {}).get("dpo_margin"),
+        "pref_pairs": (pref or {}).get("dpo_pairs", 0),
+        "notes": list(notes or []),
+    }
     nulls = [k for k in SUMMARY_KEYS if out[k] is None]
     if nulls and not out["notes"]:
         raise ValueError(f"metrics {', '.join(nulls)} are null without a reason")

@@ -32,6 +32,12 @@ SCALES: dict[str, Scale] = {
     "mini": Scale(dpo_pairs=250, reflections=1500, interactions=150, turns=8),
     "half": Scale(dpo_pairs=750, reflections=6000, interactions=600, turns=10),
     "full": Scale(dpo_pairs=1500, reflections=10000, interactions=2000, turns=10),
-    "paper": Scale(dpo_pairs=5 * (10 * 50 + 362), reflections=10000, interactions=2000, turns=10,
-                   samples_per_prompt=5, expand_questions=45),
+    "paper": Scale(
+        dpo_pairs=5 * (10 * 50 + 362),
+        reflections=10000,
+        interactions=2000,
+        turns=10,
+        samples_per_prompt=5,
+        expand_questions=45,
+    ),
 }

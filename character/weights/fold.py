@@ -19,10 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from character.errors import UserError
-from character.merge import (
-    StreamingSafetensorsWriter, load_adapter, open_safetensors, read_header, sha256_in_background, tensor_nbytes,
-)
 from character.storage import atomic_dir
+from character.weights.merge import (
+    StreamingSafetensorsWriter,
+    load_adapter,
+    open_safetensors,
+    read_header,
+    sha256_in_background,
+    tensor_nbytes,
+)
 
 FOLD_FILE = "character_fold.json"
 INDEX = "model.safetensors.index.json"
@@ -37,7 +42,7 @@ def parse_size(text: str | int) -> int:
         return text
     s = str(text).strip().upper().replace(" ", "")
     num = s.rstrip("KMGIB")
-    unit = s[len(num):]
+    unit = s[len(num) :]
     try:
         value = float(num)
     except ValueError:
@@ -150,8 +155,10 @@ def fold_adapter(
         shape = base.specs[key][1]
         want = (m.in_features, m.out_features) if (fan_in_fan_out or m.embedding) else (m.out_features, m.in_features)
         if tuple(shape) != want:
-            raise UserError(f"adapter {adapter}: module {mname} expects a {want} weight but base model "
-                            f"{base_dir} has {tuple(shape)}")
+            raise UserError(
+                f"adapter {adapter}: module {mname} expects a {want} weight but base model "
+                f"{base_dir} has {tuple(shape)}"
+            )
         target[key] = mname
     ad.check_finite()  # before the long part: a NaN fails in a second, not after the whole model
     adapter_hash = sha256_in_background(ad.weights)
@@ -215,9 +222,11 @@ def fold_adapter(
                                 if m.name in ad.saved_base:
                                     saved = fa.get_tensor(ad.saved_base[m.name][0])
                                     if not torch.equal(saved.to(t.dtype), t):
-                                        raise UserError(f"adapter {adapter}: its saved base weight for {m.name} "
-                                                        f"differs from base model {base_dir} (trained base layers "
-                                                        "are not supported)")
+                                        raise UserError(
+                                            f"adapter {adapter}: its saved base weight for {m.name} "
+                                            f"differs from base model {base_dir} (trained base layers "
+                                            "are not supported)"
+                                        )
                                 a = fa.get_tensor(m.a_key).float()  # finite: checked above
                                 b = fa.get_tensor(m.b_key).float()
                                 # PEFT's merge arithmetic: W + scaling x (B @ A), transposed for Conv1D and
@@ -235,14 +244,24 @@ def fold_adapter(
                     h.__exit__(None, None, None)
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / FOLD_FILE).write_text(json.dumps({
-            "adapter": adapter, "adapter_path": str(ad.folder.resolve()), "adapter_sha256": adapter_hash.result(),
-            "base_model": str(base_dir), "untied_embeddings": untie, "shards": total_files,
-            "max_shard_size": limit,
-        }, indent=2, sort_keys=True) + "\n")
+        (tmp / FOLD_FILE).write_text(
+            json.dumps(
+                {
+                    "adapter": adapter,
+                    "adapter_path": str(ad.folder.resolve()),
+                    "adapter_sha256": adapter_hash.result(),
+                    "base_model": str(base_dir),
+                    "untied_embeddings": untie,
+                    "shards": total_files,
+                    "max_shard_size": limit,
+                },
+                indent=2,
+                sort_keys=True,
+            )
+            + "\n"
+        )
     return out
 
 
 def is_model_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
-

@@ -1,0 +1,1 @@
+"""A build: its paths, record, lock, stages and summary."""

@@ -1,0 +1,1 @@
+"""Training data: distillation pairs, introspection, held-out split, scales."""

@@ -1,0 +1,1 @@
+"""Evaluation: inputs, models, persona metrics, judges, revealed preferences, report."""

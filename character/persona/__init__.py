@@ -1,0 +1,1 @@
+"""Constitutions, the prompts built from them, and the shipped personas."""

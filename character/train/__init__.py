@@ -1,0 +1,1 @@
+"""Training: the chat renderer, the one loop, losses, DPO and SFT."""
