@@ -50,8 +50,10 @@ def _acquire(path: Path, label: str) -> None:
             os.close(fd)
             holder = f"pid {who.get('pid', '?')} on {who.get('host', '?')}"
             since = f" since {who['started'][:19]}Z" if who.get("started") else ""
-            raise UserError(f"build {label} is held by {holder}{since}: another run is writing it; "
-                            "wait for that run to finish, or use another --build-id") from None
+            raise UserError(
+                f"build {label} is held by {holder}{since}: another run is writing it; "
+                "wait for that run to finish, or use another --build-id"
+            ) from None
         except BaseException:
             os.close(fd)
             raise
@@ -61,8 +63,7 @@ def _acquire(path: Path, label: str) -> None:
         except FileNotFoundError:
             pass
         os.close(fd)
-    me = {"pid": os.getpid(), "host": socket.gethostname(),
-          "started": datetime.now(timezone.utc).isoformat()}
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now(timezone.utc).isoformat()}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(me).encode(), 0)
     _held[path] = [fd, 1, made]

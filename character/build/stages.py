@@ -17,16 +17,21 @@ from pydantic import BaseModel, Field
 
 from character import progress
 from character.build.lock import build_lock
-from character.train.renderer import Renderer
 from character.config import DPOLoss, PipelineConfig, check_inputs  # noqa: F401 - config is light, for the CLI
-from character.persona.constitution import Constitution
-from character.datagen.engine import expand_questions, generate_dpo_pairs, generate_introspection, load_expanded_questions
-from character.train.dpo import run_dpo
+from character.datagen.engine import (
+    expand_questions,
+    generate_dpo_pairs,
+    generate_introspection,
+    load_expanded_questions,
+)
 from character.errors import UserError
-from character.train.losses import DPOCoefficients
+from character.persona.constitution import Constitution
 from character.settings import Settings, Workspace
-from character.train.sft import run_sft
 from character.storage import uri_to_path, write_json_atomic
+from character.train.dpo import run_dpo
+from character.train.losses import DPOCoefficients
+from character.train.renderer import Renderer
+from character.train.sft import run_sft
 
 
 class Checkpoint(BaseModel):
@@ -37,8 +42,17 @@ class Checkpoint(BaseModel):
 
 
 # Settings that may change between runs of one build without changing what it produces.
-_RUN_ONLY = {"workdir", "device", "max_in_flight", "evaluate", "merge", "build_id", "micro_batch_size",
-             "memory_budget_gb", "gradient_checkpointing"}
+_RUN_ONLY = {
+    "workdir",
+    "device",
+    "max_in_flight",
+    "evaluate",
+    "merge",
+    "build_id",
+    "micro_batch_size",
+    "memory_budget_gb",
+    "gradient_checkpointing",
+}
 
 
 def check_same_build(cfg: PipelineConfig) -> None:
@@ -52,8 +66,10 @@ def check_same_build(cfg: PipelineConfig) -> None:
             (d.get(stage) or {}).pop("keep_states", None)
     changed = sorted(k for k in set(old) | set(new) if k not in _RUN_ONLY and old.get(k) != new.get(k))
     if changed:
-        raise UserError(f"build {cfg.build_id!r} of {cfg.constitution().name} was started with other settings "
-                        f"({', '.join(changed)}); rerun it unchanged or use a new --build-id")
+        raise UserError(
+            f"build {cfg.build_id!r} of {cfg.constitution().name} was started with other settings "
+            f"({', '.join(changed)}); rerun it unchanged or use a new --build-id"
+        )
 
 
 def validate(cfg: PipelineConfig) -> Constitution:
@@ -83,8 +99,14 @@ def _service(cfg: PipelineConfig):
         return with_faults(TinkerService(settings), settings.fault_rate, settings.fault_seed)
     from character.backend.local import LocalService
 
-    svc = LocalService(Workspace(cfg.workdir), device=cfg.device, seed=cfg.seed, micro_batch_size=cfg.micro_batch_size,
-                       memory_budget_gb=cfg.memory_budget_gb, gradient_checkpointing=cfg.gradient_checkpointing)
+    svc = LocalService(
+        Workspace(cfg.workdir),
+        device=cfg.device,
+        seed=cfg.seed,
+        micro_batch_size=cfg.micro_batch_size,
+        memory_budget_gb=cfg.memory_budget_gb,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )
     return with_faults(svc, settings.fault_rate, settings.fault_seed)
 
 
@@ -101,8 +123,12 @@ def read_record(cfg: PipelineConfig) -> dict:
 
 def record_stage(cfg: PipelineConfig, stage: str, value: dict) -> None:
     path = cfg.build_dir() / "record.json"
-    rec = read_record(cfg) or {"persona": cfg.constitution().name, "build_id": cfg.build_id,
-                               "config": cfg.model_dump(mode="json"), "stages": {}}
+    rec = read_record(cfg) or {
+        "persona": cfg.constitution().name,
+        "build_id": cfg.build_id,
+        "config": cfg.model_dump(mode="json"),
+        "stages": {},
+    }
     rec["stages"][stage] = {**value, "finished_at": datetime.now(timezone.utc).isoformat()}
     write_json_atomic(path, rec)
 
@@ -114,8 +140,16 @@ def list_checkpoints(workdir: str | Path, persona: str | None = None) -> list[di
         rec = json.loads(path.read_text())
         for stage, st in rec.get("stages", {}).items():
             if "sampler" in st:
-                rows.append({"persona": rec["persona"], "build_id": rec["build_id"], "stage": stage,
-                             "uri": st["sampler"], "state": st.get("state"), "finished_at": st["finished_at"]})
+                rows.append(
+                    {
+                        "persona": rec["persona"],
+                        "build_id": rec["build_id"],
+                        "stage": stage,
+                        "uri": st["sampler"],
+                        "state": st.get("state"),
+                        "finished_at": st["finished_at"],
+                    }
+                )
     return sorted(rows, key=lambda r: r["finished_at"], reverse=True)
 
 
@@ -130,8 +164,9 @@ def _finished(cfg: PipelineConfig, stage: str, quiet: bool = False) -> dict | No
     if not done:
         return None
     for key in ("path", "sampler", "state"):
-        if key in done and done[key] and not done[key].startswith("tinker://") \
-                and not uri_to_path(done[key]).exists():  # tinker:// outputs live on the service
+        if (
+            key in done and done[key] and not done[key].startswith("tinker://") and not uri_to_path(done[key]).exists()
+        ):  # tinker:// outputs live on the service
             progress.note(stage, f"recorded as finished, but {done[key]} is gone: doing it again")
             return None
     if not quiet:
@@ -141,10 +176,12 @@ def _finished(cfg: PipelineConfig, stage: str, quiet: bool = False) -> dict | No
 
 def _steps(on_step):
     """Training steps as progress of the current stage, then the caller's own callback."""
+
     def both(step: int, total: int, metrics: dict) -> None:
         progress.update(step, total)
         if on_step is not None:
             on_step(step, total, metrics)
+
     return both
 
 
@@ -162,19 +199,32 @@ def split_heldout(path: Path, fraction: float, seed: int) -> tuple[Path, Path, d
     from character.storage import read_jsonl, write_text_atomic
 
     rows = read_jsonl(path)
-    keys = [("prompt", normalize_prompt(r["prompt"][-1]["content"])) if "prompt" in r
-            else (r.get("kind", ""), r["meta"]["index"]) for r in rows]
+    keys = [
+        ("prompt", normalize_prompt(r["prompt"][-1]["content"]))
+        if "prompt" in r
+        else (r.get("kind", ""), r["meta"]["index"])
+        for r in rows
+    ]
     groups = sorted(set(keys))
     n_held = min(len(groups) - 1, max(1 if fraction > 0 else 0, round(fraction * len(groups))))
-    held = set(sorted(groups, key=lambda k: item_seed(seed, "heldout", *k))[:max(0, n_held)])
+    held = set(sorted(groups, key=lambda k: item_seed(seed, "heldout", *k))[: max(0, n_held)])
     train_path, held_path = path.parent / "train" / path.name, path.parent / "heldout" / path.name
     for out, keep in ((train_path, False), (held_path, True)):
-        write_text_atomic(out, "".join(json.dumps(r, sort_keys=True) + "\n"
-                                       for r, k in zip(rows, keys) if (k in held) == keep))
+        write_text_atomic(
+            out, "".join(json.dumps(r, sort_keys=True) + "\n" for r, k in zip(rows, keys) if (k in held) == keep)
+        )
     n_held_rows = sum(k in held for k in keys)
-    return train_path, held_path, {"split_by": "prompt" if any(k[0] == "prompt" for k in keys) else "item",
-                                   "train_rows": len(rows) - n_held_rows, "heldout_rows": n_held_rows,
-                                   "train_groups": len(groups) - len(held), "heldout_groups": len(held)}
+    return (
+        train_path,
+        held_path,
+        {
+            "split_by": "prompt" if any(k[0] == "prompt" for k in keys) else "item",
+            "train_rows": len(rows) - n_held_rows,
+            "heldout_rows": n_held_rows,
+            "train_groups": len(groups) - len(held),
+            "heldout_groups": len(held),
+        },
+    )
 
 
 # -- stages ---------------------------------------------------------------------------------------
@@ -200,9 +250,11 @@ def check_teacher_prompt_fits(cfg: PipelineConfig, c: Constitution, teacher) -> 
     question = max(len(tok.encode(q, add_special_tokens=False)) for q in c.questions)
     need = prompt + question + cfg.max_new_tokens + 16  # + the chat template's own tokens
     if need > context:
-        raise UserError(f"{c.source}: the teacher prompt does not fit the teacher's context of {context} tokens: "
-                        f"its traits take {prompt} tokens, the longest question {question}, and answers up to "
-                        f"{cfg.max_new_tokens} (--max-new-tokens); shorten the traits or lower --max-new-tokens")
+        raise UserError(
+            f"{c.source}: the teacher prompt does not fit the teacher's context of {context} tokens: "
+            f"its traits take {prompt} tokens, the longest question {question}, and answers up to "
+            f"{cfg.max_new_tokens} (--max-new-tokens); shorten the traits or lower --max-new-tokens"
+        )
 
 
 def stage_expand_questions(cfg: PipelineConfig) -> str | None:
@@ -217,8 +269,9 @@ def stage_expand_questions(cfg: PipelineConfig) -> str | None:
     out = cfg.build_dir() / "data" / "questions.jsonl"
     t0 = time.perf_counter()
     with progress.stage("questions"):
-        stats = expand_questions(cfg.constitution(), teacher, Renderer(teacher.get_tokenizer()),
-                                 cfg.counts.expand_questions, cfg.seed, out)
+        stats = expand_questions(
+            cfg.constitution(), teacher, Renderer(teacher.get_tokenizer()), cfg.counts.expand_questions, cfg.seed, out
+        )
     record_stage(cfg, "questions", {"path": str(out), **stats, "seconds": round(time.perf_counter() - t0, 2)})
     return str(out)
 
@@ -235,18 +288,40 @@ def stage_dpo_data(cfg: PipelineConfig, questions_path: str | None = None) -> st
     n_prompts = -(-cfg.counts.dpo_pairs // cfg.counts.samples_per_prompt)
     with progress.stage("dpo_data", total=n_prompts):
         stats = generate_dpo_pairs(
-            c, teacher, student, Renderer(teacher.get_tokenizer()), Renderer(student.get_tokenizer()),
-            n_prompts, cfg.seed, out, cfg.max_new_tokens, samples_per_prompt=cfg.counts.samples_per_prompt,
-            window=cfg.max_in_flight, extra_questions=load_expanded_questions(questions_path),
-            provenance={"teacher": teacher_name, "student": cfg.base_model}, max_length=cfg.dpo_max_length,
+            c,
+            teacher,
+            student,
+            Renderer(teacher.get_tokenizer()),
+            Renderer(student.get_tokenizer()),
+            n_prompts,
+            cfg.seed,
+            out,
+            cfg.max_new_tokens,
+            samples_per_prompt=cfg.counts.samples_per_prompt,
+            window=cfg.max_in_flight,
+            extra_questions=load_expanded_questions(questions_path),
+            provenance={"teacher": teacher_name, "student": cfg.base_model},
+            max_length=cfg.dpo_max_length,
         )
     if stats["rows"] == 0:
-        raise UserError(f"no DPO pairs survived the filters (dropped: {stats['dropped']}; the reasons per row are in "
-                        f"{out.with_name(out.name + '.skipped.jsonl')}): answers cut off at --max-new-tokens "
-                        f"{cfg.max_new_tokens} count as incomplete, so raise it (with a new --build-id)")
+        raise UserError(
+            f"no DPO pairs survived the filters (dropped: {stats['dropped']}; the reasons per row are in "
+            f"{out.with_name(out.name + '.skipped.jsonl')}): answers cut off at --max-new-tokens "
+            f"{cfg.max_new_tokens} count as incomplete, so raise it (with a new --build-id)"
+        )
     train, held, split = split_heldout(out, cfg.heldout_fraction, cfg.seed)
-    record_stage(cfg, "dpo_data", {"path": str(train), "all": str(out), "heldout": str(held), **stats, **split,
-                                   "seconds": round(time.perf_counter() - t0, 2)})
+    record_stage(
+        cfg,
+        "dpo_data",
+        {
+            "path": str(train),
+            "all": str(out),
+            "heldout": str(held),
+            **stats,
+            **split,
+            "seconds": round(time.perf_counter() - t0, 2),
+        },
+    )
     return str(train)
 
 
@@ -258,12 +333,16 @@ def stage_dpo(cfg: PipelineConfig, data_path: str, on_step=None) -> Checkpoint:
     with progress.stage("dpo"):
         result = run_dpo(
             svc,
-            start=lambda: svc.create_lora_training_client(cfg.base_model, rank=cfg.lora_rank, seed=cfg.seed,
-                                                          alpha=cfg.lora_alpha),
+            start=lambda: svc.create_lora_training_client(
+                cfg.base_model, rank=cfg.lora_rank, seed=cfg.seed, alpha=cfg.lora_alpha
+            ),
             reference=lambda: svc.create_sampling_client(base_model=cfg.base_model),
             renderer=Renderer(svc.get_tokenizer(cfg.base_model)),
-            data_path=Path(data_path), run_dir=cfg.build_dir() / "dpo", cfg=cfg.dpo,
-            coef=DPOCoefficients(**cfg.dpo_loss.model_dump()), max_length=cfg.dpo_max_length,
+            data_path=Path(data_path),
+            run_dir=cfg.build_dir() / "dpo",
+            cfg=cfg.dpo,
+            coef=DPOCoefficients(**cfg.dpo_loss.model_dump()),
+            max_length=cfg.dpo_max_length,
             on_step=_steps(on_step),
         )
     ckpt = Checkpoint(stage="dpo", state=result.state, sampler=result.sampler, steps=result.steps)
@@ -282,15 +361,34 @@ def stage_introspection(cfg: PipelineConfig, dpo: Checkpoint) -> str:
     t0 = time.perf_counter()
     with progress.stage("introspection", total=n.reflections + n.interactions):
         stats = generate_introspection(
-            c, model, Renderer(model.get_tokenizer()), n.reflections, n.interactions, n.turns, cfg.seed, out,
-            cfg.max_new_tokens, window=cfg.max_in_flight, provenance={"model": dpo.sampler},
+            c,
+            model,
+            Renderer(model.get_tokenizer()),
+            n.reflections,
+            n.interactions,
+            n.turns,
+            cfg.seed,
+            out,
+            cfg.max_new_tokens,
+            window=cfg.max_in_flight,
+            provenance={"model": dpo.sampler},
             max_length=cfg.sft_max_length,
         )
     if stats["rows"] == 0:
         raise RuntimeError("no introspection data was produced")
     train, held, split = split_heldout(out, cfg.heldout_fraction, cfg.seed)
-    record_stage(cfg, "introspection", {"path": str(train), "all": str(out), "heldout": str(held), **stats, **split,
-                                        "seconds": round(time.perf_counter() - t0, 2)})
+    record_stage(
+        cfg,
+        "introspection",
+        {
+            "path": str(train),
+            "all": str(out),
+            "heldout": str(held),
+            **stats,
+            **split,
+            "seconds": round(time.perf_counter() - t0, 2),
+        },
+    )
     return str(train)
 
 
@@ -305,14 +403,26 @@ def stage_sft(cfg: PipelineConfig, data_path: str, dpo: Checkpoint | None, on_st
     else:
         opt = cfg.sft
         start = lambda: svc.create_lora_training_client(  # noqa: E731
-            cfg.base_model, rank=cfg.lora_rank, seed=cfg.seed, alpha=cfg.lora_alpha)
+            cfg.base_model, rank=cfg.lora_rank, seed=cfg.seed, alpha=cfg.lora_alpha
+        )
     t0 = time.perf_counter()
     with progress.stage("sft"):
-        result = run_sft(svc, start, Renderer(svc.get_tokenizer(cfg.base_model)), Path(data_path),
-                         cfg.build_dir() / "sft", opt, cfg.sft_max_length, on_step=_steps(on_step))
+        result = run_sft(
+            svc,
+            start,
+            Renderer(svc.get_tokenizer(cfg.base_model)),
+            Path(data_path),
+            cfg.build_dir() / "sft",
+            opt,
+            cfg.sft_max_length,
+            on_step=_steps(on_step),
+        )
     ckpt = Checkpoint(stage="sft", state=result.state, sampler=result.sampler, steps=result.steps)
-    record_stage(cfg, "sft", {**ckpt.model_dump(), "learning_rate": opt.learning_rate,
-                              "seconds": round(time.perf_counter() - t0, 2)})
+    record_stage(
+        cfg,
+        "sft",
+        {**ckpt.model_dump(), "learning_rate": opt.learning_rate, "seconds": round(time.perf_counter() - t0, 2)},
+    )
     return ckpt
 
 
@@ -332,16 +442,24 @@ def stage_merge(cfg: PipelineConfig, dpo: Checkpoint, sft: Checkpoint) -> Checkp
     """Paper mode: the exact merge dpo_weight x dW_dpo + sft_weight x dW_sft (no renormalization)."""
     if done := _finished(cfg, "merged"):
         return Checkpoint(**{k: done[k] for k in ("stage", "state", "sampler", "steps")})
-    from character.weights.merge import merge_adapters
     from character.storage import file_uri
+    from character.weights.merge import merge_adapters
 
     out = cfg.build_dir() / "merged"
     w_dpo, w_sft = cfg.merge_weights
-    res = merge_adapters(_local_adapter(cfg, dpo), _local_adapter(cfg, sft), out, dpo_weight=w_dpo,
-                         sft_weight=w_sft, method="exact", overwrite=True)
+    res = merge_adapters(
+        _local_adapter(cfg, dpo),
+        _local_adapter(cfg, sft),
+        out,
+        dpo_weight=w_dpo,
+        sft_weight=w_sft,
+        method="exact",
+        overwrite=True,
+    )
     ckpt = Checkpoint(stage="merged", state=file_uri(res.output), sampler=file_uri(res.output), steps=0)
-    record_stage(cfg, "merged", {**ckpt.model_dump(), "method": res.method, "rank": res.rank,
-                                 "weights": list(res.weights)})
+    record_stage(
+        cfg, "merged", {**ckpt.model_dump(), "method": res.method, "rank": res.rank, "weights": list(res.weights)}
+    )
     return ckpt
 
 
@@ -366,8 +484,10 @@ def stage_evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> d
         chosen = {k: c for k, c in checkpoints.items() if c.sampler.startswith("tinker://")}
         for k, c in checkpoints.items():
             if k not in chosen:
-                notes.append(f"{k} ({c.sampler}) is a local adapter of a model Tinker serves and is not evaluated "
-                             f"here: `character eval {c.sampler} --base-model <local copy of {cfg.base_model}>`")
+                notes.append(
+                    f"{k} ({c.sampler}) is a local adapter of a model Tinker serves and is not evaluated "
+                    f"here: `character eval {c.sampler} --base-model <local copy of {cfg.base_model}>`"
+                )
         uris = [c.sampler for c in chosen.values()]
     else:
         chosen = checkpoints
@@ -377,17 +497,36 @@ def stage_evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> d
     settings = Settings()
     with progress.stage("eval", total=len(uris)):  # evaluate_checkpoints may update() per checkpoint
         result = evaluate_checkpoints(
-            uris, persona=cfg.persona, workdir=cfg.workdir, base_model=cfg.base_model, names=list(chosen),
-            out_dir=cfg.build_dir() / "eval", seed=cfg.seed, device=cfg.device, build_dir=cfg.build_dir(),
-            max_length=cfg.dpo_max_length, sft_max_length=cfg.sft_max_length, beta=cfg.dpo_loss.beta,
-            max_new_tokens=min(cfg.max_new_tokens, 256), revealed_judge=settings.revealed_judge,
-            revealed_games=settings.revealed_games, notes=notes,
+            uris,
+            persona=cfg.persona,
+            workdir=cfg.workdir,
+            base_model=cfg.base_model,
+            names=list(chosen),
+            out_dir=cfg.build_dir() / "eval",
+            seed=cfg.seed,
+            device=cfg.device,
+            build_dir=cfg.build_dir(),
+            max_length=cfg.dpo_max_length,
+            sft_max_length=cfg.sft_max_length,
+            beta=cfg.dpo_loss.beta,
+            max_new_tokens=min(cfg.max_new_tokens, 256),
+            revealed_judge=settings.revealed_judge,
+            revealed_games=settings.revealed_games,
+            notes=notes,
             service=_service(cfg) if cfg.backend == "tinker" else None,
         )
     report = {k: v for k, v in result.get("report", {}).items() if k != "table"}
-    record_stage(cfg, "eval", {"report": report, "names": list(checkpoints), "summary": result["eval"],
-                               "revealed": revealed_summary(result.get("revealed")),
-                               "seconds": round(time.perf_counter() - t0, 2)})
+    record_stage(
+        cfg,
+        "eval",
+        {
+            "report": report,
+            "names": list(checkpoints),
+            "summary": result["eval"],
+            "revealed": revealed_summary(result.get("revealed")),
+            "seconds": round(time.perf_counter() - t0, 2),
+        },
+    )
     return result
 
 
@@ -400,9 +539,13 @@ def revealed_summary(rev: dict | None) -> dict | None:
         return {"status": rev.get("status"), "reason": rev.get("reason")}
     final = rev.get("final")
     changes = rev["changes"].get(final, {}) if final else {}
-    return {"status": "computed", "judge_model": rev["judge_model"], "games_per_model": rev["games_per_model"],
-            "final": final, "constitution_trait_changes": {t: changes[t] for t in rev["constitution_traits"]
-                                                           if t in changes}}
+    return {
+        "status": "computed",
+        "judge_model": rev["judge_model"],
+        "games_per_model": rev["games_per_model"],
+        "final": final,
+        "constitution_trait_changes": {t: changes[t] for t in rev["constitution_traits"] if t in changes},
+    }
 
 
 def record_unevaluated(cfg: PipelineConfig, names: list[str], reason: str) -> dict:
