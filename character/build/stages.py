@@ -20,7 +20,9 @@ from character.build.lock import build_lock
 from character.train.renderer import Renderer
 from character.config import DPOLoss, PipelineConfig, check_inputs  # noqa: F401 - config is light, for the CLI
 from character.persona.constitution import Constitution
-from character.datagen.engine import expand_questions, generate_dpo_pairs, generate_introspection, load_expanded_questions
+from character.datagen.distill import generate_dpo_pairs
+from character.datagen.introspection import generate_introspection
+from character.datagen.questions import expand_questions, load_expanded_questions
 from character.train.dpo import run_dpo
 from character.errors import UserError
 from character.train.losses import DPOCoefficients
