@@ -178,6 +178,7 @@ def _untied_head(ad: Adapter, base: BaseWeights, base_cfg: dict) -> tuple[bool, 
 
 
 def _untied_config(base_cfg: dict) -> dict:
+    """The base's config with its embeddings untied (also in a nested text_config)."""
     cfg = dict(base_cfg)
     cfg["tie_word_embeddings"] = False
     if isinstance(cfg.get("text_config"), dict):
