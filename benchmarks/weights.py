@@ -44,7 +44,7 @@ def build_base(folder: str) -> dict:
     import torch
     from transformers import LlamaConfig
 
-    from character.weights.merge import StreamingSafetensorsWriter
+    from character.weights.safetensors_io import StreamingSafetensorsWriter
 
     out = Path(folder)
     if (out / "model.safetensors").is_file():
@@ -71,7 +71,7 @@ def build_adapter(folder: str, base: str, rank: int, seed: int) -> dict:
     from peft import LoraConfig
     from transformers import AutoConfig
 
-    from character.weights.merge import StreamingSafetensorsWriter
+    from character.weights.safetensors_io import StreamingSafetensorsWriter
 
     out = Path(folder)
     if (out / "adapter_model.safetensors").is_file():

@@ -9,7 +9,8 @@ from tinker import types
 
 from character.backend import Done
 from character.build.stages import split_heldout
-from character.datagen.engine import generate_dpo_pairs, normalize_prompt
+from character.datagen.distill import generate_dpo_pairs
+from character.datagen.engine import normalize_prompt
 from character.datagen.scales import SCALES
 from character.persona.constitution import load_constitution
 from character.storage import read_jsonl
@@ -61,7 +62,7 @@ def test_no_prompt_is_in_both_splits_at_any_scale(tmp_path, scale, caplog):
     c, r = load_constitution("sarcastic"), Renderer(CharTokenizer())
     n_prompts = -(-counts.dpo_pairs // counts.samples_per_prompt)
     out = tmp_path / "dpo.jsonl"
-    with caplog.at_level("WARNING", logger="character.datagen.engine"):
+    with caplog.at_level("WARNING", logger="character.datagen.distill"):
         stats = generate_dpo_pairs(
             c,
             FakeSampler(),
@@ -125,7 +126,7 @@ def test_an_over_long_pair_is_dropped_and_counted_never_truncated(tmp_path):
 
 
 def test_an_over_long_conversation_is_dropped_for_sft(tmp_path):
-    from character.datagen.engine import generate_introspection
+    from character.datagen.introspection import generate_introspection
     from character.train.dpo import TooLong
     from character.train.sft import sft_example
 

@@ -8,13 +8,10 @@ from tinker import types
 
 from character.backend.errors import TransientBackendError
 from character.backend.local import LocalService
-from character.datagen.engine import (
-    clean_answer,
-    expand_questions,
-    generate_dpo_pairs,
-    generate_introspection,
-    word_overlap,
-)
+from character.datagen.distill import generate_dpo_pairs
+from character.datagen.engine import clean_answer
+from character.datagen.introspection import generate_introspection
+from character.datagen.questions import expand_questions, word_overlap
 from character.persona.constitution import load_constitution
 from character.persona.prompts import (
     INTERACTION_SYSTEM_PROMPT,
@@ -100,7 +97,7 @@ def test_word_overlap_flags_near_duplicates():
 
 
 def test_pair_filters_drop_identical_and_duplicate_answers(local, tmp_path):
-    from character.datagen.engine import _pairs_for_prompt
+    from character.datagen.distill import _pairs_for_prompt
 
     _, r = local
     same = [_seq(r, "Same words."), _seq(r, "Same words.")]

@@ -15,7 +15,7 @@ from adapters import make_adapter
 
 from character.errors import UserError
 from character.weights.fold import fold_adapter, parse_size
-from character.weights.merge import read_header, tensor_nbytes
+from character.weights.safetensors_io import read_header, tensor_nbytes
 
 IDS = torch.tensor([[1, 7, 42, 300, 512, 9, 88, 3]])
 

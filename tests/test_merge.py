@@ -17,7 +17,8 @@ from adapters import make_adapter
 from safetensors.torch import load_file, save_file
 
 from character.errors import UserError
-from character.weights.merge import load_adapter, merge_adapters
+from character.weights.adapter import load_adapter
+from character.weights.merge import merge_adapters
 
 # Two cores are shared with other jobs: one thread avoids OpenMP oversubscription (100x slower here).
 ENV_1T = {"OMP_NUM_THREADS": "1"}
@@ -292,7 +293,7 @@ def test_corrupt_input_is_a_user_error_in_process(adapters, tmp_path):
 
 def test_tensor_file_reads_and_streams_every_dtype_exactly(tmp_path):
     """Plain reads (no memory map) give the tensors safetensors stored, bfloat16 included; raw copies are exact."""
-    from character.weights.merge import StreamingSafetensorsWriter, TensorFile
+    from character.weights.safetensors_io import StreamingSafetensorsWriter, TensorFile
 
     g = torch.Generator().manual_seed(0)
     tensors = {

@@ -23,6 +23,23 @@ LOCK = ".lock"
 
 
 @dataclass(frozen=True)
+class RunPaths:
+    """The files of a training run's folder (a build's `dpo/` or `sft/`, or any folder the loop is given)."""
+
+    root: Path
+
+    @property
+    def metrics(self) -> Path:
+        """One row per step."""
+        return self.root / "metrics.jsonl"
+
+    @property
+    def saves(self) -> Path:
+        """Every recorded state, then the final one with the sampler weights."""
+        return self.root / "checkpoints.jsonl"
+
+
+@dataclass(frozen=True)
 class BuildPaths:
     root: Path
 

@@ -18,12 +18,9 @@ from pydantic import BaseModel, Field
 from character import progress
 from character.build.lock import build_lock
 from character.config import DPOLoss, PipelineConfig, check_inputs  # noqa: F401 - config is light, for the CLI
-from character.datagen.engine import (
-    expand_questions,
-    generate_dpo_pairs,
-    generate_introspection,
-    load_expanded_questions,
-)
+from character.datagen.distill import generate_dpo_pairs
+from character.datagen.introspection import generate_introspection
+from character.datagen.questions import expand_questions, load_expanded_questions
 from character.errors import UserError
 from character.persona.constitution import Constitution
 from character.settings import Settings, Workspace

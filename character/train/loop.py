@@ -1,9 +1,9 @@
 """The one training loop, written once against the Tinker-shaped interface.
 
-Flat and resumable, like tinker-cookbook's sl_loop: resume from the last recorded state, build
-the batch, submit forward/backward and the optimizer step before waiting on either, log, save
-every N steps. Progress lives in `<run_dir>/checkpoints.jsonl`; a state URI is recorded only
-after the state is fully written, so a crash at any point resumes from a complete state.
+Flat and resumable, like tinker-cookbook's sl_loop (`train`, on top): resume from the last recorded
+state, build the batch, submit forward/backward and the optimizer step before waiting on either,
+log, save every N steps. Progress lives in `<run_dir>/checkpoints.jsonl`; a state URI is recorded
+only after the state is fully written, so a crash at any point resumes from a complete state.
 Steps after the last save are redone on resume, and their metrics rows from the interrupted run
 are dropped.
 
@@ -14,9 +14,9 @@ client (every later request raises a RuntimeError chained to the first error). M
 on the same client is therefore never safe. Instead, any transient failure of a training call
 (forward/backward, custom loss, optimizer step, save) drops the client and resumes on a fresh one
 from the last saved state (`create_training_client_from_state_with_optimizer`; the start client if
-nothing was saved yet), replaying the steps since. `save_every` bounds what a replay costs;
-`max_recoveries` bounds how often a run recovers in a row without reaching a new save before the error
-goes up (to Prefect's retry).
+nothing was saved yet), replaying the steps since: `_recovering`, the one call around the normal
+path. `save_every` bounds what a replay costs; `max_recoveries` bounds how often a run recovers in a
+row without reaching a new save before the error goes up (to Prefect's retry).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from tinker import types
 from character.backend import Future, ServiceClient, TrainingClient
 from character.backend.errors import is_transient
 from character.backend.retry import retry_transient
+from character.build.paths import RunPaths
 from character.config import OptimConfig  # noqa: F401 - defined without torch, for fast validation
 from character.storage import append_jsonl, read_jsonl, uri_to_path, write_text_atomic
 
@@ -86,67 +87,109 @@ def train(
     """Train on `examples` (one epoch per cfg.epochs); `submit` turns a batch into a forward/backward call."""
     if not examples:
         raise ValueError("no training examples")
-    run_dir = Path(run_dir)
-    log_path = run_dir / "checkpoints.jsonl"
     batches = batch_order(len(examples), cfg)
-    total = len(batches)
+    run = _Run.resume(RunPaths(Path(run_dir)), total=len(batches))
+    if run.finished is not None:
+        return run.finished
 
-    records = read_jsonl(log_path)
-    last = records[-1] if records else None
-    if last and last.get("final"):
-        return TrainResult(last["state"], last["sampler"], total, resumed_from=total)
-    first = last["step"] if last else 0
-    saved_step, state = first, (last["state"] if last else None)
-    _forget_metrics_after(run_dir / "metrics.jsonl", first)  # steps after the last save are redone
+    def steps(client: TrainingClient) -> str:
+        """The normal path: every step from the resume point on, then the weights for sampling."""
+        for step in range(run.done, run.total):
+            row = _step(client, examples, batches[step], submit, step, run.total, cfg)
+            run.log(row)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == run.total:
+                run.saved(step + 1, client.save_state(f"step-{step + 1:06d}").result().path, cfg.keep_states)
+            run.done = step + 1
+            if on_step is not None:
+                on_step(run.done, run.total, row)
+        return client.save_weights_for_sampler("final").result().path
 
-    def fresh_client() -> TrainingClient:
-        if state is None:
-            return retry_transient(start)
-        return retry_transient(lambda: service.create_training_client_from_state_with_optimizer(state))
+    sampler = _recovering(steps, run, lambda: run.fresh_client(service, start), cfg.max_recoveries)
+    return run.finish(sampler)
 
-    metrics: list[dict] = []
-    recoveries = 0
+
+def _recovering(
+    body: Callable[[TrainingClient], str], run: _Run, fresh_client: Callable[[], TrainingClient], max_recoveries: int
+) -> str:
+    """`body` on a client; after a transient failure, again on a fresh client from the last save (the module
+    docstring says why never on the same client), at most `max_recoveries` times in a row without a new save."""
     client = fresh_client()
-    step = first
     while True:
         try:
-            while step < total:
-                row = _step(client, examples, batches[step], submit, step, total, cfg)
-                metrics.append(row)
-                append_jsonl(run_dir / "metrics.jsonl", row)
-                if (step + 1) % cfg.save_every == 0 or step + 1 == total:
-                    state = client.save_state(f"step-{step + 1:06d}").result().path
-                    saved_step = step + 1
-                    recoveries = 0  # progress was made: the bound is on recoveries in a row without a save
-                    append_jsonl(log_path, {"step": step + 1, "state": state})
-                    prune_states(log_path, cfg.keep_states)
-                step += 1
-                if on_step is not None:
-                    on_step(step, total, row)
-            sampler = client.save_weights_for_sampler("final").result().path
-            break
+            return body(client)
         except Exception as e:  # noqa: BLE001 - classification decides
-            if not is_transient(e) or recoveries >= cfg.max_recoveries:
+            if not is_transient(e) or run.recoveries >= max_recoveries:
                 raise
-            recoveries += 1
-            log.warning(
-                "training call failed at step %d (%s: %s); resuming on a fresh client from step %d "
-                "(recovery %d of at most %d)",
-                step + 1,
-                type(e).__name__,
-                e,
-                saved_step,
-                recoveries,
-                cfg.max_recoveries,
-            )
+            run.rewind(e, max_recoveries)
             client = None  # the failed client may be poisoned or have run later calls without the failed one
-            step = saved_step
-            metrics = [r for r in metrics if r["step"] <= saved_step]
-            _forget_metrics_after(run_dir / "metrics.jsonl", saved_step)
             client = fresh_client()
 
-    append_jsonl(log_path, {"step": total, "state": state, "sampler": sampler, "final": True})
-    return TrainResult(state, sampler, total, resumed_from=first, metrics=metrics)
+
+@dataclass
+class _Run:
+    """Where a run stands: what its folder records, and the steps done since it (re)started."""
+
+    paths: RunPaths
+    total: int
+    first: int  # the step this call resumed from
+    state: str | None  # the last recorded state; None: nothing saved yet
+    finished: TrainResult | None = None  # the result of a run that had already finished
+    saved_step: int = 0
+    done: int = 0  # steps done, the next one's index
+    recoveries: int = 0  # in a row, without a new save
+    metrics: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def resume(cls, paths: RunPaths, total: int) -> _Run:
+        """From the last recorded save (or the start); steps after it are redone, so their rows are dropped."""
+        records = read_jsonl(paths.saves)
+        last = records[-1] if records else None
+        if last and last.get("final"):
+            result = TrainResult(last["state"], last["sampler"], total, resumed_from=total)
+            return cls(paths, total, total, last["state"], finished=result)
+        first = last["step"] if last else 0
+        _forget_metrics_after(paths.metrics, first)
+        return cls(paths, total, first, last["state"] if last else None, saved_step=first, done=first)
+
+    def fresh_client(self, service: ServiceClient, start: Callable[[], TrainingClient]) -> TrainingClient:
+        """A client at the last recorded state, with its optimizer state (the start client if nothing was saved)."""
+        if self.state is None:
+            return retry_transient(start)
+        return retry_transient(lambda: service.create_training_client_from_state_with_optimizer(self.state))
+
+    def log(self, row: dict) -> None:
+        """A finished step's metrics row, kept and appended to the run's metrics file."""
+        self.metrics.append(row)
+        append_jsonl(self.paths.metrics, row)
+
+    def saved(self, step: int, state: str, keep: int) -> None:
+        """Record the fully written state after `step` steps; older local states beyond `keep` go."""
+        self.state, self.saved_step = state, step
+        self.recoveries = 0  # progress was made: the bound is on recoveries in a row without a save
+        append_jsonl(self.paths.saves, {"step": self.saved_step, "state": state})
+        prune_states(self.paths.saves, keep)
+
+    def rewind(self, error: Exception, max_recoveries: int) -> None:
+        """Back to the last save after `error`: the steps since are lost work, to be redone."""
+        self.recoveries += 1
+        log.warning(
+            "training call failed at step %d (%s: %s); resuming on a fresh client from step %d "
+            "(recovery %d of at most %d)",
+            self.done + 1,
+            type(error).__name__,
+            error,
+            self.saved_step,
+            self.recoveries,
+            max_recoveries,
+        )
+        self.done = self.saved_step
+        self.metrics = [r for r in self.metrics if r["step"] <= self.saved_step]
+        _forget_metrics_after(self.paths.metrics, self.saved_step)
+
+    def finish(self, sampler: str) -> TrainResult:
+        """Record the run as finished: a rerun returns this result at once."""
+        append_jsonl(self.paths.saves, {"step": self.total, "state": self.state, "sampler": sampler, "final": True})
+        return TrainResult(self.state, sampler, self.total, resumed_from=self.first, metrics=self.metrics)
 
 
 def prune_states(log_path: Path, keep: int) -> list[str]:

@@ -20,9 +20,10 @@ from pathlib import Path
 
 from character.errors import UserError
 from character.storage import atomic_dir
-from character.weights.merge import (
+from character.weights.adapter import Adapter, load_adapter
+from character.weights.safetensors_io import (
     StreamingSafetensorsWriter,
-    load_adapter,
+    TensorFile,
     open_safetensors,
     read_header,
     sha256_in_background,
@@ -126,45 +127,87 @@ def fold_adapter(
     from character.backend.local import resolve_model  # after the cheap checks: it imports torch
     from character.settings import Settings, Workspace
 
-    ws = Workspace(workdir if workdir is not None else Settings().workdir)
-    base_dir = resolve_model(name, ws)
+    base_dir = resolve_model(name, Workspace(workdir if workdir is not None else Settings().workdir))
     base = read_base_weights(base_dir)
     base_cfg = json.loads((base_dir / "config.json").read_text())
-    tied = bool(base_cfg.get("tie_word_embeddings", base_cfg.get("text_config", {}).get("tie_word_embeddings", False)))
+    untie, extra = _untied_head(ad, base, base_cfg)
+    target = _fold_targets(ad, adapter, base)
+    ad.check_finite()  # before the long part: a NaN fails in a second, not after the whole model
+    adapter_hash = sha256_in_background(ad.weights)
+    names, groups = _output_shards(base, extra, limit)
 
-    # Where each LoRA module's delta goes, and what new tensors (an untied head) appear.
-    fan_in_fan_out = bool(ad.config.get("fan_in_fan_out"))
-    keys = {f"{mname}.weight": mname for mname in ad.modules}
-    extra: dict[str, str] = {}  # new key -> key whose base values it starts from
+    with atomic_dir(out) as tmp:
+        _copy_base_files(base_dir, tmp)
+        if untie:
+            (tmp / "config.json").write_text(json.dumps(_untied_config(base_cfg), indent=2, sort_keys=True) + "\n")
+        folding = _Folding(ad, adapter, base, extra, target)
+        weight_map, total_size = folding.write_shards(tmp, names, groups)
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        provenance = {
+            "adapter": adapter,
+            "adapter_path": str(ad.folder.resolve()),
+            "adapter_sha256": adapter_hash.result(),
+            "base_model": str(base_dir),
+            "untied_embeddings": untie,
+            "shards": len(groups),
+            "max_shard_size": limit,
+        }
+        (tmp / FOLD_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def _untied_head(ad: Adapter, base: BaseWeights, base_cfg: dict) -> tuple[bool, dict[str, str]]:
+    """Whether the output unties the embeddings, and the new tensors that needs ({new key: key copied from}).
+
+    Adapting either side of a tied pair: each side must change alone, so the output is untied and the
+    head gets its own copy if the checkpoint stores only the embedding."""
+    tied = bool(base_cfg.get("tie_word_embeddings", base_cfg.get("text_config", {}).get("tie_word_embeddings", False)))
+    keys = {f"{mname}.weight" for mname in ad.modules}
+    extra: dict[str, str] = {}
     untie = False
     # Embeddings never sit inside the numbered blocks; an adapter that touches only blocks cannot
     # touch a tied pair (and we skip building a meta model to find the pair's names).
     if tied and any(not _IN_BLOCK.search(f".{mname}.") for mname in ad.modules):
-        in_key, out_key = _embedding_keys(base_dir / "config.json")
-        # Adapting either side of a tied pair: each side must change alone, so the output is untied
-        # and the head gets its own copy if the checkpoint stores only the embedding.
+        in_key, out_key = _embedding_keys(base.folder / "config.json")
         untie = in_key in keys or out_key in keys
         if untie and in_key in base.specs and out_key not in base.specs:
             extra[out_key] = in_key
             base.specs[out_key] = base.specs[in_key]
-    target: dict[str, str] = {}  # base key -> module name
-    for key, mname in keys.items():
-        m = ad.modules[mname]
+    return untie, extra
+
+
+def _untied_config(base_cfg: dict) -> dict:
+    """The base's config with its embeddings untied (also in a nested text_config)."""
+    cfg = dict(base_cfg)
+    cfg["tie_word_embeddings"] = False
+    if isinstance(cfg.get("text_config"), dict):
+        cfg["text_config"] = {**cfg["text_config"], "tie_word_embeddings": False}
+    return cfg
+
+
+def _fold_targets(ad: Adapter, adapter: str, base: BaseWeights) -> dict[str, str]:
+    """{base weight key: adapter module} for every module, each checked to have a weight of its shape."""
+    fan_in_fan_out = bool(ad.config.get("fan_in_fan_out"))
+    target: dict[str, str] = {}
+    for mname, m in ad.modules.items():
+        key = f"{mname}.weight"
         if key not in base.specs:
-            raise UserError(f"adapter {adapter}: module {mname} has no weight {key} in base model {base_dir}")
+            raise UserError(f"adapter {adapter}: module {mname} has no weight {key} in base model {base.folder}")
         shape = base.specs[key][1]
         want = (m.in_features, m.out_features) if (fan_in_fan_out or m.embedding) else (m.out_features, m.in_features)
         if tuple(shape) != want:
             raise UserError(
                 f"adapter {adapter}: module {mname} expects a {want} weight but base model "
-                f"{base_dir} has {tuple(shape)}"
+                f"{base.folder} has {tuple(shape)}"
             )
         target[key] = mname
-    ad.check_finite()  # before the long part: a NaN fails in a second, not after the whole model
-    adapter_hash = sha256_in_background(ad.weights)
-    import torch
+    return target
 
-    # Output layout: the base's shards (the untied head joins the shard of its source), or a new packing.
+
+def _output_shards(base: BaseWeights, extra: dict[str, str], limit: int | None) -> tuple[list[str], list[list[str]]]:
+    """The output's shard file names and the keys in each: the base's shards (an untied head joins the
+    shard of its source), or a new packing of at most `limit` bytes per shard."""
     keys_in_order = []
     groups: list[list[str]] = []
     for _, shard_keys in base.shards:
@@ -183,84 +226,80 @@ def fold_adapter(
                 size = 0
             groups[-1].append(k)
             size += n
-    total_files = len(groups)
-    names = [f"model-{i + 1:05d}-of-{total_files:05d}.safetensors" for i in range(total_files)]
+    names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    return names, groups
 
-    with atomic_dir(out) as tmp:
-        for item in base_dir.iterdir():
-            if item.name in _SKIP or item.name.endswith(_WEIGHT_FILES) or item.name.startswith("."):
-                continue
-            if item.is_dir():
-                shutil.copytree(item, tmp / item.name)
-            else:
-                shutil.copy2(item, tmp / item.name)
-        if untie:
-            cfg = dict(base_cfg)
-            cfg["tie_word_embeddings"] = False
-            if isinstance(cfg.get("text_config"), dict):
-                cfg["text_config"] = {**cfg["text_config"], "tie_word_embeddings": False}
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
-        handles: dict[str, object] = {}
+def _copy_base_files(base_dir: Path, dest: Path) -> None:
+    """Everything of the base folder but its weights and index (tokenizer, config, generation config)."""
+    for item in base_dir.iterdir():
+        if item.name in _SKIP or item.name.endswith(_WEIGHT_FILES) or item.name.startswith("."):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dest / item.name)
+        else:
+            shutil.copy2(item, dest / item.name)
+
+
+@dataclass
+class _Folding:
+    """The tensors of the output: base weights streamed through, adapted ones with their LoRA update added."""
+
+    ad: Adapter
+    adapter: str  # as the caller named it, for errors
+    base: BaseWeights
+    extra: dict[str, str]  # new key -> key whose base values it starts from
+    target: dict[str, str]  # base key -> module name
+
+    def write_shards(self, tmp: Path, names: list[str], groups: list[list[str]]) -> tuple[dict[str, str], int]:
+        """Write every shard; returns the index's weight map and total size."""
+        handles: dict[str, TensorFile] = {}  # base shards, opened when first needed
         weight_map: dict[str, str] = {}
         total_size = 0
-        with ad.open() as fa:
+        with self.ad.open() as fa:
             try:
                 for fname, group in zip(names, groups):
-                    specs = [(k, *base.specs[k]) for k in group]
+                    specs = [(k, *self.base.specs[k]) for k in group]
                     with StreamingSafetensorsWriter(tmp / fname, specs) as w:
                         for k in group:
-                            src = extra.get(k, k)
-                            fpath = base.file_of[src]
+                            src = self.extra.get(k, k)
+                            fpath = self.base.file_of[src]
                             if fpath not in handles:
-                                handles[fpath] = open_safetensors(base_dir / fpath, "base model").__enter__()
-                            if k not in target:  # unchanged: its bytes stream through, never whole in memory
+                                handles[fpath] = open_safetensors(self.base.folder / fpath, "base model").__enter__()
+                            if k not in self.target:  # unchanged: its bytes stream through, never whole in memory
                                 handles[fpath].copy_raw(src, w, as_name=k)
                             else:
-                                m = ad.modules[target[k]]
-                                t = handles[fpath].get_tensor(src)
-                                if m.name in ad.saved_base:
-                                    saved = fa.get_tensor(ad.saved_base[m.name][0])
-                                    if not torch.equal(saved.to(t.dtype), t):
-                                        raise UserError(
-                                            f"adapter {adapter}: its saved base weight for {m.name} "
-                                            f"differs from base model {base_dir} (trained base layers "
-                                            "are not supported)"
-                                        )
-                                a = fa.get_tensor(m.a_key).float()  # finite: checked above
-                                b = fa.get_tensor(m.b_key).float()
-                                # PEFT's merge arithmetic: W + scaling x (B @ A), transposed for Conv1D and
-                                # embeddings; one fused multiply-add into a float32 copy of W.
-                                merged = t.float()
-                                if fan_in_fan_out or m.embedding:
-                                    merged.T.addmm_(b, a, alpha=m.scaling)
-                                else:
-                                    merged.addmm_(b, a, alpha=m.scaling)
-                                w.write(k, merged.to(t.dtype))
+                                w.write(k, self._folded(handles[fpath].get_tensor(src), self.target[k], fa))
                             weight_map[k] = fname
-                            total_size += tensor_nbytes(*base.specs[k])
+                            total_size += tensor_nbytes(*self.base.specs[k])
             finally:
                 for h in handles.values():
                     h.__exit__(None, None, None)
-        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / FOLD_FILE).write_text(
-            json.dumps(
-                {
-                    "adapter": adapter,
-                    "adapter_path": str(ad.folder.resolve()),
-                    "adapter_sha256": adapter_hash.result(),
-                    "base_model": str(base_dir),
-                    "untied_embeddings": untie,
-                    "shards": total_files,
-                    "max_shard_size": limit,
-                },
-                indent=2,
-                sort_keys=True,
-            )
-            + "\n"
-        )
-    return out
+        return weight_map, total_size
+
+    def _folded(self, t, mname: str, fa: TensorFile):
+        """W + scaling x (B @ A), in W's dtype."""
+        import torch
+
+        m = self.ad.modules[mname]
+        if m.name in self.ad.saved_base:
+            saved = fa.get_tensor(self.ad.saved_base[m.name][0])
+            if not torch.equal(saved.to(t.dtype), t):
+                raise UserError(
+                    f"adapter {self.adapter}: its saved base weight for {m.name} "
+                    f"differs from base model {self.base.folder} (trained base layers "
+                    "are not supported)"
+                )
+        a = fa.get_tensor(m.a_key).float()  # finite: checked before any shard was written
+        b = fa.get_tensor(m.b_key).float()
+        # PEFT's merge arithmetic: W + scaling x (B @ A), transposed for Conv1D and embeddings; one
+        # fused multiply-add into a float32 copy of W.
+        merged = t.float()
+        if bool(self.ad.config.get("fan_in_fan_out")) or m.embedding:
+            merged.T.addmm_(b, a, alpha=m.scaling)
+        else:
+            merged.addmm_(b, a, alpha=m.scaling)
+        return merged.to(t.dtype)
 
 
 def is_model_folder(path: Path) -> bool:
