@@ -7,7 +7,7 @@ A build lives in `<workdir>/builds/<persona>/<build_id>/`:
     data/questions.jsonl     expanded questions (optional stage)
     data/dpo.jsonl           distillation pairs, all of them; data/{train,heldout}/dpo.jsonl the split
     data/introspection.jsonl reflections and self-interactions; data/{train,heldout}/... the split
-    dpo/, sft/               training runs: metrics.jsonl, states.jsonl, checkpoints
+    dpo/, sft/               training runs (RunPaths): metrics.jsonl, checkpoints.jsonl, saved states
     downloads/<stage>/       a Tinker checkpoint converted to a local adapter (paper-mode merge)
     merged/                  paper mode's merged adapter
     eval/                    evaluation reports
