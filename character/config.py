@@ -193,7 +193,8 @@ class PipelineConfig(BaseModel):
 
 
 def check_local_model(name: str) -> None:
-    """'tiny' or a local Hugging Face model folder (the local backend's rule, checked without torch)."""
+    """'tiny' or a local Hugging Face model folder: the local backend's one rule for a model name, torch-free so
+    that the command line checks it early (character.backend.local_model.resolve_model applies it too)."""
     if name != "tiny" and not (Path(name).expanduser() / "config.json").is_file():
         raise UserError(f"base model {name!r}: not 'tiny' and not a local Hugging Face model folder (no config.json)")
 

@@ -72,7 +72,7 @@ def _words(text: str) -> set[str]:
 
 def _is_plain(text: str) -> bool:
     """Only the stock wording of the model's plain answers."""
-    from character.backend.tiny import NEUTRAL_CLOSERS, NEUTRAL_CORES, NEUTRAL_OPENERS
+    from character.backend.tiny_recipe import NEUTRAL_CLOSERS, NEUTRAL_CORES, NEUTRAL_OPENERS
 
     return _words(text) <= _words(" ".join(NEUTRAL_OPENERS + NEUTRAL_CORES + NEUTRAL_CLOSERS))
 

@@ -70,17 +70,32 @@ def _pick_rows(
     return out
 
 
+def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts as one left-padded batch of ids, and its attention mask."""
+    width = max(len(t) for t in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, t in enumerate(prompts):
+        ids[i, width - len(t) :] = torch.tensor(t)
+        mask[i, width - len(t) :] = 1
+    return ids, mask
+
+
+def _stop_reason(r: SampleRequest, tokens: list[int], decode) -> str | None:
+    """'stop' when the newest token, or the recent text, ends the request; 'length' at its token limit."""
+    if tokens[-1] in r.stop_tokens:
+        return "stop"
+    if r.stop_strings and decode is not None and any(s in decode(tokens[-32:]) for s in r.stop_strings):
+        return "stop"
+    return "length" if len(tokens) >= r.max_tokens else None
+
+
 @torch.inference_mode()
 def sample_batch(model, requests: list[SampleRequest], pad_id: int, decode=None) -> list[SampleResult]:
     """Sample one continuation per request. `decode(tokens) -> str` is needed only for stop strings."""
     device = next(model.parameters()).device
     n = len(requests)
-    width = max(len(r.tokens) for r in requests)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, r in enumerate(requests):
-        ids[i, width - len(r.tokens) :] = torch.tensor(r.tokens)
-        mask[i, width - len(r.tokens) :] = 1
+    ids, mask = _left_padded([r.tokens for r in requests], pad_id)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     gens = [torch.Generator().manual_seed(r.seed) for r in requests]
@@ -110,14 +125,7 @@ def sample_batch(model, requests: list[SampleRequest], pad_id: int, decode=None)
             out_tokens[i].append(tok)
             out_logps[i].append(lp)
             next_ids[i] = tok
-            if tok in r.stop_tokens:
-                reasons[i] = "stop"
-            elif r.stop_strings and decode is not None:
-                text = decode(out_tokens[i][-32:])
-                if any(s in text for s in r.stop_strings):
-                    reasons[i] = "stop"
-            if reasons[i] is None and len(out_tokens[i]) >= r.max_tokens:
-                reasons[i] = "length"
+            reasons[i] = _stop_reason(r, out_tokens[i], decode)
         if all(x is not None for x in reasons):
             break
         mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)

@@ -10,17 +10,18 @@ line naming what to fix; nothing waits at submission, so the loop submits forwar
 the optimizer step before waiting on either. Sampling keeps at most `max_in_flight` requests
 outstanding across all sampling clients of a service. Transient SDK errors pass through unchanged:
 `character.backend.errors.is_transient` (Prefect's retry condition) recognizes them.
+
+This module holds the service and its reachability check; the key is in `tinker_key`, the
+wrapped clients in `tinker_clients`, the checks on model names in `tinker_models`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
@@ -29,15 +30,33 @@ from pydantic import SecretStr
 from tinker import types
 
 from character.backend.errors import BackendFatalError, describe_fatal, is_transient
+from character.backend.tinker_clients import CheckedFuture, TinkerSamplingClient, TinkerTrainingClient
+from character.backend.tinker_key import NO_KEY, api_key_source, redact, resolve_api_key, safe_cause
+from character.backend.tinker_models import check_ready, is_chat_model, model_roles, model_size_b
 from character.errors import UserError
 from character.settings import Settings
 
+# The Tinker backend's public names, wherever they are defined: callers import them from here.
+__all__ = [
+    "NO_KEY",
+    "CheckedFuture",
+    "TinkerSamplingClient",
+    "TinkerService",
+    "TinkerTrainingClient",
+    "TinkerUnreachable",
+    "api_key_source",
+    "check_ready",
+    "display_url",
+    "is_chat_model",
+    "model_roles",
+    "model_size_b",
+    "preflight",
+    "resolve_api_key",
+    "resolve_base_url",
+]
+
 log = logging.getLogger(__name__)
 
-NO_KEY = (
-    "no Tinker API key: set TINKER_API_KEY, or CHARACTER_TINKER_SECRET_BLOCK to the name of a "
-    "Prefect Secret block that holds it"
-)
 _PROXY_VARS = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
 
 
@@ -51,64 +70,6 @@ def default_client_factory(*, base_url: str, api_key: str):
 
 def default_rest_factory(*, base_url: str, api_key: str):
     return tinker.RestClient(base_url=base_url, api_key=api_key)
-
-
-# -- the key -------------------------------------------------------------------------------------
-def api_key_source(settings: Settings) -> str | None:
-    """Where the key will come from, without reading any secret store (for early validation)."""
-    if os.environ.get("TINKER_API_KEY", "").strip():
-        return "TINKER_API_KEY"
-    if settings.tinker_secret_block:
-        return f"Prefect Secret block {settings.tinker_secret_block!r}"
-    return None
-
-
-def resolve_api_key(settings: Settings) -> SecretStr:
-    """The key itself, as a SecretStr so that no repr or log line shows it."""
-    key = os.environ.get("TINKER_API_KEY", "").strip()
-    if key:
-        return SecretStr(key)
-    if settings.tinker_secret_block:
-        return SecretStr(_key_from_prefect(settings.tinker_secret_block))
-    raise UserError(NO_KEY)
-
-
-def _key_from_prefect(name: str) -> str:
-    # Only this branch needs Prefect: the core must import and run without it.
-    try:
-        from prefect.blocks.system import Secret
-
-        value = Secret.load(name).get()
-    except Exception as e:  # noqa: BLE001 - any failure means "no key from this block"
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise UserError(
-            f"could not read the Tinker key from Prefect Secret block {name!r} "
-            f"({type(e).__name__}: {first}); check the block exists (`prefect block ls`)"
-        ) from None
-    if not isinstance(value, str) or not value.strip():
-        raise UserError(f"Prefect Secret block {name!r} does not hold a Tinker key (expected a non-empty string)")
-    return value.strip()
-
-
-def check_ready(settings: Settings, base_model: str, teacher_model: str | None = None) -> None:
-    """What can be checked before anything runs, with no network: a key source and model names."""
-    if api_key_source(settings) is None:
-        raise UserError(NO_KEY)
-    for what, name in (("base model", base_model), ("teacher model", teacher_model)):
-        if name is None:
-            continue
-        if name == "tiny" or "/" not in name or Path(name).expanduser().exists():
-            raise UserError(
-                f"{what} {name!r} is a local model; on Tinker use a model it serves, e.g. "
-                f"{settings.tinker_base_model!r} (`character tinker models` lists them)"
-            )
-
-
-def redact(text: str, secret: SecretStr | None) -> str:
-    if secret is None:
-        return text
-    value = secret.get_secret_value()
-    return text.replace(value, "***") if value else text
 
 
 # -- reachability --------------------------------------------------------------------------------
@@ -178,151 +139,12 @@ def preflight(base_url: str, api_key: SecretStr, timeout_s: float, rest_factory:
             "check TINKER_BASE_URL and the network, or retry later"
         )
     if isinstance(err, tinker.TinkerError):
-        raise BackendFatalError(redact(describe_fatal(err, f"checking the service at {where}"), api_key)) from _cause(
-            err, api_key
-        )
+        raise BackendFatalError(
+            redact(describe_fatal(err, f"checking the service at {where}"), api_key)
+        ) from safe_cause(err, api_key)
     if err is not None:
         raise err
     return out["result"]
-
-
-# -- futures and clients -------------------------------------------------------------------------
-def _cause(e: BaseException, secret: SecretStr | None) -> BaseException | None:
-    """Chain the SDK error for debugging, unless its text holds the key (a server echoing it back)."""
-    value = secret.get_secret_value() if secret is not None else ""
-    return None if value and value in str(e) else e
-
-
-def _fatal(e: BaseException, doing: str, secret: SecretStr | None) -> BaseException:
-    """The error to raise: SDK errors that retrying cannot fix become one clear line."""
-    if isinstance(e, tinker.TinkerError) and not is_transient(e):
-        return BackendFatalError(redact(describe_fatal(e, doing), secret))
-    return e
-
-
-class CheckedFuture:
-    """An SDK future whose fatal errors read as one line; results and transient errors pass unchanged."""
-
-    def __init__(self, fut, doing: str, secret: SecretStr | None = None):
-        self._fut, self._doing, self._secret = fut, doing, secret
-
-    def result(self, timeout: float | None = None):
-        try:
-            return self._fut.result(timeout)
-        except Exception as e:  # noqa: BLE001
-            err = _fatal(e, self._doing, self._secret)
-            if err is e:
-                raise
-            raise err from _cause(e, self._secret)
-
-    def future(self):
-        return self._fut.future()
-
-
-class TinkerTrainingClient:
-    """The SDK TrainingClient; every call returns at once with a future."""
-
-    def __init__(self, sdk_client, secret: SecretStr | None = None, what: str = ""):
-        self.sdk = sdk_client
-        self._secret = secret
-        self._what = what
-
-    def _f(self, fut, doing: str) -> CheckedFuture:
-        return CheckedFuture(fut, f"{doing} ({self._what})" if self._what else doing, self._secret)
-
-    def forward_backward(self, data: list[types.Datum], loss_fn: str = "cross_entropy"):
-        return self._f(self.sdk.forward_backward(data, loss_fn), "forward_backward")
-
-    def forward_backward_custom(self, data: list[types.Datum], loss_fn):
-        return self._f(self.sdk.forward_backward_custom(data, loss_fn), "forward_backward_custom")
-
-    def optim_step(self, adam_params: types.AdamParams):
-        return self._f(self.sdk.optim_step(adam_params), "optim_step")
-
-    def save_state(self, name: str):
-        return self._f(self.sdk.save_state(name), f"saving training state {name!r}")
-
-    def save_weights_for_sampler(self, name: str):
-        return self._f(self.sdk.save_weights_for_sampler(name), f"saving sampler weights {name!r}")
-
-    def save_weights_external(self, name: str, ttl_seconds: int | None = None):
-        return self._f(self.sdk.save_weights_external(name, ttl_seconds=ttl_seconds), f"exporting weights {name!r}")
-
-    def get_tokenizer(self):
-        return self.sdk.get_tokenizer()
-
-
-class TinkerSamplingClient:
-    """The SDK SamplingClient with a shared bound on requests in flight.
-
-    A slot is taken at submission (blocking while the bound is reached) and given back when the
-    request finishes, whether or not anyone has asked for its result yet.
-    """
-
-    def __init__(self, sdk_client, slots: threading.Semaphore, secret: SecretStr | None = None, what: str = ""):
-        self.sdk = sdk_client
-        self._slots = slots
-        self._secret = secret
-        self._what = what
-
-    def _bounded(self, submit: Callable[[], Any], doing: str) -> CheckedFuture:
-        self._slots.acquire()
-        try:
-            fut = submit()
-        except BaseException:
-            self._slots.release()
-            raise
-        fut.future().add_done_callback(lambda _: self._slots.release())
-        return CheckedFuture(fut, f"{doing} ({self._what})" if self._what else doing, self._secret)
-
-    def sample(self, prompt: types.ModelInput, num_samples: int, sampling_params: types.SamplingParams):
-        return self._bounded(lambda: self.sdk.sample(prompt, num_samples, sampling_params), "sampling")
-
-    def compute_logprobs(self, prompt: types.ModelInput):
-        return self._bounded(lambda: self.sdk.compute_logprobs(prompt), "computing log-probs")
-
-    def get_tokenizer(self):
-        return self.sdk.get_tokenizer()
-
-
-# -- which models can teach and judge ------------------------------------------------------------
-_SIZE = re.compile(r"(?<![A-Za-z0-9.])(\d+(?:\.\d+)?)([BT])(?![a-z])", re.IGNORECASE)  # "235B", not "A22B"
-TEACHER_MIN_RATIO = 4.0  # the paper's teacher is many times the student's size
-JUDGE_MIN_B = 30.0  # naming a trait from a short answer needs a capable reader
-
-
-def model_size_b(name: str) -> float | None:
-    """Total parameters in billions, read from the model's name (None when the name does not say)."""
-    m = _SIZE.search(name.rsplit("/", 1)[-1])
-    if not m:
-        return None
-    return float(m.group(1)) * (1000.0 if m.group(2).upper() == "T" else 1.0)
-
-
-def is_chat_model(name: str) -> bool:
-    """Follows a system prompt: not a pretrained-only base model (e.g. Qwen3-8B-Base, Llama-3.1-8B)."""
-    short = name.rsplit("/", 1)[-1].lower()
-    if short.endswith("-base") or "-base-" in short:
-        return False
-    if short.startswith("llama") and "instruct" not in short:
-        return False
-    return True
-
-
-def model_roles(model, student: str) -> list[str]:
-    """ "teacher" for a sampleable chat model at least TEACHER_MIN_RATIO x the student's size, "judge" for one of
-    at least JUDGE_MIN_B billion parameters. Models whose name gives no size are not marked."""
-    if model.sampleable is False or not is_chat_model(model.model_name):
-        return []
-    size, small = model_size_b(model.model_name), model_size_b(student)
-    if size is None:
-        return []
-    roles = []
-    if small is not None and size >= TEACHER_MIN_RATIO * small:
-        roles.append("teacher")
-    if size >= JUDGE_MIN_B:
-        roles.append("judge")
-    return roles
 
 
 def _checkpoint(path: str, want: str, doing: str) -> types.ParsedCheckpointTinkerPath:

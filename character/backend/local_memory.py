@@ -1,0 +1,54 @@
+"""How many sequences the local backend puts in one forward/backward: an estimate of what a token
+costs in memory, the memory there is, and the grouping of a batch into micro-batches."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def memory_budget_bytes(device: torch.device, budget_gb: float | None) -> float:
+    """What activations may use: the given budget, else most of what is free on the device now."""
+    if budget_gb is not None:
+        return budget_gb * 2**30
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.7 * free
+    avail = (
+        next(
+            (int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable")),
+            8 * 2**30,
+        )
+        if os.path.exists("/proc/meminfo")
+        else 8 * 2**30
+    )
+    return 0.5 * avail
+
+
+def activation_bytes_per_token(config, checkpointing: bool, device: torch.device) -> float:
+    """A rough upper estimate of the memory one trained token costs: the layers' saved activations
+    (about 34 x hidden values per layer without checkpointing, 2 x hidden with it; bf16 on CUDA,
+    float32 on CPU) plus the logits (float32 copies kept for the log-softmax and its backward)."""
+    cfg = getattr(config, "text_config", config)
+    hidden, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    width = 2 if device.type == "cuda" else 4
+    per_layer = (2 if checkpointing else 34) * hidden * width
+    return layers * per_layer + vocab * (width + 2 * 4)
+
+
+def micro_batches(lengths: list[int], size: int | None, token_budget: float) -> list[list[int]]:
+    """Indices grouped into micro-batches, in order: `size` sequences each if given, else as many as
+    keep (sequences x longest) within token_budget (at least one sequence each)."""
+    if size is not None:
+        return [list(range(k, min(k + size, len(lengths)))) for k in range(0, len(lengths), size)]
+    out: list[list[int]] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        if out and (len(out[-1]) + 1) * max(longest, n) <= token_budget:
+            out[-1].append(i)
+            longest = max(longest, n)
+        else:
+            out.append([i])
+            longest = n
+    return out
