@@ -21,6 +21,7 @@ from typing import Callable
 from tinker import types
 
 from character.backend import SamplingClient
+from character.config import check_local_model
 from character.datagen.engine import item_seed
 from character.errors import UserError
 from character.evaluation.metrics import (
@@ -550,17 +551,15 @@ def evaluate_checkpoints(
     ws = Workspace(workdir)
     side = checkpoints_side(checkpoints)
     if side == "tinker":
-        from character.backend.tinker import _checkpoint
+        from character.backend.tinker import parse_checkpoint_path
 
         for s in checkpoints:
-            _checkpoint(s, "any", "evaluation")  # a malformed path fails before anything runs
+            parse_checkpoint_path(s, "any", "evaluation")  # a malformed path fails before anything runs
         ckpts = [Checkpoint(s, Path(s.removeprefix("tinker://")), "tinker", None) for s in checkpoints]
     else:
-        from character.backend.local import check_model_name
-
         ckpts = [inspect_checkpoint(s) for s in checkpoints]
         base_model = base_model or recorded_base_model(ckpts)
-        check_model_name(base_model)
+        check_local_model(base_model)
     if classifier is not None and not (Path(classifier) / "config.json").is_file():
         raise UserError(f"--classifier {classifier}: not a local Hugging Face model folder (no config.json)")
     for spec, opt in ((judge_model, "--judge-model"), (revealed_judge, "--revealed-judge")):
