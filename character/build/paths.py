@@ -20,6 +20,8 @@ from pathlib import Path
 
 RECORD = "record.json"
 LOCK = ".lock"
+HELDOUT = "heldout"
+RUN_METRICS = "metrics.jsonl"  # a training run's step metrics (character.train.loop writes them)
 
 
 @dataclass(frozen=True)
@@ -54,11 +56,19 @@ class BuildPaths:
         return data_file.parent / "train" / data_file.name
 
     def heldout_split(self, data_file: Path) -> Path:
-        return data_file.parent / "heldout" / data_file.name
+        return data_file.parent / HELDOUT / data_file.name
+
+    @staticmethod
+    def is_heldout_split(data_file: Path) -> bool:
+        """Whether a data file lies where heldout_split puts one (a file given by hand may)."""
+        return Path(data_file).parent.name == HELDOUT
 
     def run(self, stage: str) -> Path:
         """A training stage's run folder (`dpo`, `sft`)."""
         return self.root / stage
+
+    def run_metrics(self, stage: str) -> Path:
+        return self.run(stage) / RUN_METRICS
 
     def download(self, stage: str) -> Path:
         return self.root / "downloads" / stage
