@@ -49,6 +49,7 @@ def eval_command(
 ) -> None:
     """Evaluate checkpoints against the base model: persona adherence, held-out preferences; writes a report."""
     options = _eval_options(**locals())  # every flag, by its name
+    options.check_counts(checkpoints)  # evaluate_checkpoints checks them too; here before the heavy imports
     from character.evaluation.evaluate import evaluate_checkpoints
 
     res = evaluate_checkpoints(checkpoints, options)
