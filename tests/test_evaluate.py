@@ -13,7 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from character.evaluation.evaluate import evaluate_checkpoints, judge_answers, parse_score
+from character.evaluation.evaluate import evaluate_checkpoints
+from character.evaluation.judges import judge_answers, parse_score
+from character.evaluation.options import EvalOptions
 
 DPO_ROWS = [
     {
@@ -113,14 +115,16 @@ def test_metrics_equal_a_hand_computation(base, adapter, tiny_dir, workdir, tmp_
     folded = fold_adapter(str(adapter), tmp_path / "folded", base_model=str(tiny_dir))
     res = evaluate_checkpoints(
         [str(adapter), folded.as_uri()],
-        "pirate",
-        workdir,
-        dpo_data=dpo,
-        introspection_data=intro,
-        out_dir=tmp_path / "report",
-        prompts=["Hello!", "Hi."],
-        max_new_tokens=6,
-        device="cpu",
+        EvalOptions(
+            persona="pirate",
+            workdir=workdir,
+            dpo_data=dpo,
+            introspection_data=intro,
+            out_dir=tmp_path / "report",
+            prompts=["Hello!", "Hi."],
+            max_new_tokens=6,
+            device="cpu",
+        ),
     )
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)

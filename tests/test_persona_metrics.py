@@ -12,7 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from character.evaluation.evaluate import EvalData, dpo_metrics, evaluate_checkpoints, evaluate_models, write_outputs
+from character.evaluation.data import EvalData
+from character.evaluation.evaluate import evaluate_checkpoints, write_outputs
+from character.evaluation.logprobs import dpo_metrics
 from character.evaluation.metrics import (
     BREAK_CHARACTER_SUFFIXES,
     BREAK_CHARACTER_SYSTEM_PROMPTS,
@@ -25,6 +27,8 @@ from character.evaluation.metrics import (
     model_summary,
     pair_texts,
 )
+from character.evaluation.options import EvalOptions
+from character.evaluation.run import evaluate_models
 from character.persona.constitution import load_constitution
 
 PIRATE = [
@@ -241,7 +245,7 @@ def test_report_goes_into_the_checkpoints_own_build(tmp_path):
     _build(ws, "b2", other.as_uri(), HELDOUT, TRAIN[:4])  # newer, with other data
     svc = service()
     svc.models[str(own)] = svc.models["ckpt"]
-    res = evaluate_checkpoints([str(own)], "pirate", ws, service=svc)
+    res = evaluate_checkpoints([str(own)], EvalOptions(persona="pirate", workdir=ws), service=svc)
     assert res["build"] == str(build) and res["report"]["markdown"].startswith(str(build / "eval"))
     assert set(res["eval"]) == {"base", "dpo", "classifier", "report"}  # labelled by the stage that made it
     assert res["eval"]["dpo"]["pref_pairs"] == 3 and res["data"]["train_pairs"] == len(TRAIN)
@@ -252,7 +256,7 @@ def test_prompts_seen_in_training_are_left_out(tmp_path):
     svc = service()
     train = TRAIN + [pair(PROMPTS[0], 0)]
     data = EvalData(heldout=HELDOUT, train=train)
-    from character.evaluation.evaluate import held_out_prompts
+    from character.evaluation.data import held_out_prompts
 
     data.prompts, data.notes = held_out_prompts(HELDOUT, train, False)
     assert data.prompts == PROMPTS[1:] and "1 held-out prompt(s)" in data.notes[0]

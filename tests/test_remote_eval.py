@@ -24,8 +24,10 @@ from tinker import types
 
 from character.build import stages as pipeline
 from character.build.stages import PipelineConfig
-from character.evaluation.evaluate import EvalData, evaluate_models, write_outputs
+from character.evaluation.data import EvalData
+from character.evaluation.evaluate import write_outputs
 from character.evaluation.revealed import ELO_START, TRAITS, constitution_traits
+from character.evaluation.run import evaluate_models
 from character.persona.constitution import load_constitution
 from character.train.loop import OptimConfig
 

@@ -147,7 +147,9 @@ def preflight(base_url: str, api_key: SecretStr, timeout_s: float, rest_factory:
     return out["result"]
 
 
-def _checkpoint(path: str, want: str, doing: str) -> types.ParsedCheckpointTinkerPath:
+def parse_checkpoint_path(path: str, want: str, doing: str) -> types.ParsedCheckpointTinkerPath:
+    """A tinker:// checkpoint path, parsed; a malformed one (or, with want="training", one that is not a
+    training state) is a UserError naming what it was for (`doing`)."""
     try:
         parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(path)
     except ValueError:
@@ -279,14 +281,14 @@ class TinkerService:
 
     def create_training_client_from_state(self, path: str) -> TinkerTrainingClient:
         """Weights only, fresh optimizer: a new run that starts where `path` left off (sequential SFT)."""
-        _checkpoint(path, "training", "starting from a saved state")
+        parse_checkpoint_path(path, "training", "starting from a saved state")
         sdk = self._client()
         client = self._wait(sdk.create_training_client_from_state(path), f"loading weights from {path}")
         return TinkerTrainingClient(client, self._key, f"from {path}")
 
     def create_training_client_from_state_with_optimizer(self, path: str) -> TinkerTrainingClient:
         """Weights and optimizer state: resumes an interrupted run exactly."""
-        _checkpoint(path, "training", "resuming training")
+        parse_checkpoint_path(path, "training", "resuming training")
         sdk = self._client()
         client = self._wait(sdk.create_training_client_from_state_with_optimizer(path), f"resuming from {path}")
         return TinkerTrainingClient(client, self._key, f"resumed from {path}")
@@ -298,7 +300,7 @@ class TinkerService:
         if (model_path is None) == (base_model is None):
             raise ValueError("give exactly one of model_path and base_model")
         if model_path is not None:
-            _checkpoint(model_path, "any", "sampling")
+            parse_checkpoint_path(model_path, "any", "sampling")
             sdk = self._client()
             client = self._wait(sdk.create_sampling_client(model_path=model_path), f"sampling from {model_path}")
             return TinkerSamplingClient(client, self._slots, self._key, model_path)

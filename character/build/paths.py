@@ -20,6 +20,7 @@ from pathlib import Path
 
 RECORD = "record.json"
 LOCK = ".lock"
+HELDOUT = "heldout"
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,20 @@ class BuildPaths:
         return data_file.parent / "train" / data_file.name
 
     def heldout_split(self, data_file: Path) -> Path:
-        return data_file.parent / "heldout" / data_file.name
+        return data_file.parent / HELDOUT / data_file.name
+
+    @staticmethod
+    def is_heldout_split(data_file: Path) -> bool:
+        """Whether a data file lies where heldout_split puts one (a file given by hand may)."""
+        return Path(data_file).parent.name == HELDOUT
 
     def run(self, stage: str) -> Path:
         """A training stage's run folder (`dpo`, `sft`)."""
         return self.root / stage
+
+    def run_files(self, stage: str) -> RunPaths:
+        """The files of a training stage's run folder."""
+        return RunPaths(self.run(stage))
 
     def download(self, stage: str) -> Path:
         return self.root / "downloads" / stage

@@ -469,6 +469,7 @@ def stage_evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> d
     The record's "eval" stage keeps the per-model summary (`summary`) that `character pipeline --json`
     shows, the revealed-preference outcome, and the report's paths."""
     from character.evaluation.evaluate import evaluate_checkpoints
+    from character.evaluation.options import EvalOptions
 
     done = _finished(cfg, "eval", quiet=True)
     metrics_json = ((done or {}).get("report") or {}).get("metrics_json")
@@ -495,21 +496,7 @@ def stage_evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> d
     with progress.stage("eval", total=len(uris)):  # evaluate_checkpoints may update() per checkpoint
         result = evaluate_checkpoints(
             uris,
-            persona=cfg.persona,
-            workdir=cfg.workdir,
-            base_model=cfg.base_model,
-            names=list(chosen),
-            out_dir=cfg.build_dir() / "eval",
-            seed=cfg.seed,
-            device=cfg.device,
-            build_dir=cfg.build_dir(),
-            max_length=cfg.dpo_max_length,
-            sft_max_length=cfg.sft_max_length,
-            beta=cfg.dpo_loss.beta,
-            max_new_tokens=min(cfg.max_new_tokens, 256),
-            revealed_judge=settings.revealed_judge,
-            revealed_games=settings.revealed_games,
-            notes=notes,
+            EvalOptions.for_build(cfg, settings, names=list(chosen), notes=notes),
             service=_service(cfg) if cfg.backend == "tinker" else None,
         )
     report = {k: v for k, v in result.get("report", {}).items() if k != "table"}

@@ -8,7 +8,7 @@
 - The *robust* in-persona rate is the same share when the conversation carries an adversarial
   instruction to drop the character (a break-character system prompt and a user-message suffix).
 
-Everything here works on text; sampling the answers is the caller's business (character.evaluation.evaluate).
+Everything here works on text; sampling the answers is the caller's business (character.evaluation.run).
 """
 
 from __future__ import annotations

@@ -1,32 +1,35 @@
-"""What `character eval` evaluates, found on this machine: checkpoint folders, the build that made
-them, and that build's data files.
+"""What `character eval` evaluates, found on this machine: checkpoint folders and the build that made
+them (that build's data files: character.evaluation.data).
 
-This is the only part of evaluation that looks at local folders (adapter configs, fold records,
-build records). The evaluation itself (character.evaluation.evaluate.evaluate_models) reaches every model
-through a service's sampling clients, so it runs unchanged on a remote service.
+Only these two modules look at local folders (adapter configs, fold records, build records). The
+evaluation itself (character.evaluation.run.evaluate_models) reaches every model through a service's
+sampling clients, so it runs unchanged on a remote service.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from character.build.paths import build_records
 from character.errors import UserError
 from character.settings import Workspace
-from character.storage import read_jsonl, uri_to_path
+from character.storage import uri_to_path
 
 
 @dataclass
-class Checkpoint:
+class EvalTarget:
+    """A checkpoint to evaluate, as found here: what it is, what it was trained from, its label."""
+
     source: str  # as given
     path: Path
-    kind: str  # "adapter" | "model"
+    kind: str  # "adapter" | "model" | "tinker"
     base_model: str | None  # what it was trained or folded from, if recorded
     label: str = ""
 
 
-def inspect_checkpoint(source: str) -> Checkpoint:
+def inspect_checkpoint(source: str) -> EvalTarget:
     """An adapter folder (adapter_config.json) or a full model folder (config.json)."""
     path = uri_to_path(source)
     if not path.is_dir():
@@ -39,13 +42,13 @@ def inspect_checkpoint(source: str) -> Checkpoint:
         base = cfg.get("base_model_name_or_path")
         if not base:
             raise UserError(f"checkpoint {source}: adapter_config.json has no base_model_name_or_path")
-        return Checkpoint(source, path, "adapter", str(base))
+        return EvalTarget(source, path, "adapter", str(base))
     if (path / "config.json").is_file():
         from character.weights.fold import FOLD_FILE
 
         fold = path / FOLD_FILE
         base = json.loads(fold.read_text()).get("base_model") if fold.is_file() else None
-        return Checkpoint(source, path, "model", base)
+        return EvalTarget(source, path, "model", base)
     raise UserError(
         f"checkpoint {source}: neither an adapter folder (adapter_config.json) nor a model folder (config.json)"
     )
@@ -66,7 +69,7 @@ def _key(uri: str) -> str | None:
 def recorded_checkpoints(ws: Workspace) -> dict[str, tuple[Path, str]]:
     """Checkpoint URI -> (the build folder whose record lists it, the stage that produced it)."""
     out: dict[str, tuple[Path, str]] = {}
-    for rec_path in sorted((ws.root / "builds").glob("*/*/record.json")):
+    for rec_path in build_records(ws.root):
         try:
             rec = json.loads(rec_path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -103,7 +106,7 @@ def build_of(ws: Workspace, sources: list[str]) -> tuple[Path | None, dict[str, 
     return (builds[0] if builds else None), stages, notes
 
 
-def label_checkpoints(ckpts: list[Checkpoint], stages: dict[str, str], names: list[str] | None = None) -> None:
+def label_checkpoints(ckpts: list[EvalTarget], stages: dict[str, str], names: list[str] | None = None) -> None:
     """Given names, else the stage that produced each checkpoint, else its folder name (a tinker:// one: its
     run and name); unique."""
     used: set[str] = {"base"}
@@ -122,7 +125,7 @@ def label_checkpoints(ckpts: list[Checkpoint], stages: dict[str, str], names: li
         c.label = label
 
 
-def recorded_base_model(ckpts: list[Checkpoint]) -> str:
+def recorded_base_model(ckpts: list[EvalTarget]) -> str:
     """The one base model every checkpoint records (the DPO reference)."""
     recorded = {
         str(Path(x.base_model).resolve()) if Path(x.base_model).exists() else x.base_model
@@ -138,82 +141,3 @@ def recorded_base_model(ckpts: list[Checkpoint]) -> str:
             "pass --base-model to choose the reference"
         )
     return recorded.pop()
-
-
-# -- a build's data files --------------------------------------------------------------------------
-@dataclass
-class DataFiles:
-    """Where each input of an evaluation comes from. `*_held` is True for a held-out file, False for
-    training data, None for a file given by hand."""
-
-    heldout: Path | None = None
-    heldout_held: bool | None = None
-    train: Path | None = None
-    intro: Path | None = None
-    intro_held: bool | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-def _stage_path(build: Path, stage: str, key: str) -> Path | None:
-    try:
-        rec = json.loads((build / "record.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    value = ((rec.get("stages") or {}).get(stage) or {}).get(key)
-    return Path(value) if isinstance(value, str) and Path(value).is_file() else None
-
-
-def _first(*paths: Path | None) -> Path | None:
-    return next((p for p in paths if p is not None and p.is_file()), None)
-
-
-def build_files(build: Path | None) -> DataFiles:
-    """A build's held-out pairs, its training pairs (for the classifier) and held-out introspection."""
-    f = DataFiles()
-    if build is None:
-        return f
-    d = build / "data"
-    f.heldout = _first(_stage_path(build, "dpo_data", "heldout"), d / "heldout" / "dpo.jsonl")
-    f.train = _first(_stage_path(build, "dpo_data", "path"), d / "train" / "dpo.jsonl", d / "dpo.jsonl")
-    f.heldout_held = True if f.heldout else None
-    if f.heldout is None and f.train is not None:  # an older build without a split
-        f.heldout, f.heldout_held = f.train, False
-    f.intro = _first(_stage_path(build, "introspection", "heldout"), d / "heldout" / "introspection.jsonl")
-    f.intro_held = True if f.intro else None
-    if f.intro is None:
-        f.intro = _first(d / "introspection.jsonl")
-        f.intro_held = False if f.intro else None
-    return f
-
-
-def read_rows(path: Path, what: str, keys: tuple[str, ...]) -> list[dict]:
-    """Rows whose `keys` each hold a conversation: a list of {"role", "content"} messages."""
-    rows = read_jsonl(path)
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict):
-            raise UserError(f"{what} {path}: line {i + 1} is not a JSON object")
-        missing = [k for k in keys if k not in r]
-        if missing:
-            raise UserError(f"{what} {path}: line {i + 1} has no field '{missing[0]}'")
-        for k in keys:
-            if (
-                not isinstance(r[k], list)
-                or not r[k]
-                or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in r[k]
-                )
-            ):
-                raise UserError(
-                    f"{what} {path}: line {i + 1}, field '{k}': expected a non-empty list of {{role, content}} messages"
-                )
-    return rows
-
-
-def training_curves(build: Path | None) -> dict[str, Path]:
-    """The build's training runs that left step metrics (for the training-curve plot)."""
-    if build is None or not build.is_dir():
-        return {}
-    return {
-        d.name: d / "metrics.jsonl" for d in sorted(build.iterdir()) if d.is_dir() and (d / "metrics.jsonl").is_file()
-    }
