@@ -93,12 +93,8 @@ def training_curves(build: Path | None) -> dict[str, Path]:
     """The build's training runs that left step metrics (for the training-curve plot)."""
     if build is None or not build.is_dir():
         return {}
-    b = BuildPaths(build)
-    return {
-        d.name: b.run_files(d.name).metrics
-        for d in sorted(build.iterdir())
-        if d.is_dir() and b.run_files(d.name).metrics.is_file()
-    }
+    runs = (BuildPaths(build).run_files(d.name) for d in sorted(build.iterdir()) if d.is_dir())
+    return {r.root.name: r.metrics for r in runs if r.metrics.is_file()}
 
 
 # -- the rows --------------------------------------------------------------------------------------
