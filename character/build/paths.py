@@ -50,11 +50,19 @@ class BuildPaths:
     def introspection(self) -> Path:
         return self.data / "introspection.jsonl"
 
-    def train_split(self, data_file: Path) -> Path:
+    @staticmethod
+    def train_split(data_file: Path) -> Path:
+        """The training side of a data file's held-out split (character.datagen.heldout)."""
         return data_file.parent / "train" / data_file.name
 
-    def heldout_split(self, data_file: Path) -> Path:
+    @staticmethod
+    def heldout_split(data_file: Path) -> Path:
         return data_file.parent / "heldout" / data_file.name
+
+    @staticmethod
+    def skipped(data_file: Path) -> Path:
+        """The rows generation dropped from a data file, each with its reason."""
+        return data_file.with_name(data_file.name + ".skipped.jsonl")
 
     def run(self, stage: str) -> Path:
         """A training stage's run folder (`dpo`, `sft`)."""

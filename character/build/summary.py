@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+from character.build.paths import build_records
+
 HEADLINE = ("in_persona_rate", "robust_in_persona_rate", "pref_accuracy")
 _NIGHTLY = re.compile(r"^nightly-(\d{4}-\d{2}-\d{2})$")
 
@@ -45,10 +47,12 @@ def eval_markdown(summary: dict) -> list[str]:
         def cell(v, n, unit="n", fmt="{:.3f}"):
             return "-" if v is None else f"{fmt.format(v)} ({unit}={n})"
 
-        lines.append(f"| {name} | {cell(m['in_persona_rate'], m['in_persona_n'])} | "
-                     f"{cell(m['robust_in_persona_rate'], m['robust_n'])} | "
-                     f"{cell(m['pref_accuracy'], m['pref_pairs'], 'pairs')} | "
-                     f"{cell(m['pref_margin'], m['pref_pairs'], 'pairs', '{:+.4f}')} |")
+        lines.append(
+            f"| {name} | {cell(m['in_persona_rate'], m['in_persona_n'])} | "
+            f"{cell(m['robust_in_persona_rate'], m['robust_n'])} | "
+            f"{cell(m['pref_accuracy'], m['pref_pairs'], 'pairs')} | "
+            f"{cell(m['pref_margin'], m['pref_pairs'], 'pairs', '{:+.4f}')} |"
+        )
     clf = summary.get("classifier") or {}
     if clf.get("heldout_accuracy") is not None:
         lines += ["", f"Persona classifier held-out accuracy {clf['heldout_accuracy']:.3f} (n={clf['n']})."]
@@ -61,13 +65,18 @@ def eval_markdown(summary: dict) -> list[str]:
 def build_summary_markdown(record: dict, checkpoints: dict[str, str]) -> str:
     """Stages with durations and key numbers, then the checkpoint URIs, then evaluation if any."""
     stages = record.get("stages", {})
-    lines = [f"# {record.get('persona', '?')} build `{record.get('build_id', '?')}`", "",
-             "| stage | seconds | result |", "|---|---|---|"]
+    lines = [
+        f"# {record.get('persona', '?')} build `{record.get('build_id', '?')}`",
+        "",
+        "| stage | seconds | result |",
+        "|---|---|---|",
+    ]
     for name, st in stages.items():
         if name == "eval":
             continue
-        key = {k: st[k] for k in ("rows", "steps", "questions", "reflections", "interactions", "method", "rank")
-               if k in st}
+        key = {
+            k: st[k] for k in ("rows", "steps", "questions", "reflections", "interactions", "method", "rank") if k in st
+        }
         dropped = st.get("dropped")
         note = ", ".join(f"{k} {v}" for k, v in key.items())
         if dropped:
@@ -87,8 +96,14 @@ def build_summary_markdown(record: dict, checkpoints: dict[str, str]) -> str:
 def evaluation_rows(result: dict) -> list[dict]:
     """One row per evaluated model (the base first) with its metrics and n, for a table artifact."""
     summary = result.get("eval") or {}
-    return [{"model": name, **{k: _fmt(v) for k, v in summary[name].items() if k != "notes"},
-             "notes": "; ".join(summary[name]["notes"])} for name in _models(summary)]
+    return [
+        {
+            "model": name,
+            **{k: _fmt(v) for k, v in summary[name].items() if k != "notes"},
+            "notes": "; ".join(summary[name]["notes"]),
+        }
+        for name in _models(summary)
+    ]
 
 
 # -- nightly ---------------------------------------------------------------------------------------
@@ -101,14 +116,16 @@ def headline(summary: dict | None, checkpoint: str = "final") -> dict:
 def previous_nightly_record(workdir: str | Path, persona: str, build_id: str) -> dict | None:
     """The record of the persona's latest nightly build before `build_id` (nightly-YYYY-MM-DD)."""
     this = _NIGHTLY.match(build_id)
-    folder = Path(workdir) / "builds" / persona
-    if not this or not folder.is_dir():
+    if not this:
         return None
-    earlier = sorted(d for d in folder.iterdir()
-                     if (m := _NIGHTLY.match(d.name)) and m.group(1) < this.group(1) and (d / "record.json").is_file())
-    for d in reversed(earlier):
+    earlier = [
+        path
+        for path in build_records(workdir, persona)
+        if (m := _NIGHTLY.match(path.parent.name)) and m.group(1) < this.group(1)
+    ]
+    for path in reversed(earlier):
         try:
-            return json.loads((d / "record.json").read_text())
+            return json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
     return None
