@@ -8,13 +8,9 @@ from prefect import flow
 import tasks
 from character.build import plan
 from character.build.record import PipelineResult
-from character.build.stages import lock_build, validate
 from character.config import PipelineConfig
 
 
 @flow(name="paper")
 def paper(config: PipelineConfig) -> PipelineResult:
-    config = config.model_copy(update={"mode": "paper"})
-    validate(config)
-    with lock_build(config):  # one writer per build, also for deployment runs
-        return plan.paper(config, tasks)
+    return plan.run(config, "paper", tasks)

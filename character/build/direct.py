@@ -59,18 +59,16 @@ def build_summary(cfg: PipelineConfig, result: PipelineResult) -> str:
 def run_sequential(cfg: PipelineConfig) -> dict[str, Checkpoint]:
     """The sequential pipeline without Prefect: the flow's stages in the flow's order, evaluation and
     summary included. Returns the checkpoints it made: dpo, sft, and final (the sft one)."""
-    return _run(cfg.model_copy(update={"mode": "sequential"}), plan.sequential)
+    return _checkpoints(cfg, plan.run(cfg, "sequential", sys.modules[__name__]))  # this module: the stages
 
 
 def run_paper(cfg: PipelineConfig) -> dict[str, Checkpoint]:
     """The paper pipeline without Prefect; final is the merged checkpoint if `cfg.merge`, else sft."""
-    return _run(cfg.model_copy(update={"mode": "paper"}), plan.paper)
+    return _checkpoints(cfg, plan.run(cfg, "paper", sys.modules[__name__]))
 
 
-def _run(cfg: PipelineConfig, run_plan) -> dict[str, Checkpoint]:
-    core.validate(cfg)
-    with core.lock_build(cfg):
-        result = run_plan(cfg, sys.modules[__name__])  # this module is the plan's set of stages
+def _checkpoints(cfg: PipelineConfig, result: PipelineResult) -> dict[str, Checkpoint]:
+    """The result's checkpoints as the record holds them; "final" is the one whose URI it names."""
     recorded = read_record(cfg)["stages"]
     made = {k: Checkpoint.from_record(recorded[k]) for k in result.checkpoints if k != "final"}
     made["final"] = next(c for c in reversed(made.values()) if c.sampler == result.checkpoints["final"])

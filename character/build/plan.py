@@ -1,16 +1,17 @@
 """The order of a build's stages and what each hands the next, written once for every way to run them.
 
 `stages` is any object with the stage callables by name (`Stages`): the `tasks` package (Prefect
-tasks, for the flows) or `character.build.direct` (the same stages called in this process). The
-caller validates the config and holds the build's lock; the plan runs the stages and returns the
-result the main command prints.
+tasks, for the flows) or `character.build.direct` (the same stages called in this process).
+`sequential` and `paper` run the stages of a validated build whose lock is held, and return the
+result the main command prints; `run` is the whole of a build: validate, lock, plan.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol
 
 from character.build.record import Checkpoint, PipelineResult
+from character.build.stages import lock_build, validate
 from character.config import PipelineConfig
 
 
@@ -73,3 +74,11 @@ def paper(cfg: PipelineConfig, stages: Stages) -> PipelineResult:
     result = _result(cfg, "paper", uris)
     stages.build_summary(cfg, result)
     return result
+
+
+def run(cfg: PipelineConfig, mode: Literal["sequential", "paper"], stages: Stages) -> PipelineResult:
+    """A whole build in `mode`: check its inputs, hold its one-writer lock, run the mode's plan."""
+    cfg = cfg.model_copy(update={"mode": mode})
+    validate(cfg)
+    with lock_build(cfg):  # one writer per build, also for deployment runs
+        return {"sequential": sequential, "paper": paper}[mode](cfg, stages)
