@@ -1,8 +1,8 @@
 """6. Orchestration overhead: the smoke pipeline through Prefect vs the same stages called directly.
 
-Both sides build the sequential pipeline (questions, DPO data, DPO, introspection, SFT, evaluation)
-for the same persona, seed and scale, each build in a fresh workspace sharing the tiny model and a
-Prefect home whose database already exists. Each child process makes two builds:
+Both sides run one plan (character.build.plan) of the sequential pipeline: questions, DPO data,
+DPO, introspection, SFT, evaluation and summary, for the same persona, seed and scale, each build
+in a fresh workspace sharing the tiny model and a Prefect home whose database already exists. Each child process makes two builds:
 
 - the first is timed from the moment the process was launched to the end of the build: on the
   Prefect side it is `character pipeline` exactly as a user types it, either starting Prefect's
@@ -25,7 +25,7 @@ PERSONA = "sarcastic"
 
 
 def _config(workdir: str, build: str):
-    from character.build.stages import PipelineConfig
+    from character.config import PipelineConfig
 
     return PipelineConfig(persona=PERSONA, scale="smoke", workdir=workdir, build_id=build, device="cpu")
 
@@ -79,19 +79,13 @@ def with_prefect(root: str, models: str, home: str, launched: float, api_url: st
 
 
 def direct(root: str, models: str, launched: float) -> dict:
-    from character.build import stages as p
+    """The flow's plan with the plain stages (character.build.direct): everything but Prefect."""
+    from character.build.direct import run_sequential
 
-    def build(cfg):
-        p.validate(cfg)
-        data = p.stage_dpo_data(cfg, p.stage_expand_questions(cfg))
-        dpo = p.stage_dpo(cfg, data)
-        sft = p.stage_sft(cfg, p.stage_introspection(cfg, dpo), dpo)
-        p.stage_evaluate(cfg, {"final": sft})
-
-    build(_config(_fresh(root, "direct", models), "bench-0"))
+    run_sequential(_config(_fresh(root, "direct", models), "bench-0"))
     cold = time.time() - launched
     t0 = time.perf_counter()
-    build(_config(_fresh(root, "direct", models), "bench-1"))
+    run_sequential(_config(_fresh(root, "direct", models), "bench-1"))
     return {"cold": cold, "warm": time.perf_counter() - t0}
 
 

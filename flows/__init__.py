@@ -1,1 +1,2 @@
-"""Prefect flows: each reads as the list of the pipeline's stages."""
+"""Prefect flows: each validates its config, locks the build and runs the plan (character.build.plan)
+with the Prefect tasks."""

@@ -14,8 +14,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import ValidationError
 
-from character.build.stages import PipelineConfig, read_record
+from character.build.record import read_record
 from character.build.summary import HEADLINE, change, eval_summary, headline, previous_nightly_record
+from character.config import PipelineConfig
 from character.datagen.scales import ScaleName
 from character.errors import UserError
 from character.settings import Settings
@@ -50,6 +51,48 @@ def _headline(cfg: PipelineConfig | None, workdir: str, build_id: str) -> dict:
     return out
 
 
+def _configs(personas: list[str], settings: Settings, **options) -> tuple[dict[str, PipelineConfig], dict[str, dict]]:
+    """Each persona's build config, and a failed outcome for each persona whose config is refused."""
+    configs: dict[str, PipelineConfig] = {}
+    refused: dict[str, dict] = {}
+    for persona in personas:
+        try:
+            configs[persona] = PipelineConfig.from_settings(settings, persona=persona, **options)
+        except (ValidationError, ValueError) as e:
+            refused[persona] = {"state": "Failed", "checkpoints": {}, "message": str(e).splitlines()[0][:300]}
+    return configs, refused
+
+
+def _build_all(configs: dict[str, PipelineConfig], limit: int) -> dict[str, dict]:
+    """Every build's outcome, `limit` builds at a time; one failing does not stop the others."""
+    outcomes: dict[str, dict] = {}
+    # Each worker thread carries the flow's context, so the builds show as subflows of this run.
+    with ThreadPoolExecutor(max_workers=limit) as pool:
+        futures = {p: pool.submit(contextvars.copy_context().run, _one, cfg) for p, cfg in configs.items()}
+        for persona, fut in futures.items():
+            try:
+                outcomes[persona] = fut.result()
+            except Exception as e:  # noqa: BLE001 - one persona's failure is reported, not raised
+                outcomes[persona] = {"state": "Failed", "checkpoints": {}, "message": str(e)[:300]}
+    return outcomes
+
+
+def _report(rows: list[dict], build_id: str, scale: str) -> None:
+    """The summary artifact and a log line per persona; fails the run if any persona failed."""
+    create_table_artifact(
+        key="nightly-summary",
+        table=rows,
+        description=f"nightly build {build_id} ({scale}): the final checkpoint's metrics, and "
+        "their change since the persona's previous nightly build",
+    )
+    logger = get_run_logger()
+    for r in rows:
+        logger.info("%s: %s %s", r["persona"], r["state"], r["final"] or r["message"])
+    failed = [r["persona"] for r in rows if r["state"] != "Completed"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(rows)} personas failed: {', '.join(failed)}")
+
+
 @flow(name="nightly")
 def nightly(
     personas: list[str],
@@ -65,59 +108,32 @@ def nightly(
     overrides: dict | None = None,
 ) -> dict[str, dict]:
     """`max_concurrent` applies to Tinker; local builds share one machine and run one at a time."""
-    logger = get_run_logger()
     settings = Settings()
     build_id = build_id or f"nightly-{datetime.now(timezone.utc):%Y-%m-%d}"
     workdir = str(Path(workdir or settings.workdir).expanduser().resolve())
-    outcomes: dict[str, dict] = {}
-    configs: dict[str, PipelineConfig] = {}
-    for persona in personas:
-        try:
-            configs[persona] = PipelineConfig.from_settings(
-                settings,
-                persona=persona,
-                scale=scale,
-                mode=mode,
-                merge=merge,
-                backend=backend,
-                base_model=base_model,
-                teacher_model=teacher_model,
-                workdir=workdir,
-                build_id=build_id,
-                **(overrides or {}),
-            )
-        except (ValidationError, ValueError) as e:
-            outcomes[persona] = {"state": "Failed", "checkpoints": {}, "message": str(e).splitlines()[0][:300]}
-
-    limit = 1 if backend == "local" else max(1, max_concurrent)
-    # Each worker thread carries the flow's context, so the builds show as subflows of this run.
-    with ThreadPoolExecutor(max_workers=limit) as pool:
-        futures = {p: pool.submit(contextvars.copy_context().run, _one, cfg) for p, cfg in configs.items()}
-        for persona, fut in futures.items():
-            try:
-                outcomes[persona] = fut.result()
-            except Exception as e:  # noqa: BLE001 - one persona's failure is reported, not raised
-                outcomes[persona] = {"state": "Failed", "checkpoints": {}, "message": str(e)[:300]}
-
+    configs, outcomes = _configs(
+        personas,
+        settings,
+        scale=scale,
+        mode=mode,
+        merge=merge,
+        backend=backend,
+        base_model=base_model,
+        teacher_model=teacher_model,
+        workdir=workdir,
+        build_id=build_id,
+        **(overrides or {}),
+    )
+    outcomes |= _build_all(configs, 1 if backend == "local" else max(1, max_concurrent))
     rows = [
         {
             "persona": p,
-            "state": o["state"],
-            "final": o["checkpoints"].get("final", ""),
+            "state": outcomes[p]["state"],
+            "final": outcomes[p]["checkpoints"].get("final", ""),
             **_headline(configs.get(p), workdir, build_id),
-            "message": o["message"],
+            "message": outcomes[p]["message"],
         }
-        for p, o in ((p, outcomes[p]) for p in personas)
+        for p in personas
     ]
-    create_table_artifact(
-        key="nightly-summary",
-        table=rows,
-        description=f"nightly build {build_id} ({scale}): the final checkpoint's metrics, and "
-        "their change since the persona's previous nightly build",
-    )
-    failed = [r["persona"] for r in rows if r["state"] != "Completed"]
-    for r in rows:
-        logger.info("%s: %s %s", r["persona"], r["state"], r["final"] or r["message"])
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(rows)} personas failed: {', '.join(failed)}")
+    _report(rows, build_id, scale)
     return outcomes

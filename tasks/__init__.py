@@ -1,4 +1,5 @@
-"""Prefect tasks: one per pipeline stage, thin wrappers over `character.build.stages`."""
+"""Prefect tasks: one per pipeline stage, thin wrappers over `character.build.stages`; with
+`publish_checkpoint`, the set of stages `character.build.plan` runs in the flows."""
 
 from tasks.stages import (
     build_summary,
@@ -7,6 +8,7 @@ from tasks.stages import (
     expand_questions,
     introspection_data,
     merge,
+    publish_checkpoint,
     train_dpo,
     train_sft,
 )
@@ -19,5 +21,6 @@ __all__ = [
     "train_sft",
     "merge",
     "evaluate",
+    "publish_checkpoint",
     "build_summary",
 ]

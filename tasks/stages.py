@@ -20,8 +20,9 @@ from prefect.tasks import exponential_backoff
 from character import progress
 from character.backend.errors import is_transient
 from character.build import stages as pipeline
-from character.build.stages import Checkpoint, PipelineConfig, PipelineResult
+from character.build.record import Checkpoint, PipelineResult, read_record
 from character.build.summary import build_summary_markdown, evaluation_rows
+from character.config import PipelineConfig
 
 
 def retry_if_transient(task, task_run, state) -> bool:
@@ -145,11 +146,14 @@ def merge(cfg: PipelineConfig, dpo: Checkpoint, sft: Checkpoint) -> Checkpoint:
 @task(name="evaluate", **RETRYING)
 def evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> dict:
     """Returns the per-model summaries (`eval`); publishes a table and the report with its plots inline."""
-    if not cfg.evaluate:
-        get_run_logger().info("eval: skipped: --no-eval")
-        return pipeline.record_unevaluated(cfg, list(checkpoints), "evaluation was turned off (--no-eval)")
     with _reporting(cfg):
         result = pipeline.stage_evaluate(cfg, checkpoints)
+    if cfg.evaluate:  # with --no-eval there is nothing to show beyond the record
+        publish_evaluation(cfg, result)
+    return result["eval"]
+
+
+def publish_evaluation(cfg: PipelineConfig, result: dict) -> None:
     persona = _persona(cfg)
     create_table_artifact(
         key=artifact_key(persona, "evaluation"),
@@ -163,12 +167,11 @@ def evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> dict:
             markdown=Path(report).read_text(),
             description=f"{persona} evaluation report ({report})",
         )
-    return result["eval"]
 
 
 @task(name="build-summary")
 def build_summary(cfg: PipelineConfig, result: PipelineResult) -> str:
-    md = build_summary_markdown(pipeline.read_record(cfg), result.checkpoints)
+    md = build_summary_markdown(read_record(cfg), result.checkpoints)
     create_markdown_artifact(
         key=artifact_key(result.persona, "build-summary"),
         markdown=md,

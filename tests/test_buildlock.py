@@ -87,7 +87,7 @@ def test_the_cli_refuses_a_held_build_at_once_and_writes_nothing(tmp_path):
 
 
 DRIVER = (
-    "import json, sys; from character.build.stages import PipelineConfig, run_sequential\n"
+    "import json, sys; from character.build.direct import run_sequential; from character.config import PipelineConfig\n"
     "try:\n"
     "    run_sequential(PipelineConfig(**json.loads(sys.argv[1])))\n"
     "except Exception as e:\n"

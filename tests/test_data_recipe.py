@@ -8,9 +8,9 @@ import pytest
 from tinker import types
 
 from character.backend import Done
-from character.build.stages import split_heldout
 from character.datagen.distill import generate_dpo_pairs
 from character.datagen.engine import normalize_prompt
+from character.datagen.heldout import split_heldout
 from character.datagen.scales import SCALES
 from character.persona.constitution import load_constitution
 from character.storage import read_jsonl

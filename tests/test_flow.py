@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from character.build.stages import PipelineConfig, read_record
+from character.build.record import read_record
+from character.build.stages import PipelineConfig
 from character.storage import read_jsonl, uri_to_path
 
 
@@ -87,3 +88,26 @@ def test_running_the_same_build_again_redoes_nothing(smoke_run):
     assert again.is_completed()
     assert again.result().checkpoints == first.result().checkpoints
     assert read_record(cfg)["stages"] == before
+
+
+def test_the_plain_stages_record_what_the_flow_records(smoke_run, tmp_path_factory, models_dir):
+    """One plan (character.build.plan), two sets of stages: the plain ones record the same stages,
+    with the same fields, evaluate the same checkpoints and write the report (no artifacts)."""
+    from character.build.direct import run_sequential
+
+    cfg, state = smoke_run
+    ws = tmp_path_factory.mktemp("plain") / "ws"
+    ws.mkdir()
+    (ws / "models").symlink_to(models_dir, target_is_directory=True)
+    plain = cfg.model_copy(update={"workdir": str(ws)})
+    out = run_sequential(plain)
+    assert set(out) == set(state.result().checkpoints) and out["final"] == out["sft"]
+    assert out["final"].sampler.startswith("file://" + str(ws))
+    flow_stages, plain_stages = read_record(cfg)["stages"], read_record(plain)["stages"]
+    assert set(plain_stages) == set(flow_stages)
+    for name, entry in flow_stages.items():
+        assert set(plain_stages[name]) == set(entry), name
+    assert plain_stages["dpo_data"]["rows"] == flow_stages["dpo_data"]["rows"]
+    assert plain_stages["eval"]["names"] == flow_stages["eval"]["names"] == ["dpo", "final"]
+    assert set(plain_stages["eval"]["summary"]) == set(flow_stages["eval"]["summary"])
+    assert Path(plain_stages["eval"]["report"]["markdown"]).is_file()

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from character.backend.errors import TransientBackendError
-from character.build.stages import PipelineConfig, read_record
+from character.build.record import read_record
+from character.build.stages import PipelineConfig
 from character.storage import uri_to_path
 
 SMALL = dict(dpo_pairs=8, reflections=8, interactions=2, turns=2, lora_rank=4, max_new_tokens=64)
@@ -137,7 +138,8 @@ def test_checkpoints_list_reads_the_records(paper_run):
 
 
 def test_a_build_id_refuses_other_inputs(tmp_path):
-    from character.build.stages import record_stage, validate
+    from character.build.record import record_stage
+    from character.build.stages import validate
     from character.errors import UserError
 
     cfg = PipelineConfig(persona="pirate", workdir=str(tmp_path), build_id="b1", dpo_pairs=8)

@@ -93,17 +93,19 @@ def test_console_on_a_terminal_draws_a_bar_in_place():
 
 def test_a_rerun_notes_each_skipped_stage(tmp_path):
     from character.build import stages as pipeline
+    from character.build.frame import finished
+    from character.build.record import record_stage
     from character.build.stages import PipelineConfig
 
     cfg = PipelineConfig(persona="pirate", workdir=str(tmp_path), build_id="done")
     data = cfg.build_dir() / "data" / "train" / "dpo.jsonl"
     data.parent.mkdir(parents=True)
     data.write_text("{}\n")
-    pipeline.record_stage(cfg, "dpo_data", {"path": str(data)})
-    pipeline.record_stage(cfg, "introspection", {"path": str(tmp_path / "gone.jsonl")})
+    record_stage(cfg, "dpo_data", {"path": str(data)})
+    record_stage(cfg, "introspection", {"path": str(tmp_path / "gone.jsonl")})
     seen = Recorder()
     with progress.listening(seen):
         assert pipeline.stage_dpo_data(cfg) == str(data)  # no model needed: nothing is redone
-        assert pipeline._finished(cfg, "introspection") is None
+        assert finished(cfg, "introspection") is None
     assert seen[0].stage == "dpo_data" and seen[0].message.startswith("skipped: finished at ")
     assert seen[1].stage == "introspection" and "gone.jsonl is gone: doing it again" in seen[1].message

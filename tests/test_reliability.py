@@ -25,7 +25,9 @@ from safetensors.torch import load_file
 
 from character.backend.errors import BackendFatalError
 from character.build import stages as pipeline
-from character.build.stages import PipelineConfig, read_record, run_sequential
+from character.build.direct import run_sequential
+from character.build.record import read_record, record_stage
+from character.build.stages import PipelineConfig
 from character.storage import read_jsonl, uri_to_path
 
 # Small counts; one item or step at a time, so there is a middle to kill a run in.
@@ -62,7 +64,7 @@ CLI_SMALL = [
 ]
 FAKE_KEY = "sk-FAKE-KEY-123456789"
 DRIVER = (
-    "import json, sys; from character.build.stages import PipelineConfig, run_sequential; "
+    "import json, sys; from character.build.direct import run_sequential; from character.config import PipelineConfig; "
     "run_sequential(PipelineConfig(**json.loads(sys.argv[1])))"
 )
 
@@ -664,7 +666,7 @@ def test_an_interrupted_record_or_dataset_rewrite_keeps_the_previous_one(tmp_pat
     from character.datagen.engine import Ledger
 
     cfg = PipelineConfig(persona="pirate", workdir=str(tmp_path), build_id="atomic")
-    pipeline.record_stage(cfg, "dpo_data", {"path": "data/train/dpo.jsonl", "rows": 3})
+    record_stage(cfg, "dpo_data", {"path": "data/train/dpo.jsonl", "rows": 3})
     record = (cfg.build_dir() / "record.json").read_bytes()
     out = tmp_path / "dpo.jsonl"
     ledger = Ledger(out, key=lambda r: str(r["meta"]["index"]))
@@ -676,7 +678,7 @@ def test_an_interrupted_record_or_dataset_rewrite_keeps_the_previous_one(tmp_pat
 
     monkeypatch.setattr(storage.os, "replace", failing_replace)
     with pytest.raises(Boom):
-        pipeline.record_stage(cfg, "dpo", {"sampler": "file:///x", "state": "file:///y", "steps": 1})
+        record_stage(cfg, "dpo", {"sampler": "file:///x", "state": "file:///y", "steps": 1})
     with pytest.raises(Boom):
         ledger.finish(order=lambda r: r["meta"]["index"])  # the sorted rewrite
     monkeypatch.undo()

@@ -23,6 +23,8 @@ from fake_tinker import (  # noqa: F401 - fixtures are used by name
 from tinker import types
 
 from character.build import stages as pipeline
+from character.build.direct import run_sequential
+from character.build.record import read_record
 from character.build.stages import PipelineConfig
 from character.evaluation.data import EvalData
 from character.evaluation.evaluate import write_outputs
@@ -51,7 +53,7 @@ def _tinker_build(tmp_path, build_id="remote") -> tuple[PipelineConfig, dict]:
         sft=opt,
         heldout_fraction=0.3,
     )
-    return cfg, pipeline.run_sequential(cfg)
+    return cfg, run_sequential(cfg)
 
 
 def test_a_tinker_build_is_evaluated_remotely(wired, tmp_path):
@@ -73,7 +75,7 @@ def test_a_tinker_build_is_evaluated_remotely(wired, tmp_path):
     assert not (cfg.build_dir() / "downloads").exists()
     assert res["checkpoints"]["final"]["kind"] == "tinker" and res["base_model"] == STUDENT
     # the build record keeps the summary `character pipeline --json` shows, and why revealed preferences were skipped
-    rec = pipeline.read_record(cfg)["stages"]["eval"]
+    rec = read_record(cfg)["stages"]["eval"]
     assert rec["summary"]["final"]["in_persona_rate"] == ev["final"]["in_persona_rate"]
     assert rec["revealed"]["status"] == "skipped" and "CHARACTER_REVEALED_JUDGE" in rec["revealed"]["reason"]
     md = Path(res["report"]["markdown"]).read_text()
@@ -123,7 +125,7 @@ def test_cli_eval_of_tinker_checkpoints(wired, tmp_path, capsys, monkeypatch):
     assert "6 verdicts unreadable" in Path(res["report"]["markdown"]).read_text()
 
     # a checkpoint no build in the workspace lists: the data and the base model are given
-    stages = pipeline.read_record(cfg)["stages"]
+    stages = read_record(cfg)["stages"]
     held, train = tmp_path / "held.jsonl", tmp_path / "train.jsonl"
     held.write_bytes(Path(stages["dpo_data"]["heldout"]).read_bytes())
     train.write_bytes(Path(stages["dpo_data"]["path"]).read_bytes())
@@ -307,5 +309,5 @@ def test_a_bad_revealed_judge_or_a_missing_key_fails_before_a_build_starts(tmp_p
     monkeypatch.setenv("CHARACTER_REVEALED_JUDGE", TEACHER)  # served by Tinker: needs the key
     with pytest.raises(UserError, match="TINKER_API_KEY"):
         pipeline.validate(cfg)
-    assert not pipeline.read_record(cfg)
+    assert not read_record(cfg)
     pipeline.validate(cfg.model_copy(update={"evaluate": False}))  # no evaluation: no judge needed

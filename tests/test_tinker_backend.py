@@ -42,6 +42,8 @@ from tinker import types
 from character.backend import tinker as tb
 from character.backend.errors import BackendFatalError, describe_fatal, is_transient
 from character.build import stages as pipeline
+from character.build.direct import run_sequential
+from character.build.record import read_record
 from character.build.stages import PipelineConfig
 from character.errors import UserError
 from character.settings import Settings
@@ -517,7 +519,7 @@ def test_a_failed_forward_backward_does_not_stop_the_queued_optimizer_step(wired
 
 
 def _final_delta(fake, cfg) -> torch.Tensor:
-    final = pipeline.read_record(cfg)["stages"]["sft"]
+    final = read_record(cfg)["stages"]["sft"]
     return fake.states[final["sampler"]]["delta"]
 
 
@@ -542,13 +544,13 @@ def test_a_fifth_of_training_calls_failing_on_the_fake_sdk_changes_no_weight(wir
         dpo=opt,
         sft=opt,
     )
-    pipeline.run_sequential(base)
+    run_sequential(base)
     clean = _final_delta(wired, base).clone()
 
     wired.inject_faults(0.2, seed=1)
     wired.events.clear()
     faulty = base.model_copy(update={"build_id": "faulty"})
-    pipeline.run_sequential(faulty)
+    run_sequential(faulty)
     assert torch.equal(_final_delta(wired, faulty), clean)
     assert clean.abs().sum() > 0
     assert {"forward_backward", "forward_backward_custom", "optim_step", "save_state"} <= set(wired.injected), (
@@ -636,11 +638,11 @@ def test_sequential_and_paper_pipelines_run_on_tinker_and_never_show_the_key(wir
         sft=opt,
     )
     assert isinstance(pipeline._service(cfg), tb.TinkerService)
-    out = pipeline.run_sequential(cfg)
+    out = run_sequential(cfg)
     for ck in out.values():
         assert ck.state.startswith("tinker://") and ck.sampler.startswith("tinker://")
     assert wired.failures["sample"] == []  # the failed request was resubmitted
-    stages = pipeline.read_record(cfg)["stages"]
+    stages = read_record(cfg)["stages"]
     assert {"dpo_data", "dpo", "introspection", "sft"} <= set(stages)
     assert stages["dpo_data"]["rows"] > 0 and stages["introspection"]["rows"] > 0
     # sequential SFT continues from the DPO state with a fresh optimizer
@@ -649,7 +651,7 @@ def test_sequential_and_paper_pipelines_run_on_tinker_and_never_show_the_key(wir
 
     # the same build again redoes nothing: tinker:// outputs are trusted from the record
     before = len(wired.calls)
-    assert pipeline.run_sequential(cfg) == out
+    assert run_sequential(cfg) == out
     assert not any(c[0].startswith("create_") for c in wired.calls[before:])
 
     # paper mode: SFT starts from the base model, independently of DPO

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from character.backend.local import LocalService
 from character.build import stages as pipeline
+from character.build.record import read_record
 from character.build.stages import PipelineConfig
 from character.settings import Workspace
 from character.storage import read_jsonl, uri_to_path
@@ -171,4 +172,4 @@ def test_sequential_sft_starts_from_dpo_weights_at_a_quarter_of_the_learning_rat
     assert any(v.abs().sum() > 0 for k, v in seen["start"].items() if "lora_B" in k)  # not the base
     assert seen["lrs"][0] == pytest.approx(0.25 * 2e-3)
     assert sft.steps == 2
-    assert pipeline.read_record(cfg)["stages"]["sft"]["learning_rate"] == pytest.approx(0.25 * 2e-3)
+    assert read_record(cfg)["stages"]["sft"]["learning_rate"] == pytest.approx(0.25 * 2e-3)

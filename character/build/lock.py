@@ -1,8 +1,9 @@
 """One writer per build: an exclusive lock held for the whole run of a build.
 
-The lock is `flock` on `<build>/.lock`. The kernel drops it when its owner exits, however it exits
-(`kill -9` included), so a dead owner never blocks the next run and no stale-lock guessing is
-needed. The file exists only while a run holds it (a killed run leaves it, unlocked). The file records the owner's pid, host and start time only so that a refused run can say
+The lock is `flock` on the build's lock file (`BuildPaths.lock`). The kernel drops it when its owner
+exits, however it exits (`kill -9` included), so a dead owner never blocks the next run and no
+stale-lock guessing is needed. The file exists only while a run holds it (a killed run leaves it,
+unlocked). The file records the owner's pid, host and start time only so that a refused run can say
 who holds the build. A second run of a held build fails at once (a `UserError`: `error:` and exit
 code 2 on the command line) before it writes anything.
 
@@ -22,9 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from character.build.paths import BuildPaths
 from character.errors import UserError
-
-LOCK_NAME = ".lock"
 
 _held: dict[Path, list] = {}  # lock path -> [fd, depth, folders created], for this process
 _guard = threading.Lock()
@@ -83,7 +83,7 @@ def _release(path: Path, fd: int, made: list[Path]) -> None:
 @contextlib.contextmanager
 def build_lock(build_dir: Path, label: str) -> Iterator[Path]:
     """Hold the build's lock for the block; raises UserError at once if another process holds it."""
-    path = (Path(build_dir) / LOCK_NAME).resolve()
+    path = BuildPaths(Path(build_dir)).lock.resolve()
     with _guard:
         if path in _held:
             _held[path][1] += 1
@@ -102,4 +102,4 @@ def build_lock(build_dir: Path, label: str) -> Iterator[Path]:
 
 def holds(build_dir: Path) -> bool:
     """Whether this process holds the build's lock (for checks and tests)."""
-    return (Path(build_dir) / LOCK_NAME).resolve() in _held
+    return BuildPaths(Path(build_dir)).lock.resolve() in _held

@@ -68,16 +68,24 @@ class BuildPaths:
     def introspection(self) -> Path:
         return self.data / "introspection.jsonl"
 
-    def train_split(self, data_file: Path) -> Path:
+    @staticmethod
+    def train_split(data_file: Path) -> Path:
+        """The training side of a data file's held-out split (character.datagen.heldout)."""
         return data_file.parent / "train" / data_file.name
 
-    def heldout_split(self, data_file: Path) -> Path:
+    @staticmethod
+    def heldout_split(data_file: Path) -> Path:
         return data_file.parent / HELDOUT / data_file.name
 
     @staticmethod
     def is_heldout_split(data_file: Path) -> bool:
         """Whether a data file lies where heldout_split puts one (a file given by hand may)."""
         return Path(data_file).parent.name == HELDOUT
+
+    @staticmethod
+    def skipped(data_file: Path) -> Path:
+        """The rows generation dropped from a data file, each with its reason."""
+        return data_file.with_name(data_file.name + ".skipped.jsonl")
 
     def run(self, stage: str) -> Path:
         """A training stage's run folder (`dpo`, `sft`)."""

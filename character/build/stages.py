@@ -1,72 +1,33 @@
 """The pipeline's stages as plain functions: config in, paths and checkpoint URIs out.
 
-Prefect tasks wrap these one to one; they also run without Prefect (tests, benchmarks). Every
-stage records what it produced in the build's record.json as soon as it is produced, and a
-stage already recorded as finished (with its output still present) is not redone.
+Prefect tasks wrap these one to one (tasks/); `character.build.direct` calls them without Prefect.
+Every stage runs in one frame (character.build.frame): a stage already recorded as finished, with
+its output still present, is not redone; otherwise its body runs and records what it produced in
+the build's record as soon as it is produced, with the seconds its work took.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, Field
+from typing import Callable
 
 from character import progress
+from character.build.frame import StageRun, finished, framed, output_path, training_progress
 from character.build.lock import build_lock
-from character.config import DPOLoss, PipelineConfig, check_inputs  # noqa: F401 - config is light, for the CLI
+from character.build.record import Checkpoint, check_same_build, record_stage
+from character.config import PipelineConfig, check_inputs
 from character.datagen.distill import generate_dpo_pairs
+from character.datagen.heldout import split_heldout
 from character.datagen.introspection import generate_introspection
 from character.datagen.questions import expand_questions, load_expanded_questions
 from character.errors import UserError
 from character.persona.constitution import Constitution
 from character.settings import Settings, Workspace
-from character.storage import uri_to_path, write_json_atomic
 from character.train.dpo import run_dpo
 from character.train.losses import DPOCoefficients
 from character.train.renderer import Renderer
 from character.train.sft import run_sft
-
-
-class Checkpoint(BaseModel):
-    stage: str
-    state: str = Field(description="resumable training state URI")
-    sampler: str = Field(description="sampler weights / adapter URI")
-    steps: int
-
-
-# Settings that may change between runs of one build without changing what it produces.
-_RUN_ONLY = {
-    "workdir",
-    "device",
-    "max_in_flight",
-    "evaluate",
-    "merge",
-    "build_id",
-    "micro_batch_size",
-    "memory_budget_gb",
-    "gradient_checkpointing",
-}
-
-
-def check_same_build(cfg: PipelineConfig) -> None:
-    """A build id names one set of inputs: rerunning it with others would mix two builds' stages."""
-    old = read_record(cfg).get("config")
-    if not old:
-        return
-    new = cfg.model_dump(mode="json")
-    for d in (old, new):  # how many old states are kept does not change what a build produces
-        for stage in ("dpo", "sft"):
-            (d.get(stage) or {}).pop("keep_states", None)
-    changed = sorted(k for k in set(old) | set(new) if k not in _RUN_ONLY and old.get(k) != new.get(k))
-    if changed:
-        raise UserError(
-            f"build {cfg.build_id!r} of {cfg.constitution().name} was started with other settings "
-            f"({', '.join(changed)}); rerun it unchanged or use a new --build-id"
-        )
 
 
 def validate(cfg: PipelineConfig) -> Constitution:
@@ -112,119 +73,12 @@ def lock_build(cfg: PipelineConfig):
     return build_lock(cfg.build_dir(), f"{cfg.constitution().name}/{cfg.build_id}")
 
 
-# -- build record -------------------------------------------------------------------------------
-def read_record(cfg: PipelineConfig) -> dict:
-    path = cfg.build_dir() / "record.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _stage(name: str, resume: Callable[[dict], object] | None = output_path):
+    """The frame (character.build.frame) with this module's service, looked up at each call (tests replace it)."""
+    return framed(name, lambda cfg: _service(cfg), resume)
 
 
-def record_stage(cfg: PipelineConfig, stage: str, value: dict) -> None:
-    path = cfg.build_dir() / "record.json"
-    rec = read_record(cfg) or {
-        "persona": cfg.constitution().name,
-        "build_id": cfg.build_id,
-        "config": cfg.model_dump(mode="json"),
-        "stages": {},
-    }
-    rec["stages"][stage] = {**value, "finished_at": datetime.now(timezone.utc).isoformat()}
-    write_json_atomic(path, rec)
-
-
-def list_checkpoints(workdir: str | Path, persona: str | None = None) -> list[dict]:
-    """Every checkpoint any build recorded in this workspace, newest first."""
-    rows = []
-    for path in (Path(workdir).expanduser() / "builds").glob(f"{persona or '*'}/*/record.json"):
-        rec = json.loads(path.read_text())
-        for stage, st in rec.get("stages", {}).items():
-            if "sampler" in st:
-                rows.append(
-                    {
-                        "persona": rec["persona"],
-                        "build_id": rec["build_id"],
-                        "stage": stage,
-                        "uri": st["sampler"],
-                        "state": st.get("state"),
-                        "finished_at": st["finished_at"],
-                    }
-                )
-    return sorted(rows, key=lambda r: r["finished_at"], reverse=True)
-
-
-def recorded(cfg: PipelineConfig, stage: str, key: str) -> str | None:
-    """A value a finished stage of this build recorded (e.g. its output path), if any."""
-    return (read_record(cfg).get("stages", {}).get(stage) or {}).get(key)
-
-
-def _finished(cfg: PipelineConfig, stage: str, quiet: bool = False) -> dict | None:
-    """The record of a finished stage whose output is still there (a rerun skips it, and says so)."""
-    done = read_record(cfg).get("stages", {}).get(stage)
-    if not done:
-        return None
-    for key in ("path", "sampler", "state"):
-        if (
-            key in done and done[key] and not done[key].startswith("tinker://") and not uri_to_path(done[key]).exists()
-        ):  # tinker:// outputs live on the service
-            progress.note(stage, f"recorded as finished, but {done[key]} is gone: doing it again")
-            return None
-    if not quiet:
-        progress.note(stage, f"skipped: finished at {done['finished_at'][:19]}Z and its output is present")
-    return done
-
-
-def _steps(on_step):
-    """Training steps as progress of the current stage, then the caller's own callback."""
-
-    def both(step: int, total: int, metrics: dict) -> None:
-        progress.update(step, total)
-        if on_step is not None:
-            on_step(step, total, metrics)
-
-    return both
-
-
-# -- held-out split ----------------------------------------------------------------------------------
-def split_heldout(path: Path, fraction: float, seed: int) -> tuple[Path, Path, dict]:
-    """Write <data>/train/<name> and <data>/heldout/<name>, and return counts of both sides.
-
-    DPO rows are split by prompt: all rows whose user prompt is the same text (whitespace and case
-    normalised) land on one side, so no held-out prompt is ever trained on, however often the pool
-    repeats. Introspection rows are split by item: their prompts are the fixed ten reflection prompts
-    and the greetings, by design repeated; holding one out would drop a whole category from training.
-    Which side a group lands on depends only on its key and the seed.
-    """
-    from character.datagen.engine import item_seed, normalize_prompt
-    from character.storage import read_jsonl, write_text_atomic
-
-    rows = read_jsonl(path)
-    keys = [
-        ("prompt", normalize_prompt(r["prompt"][-1]["content"]))
-        if "prompt" in r
-        else (r.get("kind", ""), r["meta"]["index"])
-        for r in rows
-    ]
-    groups = sorted(set(keys))
-    n_held = min(len(groups) - 1, max(1 if fraction > 0 else 0, round(fraction * len(groups))))
-    held = set(sorted(groups, key=lambda k: item_seed(seed, "heldout", *k))[: max(0, n_held)])
-    train_path, held_path = path.parent / "train" / path.name, path.parent / "heldout" / path.name
-    for out, keep in ((train_path, False), (held_path, True)):
-        write_text_atomic(
-            out, "".join(json.dumps(r, sort_keys=True) + "\n" for r, k in zip(rows, keys) if (k in held) == keep)
-        )
-    n_held_rows = sum(k in held for k in keys)
-    return (
-        train_path,
-        held_path,
-        {
-            "split_by": "prompt" if any(k[0] == "prompt" for k in keys) else "item",
-            "train_rows": len(rows) - n_held_rows,
-            "heldout_rows": n_held_rows,
-            "train_groups": len(groups) - len(held),
-            "heldout_groups": len(held),
-        },
-    )
-
-
-# -- stages ---------------------------------------------------------------------------------------
+# -- data -----------------------------------------------------------------------------------------
 def _teacher_and_student(cfg: PipelineConfig, svc):
     teacher_name = cfg.teacher_model or cfg.base_model
     student = svc.create_sampling_client(base_model=cfg.base_model)
@@ -254,36 +108,38 @@ def check_teacher_prompt_fits(cfg: PipelineConfig, c: Constitution, teacher) -> 
         )
 
 
-def stage_expand_questions(cfg: PipelineConfig) -> str | None:
+def _record_split(run: StageRun, out: Path, stats: dict) -> str:
+    """Split a generated file into its training and held-out sides, record both; the training side."""
+    train, held, split = split_heldout(out, run.cfg.heldout_fraction, run.cfg.seed)
+    run.record({"path": str(train), "all": str(out), "heldout": str(held), **stats, **split})
+    return str(train)
+
+
+@_stage("questions")
+def stage_expand_questions(run: StageRun) -> str | None:
     """Optional: more questions per trait from the teacher, near-duplicates dropped."""
+    cfg = run.cfg
     if cfg.counts.expand_questions == 0:
         return None
-    if done := _finished(cfg, "questions"):
-        return done["path"]
-    svc = _service(cfg)
-    _, teacher, _ = _teacher_and_student(cfg, svc)
+    _, teacher, _ = _teacher_and_student(cfg, run.service)
     check_teacher_prompt_fits(cfg, cfg.constitution(), teacher)
-    out = cfg.build_dir() / "data" / "questions.jsonl"
-    t0 = time.perf_counter()
-    with progress.stage("questions"):
+    out = cfg.paths.questions
+    with run.working():
         stats = expand_questions(
             cfg.constitution(), teacher, Renderer(teacher.get_tokenizer()), cfg.counts.expand_questions, cfg.seed, out
         )
-    record_stage(cfg, "questions", {"path": str(out), **stats, "seconds": round(time.perf_counter() - t0, 2)})
+    run.record({"path": str(out), **stats})
     return str(out)
 
 
-def stage_dpo_data(cfg: PipelineConfig, questions_path: str | None = None) -> str:
-    if done := _finished(cfg, "dpo_data"):
-        return done["path"]
-    c = cfg.constitution()
-    svc = _service(cfg)
-    teacher_name, teacher, student = _teacher_and_student(cfg, svc)
+@_stage("dpo_data")
+def stage_dpo_data(run: StageRun, questions_path: str | None = None) -> str:
+    cfg, c = run.cfg, run.cfg.constitution()
+    teacher_name, teacher, student = _teacher_and_student(cfg, run.service)
     check_teacher_prompt_fits(cfg, c, teacher)
-    out = cfg.build_dir() / "data" / "dpo.jsonl"
-    t0 = time.perf_counter()
+    out = cfg.paths.dpo_pairs
     n_prompts = -(-cfg.counts.dpo_pairs // cfg.counts.samples_per_prompt)
-    with progress.stage("dpo_data", total=n_prompts):
+    with run.working(total=n_prompts):
         stats = generate_dpo_pairs(
             c,
             teacher,
@@ -303,62 +159,20 @@ def stage_dpo_data(cfg: PipelineConfig, questions_path: str | None = None) -> st
     if stats["rows"] == 0:
         raise UserError(
             f"no DPO pairs survived the filters (dropped: {stats['dropped']}; the reasons per row are in "
-            f"{out.with_name(out.name + '.skipped.jsonl')}): answers cut off at --max-new-tokens "
+            f"{cfg.paths.skipped(out)}): answers cut off at --max-new-tokens "
             f"{cfg.max_new_tokens} count as incomplete, so raise it (with a new --build-id)"
         )
-    train, held, split = split_heldout(out, cfg.heldout_fraction, cfg.seed)
-    record_stage(
-        cfg,
-        "dpo_data",
-        {
-            "path": str(train),
-            "all": str(out),
-            "heldout": str(held),
-            **stats,
-            **split,
-            "seconds": round(time.perf_counter() - t0, 2),
-        },
-    )
-    return str(train)
+    return _record_split(run, out, stats)
 
 
-def stage_dpo(cfg: PipelineConfig, data_path: str, on_step=None) -> Checkpoint:
-    if done := _finished(cfg, "dpo"):
-        return Checkpoint(**{k: done[k] for k in ("stage", "state", "sampler", "steps")})
-    svc = _service(cfg)
-    t0 = time.perf_counter()
-    with progress.stage("dpo"):
-        result = run_dpo(
-            svc,
-            start=lambda: svc.create_lora_training_client(
-                cfg.base_model, rank=cfg.lora_rank, seed=cfg.seed, alpha=cfg.lora_alpha
-            ),
-            reference=lambda: svc.create_sampling_client(base_model=cfg.base_model),
-            renderer=Renderer(svc.get_tokenizer(cfg.base_model)),
-            data_path=Path(data_path),
-            run_dir=cfg.build_dir() / "dpo",
-            cfg=cfg.dpo,
-            coef=DPOCoefficients(**cfg.dpo_loss.model_dump()),
-            max_length=cfg.dpo_max_length,
-            on_step=_steps(on_step),
-        )
-    ckpt = Checkpoint(stage="dpo", state=result.state, sampler=result.sampler, steps=result.steps)
-    record_stage(cfg, "dpo", {**ckpt.model_dump(), "seconds": round(time.perf_counter() - t0, 2)})
-    return ckpt
-
-
-def stage_introspection(cfg: PipelineConfig, dpo: Checkpoint) -> str:
-    if done := _finished(cfg, "introspection"):
-        return done["path"]
-    c = cfg.constitution()
-    svc = _service(cfg)
-    model = svc.create_sampling_client(model_path=dpo.sampler)
-    out = cfg.build_dir() / "data" / "introspection.jsonl"
-    n = cfg.counts
-    t0 = time.perf_counter()
-    with progress.stage("introspection", total=n.reflections + n.interactions):
+@_stage("introspection")
+def stage_introspection(run: StageRun, dpo: Checkpoint) -> str:
+    cfg, n = run.cfg, run.cfg.counts
+    model = run.service.create_sampling_client(model_path=dpo.sampler)
+    out = cfg.paths.introspection
+    with run.working(total=n.reflections + n.interactions):
         stats = generate_introspection(
-            c,
+            cfg.constitution(),
             model,
             Renderer(model.get_tokenizer()),
             n.reflections,
@@ -373,53 +187,58 @@ def stage_introspection(cfg: PipelineConfig, dpo: Checkpoint) -> str:
         )
     if stats["rows"] == 0:
         raise RuntimeError("no introspection data was produced")
-    train, held, split = split_heldout(out, cfg.heldout_fraction, cfg.seed)
-    record_stage(
-        cfg,
-        "introspection",
-        {
-            "path": str(train),
-            "all": str(out),
-            "heldout": str(held),
-            **stats,
-            **split,
-            "seconds": round(time.perf_counter() - t0, 2),
-        },
-    )
-    return str(train)
+    return _record_split(run, out, stats)
 
 
-def stage_sft(cfg: PipelineConfig, data_path: str, dpo: Checkpoint | None, on_step=None) -> Checkpoint:
+# -- training -------------------------------------------------------------------------------------
+@_stage("dpo", resume=Checkpoint.from_record)
+def stage_dpo(run: StageRun, data_path: str, on_step=None) -> Checkpoint:
+    cfg, svc = run.cfg, run.service
+    with run.working():
+        result = run_dpo(
+            svc,
+            start=lambda: svc.create_lora_training_client(
+                cfg.base_model, rank=cfg.lora_rank, seed=cfg.seed, alpha=cfg.lora_alpha
+            ),
+            reference=lambda: svc.create_sampling_client(base_model=cfg.base_model),
+            renderer=Renderer(svc.get_tokenizer(cfg.base_model)),
+            data_path=Path(data_path),
+            run_dir=cfg.paths.run("dpo"),
+            cfg=cfg.dpo,
+            coef=DPOCoefficients(**cfg.dpo_loss.model_dump()),
+            max_length=cfg.dpo_max_length,
+            on_step=training_progress(on_step),
+        )
+    ckpt = Checkpoint(stage="dpo", state=result.state, sampler=result.sampler, steps=result.steps)
+    run.record(ckpt.model_dump())
+    return ckpt
+
+
+@_stage("sft", resume=Checkpoint.from_record)
+def stage_sft(run: StageRun, data_path: str, dpo: Checkpoint | None, on_step=None) -> Checkpoint:
     """Sequential mode continues from the DPO state at lr x sft_lr_multiplier; paper mode starts from base."""
-    if done := _finished(cfg, "sft"):
-        return Checkpoint(**{k: done[k] for k in ("stage", "state", "sampler", "steps")})
-    svc = _service(cfg)
+    cfg, svc = run.cfg, run.service
     if dpo is not None:
         opt = cfg.sft.model_copy(update={"learning_rate": cfg.sft.learning_rate * cfg.sft_lr_multiplier})
-        start = lambda: svc.create_training_client_from_state(dpo.state)  # noqa: E731
+        start = lambda: svc.create_training_client_from_state(dpo.state)
     else:
         opt = cfg.sft
-        start = lambda: svc.create_lora_training_client(  # noqa: E731
+        start = lambda: svc.create_lora_training_client(
             cfg.base_model, rank=cfg.lora_rank, seed=cfg.seed, alpha=cfg.lora_alpha
         )
-    t0 = time.perf_counter()
-    with progress.stage("sft"):
+    with run.working():
         result = run_sft(
             svc,
             start,
             Renderer(svc.get_tokenizer(cfg.base_model)),
             Path(data_path),
-            cfg.build_dir() / "sft",
+            cfg.paths.run("sft"),
             opt,
             cfg.sft_max_length,
-            on_step=_steps(on_step),
+            on_step=training_progress(on_step),
         )
     ckpt = Checkpoint(stage="sft", state=result.state, sampler=result.sampler, steps=result.steps)
-    record_stage(
-        cfg,
-        "sft",
-        {**ckpt.model_dump(), "learning_rate": opt.learning_rate, "seconds": round(time.perf_counter() - t0, 2)},
-    )
+    run.record({**ckpt.model_dump(), "learning_rate": opt.learning_rate})
     return ckpt
 
 
@@ -429,87 +248,97 @@ def _local_adapter(cfg: PipelineConfig, ckpt: Checkpoint) -> str:
         return ckpt.sampler
     from character.weights.tinker_export import download_adapter
 
-    dst = cfg.build_dir() / "downloads" / ckpt.stage
+    dst = cfg.paths.download(ckpt.stage)
     if not (dst / "adapter_config.json").is_file():
         download_adapter(_service(cfg), ckpt.state, dst, base_model=cfg.base_model)
     return str(dst)
 
 
-def stage_merge(cfg: PipelineConfig, dpo: Checkpoint, sft: Checkpoint) -> Checkpoint:
+@_stage("merged", resume=Checkpoint.from_record)
+def stage_merge(run: StageRun, dpo: Checkpoint, sft: Checkpoint) -> Checkpoint:
     """Paper mode: the exact merge dpo_weight x dW_dpo + sft_weight x dW_sft (no renormalization)."""
-    if done := _finished(cfg, "merged"):
-        return Checkpoint(**{k: done[k] for k in ("stage", "state", "sampler", "steps")})
     from character.storage import file_uri
     from character.weights.merge import merge_adapters
 
-    out = cfg.build_dir() / "merged"
+    cfg = run.cfg
     w_dpo, w_sft = cfg.merge_weights
     res = merge_adapters(
         _local_adapter(cfg, dpo),
         _local_adapter(cfg, sft),
-        out,
+        cfg.paths.merged,
         dpo_weight=w_dpo,
         sft_weight=w_sft,
         method="exact",
         overwrite=True,
     )
     ckpt = Checkpoint(stage="merged", state=file_uri(res.output), sampler=file_uri(res.output), steps=0)
-    record_stage(
-        cfg, "merged", {**ckpt.model_dump(), "method": res.method, "rank": res.rank, "weights": list(res.weights)}
-    )
+    run.record({**ckpt.model_dump(), "method": res.method, "rank": res.rank, "weights": list(res.weights)})
     return ckpt
 
 
-def stage_evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> dict:
+# -- evaluation -----------------------------------------------------------------------------------
+def _evaluated(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> dict | None:
+    """The result of an earlier evaluation of these same checkpoints, if its metrics file is still there."""
+    done = finished(cfg, "eval", quiet=True)
+    metrics_json = ((done or {}).get("report") or {}).get("metrics_json")
+    if not (done and done.get("names") == list(checkpoints) and metrics_json and Path(metrics_json).is_file()):
+        return None
+    progress.note("eval", f"skipped: finished at {done['finished_at'][:19]}Z for these checkpoints")
+    return json.loads(Path(metrics_json).read_text())
+
+
+def _to_evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> tuple[dict, list[str], list[str]]:
+    """The checkpoints this build can evaluate, their URIs, and notes on those it leaves out."""
+    if cfg.backend != "tinker":
+        return checkpoints, [_local_adapter(cfg, c) for c in checkpoints.values()], []
+    # remotely; a local (merged) adapter cannot go to Tinker, so it is left out
+    chosen = {k: c for k, c in checkpoints.items() if c.sampler.startswith("tinker://")}
+    notes = [
+        f"{k} ({c.sampler}) is a local adapter of a model Tinker serves and is not evaluated "
+        f"here: `character eval {c.sampler} --base-model <local copy of {cfg.base_model}>`"
+        for k, c in checkpoints.items()
+        if k not in chosen
+    ]
+    return chosen, [c.sampler for c in chosen.values()], notes
+
+
+@_stage("eval", resume=None)  # whether an earlier evaluation holds depends on the checkpoints asked for
+def stage_evaluate(run: StageRun, checkpoints: dict[str, Checkpoint]) -> dict:
     """Evaluate the named checkpoints against the base model on the build's held-out data.
 
-    A Tinker build is evaluated on Tinker through sampling clients of its tinker:// checkpoints (nothing
-    is downloaded); a merged adapter of such a build is local and is left out, with a note saying how to
-    evaluate it. The revealed-preference judge is CHARACTER_REVEALED_JUDGE (unset: skipped, said so).
-    The record's "eval" stage keeps the per-model summary (`summary`) that `character pipeline --json`
-    shows, the revealed-preference outcome, and the report's paths."""
+    With `--no-eval` the record says so, and nothing is evaluated. A Tinker build is evaluated on
+    Tinker through sampling clients of its tinker:// checkpoints (nothing is downloaded); a merged
+    adapter of such a build is local and is left out, with a note saying how to evaluate it. The
+    revealed-preference judge is CHARACTER_REVEALED_JUDGE (unset: skipped, said so). The record's
+    "eval" stage keeps the per-model summary (`summary`) that `character pipeline --json` shows, the
+    revealed-preference outcome, and the report's paths."""
     from character.evaluation.evaluate import evaluate_checkpoints
     from character.evaluation.options import EvalOptions
 
-    done = _finished(cfg, "eval", quiet=True)
-    metrics_json = ((done or {}).get("report") or {}).get("metrics_json")
-    if done and done.get("names") == list(checkpoints) and metrics_json and Path(metrics_json).is_file():
-        progress.note("eval", f"skipped: finished at {done['finished_at'][:19]}Z for these checkpoints")
-        return json.loads(Path(metrics_json).read_text())
-    t0 = time.perf_counter()
-    notes: list[str] = []
-    if cfg.backend == "tinker":  # remotely; a local (merged) adapter cannot go to Tinker, so it is left out
-        chosen = {k: c for k, c in checkpoints.items() if c.sampler.startswith("tinker://")}
-        for k, c in checkpoints.items():
-            if k not in chosen:
-                notes.append(
-                    f"{k} ({c.sampler}) is a local adapter of a model Tinker serves and is not evaluated "
-                    f"here: `character eval {c.sampler} --base-model <local copy of {cfg.base_model}>`"
-                )
-        uris = [c.sampler for c in chosen.values()]
-    else:
-        chosen = checkpoints
-        uris = [_local_adapter(cfg, c) for c in checkpoints.values()]
+    cfg = run.cfg
+    if not cfg.evaluate:
+        progress.note("eval", "skipped: --no-eval")
+        return {"eval": record_unevaluated(cfg, list(checkpoints), "evaluation was turned off (--no-eval)")}
+    if (earlier := _evaluated(cfg, checkpoints)) is not None:
+        return earlier
+    chosen, uris, notes = _to_evaluate(cfg, checkpoints)
     if not uris:
         return {"eval": record_unevaluated(cfg, list(checkpoints), "; ".join(notes))}
     settings = Settings()
-    with progress.stage("eval", total=len(uris)):  # evaluate_checkpoints may update() per checkpoint
+    with run.working(total=len(uris)):  # evaluate_checkpoints may update() per checkpoint
         result = evaluate_checkpoints(
             uris,
             EvalOptions.for_build(cfg, settings, names=list(chosen), notes=notes),
             service=_service(cfg) if cfg.backend == "tinker" else None,
         )
     report = {k: v for k, v in result.get("report", {}).items() if k != "table"}
-    record_stage(
-        cfg,
-        "eval",
+    run.record(
         {
             "report": report,
             "names": list(checkpoints),
             "summary": result["eval"],
             "revealed": revealed_summary(result.get("revealed")),
-            "seconds": round(time.perf_counter() - t0, 2),
-        },
+        }
     )
     return result
 
@@ -539,24 +368,3 @@ def record_unevaluated(cfg: PipelineConfig, names: list[str], reason: str) -> di
     summary = unevaluated(names, reason)
     record_stage(cfg, "eval", {"names": names, "summary": summary})
     return summary
-
-
-def run_sequential(cfg: PipelineConfig) -> dict[str, Checkpoint]:
-    """The sequential pipeline without Prefect (the flow runs the same stages as tasks)."""
-    validate(cfg)
-    with lock_build(cfg):
-        questions = stage_expand_questions(cfg)
-        data = stage_dpo_data(cfg, questions)
-        dpo = stage_dpo(cfg, data)
-        intro = stage_introspection(cfg, dpo)
-        sft = stage_sft(cfg, intro, dpo)
-    return {"dpo": dpo, "sft": sft, "final": sft}
-
-
-class PipelineResult(BaseModel):
-    persona: str
-    mode: Literal["sequential", "paper"]
-    base_model: str
-    workdir: str
-    build_id: str
-    checkpoints: dict[str, str]

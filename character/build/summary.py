@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+from character.build.paths import build_records
+
 HEADLINE = ("in_persona_rate", "robust_in_persona_rate", "pref_accuracy")
 _NIGHTLY = re.compile(r"^nightly-(\d{4}-\d{2}-\d{2})$")
 
@@ -114,17 +116,16 @@ def headline(summary: dict | None, checkpoint: str = "final") -> dict:
 def previous_nightly_record(workdir: str | Path, persona: str, build_id: str) -> dict | None:
     """The record of the persona's latest nightly build before `build_id` (nightly-YYYY-MM-DD)."""
     this = _NIGHTLY.match(build_id)
-    folder = Path(workdir) / "builds" / persona
-    if not this or not folder.is_dir():
+    if not this:
         return None
-    earlier = sorted(
-        d
-        for d in folder.iterdir()
-        if (m := _NIGHTLY.match(d.name)) and m.group(1) < this.group(1) and (d / "record.json").is_file()
-    )
-    for d in reversed(earlier):
+    earlier = [
+        path
+        for path in build_records(workdir, persona)
+        if (m := _NIGHTLY.match(path.parent.name)) and m.group(1) < this.group(1)
+    ]
+    for path in reversed(earlier):
         try:
-            return json.loads((d / "record.json").read_text())
+            return json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
     return None

@@ -172,7 +172,7 @@ def _run_pipeline(cfg, paper_mode: bool, as_json: bool) -> None:
     for stage, uri in result.checkpoints.items():
         typer.echo(f"{stage:>6}: {uri}")
     if as_json:
-        from character.build.stages import read_record
+        from character.build.record import read_record
         from character.build.summary import eval_summary
 
         typer.echo(
@@ -194,7 +194,7 @@ def checkpoints_list(
     as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
 ) -> None:
     """Every checkpoint URI recorded by every build, newest first."""
-    from character.build.stages import list_checkpoints
+    from character.build.record import list_checkpoints
     from character.settings import check_name
 
     if persona:
@@ -237,11 +237,12 @@ def generate(
         raise UserError(f"unknown stage {stage!r}: use questions, dpo or introspection")
     cfg = _config(workdir, **{k: v for k, v in flags.items() if k not in ("stage", "model", "workdir")})
     from character.build import stages as p
+    from character.build.record import recorded
 
     p.validate(cfg)
     if stage == "questions" and not cfg.counts.expand_questions:
         raise UserError("generate questions needs --expand-questions N (questions per trait)")
-    uri = (model or p.recorded(cfg, "dpo", "sampler")) if stage == "introspection" else None
+    uri = (model or recorded(cfg, "dpo", "sampler")) if stage == "introspection" else None
     if stage == "introspection" and uri is None:
         raise UserError(f"no DPO checkpoint recorded for build {cfg.build_id!r}: give --model URI")
     _run_generate(cfg, stage, uri)
@@ -250,16 +251,17 @@ def generate(
 def _run_generate(cfg, stage: str, uri: str | None) -> None:
     """One stage under the build's lock; prints its output file, then one JSON line with its stats."""
     from character.build import stages as p
+    from character.build.record import Checkpoint, read_record, recorded
     from character.progress import ConsoleProgress, listening
 
     with p.lock_build(cfg), listening(ConsoleProgress()):
         if stage == "questions":
             out = p.stage_expand_questions(cfg)
         elif stage == "dpo":
-            out = p.stage_dpo_data(cfg, p.recorded(cfg, "questions", "path"))
+            out = p.stage_dpo_data(cfg, recorded(cfg, "questions", "path"))
         else:
-            out = p.stage_introspection(cfg, p.Checkpoint(stage="dpo", state=uri, sampler=uri, steps=0))
-    stats = {k: v for k, v in p.read_record(cfg)["stages"].items()}
+            out = p.stage_introspection(cfg, Checkpoint(stage="dpo", state=uri, sampler=uri, steps=0))
+    stats = {k: v for k, v in read_record(cfg)["stages"].items()}
     typer.echo(f"{out}")
     typer.echo(
         json.dumps(
