@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from character.build.paths import builds_root
 from character.errors import UserError
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -72,4 +73,4 @@ class Workspace:
         return self.root / "checkpoints"
 
     def build_dir(self, persona: str, build_id: str) -> Path:
-        return self.root / "builds" / check_name(persona, "persona") / check_name(build_id, "build id")
+        return builds_root(self.root) / check_name(persona, "persona") / check_name(build_id, "build id")

@@ -10,16 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_tinker import (  # noqa: F401 - fixtures are used by name
-    KEY,
-    STUDENT,
-    TEACHER,
-    fake,
-    fake_tokenizer,
-    no_network,
-    tokenizer,
-    wired,
-)
+from fake_tinker import KEY, STUDENT, TEACHER, fake, fake_tokenizer, no_network, tokenizer, wired  # noqa: F401 - fixtures are used by name
 from tinker import types
 
 from character.build import stages as pipeline
