@@ -19,7 +19,7 @@ from prefect.tasks import exponential_backoff
 
 from character import progress
 from character.backend.errors import is_transient
-from character.build import stages as pipeline
+from character.build import stages as core
 from character.build.record import Checkpoint, PipelineResult, read_record
 from character.build.summary import build_summary_markdown, evaluation_rows
 from character.config import PipelineConfig
@@ -105,19 +105,19 @@ def _reporting(cfg: PipelineConfig):
 @task(name="expand-questions", **RETRYING)
 def expand_questions(cfg: PipelineConfig) -> str | None:
     with _reporting(cfg):
-        return pipeline.stage_expand_questions(cfg)
+        return core.stage_expand_questions(cfg)
 
 
 @task(name="dpo-data", **RETRYING)
 def dpo_data(cfg: PipelineConfig, questions_path: str | None = None) -> str:
     with _reporting(cfg):
-        return pipeline.stage_dpo_data(cfg, questions_path)
+        return core.stage_dpo_data(cfg, questions_path)
 
 
 @task(name="train-dpo", **RETRYING)
 def train_dpo(cfg: PipelineConfig, data_path: str) -> Checkpoint:
     with _reporting(cfg):
-        ckpt = pipeline.stage_dpo(cfg, data_path, on_step=_progress(cfg, "dpo"))
+        ckpt = core.stage_dpo(cfg, data_path, on_step=_progress(cfg, "dpo"))
     publish_checkpoint(cfg, ckpt)
     return ckpt
 
@@ -125,20 +125,20 @@ def train_dpo(cfg: PipelineConfig, data_path: str) -> Checkpoint:
 @task(name="introspection-data", **RETRYING)
 def introspection_data(cfg: PipelineConfig, dpo: Checkpoint) -> str:
     with _reporting(cfg):
-        return pipeline.stage_introspection(cfg, dpo)
+        return core.stage_introspection(cfg, dpo)
 
 
 @task(name="train-sft", **RETRYING)
 def train_sft(cfg: PipelineConfig, data_path: str, dpo: Checkpoint | None) -> Checkpoint:
     with _reporting(cfg):
-        ckpt = pipeline.stage_sft(cfg, data_path, dpo, on_step=_progress(cfg, "sft"))
+        ckpt = core.stage_sft(cfg, data_path, dpo, on_step=_progress(cfg, "sft"))
     publish_checkpoint(cfg, ckpt)
     return ckpt
 
 
 @task(name="merge", **RETRYING)
 def merge(cfg: PipelineConfig, dpo: Checkpoint, sft: Checkpoint) -> Checkpoint:
-    ckpt = pipeline.stage_merge(cfg, dpo, sft)
+    ckpt = core.stage_merge(cfg, dpo, sft)
     publish_checkpoint(cfg, ckpt)
     return ckpt
 
@@ -147,7 +147,7 @@ def merge(cfg: PipelineConfig, dpo: Checkpoint, sft: Checkpoint) -> Checkpoint:
 def evaluate(cfg: PipelineConfig, checkpoints: dict[str, Checkpoint]) -> dict:
     """Returns the per-model summaries (`eval`); publishes a table and the report with its plots inline."""
     with _reporting(cfg):
-        result = pipeline.stage_evaluate(cfg, checkpoints)
+        result = core.stage_evaluate(cfg, checkpoints)
     if cfg.evaluate:  # with --no-eval there is nothing to show beyond the record
         publish_evaluation(cfg, result)
     return result["eval"]
