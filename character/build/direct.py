@@ -62,11 +62,6 @@ def run_sequential(cfg: PipelineConfig) -> dict[str, Checkpoint]:
     return _checkpoints(cfg, plan.run(cfg, "sequential", sys.modules[__name__]))  # this module: the stages
 
 
-def run_paper(cfg: PipelineConfig) -> dict[str, Checkpoint]:
-    """The paper pipeline without Prefect; final is the merged checkpoint if `cfg.merge`, else sft."""
-    return _checkpoints(cfg, plan.run(cfg, "paper", sys.modules[__name__]))
-
-
 def _checkpoints(cfg: PipelineConfig, result: PipelineResult) -> dict[str, Checkpoint]:
     """The result's checkpoints as the record holds them; "final" is the one whose URI it names."""
     recorded = read_record(cfg)["stages"]

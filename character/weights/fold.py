@@ -300,7 +300,3 @@ class _Folding:
         else:
             merged.addmm_(b, a, alpha=m.scaling)
         return merged.to(t.dtype)
-
-
-def is_model_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
