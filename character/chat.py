@@ -18,6 +18,7 @@ from character.backend import SamplingClient
 from character.errors import UserError
 from character.settings import Settings, Workspace
 from character.storage import uri_to_path
+from character.train.families import renderer_for
 from character.train.renderer import Messages, Renderer
 
 COMMANDS = {"/reset": "forget the conversation so far", "/exit": "leave"}
@@ -89,6 +90,7 @@ class Conversation:
     top_p: float = 0.95
     max_new_tokens: int = 512
     seed: int = 0
+    model: str | None = None  # the base model's name, for its family's renderer (else the tokenizer's own)
     messages: Messages = field(default_factory=list)
     _renderer: Renderer | None = None
     _turn: int = 0
@@ -103,14 +105,14 @@ class Conversation:
     @property
     def renderer(self) -> Renderer:
         if self._renderer is None:
-            self._renderer = Renderer(self.client.get_tokenizer())
+            self._renderer = renderer_for(self.client.get_tokenizer(), self.model)
         return self._renderer
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def _params(self, seed: int) -> types.SamplingParams:
-        return types.SamplingParams(
+        return self.renderer.sampling_params(
             max_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, seed=seed
         )
 

@@ -128,16 +128,16 @@ def test_an_over_long_pair_is_dropped_and_counted_never_truncated(tmp_path):
 def test_an_over_long_conversation_is_dropped_for_sft(tmp_path):
     from character.datagen.introspection import generate_introspection
     from character.train.dpo import TooLong
-    from character.train.sft import sft_example
+    from character.train.sft import sft_examples
 
     c, r = load_constitution("loving"), Renderer(CharTokenizer())
     out = tmp_path / "intro.jsonl"
     stats = generate_introspection(c, VaryingSampler(), r, 30, 6, 4, seed=0, out=out, max_length=400)
     rows = read_jsonl(out)
     assert 0 < stats["dropped"]["too_long"] and stats["rows"] + sum(stats["dropped"].values()) == 36
-    assert all(len(sft_example(r, x["messages"], 400)[0]) <= 400 for x in rows)
+    assert all(len(t) <= 400 for x in rows for t, _ in sft_examples(r, x["messages"], 400))
     with pytest.raises(TooLong):
-        sft_example(r, rows[0]["messages"], 20)
+        sft_examples(r, rows[0]["messages"], 20)
 
 
 def test_paper_preset_sets_sampling_and_expansion():

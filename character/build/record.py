@@ -50,6 +50,7 @@ def record_stage(cfg: PipelineConfig, stage: str, value: dict) -> None:
         "persona": cfg.constitution().name,
         "build_id": cfg.build_id,
         "config": cfg.model_dump(mode="json"),
+        "renderers": build_renderers(cfg),
         "stages": {},
     }
     rec["stages"][stage] = {**value, "finished_at": datetime.now(timezone.utc).isoformat()}
@@ -110,3 +111,31 @@ def check_same_build(cfg: PipelineConfig) -> None:
             f"build {cfg.build_id!r} of {cfg.constitution().name} was started with other settings "
             f"({', '.join(changed)}); rerun it unchanged or use a new --build-id"
         )
+
+
+def build_renderers(cfg: PipelineConfig) -> dict[str, str]:
+    """The renderer of each model the build samples or trains, by name (character.train.families);
+    a model family we cannot render raises UserError here, before any call."""
+    from character.train.families import check_renderable
+
+    return check_renderable({"student": cfg.base_model, "teacher": cfg.teacher_model or cfg.base_model})
+
+
+def check_same_renderers(cfg: PipelineConfig) -> None:
+    """A build resumes only with the renderers it was started with: its data and checkpoints hold
+    tokens in their format. Records from before renderers were recorded used the generic one."""
+    from character.train.families import GENERIC
+
+    now = build_renderers(cfg)
+    rec = read_record(cfg)
+    if not rec:
+        return
+    old = rec.get("renderers") or {role: GENERIC for role in now}
+    for role, name in now.items():
+        if old.get(role) != name:
+            model = cfg.base_model if role == "student" else (cfg.teacher_model or cfg.base_model)
+            raise UserError(
+                f"build {cfg.build_id!r} of {cfg.constitution().name} was started with the {old.get(role)} "
+                f"renderer for its {role} ({model}), and this version renders it with {name}; "
+                "use a new --build-id"
+            )

@@ -15,7 +15,7 @@ from typing import Callable
 from character import progress
 from character.build.frame import StageRun, finished, framed, output_path, training_progress
 from character.build.lock import build_lock
-from character.build.record import Checkpoint, check_same_build, record_stage
+from character.build.record import Checkpoint, check_same_build, check_same_renderers, record_stage
 from character.config import PipelineConfig, check_inputs
 from character.datagen.distill import generate_dpo_pairs
 from character.datagen.heldout import split_heldout
@@ -26,7 +26,7 @@ from character.persona.constitution import Constitution
 from character.settings import Settings, Workspace
 from character.train.dpo import run_dpo
 from character.train.losses import DPOCoefficients
-from character.train.renderer import Renderer
+from character.train.families import renderer_for
 from character.train.sft import run_sft
 
 
@@ -34,10 +34,15 @@ def validate(cfg: PipelineConfig) -> Constitution:
     """Everything that can be checked before a model is loaded or an API call is paid for."""
     c = check_inputs(cfg)  # constitution, workdir, local model names
     check_same_build(cfg)
+    check_same_renderers(cfg)  # a family we cannot render is refused here, by name
     if cfg.backend == "tinker":
         from character.backend.tinker import check_ready
 
         check_ready(Settings(), cfg.base_model, cfg.teacher_model)  # key and model names, no network
+        if cfg.mode == "paper" and cfg.merge:  # the merge needs the adapters exported: refuse now, not after training
+            from character.weights.tinker_export import check_family
+
+            check_family(cfg.base_model)
     judge = Settings().revealed_judge
     if cfg.evaluate and judge:  # a bad judge name or a missing key fails now, not after training
         from character.evaluation.models import check_tinker_key, model_side
@@ -86,6 +91,12 @@ def _teacher_and_student(cfg: PipelineConfig, svc):
     return teacher_name, teacher, student
 
 
+def _renderer(cfg: PipelineConfig, client, role: str):
+    """The renderer of the build's student (and its checkpoints) or teacher, by model name."""
+    model = cfg.base_model if role == "student" else (cfg.teacher_model or cfg.base_model)
+    return renderer_for(client.get_tokenizer(), model)
+
+
 def check_teacher_prompt_fits(cfg: PipelineConfig, c: Constitution, teacher) -> None:
     """Before any generation: the teacher's system prompt (the traits), the longest question and the
     answer limit must fit the teacher's context window. Known for local models; a Tinker model's
@@ -126,7 +137,7 @@ def stage_expand_questions(run: StageRun) -> str | None:
     out = cfg.paths.questions
     with run.working():
         stats = expand_questions(
-            cfg.constitution(), teacher, Renderer(teacher.get_tokenizer()), cfg.counts.expand_questions, cfg.seed, out
+            cfg.constitution(), teacher, _renderer(cfg, teacher, "teacher"), cfg.counts.expand_questions, cfg.seed, out
         )
     run.record({"path": str(out), **stats})
     return str(out)
@@ -144,8 +155,8 @@ def stage_dpo_data(run: StageRun, questions_path: str | None = None) -> str:
             c,
             teacher,
             student,
-            Renderer(teacher.get_tokenizer()),
-            Renderer(student.get_tokenizer()),
+            _renderer(cfg, teacher, "teacher"),
+            _renderer(cfg, student, "student"),
             n_prompts,
             cfg.seed,
             out,
@@ -174,7 +185,7 @@ def stage_introspection(run: StageRun, dpo: Checkpoint) -> str:
         stats = generate_introspection(
             cfg.constitution(),
             model,
-            Renderer(model.get_tokenizer()),
+            _renderer(cfg, model, "student"),
             n.reflections,
             n.interactions,
             n.turns,
@@ -201,7 +212,7 @@ def stage_dpo(run: StageRun, data_path: str, on_step=None) -> Checkpoint:
                 cfg.base_model, rank=cfg.lora_rank, seed=cfg.seed, alpha=cfg.lora_alpha
             ),
             reference=lambda: svc.create_sampling_client(base_model=cfg.base_model),
-            renderer=Renderer(svc.get_tokenizer(cfg.base_model)),
+            renderer=renderer_for(svc.get_tokenizer(cfg.base_model), cfg.base_model),
             data_path=Path(data_path),
             run_dir=cfg.paths.run("dpo"),
             cfg=cfg.dpo,
@@ -230,7 +241,7 @@ def stage_sft(run: StageRun, data_path: str, dpo: Checkpoint | None, on_step=Non
         result = run_sft(
             svc,
             start,
-            Renderer(svc.get_tokenizer(cfg.base_model)),
+            renderer_for(svc.get_tokenizer(cfg.base_model), cfg.base_model),
             Path(data_path),
             cfg.paths.run("sft"),
             opt,

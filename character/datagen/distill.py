@@ -150,12 +150,12 @@ class _Distillation:
     def _submit(self, i: int):
         t = self.teacher.submit(
             self.teacher_renderer.prompt([{"role": "system", "content": self.system}] + self._user(i)),
-            sampling_params(item_seed(self.seed, "teacher", i), self.max_tokens),
+            sampling_params(item_seed(self.seed, "teacher", i), self.max_tokens, self.teacher_renderer.stop_tokens),
             self.samples_per_prompt,
         )
         s = self.student.submit(
             self.student_renderer.prompt(self._user(i)),
-            sampling_params(item_seed(self.seed, "student", i), self.max_tokens),
+            sampling_params(item_seed(self.seed, "student", i), self.max_tokens, self.student_renderer.stop_tokens),
             self.samples_per_prompt,
         )
         return t, s

@@ -43,8 +43,10 @@ def item_seed(seed: int, *parts) -> int:
     return int.from_bytes(h[:8], "big") >> 1
 
 
-def sampling_params(seed: int, max_tokens: int) -> types.SamplingParams:
-    return types.SamplingParams(max_tokens=max_tokens, temperature=TEMPERATURE, top_p=TOP_P, seed=seed)
+def sampling_params(seed: int, max_tokens: int, stop: list[int] | None = None) -> types.SamplingParams:
+    """The method's sampling settings; `stop` is the renderer's end-of-turn tokens (Renderer.stop_tokens):
+    without it Tinker stops only at the model's EOS, which on some templates is not where a turn ends."""
+    return types.SamplingParams(max_tokens=max_tokens, temperature=TEMPERATURE, top_p=TOP_P, seed=seed, stop=stop)
 
 
 def sample_meta(c: Constitution, max_tokens: int, seed: int, provenance: dict | None) -> dict:
@@ -85,7 +87,7 @@ def clean_answer(seq: types.SampledSequence, renderer: Renderer, max_tokens: int
 
 def too_long(renderer: Renderer, messages: list[dict], max_length: int, train_on: str = "all_assistant") -> bool:
     """Whether the conversation, rendered for training, exceeds max_length tokens (it is then dropped)."""
-    return len(renderer.training_tokens(messages, train_on=train_on)[0]) > max_length
+    return any(len(t) > max_length for t, _ in renderer.training_sequences(messages, train_on=train_on))
 
 
 # -- resumable, windowed item processing -------------------------------------------------------------

@@ -96,7 +96,7 @@ class _Introspection:
         for i in chunk:
             q = REFLECTION_PROMPTS[i % len(REFLECTION_PROMPTS)]
             msgs = [{"role": "system", "content": self.reflect_system}, {"role": "user", "content": q}]
-            params = sampling_params(item_seed(self.seed, "reflection", i), self.max_tokens)
+            params = sampling_params(item_seed(self.seed, "reflection", i), self.max_tokens, self.renderer.stop_tokens)
             jobs.append((i, q, self.req.submit(self.renderer.prompt(msgs), params)))
         rows, skipped = [], []
         for i, q, fut in jobs:
@@ -141,7 +141,9 @@ class _Introspection:
                 for k, text in enumerate(said):
                     own = (k % 2 == 1) == speaker_is_a  # one's own past turns are "assistant"
                     view.append({"role": "assistant" if own else "user", "content": text})
-                params = sampling_params(item_seed(self.seed, "interaction", i, turn), self.max_tokens)
+                params = sampling_params(
+                    item_seed(self.seed, "interaction", i, turn), self.max_tokens, self.renderer.stop_tokens
+                )
                 jobs.append((i, self.req.submit(self.renderer.prompt(view), params)))
             for i, fut in jobs:
                 text, _ = clean_answer(fut().sequences[0], self.renderer, self.max_tokens)

@@ -14,7 +14,7 @@ from tinker import types
 from character.backend import SamplingClient
 from character.evaluation.revealed import TRAITS, Offers, constitution_traits, judge_games, rating_changes
 from character.persona.constitution import Constitution
-from character.train.renderer import Renderer
+from character.train.families import renderer_for
 
 if TYPE_CHECKING:
     from character.evaluation.run import ModelRun
@@ -53,8 +53,8 @@ def judge_answers(
     judge: SamplingClient, c: Constitution, items: list[tuple[str, str]], max_tokens: int = 128
 ) -> list[dict]:
     """Scores for (question, answer) pairs; the judge's raw text is kept next to the parsed score."""
-    renderer = Renderer(judge.get_tokenizer())
-    params = types.SamplingParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=0)
+    renderer = renderer_for(judge.get_tokenizer())
+    params = renderer.sampling_params(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=0)
     futs = [
         judge.sample(types.ModelInput.from_ints(renderer.prompt(judge_messages(c, q, a))), 1, params) for q, a in items
     ]

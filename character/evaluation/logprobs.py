@@ -37,9 +37,9 @@ def render_sequences(renderer: Renderer, data: EvalData, max_length: int, sft_ma
             s.dpo.append(tokens)
             s.dpo_w.append(weights)
     for row in data.intro:
-        tokens, weights = renderer.training_tokens(row["messages"], train_on="all_assistant")
-        s.intro.append(tokens[:sft_max_length])
-        s.intro_w.append(weights[:sft_max_length])
+        for tokens, weights in renderer.training_sequences(row["messages"], train_on="all_assistant"):
+            s.intro.append(tokens[:sft_max_length])
+            s.intro_w.append(weights[:sft_max_length])
     s.prompts = [renderer.prompt([{"role": "user", "content": p}]) for p in data.prompts]
     s.robust = [renderer.prompt(break_character_messages(p, i)) for i, p in enumerate(data.prompts)]
     return s

@@ -40,7 +40,7 @@ from character.evaluation.metrics import (
 )
 from character.evaluation.revealed import TRAITS, Offers, embodied_answers, make_offers
 from character.persona.constitution import Constitution
-from character.train.renderer import Renderer
+from character.train.families import renderer_for
 
 # Below this held-out accuracy, or n, the classifier's verdicts are flagged as unreliable.
 TRUSTED_ACCURACY, TRUSTED_N = 0.8, 20
@@ -55,9 +55,9 @@ class Sampling:
     max_length: int
     sft_max_length: int
 
-    def params(self, kind: str, i: int) -> types.SamplingParams:  # the same seeds for every model
+    def params(self, kind: str, i: int, stop: list[int]) -> types.SamplingParams:  # the same seeds for every model
         return types.SamplingParams(
-            max_tokens=self.max_new_tokens, temperature=0.7, top_p=0.95, seed=item_seed(self.seed, kind, i)
+            max_tokens=self.max_new_tokens, temperature=0.7, top_p=0.95, seed=item_seed(self.seed, kind, i), stop=stop
         )
 
 
@@ -85,8 +85,9 @@ def _run_model(
     reference: Sequences | None,
     sampling: Sampling,
     offers: Offers | None = None,
+    base_model: str | None = None,
 ) -> tuple[Sequences, ModelRun]:
-    renderer = Renderer(client.get_tokenizer())
+    renderer = renderer_for(client.get_tokenizer(), base_model)  # checkpoints render as their base does
     seqs = render_sequences(renderer, data, sampling.max_length, sampling.sft_max_length)
     if reference is not None and (seqs.dpo != reference.dpo or seqs.intro != reference.intro):
         raise UserError(
@@ -97,10 +98,10 @@ def _run_model(
     f_dpo = submit_logprobs(client, seqs.dpo)
     f_intro = submit_logprobs(client, seqs.intro)
     f_plain = [
-        client.sample(types.ModelInput.from_ints(p), 1, sampling.params("eval", i)) for i, p in enumerate(seqs.prompts)
+        client.sample(types.ModelInput.from_ints(p), 1, sampling.params("eval", i, renderer.stop_tokens)) for i, p in enumerate(seqs.prompts)
     ]
     f_robust = [
-        client.sample(types.ModelInput.from_ints(p), 1, sampling.params("eval-robust", i))
+        client.sample(types.ModelInput.from_ints(p), 1, sampling.params("eval-robust", i, renderer.stop_tokens))
         for i, p in enumerate(seqs.robust)
     ]
     # Revealed preferences: answers while offered two traits (judged later, once this model is dropped).
@@ -116,7 +117,7 @@ def _sample_models(
 ) -> list[ModelRun]:
     """The base model, then each checkpoint, one held at a time; weights named twice are sampled once."""
     client = service.create_sampling_client(base_model=base_model)
-    base_seqs, base = _run_model(client, "base", base_model, data, None, sampling, offers)
+    base_seqs, base = _run_model(client, "base", base_model, data, None, sampling, offers, base_model)
     del client
     gc.collect()
     models = [base]
@@ -126,7 +127,7 @@ def _sample_models(
             models.append(replace(by_uri[uri], label=label, metrics=dict(by_uri[uri].metrics)))
             continue
         client = service.create_sampling_client(model_path=uri)
-        _, by_uri[uri] = _run_model(client, label, uri, data, base_seqs, sampling, offers)
+        _, by_uri[uri] = _run_model(client, label, uri, data, base_seqs, sampling, offers, base_model)
         del client
         gc.collect()
         models.append(by_uri[uri])

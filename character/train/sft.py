@@ -16,12 +16,14 @@ from character.train.renderer import Renderer, to_datum
 log = logging.getLogger(__name__)
 
 
-def sft_example(renderer: Renderer, messages: list[dict], max_length: int) -> tuple[list[int], list[float]]:
-    """(tokens, weights); raises TooLong over max_length: a cut conversation would end mid-answer."""
-    tokens, weights = renderer.training_tokens(messages, train_on="all_assistant")
-    if len(tokens) > max_length:
-        raise TooLong(f"conversation has {len(tokens)} tokens, over the limit of {max_length}")
-    return tokens, weights
+def sft_examples(renderer: Renderer, messages: list[dict], max_length: int) -> list[tuple[list[int], list[float]]]:
+    """The conversation's (tokens, weights) sequences: one, or one per rewritten history (see
+    character.train.families); raises TooLong over max_length: a cut conversation would end mid-answer."""
+    seqs = renderer.training_sequences(messages, train_on="all_assistant")
+    longest = max(len(t) for t, _ in seqs)
+    if longest > max_length:
+        raise TooLong(f"conversation has {longest} tokens, over the limit of {max_length}")
+    return seqs
 
 
 def normalized_batch(batch: list[tuple[list[int], list[float]]]) -> list[types.Datum]:
@@ -40,17 +42,18 @@ def run_sft(
     max_length: int = 3072,
     on_step=None,
 ) -> TrainResult:
-    rows, examples = read_jsonl(data_path), []
+    rows, examples, kept = read_jsonl(data_path), [], 0
     for r in rows:
         try:
-            examples.append(sft_example(renderer, r["messages"], max_length))
+            examples.extend(sft_examples(renderer, r["messages"], max_length))
+            kept += 1
         except TooLong:
             pass
-    if len(examples) < len(rows):  # generation drops these already; data made elsewhere may hold some
+    if kept < len(rows):  # generation drops these already; data made elsewhere may hold some
         log.warning(
             "%s: dropped %d of %d conversations longer than %d tokens",
             data_path,
-            len(rows) - len(examples),
+            len(rows) - kept,
             len(rows),
             max_length,
         )
