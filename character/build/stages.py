@@ -49,6 +49,10 @@ def validate(cfg: PipelineConfig) -> Constitution:
 
         if model_side(judge, "CHARACTER_REVEALED_JUDGE") == "tinker":
             check_tinker_key()
+            if not judge.startswith("tinker://"):
+                from character.train.families import check_renderable
+
+                check_renderable({"revealed-preference judge": judge})
     return c
 
 

@@ -36,7 +36,14 @@ def expand_questions(
     for t_idx, trait in enumerate(c.traits):
         prompt = renderer.prompt([{"role": "user", "content": question_expansion_prompt(trait.trait, trait.questions)}])
         for j in range(per_trait):
-            jobs.append((t_idx, req.submit(prompt, sampling_params(item_seed(seed, "expand", t_idx, j), max_tokens, renderer.stop_tokens))))
+            jobs.append(
+                (
+                    t_idx,
+                    req.submit(
+                        prompt, sampling_params(item_seed(seed, "expand", t_idx, j), max_tokens, renderer.stop_tokens)
+                    ),
+                )
+            )
     accepted: dict[int, list[str]] = {i: [] for i in range(len(c.traits))}
     dropped = {"filtered": 0, "near_duplicate": 0}
     for t_idx, fut in jobs:

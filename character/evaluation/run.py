@@ -98,7 +98,8 @@ def _run_model(
     f_dpo = submit_logprobs(client, seqs.dpo)
     f_intro = submit_logprobs(client, seqs.intro)
     f_plain = [
-        client.sample(types.ModelInput.from_ints(p), 1, sampling.params("eval", i, renderer.stop_tokens)) for i, p in enumerate(seqs.prompts)
+        client.sample(types.ModelInput.from_ints(p), 1, sampling.params("eval", i, renderer.stop_tokens))
+        for i, p in enumerate(seqs.prompts)
     ]
     f_robust = [
         client.sample(types.ModelInput.from_ints(p), 1, sampling.params("eval-robust", i, renderer.stop_tokens))
