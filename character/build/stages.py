@@ -25,8 +25,8 @@ from character.errors import UserError
 from character.persona.constitution import Constitution
 from character.settings import Settings, Workspace
 from character.train.dpo import run_dpo
-from character.train.losses import DPOCoefficients
 from character.train.families import renderer_for
+from character.train.losses import DPOCoefficients
 from character.train.sft import run_sft
 
 
