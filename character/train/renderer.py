@@ -80,7 +80,11 @@ class Renderer:
     def _end_of_turn(self) -> list[int]:
         """The first special token the template writes after an assistant answer (none if it writes none)."""
         head, full = self.prompt(_PROBE[:1]), self._ids(_PROBE, False)
-        special = set(getattr(self.tok, "all_special_ids", None) or ())
+        # Added tokens count too: an end-of-turn token need not be among the tokenizer's named specials
+        # (moving EOS elsewhere leaves <|im_end|> only an added token).
+        special = set(getattr(self.tok, "all_special_ids", None) or ()) | set(
+            getattr(self.tok, "added_tokens_decoder", None) or ()
+        )
         return [t for t in full[len(head) :] if t in special][:1]
 
     def sampling_params(self, **kw) -> types.SamplingParams:
