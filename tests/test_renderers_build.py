@@ -76,7 +76,7 @@ def test_paper_mode_merge_is_refused_before_training_for_families_we_cannot_expo
 
 
 def test_paper_mode_merge_is_accepted_for_dense_families(keyed):
-    for model in ("Qwen/Qwen3-8B", "meta-llama/Llama-3.3-70B-Instruct"):
+    for model in ("Qwen/Qwen3-8B", "Qwen/Qwen3.5-4B", "Qwen/Qwen3.6-27B", "meta-llama/Llama-3.3-70B-Instruct"):
         stages.validate(_cfg(keyed, backend="tinker", base_model=model, mode="paper", merge=True))
 
 

@@ -14,13 +14,29 @@ Tensor names, after the shared `base_model.model.` prefix and before `.lora_A.we
 | model.layers.{i}.mlp.{gate,up,down}_proj  | model.layers.{i}.mlp.{gate,up,down}_proj  |
 | model.unembed_tokens                    | lm_head                                 |
 
-This covers the dense Llama (Llama 3.x) and Qwen (Qwen2.5, Qwen3 dense) families. Not supported,
-and refused with a message saying so: mixture-of-experts models (Tinker stores experts as 3-D
-`experts.w1/w2/w3` tensors), vision-language models (an extra `language_model` level), Qwen3.5
-(split/linear attention), GPT-OSS, DeepSeek, Kimi and Nemotron. The names follow the public
-tinker-cookbook `weights` module; no real Tinker file was available to check them against, so
-tests/test_tinker_backend.py::test_tensor_names_agree_with_tinker_cookbook checks them against that
-module's procedure (restated there, with the file and commit it was read from).
+This covers the dense Llama (Llama 3.x) and Qwen (Qwen2.5, Qwen3 dense) families, and the dense
+Qwen3.5 family (Qwen3.5-4B/9B/27B, Qwen3.6-27B: hybrid linear and full attention, served as
+vision-language models), whose Hugging Face modules sit one level deeper and fuse what Tinker
+trains as three adapters:
+
+| Tinker module path (Qwen3.5 dense)                 | PEFT / Hugging Face module path                            |
+|----------------------------------------------------|------------------------------------------------------------|
+| model.layers.{i}.linear_attn.in_proj_{q,k,v}       | model.language_model.layers.{i}.linear_attn.in_proj_qkv    |
+| model.layers.{i}.linear_attn.{in_proj_z,in_proj_b,in_proj_a,out_proj} | model.language_model.layers.{i}.linear_attn.(same) |
+| model.layers.{i}.self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj | model.language_model.layers.{i}.(same)     |
+
+The fused `in_proj_qkv` (rows Q, then K, then V) gets one LoRA of rank 3r with A = [A_q; A_k; A_v]
+and B block-diagonal, so B A = [B_q A_q; B_k A_k; B_v A_v] exactly; its alpha is 3 x alpha, keeping
+the scale alpha / r (`rank_pattern` / `alpha_pattern` in the PEFT config). An adapter that trained
+the unembedding is refused for this family (the smaller models tie it to the input embedding, which
+a PEFT `lm_head` adapter would not change). Not supported, and refused with a message saying so,
+before a paper-mode build with `--merge` starts training: mixture-of-experts models (Tinker stores
+experts as 3-D `experts.w1/w2/w3` tensors; Qwen3.5/3.6 -A<N>B, Nemotron, GPT-OSS, DeepSeek, Kimi),
+the older vision-language models (Qwen3-VL), Qwen3.8 and Qwen3-Next (layouts not documented here).
+The names follow the public tinker-cookbook `weights` module (`_merge_qwen3_5.py` for Qwen3.5, commit
+9dfcc3a2); no real Tinker file was available to check them against, so
+tests/test_tinker_backend.py::test_tensor_names_agree_with_tinker_cookbook checks the dense table
+against that module's procedure (restated there, with the file and commit it was read from).
 """
 
 from __future__ import annotations
@@ -39,7 +55,7 @@ from tinker import types
 from character.errors import UserError
 from character.storage import atomic_dir
 
-SUPPORTED = "dense Llama (meta-llama/Llama-3.x) and dense Qwen (Qwen2.5, Qwen3 without -A<N>B)"
+SUPPORTED = "dense Llama (meta-llama/Llama-3.x) and dense Qwen (Qwen2.5, Qwen3, Qwen3.5 and Qwen3.6 without -A<N>B)"
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
@@ -53,10 +69,18 @@ NAME_TABLE: list[tuple[str, str]] = [
 _UNSUPPORTED_NAMES = [
     (re.compile(r"-A\d+B", re.I), "a mixture-of-experts model"),
     (re.compile(r"-VL-|vision", re.I), "a vision-language model"),
-    (re.compile(r"qwen3\.5|qwen3-next", re.I), "a Qwen3.5/Qwen3-Next model (split or linear attention)"),
+    (re.compile(r"qwen3\.8|qwen3-next", re.I), "a Qwen3.8/Qwen3-Next model (an adapter layout not mapped here)"),
     (re.compile(r"gpt-oss|deepseek|kimi|nemotron", re.I), "a model family whose adapter layout is not mapped here"),
 ]
-_DENSE_MODEL_TYPES = {"llama", "qwen2", "qwen3"}
+_DENSE_MODEL_TYPES = {"llama", "qwen2", "qwen3", "qwen3_5"}
+_QWEN3_5 = re.compile(r"qwen3\.[56]-", re.I)  # dense ones: the -A<N>B (MoE) names are refused first
+
+# Qwen3.5 dense: Tinker module (after `model.layers.{i}.`) -> the Hugging Face module of the VL model.
+_QWEN3_5_LAYER = re.compile(
+    r"^base_model\.model\.model\.layers\.(?P<i>\d+)\.(?P<sub>self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj"
+    r"|linear_attn\.(?:in_proj_[zbaqkv]|out_proj))\.lora_(?P<ab>[AB])\.weight$"
+)
+_QKV = ("in_proj_q", "in_proj_k", "in_proj_v")
 
 
 class UnsupportedAdapter(UserError):
@@ -122,6 +146,47 @@ def check_family(base_model: str) -> None:
         raise UnsupportedAdapter(f"{base_model}: converting its Tinker adapter is not supported; only {SUPPORTED}")
 
 
+def is_qwen3_5(base_model: str) -> bool:
+    """Whether the base model has the dense Qwen3.5 layout (a local folder says so in its config)."""
+    config = Path(base_model).expanduser() / "config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("model_type") == "qwen3_5"
+    return _QWEN3_5.search(base_model) is not None
+
+
+def qwen3_5_tensors(tensors: dict, rank: int) -> dict:
+    """Tinker's Qwen3.5 adapter tensors under their PEFT names, q/k/v fused into `in_proj_qkv` (rank 3r)."""
+    import torch
+
+    out, qkv = {}, {}
+    for key, value in tensors.items():
+        m = _QWEN3_5_LAYER.match(key)
+        if not m:
+            what = "the unembedding (tied to the input embedding on the smaller models)" if "unembed" in key else ""
+            raise UnsupportedAdapter(
+                f"tensor {key!r} is {what or 'a module the Qwen3.5 table does not map'}; only {SUPPORTED} "
+                "adapters are supported (for Qwen3.5, without the unembedding)"
+            )
+        layer, sub = m["i"], m["sub"]
+        if sub.rsplit(".", 1)[-1] in _QKV:
+            qkv.setdefault(layer, {})[(sub.rsplit(".", 1)[-1], m["ab"])] = value
+            continue
+        out[f"{_PREFIX}model.language_model.layers.{layer}.{sub}.lora_{m['ab']}.weight"] = value.contiguous()
+    for layer, parts in sorted(qkv.items()):
+        if len(parts) != 6:
+            raise UnsupportedAdapter(f"layer {layer}: in_proj_q/k/v need a LoRA each to fuse into in_proj_qkv")
+        a = torch.cat([parts[(p, "A")] for p in _QKV], dim=0)
+        bs = [parts[(p, "B")] for p in _QKV]
+        b = torch.zeros(sum(x.shape[0] for x in bs), 3 * rank, dtype=bs[0].dtype)
+        row = 0
+        for k, x in enumerate(bs):  # block-diagonal: component k's rows see only its own rank slice
+            b[row : row + x.shape[0], k * rank : (k + 1) * rank] = x
+            row += x.shape[0]
+        name = f"{_PREFIX}model.language_model.layers.{layer}.linear_attn.in_proj_qkv"
+        out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = a.contiguous(), b
+    return out
+
+
 def tinker_to_peft(src: Path, dst: Path, base_model: str) -> Path:
     """Convert a downloaded Tinker adapter folder to a PEFT adapter folder (written atomically)."""
     from safetensors.torch import load_file, save_file
@@ -140,15 +205,20 @@ def tinker_to_peft(src: Path, dst: Path, base_model: str) -> Path:
             raise UnsupportedAdapter(f"{config_file}: missing {key!r}")
     rank = int(tinker_cfg["r"])
     tensors = load_file(str(weights_file))
-    out = {peft_name(k): v.contiguous() for k, v in tensors.items()}
+    if is_qwen3_5(base_model):
+        out = qwen3_5_tensors(tensors, rank)
+    else:
+        out = {peft_name(k): v.contiguous() for k, v in tensors.items()}
     modules = {k.rsplit(".lora_", 1)[0] for k in out}
+    fused = any(m.endswith(".in_proj_qkv") for m in modules)
     for m in sorted(modules):
         a, b = out.get(f"{m}.lora_A.weight"), out.get(f"{m}.lora_B.weight")
+        r = 3 * rank if m.endswith(".in_proj_qkv") else rank
         if a is None or b is None:
             raise UnsupportedAdapter(f"{src}: {m} has only one of lora_A / lora_B")
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
             raise UnsupportedAdapter(
-                f"{src}: {m} has shapes A{tuple(a.shape)} B{tuple(b.shape)}, not a rank-{rank} LoRA pair"
+                f"{src}: {m} has shapes A{tuple(a.shape)} B{tuple(b.shape)}, not a rank-{r} LoRA pair"
             )
     if not out:
         raise UnsupportedAdapter(f"{src}: the adapter holds no LoRA tensors")
@@ -164,8 +234,9 @@ def tinker_to_peft(src: Path, dst: Path, base_model: str) -> Path:
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        # the fused q/k/v adapter: rank 3r at alpha 3 x alpha, so its scale is the others' alpha / r
+        "rank_pattern": {"in_proj_qkv": 3 * rank} if fused else {},
+        "alpha_pattern": {"in_proj_qkv": 3 * tinker_cfg["lora_alpha"]} if fused else {},
         "target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}),
     }
     with atomic_dir(dst) as tmp:
