@@ -8,16 +8,7 @@ import sys
 import time
 
 import pytest
-from fake_tinker import (  # noqa: F401 - fixtures are used by name
-    KEY,
-    STUDENT,
-    TEACHER,
-    FakeTinker,
-    fake,
-    no_network,
-    tokenizer,
-    wired,
-)
+from fake_tinker import KEY, STUDENT, TEACHER, FakeTinker, fake, no_network, tokenizer, wired  # noqa: F401 - fixtures are used by name
 
 from character.backend import tinker as tb
 from character.backend.tinker_models import merge_supported, model_roles, model_size_b
@@ -94,6 +85,29 @@ def test_a_lineup_without_the_default_student_fails_at_once_naming_the_alternati
     assert "Base" not in lines[0]  # base models cannot stand in for a chat student
     assert [c[0] for c in served.calls] == ["get_server_capabilities"]  # nothing else was asked, nothing spent
     assert not (tmp_path / "ws" / "builds").exists()
+
+
+def test_a_build_over_its_budget_is_refused_before_anything_is_spent(served, tmp_path, monkeypatch, capsys):
+    served.models = LINEUP
+    ws = str(tmp_path / "ws")
+    code, out, err, _ = _cli(
+        monkeypatch,
+        capsys,
+        "pipeline",
+        "pirate",
+        "--backend",
+        "tinker",
+        "--scale",
+        "paper",
+        "--workdir",
+        ws,
+        "--max-cost",
+        "1",
+    )
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: the estimated cost $"), err
+    assert "over --max-cost $1.00" in lines[0]
+    assert [c[0] for c in served.calls] == ["get_server_capabilities"] and not (tmp_path / "ws" / "builds").exists()
 
 
 def test_a_teacher_that_cannot_sample_and_a_judge_not_served_are_refused(served, tmp_path, monkeypatch):

@@ -102,6 +102,13 @@ def cost_summary(record: dict) -> dict | None:
     return spent(record)
 
 
+def cost_row(record: dict) -> dict:
+    """A nightly row's spend: the tokens the build counted (all kinds) and their cost in dollars."""
+    cost = cost_summary(record) or {}
+    tokens = (cost.get("total") or {}).get("tokens") or {}
+    return {"tokens": sum(sum(t.values()) for t in tokens.values()), "cost_usd": (cost.get("total") or {}).get("cost")}
+
+
 def _dollars(v) -> str:
     return "no price" if v is None else f"${v:.4f}" if v < 1 else f"${v:.2f}"
 
