@@ -81,5 +81,9 @@ def run(cfg: PipelineConfig, mode: Literal["sequential", "paper"], stages: Stage
     cfg = cfg.model_copy(update={"mode": mode})
     validate(cfg)
     check_served_models(cfg)  # Tinker: one free call, before anything is spent
+    if cfg.max_cost is not None:
+        from character.cost.budget import build_plan, check_budget
+
+        check_budget(build_plan(cfg), cfg.max_cost)
     with lock_build(cfg):  # one writer per build, also for deployment runs
         return {"sequential": sequential, "paper": paper}[mode](cfg, stages)

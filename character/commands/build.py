@@ -106,10 +106,10 @@ def pipeline(
 
     validate(cfg)  # before Prefect starts or any model loads
     check_served_models(cfg)  # Tinker: every model served, trainable or sampleable as needed
-    if max_cost is not None:
+    if cfg.max_cost is not None:  # here too, so that an over-budget build stops before Prefect starts
         from character.cost.budget import build_plan, check_budget
 
-        check_budget(build_plan(cfg), max_cost)
+        check_budget(build_plan(cfg), cfg.max_cost)
     with lock_build(cfg):  # a second run of this build is refused here, before it writes anything
         _run_pipeline(cfg, paper_mode, as_json)
 
@@ -125,7 +125,6 @@ def _pipeline_config(
     keep_states: Optional[int],
     gradient_checkpointing: bool,
     as_json: bool,
-    max_cost: Optional[float] = None,
     **flags,
 ):
     """The PipelineConfig of `character pipeline`'s flags; the rest of `flags` are config fields by name."""

@@ -14,12 +14,11 @@ from character.commands import build
 def plan(**flags) -> None:
     from character.cost.budget import build_plan, check_budget
 
-    as_json, max_cost = flags.pop("as_json"), flags.pop("max_cost")
-    cfg = build._pipeline_config(**flags, as_json=as_json)
+    cfg = build._pipeline_config(**flags)
     p = build_plan(cfg)
-    typer.echo(json.dumps(p) if as_json else plan_text(p))
-    if max_cost is not None:
-        check_budget(p, max_cost)
+    typer.echo(json.dumps(p) if flags["as_json"] else plan_text(p))
+    if cfg.max_cost is not None:
+        check_budget(p, cfg.max_cost)
 
 
 plan.__doc__ = """Estimate a build before running it: per stage, the tokens each model will prefill, sample and

@@ -66,7 +66,7 @@ def build_plan(cfg: PipelineConfig, renderer_for: Callable[[str], object] | None
     """What `character plan --json` prints: per stage the estimated tokens, cost and rough duration, and
     the totals, with where the figures came from."""
     prices = prices or load_prices()
-    cal = Calibration.from_workspace(cfg.workdir, cfg.backend)
+    cal = Calibration.from_workspace(cfg.workdir, cfg.backend, cfg.max_new_tokens)
     stages = estimate(cfg, renderer_for or renderers_for(cfg), cal)
     rows = [{"stage": s.stage, **priced(s.tokens, prices), "seconds": round(_seconds(cfg, s, cal))} for s in stages]
     total = priced(total_tokens(stages), prices)

@@ -44,8 +44,9 @@ class Calibration:
     source: str | None = None  # the build the figures came from
 
     @classmethod
-    def from_workspace(cls, workdir: str | Path, backend: str) -> "Calibration":
-        """The newest build records (by finish time) that counted tokens, on the same backend."""
+    def from_workspace(cls, workdir: str | Path, backend: str, max_new_tokens: int | None = None) -> "Calibration":
+        """The newest build records (by finish time) that counted tokens, on the same backend and with the same
+        answer limit (answers are cut at it)."""
         from character.build.paths import build_records
 
         recs = []
@@ -54,7 +55,8 @@ class Calibration:
                 rec = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
-            if (rec.get("config") or {}).get("backend", "local") == backend:
+            cfg = rec.get("config") or {}
+            if cfg.get("backend", "local") == backend and max_new_tokens in (None, cfg.get("max_new_tokens")):
                 recs.append(rec)
         recs.sort(key=lambda r: max((s.get("finished_at", "") for s in r.get("stages", {}).values()), default=""))
         cal = cls()
