@@ -110,6 +110,21 @@ def test_a_build_over_its_budget_is_refused_before_anything_is_spent(served, tmp
     assert [c[0] for c in served.calls] == ["get_server_capabilities"] and not (tmp_path / "ws" / "builds").exists()
 
 
+def test_every_flow_run_checks_its_budget_and_the_lineup_before_its_lock(served, tmp_path):
+    from character.errors import UserError
+
+    served.models = LINEUP
+    cfg = PipelineConfig.from_settings(
+        Settings(), persona="pirate", backend="tinker", workdir=str(tmp_path / "ws"), max_cost=0.001
+    )
+    with pytest.raises(UserError, match=r"estimated cost \$0\.0\d+ is over --max-cost \$0\.00"):
+        run_sequential(cfg)  # the plan every flow runs (character.build.plan.run)
+    assert [c[0] for c in served.calls] == ["get_server_capabilities"] and not (tmp_path / "ws" / "builds").exists()
+    served.models = [m for m in LINEUP if m != cfg.teacher_model]
+    with pytest.raises(UserError, match="teacher model 'deepseek-ai/DeepSeek-V3.1' is not served"):
+        run_sequential(cfg.model_copy(update={"max_cost": None}))
+
+
 def test_a_teacher_that_cannot_sample_and_a_judge_not_served_are_refused(served, tmp_path, monkeypatch):
     from tinker.types.get_server_capabilities_response import SupportedModel
 
@@ -151,6 +166,9 @@ def test_tinker_models_shows_capabilities_merge_support_prices_and_the_defaults(
     assert "no 1.13/2.81/3.38 teacher, judge (default teacher)" in deepseek  # no merge: not a dense family
     assert rows["Qwen/Qwen3.8-27B"][5] == "-"  # no price in the table: shown as such, never guessed
     assert "not served now" not in out
+    served.models = [m for m in LINEUP if m != "Qwen/Qwen3-8B"]
+    code, out, err, _ = _cli(monkeypatch, capsys, "tinker", "models")
+    assert code == 0 and out.splitlines()[-1].startswith("not served now: student Qwen/Qwen3-8B (set ")
 
 
 # -- the plan against the build, on the fake SDK --------------------------------------------------------
