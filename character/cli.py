@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from character.commands import build, chat, evaluation, personas, tinker, weights
+from character.commands import build, chat, evaluation, personas, plan, tinker, weights
 from character.errors import UserError
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app = typer.Typer(
 )
 app.add_typer(personas.app, name="personas")
 app.command()(build.pipeline)
+app.command("plan")(plan.plan)
 app.add_typer(build.checkpoints_app, name="checkpoints")
 app.command()(build.generate)
 app.add_typer(tinker.app, name="tinker")

@@ -113,6 +113,9 @@ class PipelineConfig(BaseModel):
     merge: bool = Field(False, description="paper mode: also merge dpo_weight x DPO + sft_weight x SFT")
     merge_weights: tuple[float, float] = (1.0, 0.25)
     evaluate: bool = Field(True, description="evaluate the checkpoints at the end of the build")
+    max_cost: float | None = Field(
+        None, ge=0, description="dollars: refuse to start when the estimated cost is higher (character.cost)"
+    )
     max_new_tokens: int = Field(1024, ge=1)
     lora_rank: int = Field(64, ge=1)
     lora_alpha: int | None = Field(None, ge=1, description="defaults to 2 x rank")

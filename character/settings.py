@@ -26,13 +26,14 @@ class Settings(BaseSettings):
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda or cuda:N")
     seed: int = 0
     # Tinker (backend "tinker"): models it serves, where the key lives, and how long to wait for it.
-    tinker_base_model: str = "meta-llama/Llama-3.1-8B-Instruct"
-    # The paper's teacher is a much larger model than the student: on Tinker the default is the largest dense-
-    # quality instruct model it serves (235B total, 22B active, no reasoning traces to strip). CHARACTER_TEACHER_MODEL
-    # overrides it; `character tinker models` marks which models can serve as teacher and judge.
+    # Served defaults (Tinker's lineup of 2026-08; README "Tinker: default models"): a dense 8B hybrid-thinking
+    # chat model, the paper's student size, whose exported adapters merge exactly here; and as teacher the largest
+    # chat model served (671B total, 37B active), in its non-thinking mode. Checked against the service's
+    # capabilities before a build spends anything; `character tinker models` marks other candidates.
+    tinker_base_model: str = "Qwen/Qwen3-8B"
     tinker_teacher_model: str | None = Field(
-        "Qwen/Qwen3-235B-A22B-Instruct-2507",
-        description="teacher for Tinker builds: an instruct model several times larger than the student",
+        "deepseek-ai/DeepSeek-V3.1",
+        description="teacher for Tinker builds: a chat model many times larger than the student",
     )
     tinker_secret_block: str | None = Field(
         None, description="name of a Prefect Secret block holding the Tinker key (used when TINKER_API_KEY is unset)"
@@ -44,6 +45,8 @@ class Settings(BaseSettings):
     # model or adapter folder, or 'tiny'. The paper's judge was a large chat model (GLM-4.5-Air).
     revealed_judge: str | None = Field(None, description="judge model for the revealed-preference evaluation")
     revealed_games: int = Field(200, ge=1, description="revealed-preference games per evaluated model")
+    # What builds cost (character.cost.prices): a dated JSON table of $ per million tokens; unset, the shipped one.
+    price_table: Path | None = Field(None, description="price table JSON file (default: character/cost/prices.json)")
     # Reliability testing: this share of backend calls fails with a transient error (character.backend.faults).
     fault_rate: float = Field(0.0, ge=0, le=1, description="share of backend calls made to fail transiently (0: off)")
     fault_seed: int = Field(0, description="which calls fail, when fault_rate is set")

@@ -15,7 +15,7 @@ from prefect.artifacts import create_table_artifact
 from pydantic import ValidationError
 
 from character.build.record import read_record
-from character.build.summary import HEADLINE, change, eval_summary, headline, previous_nightly_record
+from character.build.summary import HEADLINE, change, cost_row, eval_summary, headline, previous_nightly_record
 from character.config import PipelineConfig
 from character.datagen.scales import ScaleName
 from character.errors import UserError
@@ -51,6 +51,14 @@ def _headline(cfg: PipelineConfig | None, workdir: str, build_id: str) -> dict:
     return out
 
 
+def _spend(cfg: PipelineConfig | None) -> dict:
+    """What the persona's build counted and cost (tokens 0 and cost None when it never ran)."""
+    try:
+        return cost_row(read_record(cfg)) if cfg is not None else cost_row({})
+    except UserError:  # an unknown persona, reported in the row's message
+        return cost_row({})
+
+
 def _configs(personas: list[str], settings: Settings, **options) -> tuple[dict[str, PipelineConfig], dict[str, dict]]:
     """Each persona's build config, and a failed outcome for each persona whose config is refused."""
     configs: dict[str, PipelineConfig] = {}
@@ -83,7 +91,7 @@ def _report(rows: list[dict], build_id: str, scale: str) -> None:
         key="nightly-summary",
         table=rows,
         description=f"nightly build {build_id} ({scale}): the final checkpoint's metrics, and "
-        "their change since the persona's previous nightly build",
+        "their change since the persona's previous nightly build; the tokens each build used and their cost",
     )
     logger = get_run_logger()
     for r in rows:
@@ -131,6 +139,7 @@ def nightly(
             "state": outcomes[p]["state"],
             "final": outcomes[p]["checkpoints"].get("final", ""),
             **_headline(configs.get(p), workdir, build_id),
+            **_spend(configs.get(p)),
             "message": outcomes[p]["message"],
         }
         for p in personas

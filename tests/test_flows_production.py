@@ -75,6 +75,14 @@ def test_nightly_builds_each_persona_and_isolates_failures(prefect_harness, tmp_
     assert rows["loving"]["state"] == "Completed" and rows["loving"]["final"].startswith("file://")
     rec = read_record(PipelineConfig(persona="loving", workdir=str(ws), build_id="night-1"))
     assert rec["stages"]["sft"]["sampler"] == rows["loving"]["final"]
+    counted = sum(
+        t[k]
+        for st in rec["stages"].values()
+        for t in (st.get("tokens") or {}).values()
+        for k in ("prefill", "sample", "train")
+    )
+    assert rows["loving"]["tokens"] == counted > 0 and rows["loving"]["cost_usd"] == 0.0  # tiny is free
+    assert rows["nosuch"]["tokens"] == 0 and rows["nosuch"]["cost_usd"] is None
 
 
 def test_transient_errors_are_retried_and_fatal_ones_are_not(prefect_harness, monkeypatch, tmp_path):

@@ -679,7 +679,11 @@ def test_teacher_and_judge_candidates_are_read_from_model_names():
         SimpleNamespace(model_name=name, sampleable=sampleable),  # noqa
         student,
     )
-    assert model_size_b("Qwen/Qwen3-235B-A22B-Instruct-2507") == 235 and model_size_b("x/Kimi-K2") is None
+    assert (
+        model_size_b("Qwen/Qwen3-235B-A22B-Instruct-2507") == 235
+        and model_size_b("x/Mystery-Model") is None
+        and model_size_b("moonshotai/Kimi-K2.6") == 1000
+    )
     assert roles(Settings().tinker_teacher_model) == ["teacher", "judge"]  # the documented default qualifies
     assert roles("meta-llama/Llama-3.3-70B-Instruct") == ["teacher", "judge"]
     assert roles("Qwen/Qwen3-30B-A3B") == ["judge"]  # under 4x an 8B student

@@ -1,7 +1,9 @@
-"""Which models a Tinker build may name, read from the names alone (no network).
+"""Which models a Tinker build may name: from the names alone (no network), then against what the
+service says it serves.
 
-`check_ready` refuses local model names (and a missing key) before anything runs; `model_roles`
-marks which served models are big enough to teach a given student and to judge
+`check_ready` refuses local model names (and a missing key) before anything runs; `check_served`
+checks every model a build will use against the service's capabilities (free to ask) before anything
+is spent; `model_roles` marks which served models are big enough to teach a given student and to judge
 (`character tinker models`).
 """
 
@@ -17,6 +19,8 @@ from character.settings import Settings
 _SIZE = re.compile(r"(?<![A-Za-z0-9.])(\d+(?:\.\d+)?)([BT])(?![a-z])", re.IGNORECASE)  # "235B", not "A22B"
 TEACHER_MIN_RATIO = 4.0  # the paper's teacher is many times the student's size
 JUDGE_MIN_B = 30.0  # naming a trait from a short answer needs a capable reader
+# Total parameters (billions) of served models whose names do not say (their model cards do).
+KNOWN_SIZES_B = {"deepseek-v3": 671.0, "kimi-k2": 1000.0, "glm-5": 744.0}
 
 
 def check_ready(settings: Settings, base_model: str, teacher_model: str | None = None) -> None:
@@ -35,9 +39,10 @@ def check_ready(settings: Settings, base_model: str, teacher_model: str | None =
 
 def model_size_b(name: str) -> float | None:
     """Total parameters in billions, read from the model's name (None when the name does not say)."""
-    m = _SIZE.search(name.rsplit("/", 1)[-1])
+    short = name.rsplit("/", 1)[-1]
+    m = _SIZE.search(short)
     if not m:
-        return None
+        return next((b for prefix, b in KNOWN_SIZES_B.items() if short.lower().startswith(prefix)), None)
     return float(m.group(1)) * (1000.0 if m.group(2).upper() == "T" else 1.0)
 
 
@@ -65,3 +70,53 @@ def model_roles(model, student: str) -> list[str]:
     if size >= JUDGE_MIN_B:
         roles.append("judge")
     return roles
+
+
+def merge_supported(name: str) -> bool:
+    """Whether a paper-mode build on this base model can export and merge its adapters here."""
+    from character.weights.tinker_export import UnsupportedAdapter, check_family
+
+    try:
+        check_family(name)
+    except UnsupportedAdapter:
+        return False
+    return True
+
+
+def models_to_check(cfg, judges: list[str]) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(what, model, needs) for every served model a build will use: the student trains and samples, the
+    teacher and the judges sample."""
+    out = [("base model", cfg.base_model, ("train", "sample"))]
+    teacher = cfg.teacher_model or cfg.base_model
+    if teacher != cfg.base_model:
+        out.append(("teacher model", teacher, ("sample",)))
+    out += [(what, name, ("sample",)) for what, name in judges if name and "/" in name and "://" not in name]
+    return [(what, name, needs) for what, name, needs in out if not Path(name).expanduser().exists()]
+
+
+def check_served(served: list, wanted: list[tuple[str, str, tuple[str, ...]]], where: str) -> None:
+    """Refuse, naming the model and the served alternatives, a model not served, not trainable or not
+    sampleable. `served`: the service's `SupportedModel`s (an empty list: it did not say; not checked)."""
+    if not served:
+        return
+    by_name = {m.model_name: m for m in served}
+    for what, name, needs in wanted:
+        m = by_name.get(name)
+        can = {
+            "train": m is not None and m.trainable is not False,
+            "sample": m is not None and m.sampleable is not False,
+        }
+        if all(can[n] for n in needs):
+            continue
+        doing = " and ".join({"train": "trained", "sample": "sampled"}[n] for n in needs)
+        fits = [
+            x.model_name
+            for x in served
+            if all({"train": x.trainable is not False, "sample": x.sampleable is not False}[n] for n in needs)
+            and is_chat_model(x.model_name)
+        ]
+        state = "is not served" if m is None else f"cannot be {doing} there now"
+        raise UserError(
+            f"{what} {name!r} {state} by Tinker at {where}; served chat models that can be {doing}: "
+            f"{', '.join(sorted(fits)) or 'none'} (`character tinker models` lists every model)"
+        )

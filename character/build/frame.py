@@ -43,8 +43,11 @@ class StageRun:
 
     @property
     def service(self):
+        """The backend service, every token it uses counted (character.cost.meter) for the record."""
         if self._svc is None:
-            self._svc = self._open_service(self.cfg)
+            from character.cost.meter import TokenMeter, metered
+
+            self._svc = metered(self._open_service(self.cfg), TokenMeter(), self.cfg.base_model)
         return self._svc
 
     @contextlib.contextmanager
@@ -57,7 +60,8 @@ class StageRun:
     def record(self, value: dict) -> None:
         """The stage is finished: record `value`, and the seconds since its work started (if timed)."""
         timed = {} if self._started is None else {"seconds": round(time.perf_counter() - self._started, 2)}
-        record_stage(self.cfg, self.name, {**value, **timed})
+        counted = {} if self._svc is None else {"tokens": self._svc.meter.snapshot()}
+        record_stage(self.cfg, self.name, {**value, **timed, **counted})
 
 
 def output_path(done: dict) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Literal, Protocol
 
 from character.build.record import Checkpoint, PipelineResult
-from character.build.stages import lock_build, validate
+from character.build.stages import check_served_models, lock_build, validate
 from character.config import PipelineConfig
 
 
@@ -80,5 +80,10 @@ def run(cfg: PipelineConfig, mode: Literal["sequential", "paper"], stages: Stage
     """A whole build in `mode`: check its inputs, hold its one-writer lock, run the mode's plan."""
     cfg = cfg.model_copy(update={"mode": mode})
     validate(cfg)
+    check_served_models(cfg)  # Tinker: one free call, before anything is spent
+    if cfg.max_cost is not None:
+        from character.cost.budget import build_plan, check_budget
+
+        check_budget(build_plan(cfg), cfg.max_cost)
     with lock_build(cfg):  # one writer per build, also for deployment runs
         return {"sequential": sequential, "paper": paper}[mode](cfg, stages)

@@ -93,6 +93,7 @@ _RUN_ONLY = {
     "micro_batch_size",
     "memory_budget_gb",
     "gradient_checkpointing",
+    "max_cost",
 }
 
 

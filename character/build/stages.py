@@ -56,6 +56,20 @@ def validate(cfg: PipelineConfig) -> Constitution:
     return c
 
 
+def check_served_models(cfg: PipelineConfig) -> None:
+    """Tinker: every model the build will use (student, teacher, judge) is served and can be trained or
+    sampled as the build needs, asked of the service once (free) before anything is spent."""
+    if cfg.backend != "tinker":
+        return
+    from character.backend.tinker import TinkerService, display_url
+    from character.backend.tinker_models import check_served, models_to_check
+
+    settings = Settings()
+    judges = [("revealed-preference judge (CHARACTER_REVEALED_JUDGE)", settings.revealed_judge)] if cfg.evaluate else []
+    svc = TinkerService(settings)
+    check_served(svc.list_models(), models_to_check(cfg, judges), display_url(svc.base_url))
+
+
 def _service(cfg: PipelineConfig):
     from character.backend.faults import with_faults
 
@@ -344,7 +358,7 @@ def stage_evaluate(run: StageRun, checkpoints: dict[str, Checkpoint]) -> dict:
         result = evaluate_checkpoints(
             uris,
             EvalOptions.for_build(cfg, settings, names=list(chosen), notes=notes),
-            service=_service(cfg) if cfg.backend == "tinker" else None,
+            service=run.service if cfg.backend == "tinker" else None,  # metered: its tokens are recorded
         )
     report = {k: v for k, v in result.get("report", {}).items() if k != "table"}
     run.record(

@@ -82,6 +82,7 @@ def build_summary_markdown(record: dict, checkpoints: dict[str, str]) -> str:
         if dropped:
             note += f"; dropped {dropped}"
         lines.append(f"| {name} | {_fmt(st.get('seconds'))} | {note} |")
+    lines += cost_markdown(record)
     lines += ["", "| checkpoint | URI |", "|---|---|"]
     lines += [f"| {k} | `{v}` |" for k, v in checkpoints.items()]
     summary = eval_summary(record)
@@ -91,6 +92,52 @@ def build_summary_markdown(record: dict, checkpoints: dict[str, str]) -> str:
     if report.get("markdown"):
         lines += ["", f"Evaluation report: `{report['markdown']}`"]
     return "\n".join(lines) + "\n"
+
+
+def cost_summary(record: dict) -> dict | None:
+    """The tokens the build counted per stage and model and their cost at the price table's rates, for the
+    `--json` summary (None: nothing counted)."""
+    from character.cost.budget import spent
+
+    return spent(record)
+
+
+def cost_row(record: dict) -> dict:
+    """A nightly row's spend: the tokens the build counted (all kinds) and their cost in dollars."""
+    cost = cost_summary(record) or {}
+    tokens = (cost.get("total") or {}).get("tokens") or {}
+    return {"tokens": sum(sum(t.values()) for t in tokens.values()), "cost_usd": (cost.get("total") or {}).get("cost")}
+
+
+def _dollars(v) -> str:
+    return "no price" if v is None else f"${v:.4f}" if v < 1 else f"${v:.2f}"
+
+
+def cost_markdown(record: dict) -> list[str]:
+    """Tokens and cost per stage and model (prefill / sampled / trained)."""
+    cost = cost_summary(record)
+    if not cost:
+        return []
+    lines = ["", "| stage | model | prefill | sampled | trained | cost |", "|---|---|---:|---:|---:|---:|"]
+    for stage, st in cost["stages"].items():
+        for model, t in st["tokens"].items():
+            one = cost_of(st, model)
+            lines.append(f"| {stage} | {model} | {t['prefill']} | {t['sample']} | {t['train']} | {_dollars(one)} |")
+    total = cost["total"]
+    lines.append(f"| total | | | | | {_dollars(total['cost'])} |")
+    lines += [
+        "",
+        f"Prices: `{cost['prices']['table']}` of {cost['prices']['as_of']}"
+        + (f"; no price for {', '.join(total['unpriced'])}." if total["unpriced"] else "."),
+    ]
+    return lines
+
+
+def cost_of(stage: dict, model: str) -> float | None:
+    from character.cost.prices import load_prices
+
+    p = load_prices().price(model)
+    return None if p is None else p.cost(stage["tokens"][model])
 
 
 def evaluation_rows(result: dict) -> list[dict]:

@@ -96,12 +96,20 @@ def pipeline(
     merge: bool = typer.Option(False, "--merge", help="paper mode: also write the merge 1.0 x DPO + 0.25 x SFT"),
     no_eval: bool = typer.Option(False, "--no-eval", help="skip the evaluation at the end"),
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line describing the result"),
+    max_cost: Optional[float] = typer.Option(
+        None, min=0, help="refuse to start when the estimated cost (`character plan`) is over this many dollars"
+    ),
 ) -> None:
     """Run the whole pipeline for one persona as a Prefect flow (sequential mode unless --paper-mode)."""
     cfg = _pipeline_config(**locals())  # every flag, by its name
-    from character.build.stages import lock_build, validate
+    from character.build.stages import check_served_models, lock_build, validate
 
     validate(cfg)  # before Prefect starts or any model loads
+    check_served_models(cfg)  # Tinker: every model served, trainable or sampleable as needed
+    if cfg.max_cost is not None:  # here too, so that an over-budget build stops before Prefect starts
+        from character.cost.budget import build_plan, check_budget
+
+        check_budget(build_plan(cfg), cfg.max_cost)
     with lock_build(cfg):  # a second run of this build is refused here, before it writes anything
         _run_pipeline(cfg, paper_mode, as_json)
 
@@ -173,12 +181,12 @@ def _run_pipeline(cfg, paper_mode: bool, as_json: bool) -> None:
         typer.echo(f"{stage:>6}: {uri}")
     if as_json:
         from character.build.record import read_record
-        from character.build.summary import eval_summary
+        from character.build.summary import cost_summary, eval_summary
 
         typer.echo(
             json.dumps(
                 result.model_dump(include={"persona", "mode", "base_model", "workdir", "checkpoints"})
-                | {"eval": eval_summary(read_record(cfg))}
+                | {"eval": eval_summary(read_record(cfg)), "cost": cost_summary(read_record(cfg))}
             )
         )
 
