@@ -23,28 +23,29 @@ _RATES = {
 def renderers_for(cfg: PipelineConfig) -> Callable[[str], object]:
     """Each model's chat renderer: the model's own tokenizer where it is here (local models; a Tinker model
     whose tokenizer is in the Hugging Face cache), else ~4 characters per token."""
-    from character.train.renderer import Renderer
+    from character.train.families import renderer_for
 
     cache: dict[str, object] = {}
 
     def renderer(name: str):
         if name not in cache:
-            cache[name] = _renderer(cfg, name, Renderer)
+            cache[name] = _renderer(cfg, name, renderer_for)
         return cache[name]
 
     return renderer
 
 
-def _renderer(cfg: PipelineConfig, name: str, Renderer):
+def _renderer(cfg: PipelineConfig, name: str, renderer_for):
+    """The renderer the build will use for `name` (the family's, chosen by name as the stages do)."""
     if cfg.backend == "local":
         from character.backend.local_model import load_tokenizer, resolve_model
         from character.settings import Workspace
 
-        return Renderer(load_tokenizer(str(resolve_model(name, Workspace(cfg.workdir)))))
+        return renderer_for(load_tokenizer(str(resolve_model(name, Workspace(cfg.workdir)))), name)
     try:
         from transformers import AutoTokenizer
 
-        return Renderer(AutoTokenizer.from_pretrained(name, local_files_only=True))
+        return renderer_for(AutoTokenizer.from_pretrained(name, local_files_only=True), name)
     except Exception:  # noqa: BLE001 - not cached here (or no chat template): count characters instead
         return ApproxRenderer()
 
