@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime
+import functools
 import itertools
 import json
 import random
@@ -216,6 +217,7 @@ class FakeTinker:
         self.echo_key = False  # injected errors quote the API key
         self.injected: dict[str, int] = {}
         self.injected_fids: list[tuple[str, int]] = []
+        self.grad_norms: list[float] = []  # what each optimizer step reported, in order
         self.stalled: list[Future] = []  # results that never came (a caller may cancel them)
         self._fault_rng = random.Random(0)
         self._ids = itertools.count()
@@ -383,6 +385,7 @@ class FakeTrainingClient:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.steps += 1
+            self.fake.grad_norms.append(float(norm))
             return types.OptimStepResponse(metrics={"grad_norm": float(norm)})
 
         return self.fake.submit("optim_step", run, client=self)
@@ -564,8 +567,9 @@ class FakeRestClient:
         )
 
     def get_weights_info_by_tinker_path(self, tinker_path):
-        return done_future(
-            types.WeightsInfoResponse(base_model="meta-llama/Llama-3.1-8B-Instruct", is_lora=True, lora_rank=4)
+        return self.fake.submit(
+            "get_weights_info_by_tinker_path",
+            lambda: types.WeightsInfoResponse(base_model="meta-llama/Llama-3.1-8B-Instruct", is_lora=True, lora_rank=4),
         )
 
     def get_external_weights_urls(self, tinker_path):
@@ -590,8 +594,16 @@ def tokenizer():
     return fake_tokenizer()
 
 
+@functools.cache
+def _warm_torch() -> None:
+    # The first AdamW a process builds imports torch's compiler stack (seconds on a busy machine): paid here,
+    # not inside a bounded wait on the fake's server thread.
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+
+
 @pytest.fixture
 def fake(tokenizer, tmp_path):
+    _warm_torch()
     f = FakeTinker(tokenizer, tmp_path / "tinker-storage")
     yield f
     f.server.shutdown(wait=True)
