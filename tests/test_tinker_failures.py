@@ -309,3 +309,98 @@ def test_the_installed_sdk_is_in_the_declared_range_and_has_what_the_code_uses()
         assert "APIFuture" in str(inspect.signature(getattr(tinker.SamplingClient, name)).return_annotation)
     assert "metrics" in types.OptimStepResponse.model_fields
     assert {"category", "request_id"} <= set(inspect.signature(tinker.RequestFailedError).parameters)
+
+
+# -- the key, through Prefect, from a service that echoes it --------------------------------------------
+def _stored_in_prefect(flow_run_ids) -> str:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def read() -> str:
+        async with get_client() as client:
+            runs = [await client.read_flow_run(i) for i in flow_run_ids]
+            logs = await client.read_logs()
+            artifacts = await client.read_artifacts()
+            tasks = await client.read_task_runs()
+        assert logs and artifacts and all(r.parameters["config"]["backend"] == "tinker" for r in runs)
+        return json.dumps(
+            [[x.model_dump(mode="json") for x in group] for group in (runs, logs, artifacts, tasks)], default=str
+        )
+
+    return asyncio.run(read())
+
+
+@pytest.mark.slow
+def test_a_service_that_echoes_the_key_never_gets_it_shown_or_stored(
+    prefect_harness, wired, tmp_path, monkeypatch, capfd
+):
+    """The sequential flow on Tinker (the fake) while a fifth of the training calls fail in every shape the SDK
+    produces, stalls included, and every error quotes the key; then a build that fails fatally the same way.
+    The key appears in no log line (DEBUG, every logger), no output, no Prefect record, no file."""
+    import os
+
+    from prefect.settings import get_current_settings
+
+    from character.build.stages import PipelineConfig
+    from flows.sequential import sequential
+
+    _ALLOW_LOOPBACK["on"] = True  # the test's Prefect server is on this machine
+    monkeypatch.setenv("CHARACTER_TINKER_RESULT_TIMEOUT_S", "1")
+    wired.echo_key = True
+    wired.inject_faults(0.2, seed=3, stalls=True)
+    echo = f"Error code: 503 - from key {KEY}"
+    wired.fail("sample", http_error(tinker.InternalServerError, 503, echo), Ran(expired(echo)))
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(self.format(record))
+
+    handler = Keep(level=logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    loggers = [logging.getLogger(), logging.getLogger("prefect"), logging.getLogger("character")]
+    levels = [lg.level for lg in loggers]
+    opt = {"learning_rate": 5e-2, "batch_size": 2, "save_every": 2, "warmup_ratio": 0.0, "max_recoveries": 50}
+    cfg = PipelineConfig(
+        persona="pirate",
+        backend="tinker",
+        base_model=STUDENT,
+        teacher_model=TEACHER,
+        workdir=str(tmp_path / "ws"),
+        build_id="echo",
+        dpo_pairs=6,
+        reflections=2,
+        interactions=1,
+        turns=2,
+        max_new_tokens=48,
+        lora_rank=4,
+        dpo=opt,
+        sft=opt,
+    )
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.DEBUG)
+    try:
+        state = sequential(cfg, return_state=True)
+        assert state.is_completed(), state.message
+        wired.inject_faults(0.0)
+        wired.fail("forward_backward_custom", fetch_error(tinker.AuthenticationError, 401, f"Error code: 401 - {ECHO}"))
+        failed = sequential(cfg.model_copy(update={"build_id": "echo-fatal"}), return_state=True)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+    assert sum(wired.injected.values()) >= 5 and wired.stalled, wired.injected  # the faults did happen
+    assert failed.is_failed() and "TINKER_API_KEY" in failed.message and "\n" not in failed.message
+    assert len(records) > 50 and not [r for r in records if KEY in r]
+    out, err = capfd.readouterr()
+    assert KEY not in out + err
+    ids = [state.state_details.flow_run_id, failed.state_details.flow_run_id]
+    assert KEY not in _stored_in_prefect(ids)
+    db = get_current_settings().server.database.connection_url.get_secret_value().split("///")[-1]
+    places = [Path(db), Path(os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"]), Path(cfg.workdir)]
+    files = [p for place in places for p in ([place] if place.is_file() else place.rglob("*")) if p.is_file()]
+    assert any(p.name == "record.json" for p in files) and any(p.suffix == ".db" for p in files)
+    assert not [p for p in files if KEY.encode() in p.read_bytes()]
+    assert os.environ["TINKER_API_KEY"] == KEY  # the key was there all along
