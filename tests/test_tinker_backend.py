@@ -673,6 +673,7 @@ def test_sequential_and_paper_pipelines_run_on_tinker_and_never_show_the_key(wir
     stages = read_record(cfg)["stages"]
     assert {"dpo_data", "dpo", "introspection", "sft"} <= set(stages)
     assert stages["dpo_data"]["rows"] > 0 and stages["introspection"]["rows"] > 0
+    assert stages["dpo"]["lora_alpha"] == stages["sft"]["lora_alpha"] == tb.TINKER_LORA_ALPHA  # what Tinker used
     # sequential SFT continues from the DPO state with a fresh optimizer
     assert ("create_training_client_from_state", out["dpo"].state) in wired.calls
     assert ("create_sampling_client", out["dpo"].sampler) in wired.calls

@@ -170,6 +170,23 @@ def test_a_stalled_sampling_request_is_given_up_after_the_bound_and_its_slot_ret
     assert client.sample(prompt, 1, types.SamplingParams(max_tokens=16, seed=0)).result().sequences
 
 
+def test_a_stall_does_not_hang_a_window_wider_than_the_in_flight_bound(wired):
+    """Generation submits a window of requests before waiting on any (64 by default, against Tinker's 32
+    slots): a stalled request must not keep the submissions behind it waiting for its slot for ever."""
+    from character.backend.retry import Call
+
+    svc = service(result_timeout_s=BOUND, max_in_flight=2)
+    client = svc.create_sampling_client(base_model=TEACHER)
+    prompt = types.ModelInput.from_ints([1, 2, 3])
+    wired.fail("sample", STALL, STALL)
+    t0 = time.perf_counter()
+    calls = [Call(lambda i=i: client.sample(prompt, 1, types.SamplingParams(max_tokens=16, seed=i))) for i in range(4)]
+    results = [c.result() for c in calls]
+    assert len(results) == 4 and all(r.sequences for r in results)
+    assert time.perf_counter() - t0 < 8 * BOUND + 5
+    assert len(wired.stalled) == 2 and all(f.cancelled() for f in wired.stalled)
+
+
 def test_the_bound_comes_from_the_settings(wired, monkeypatch):
     monkeypatch.setenv("CHARACTER_TINKER_RESULT_TIMEOUT_S", "0.25")
     svc = tb.TinkerService(tb.Settings(), base_url="https://tinker.invalid")

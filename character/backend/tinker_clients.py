@@ -169,7 +169,13 @@ class TinkerSamplingClient(_Checked):
         self._slots = slots
 
     def _bounded(self, submit: Callable[[], Any], doing: str) -> CheckedFuture:
-        self._slots.acquire()
+        # Bounded too: a stalled request holds its slot until someone gives up on it, which may be this very
+        # thread once it stops submitting (a window wider than the bound), so waiting for ever would hang.
+        if not self._slots.acquire(timeout=self._timeout_s):
+            raise ResultTimeout(
+                f"no sampling request on Tinker finished within {self._timeout_s:g} s to make room for "
+                f"{self._doing(doing)} (CHARACTER_TINKER_RESULT_TIMEOUT_S sets the bound)"
+            )
         try:
             fut = self._submit(submit, doing)
         except BaseException:
