@@ -38,12 +38,20 @@ def validate(cfg: PipelineConfig) -> Constitution:
         from character.backend.tinker import check_ready
 
         check_ready(Settings(), cfg.base_model, cfg.teacher_model)  # key and model names, no network
-    judge = Settings().revealed_judge
-    if cfg.evaluate and judge:  # a bad judge name or a missing key fails now, not after training
+    settings = Settings()
+    judges = (
+        (settings.revealed_judge, "CHARACTER_REVEALED_JUDGE"),
+        (settings.coherence_judge, "CHARACTER_COHERENCE_JUDGE"),
+    )
+    for judge, var in judges if cfg.evaluate else ():  # a bad judge name or a missing key fails now, not after training
         from character.evaluation.models import check_tinker_key, model_side
 
-        if model_side(judge, "CHARACTER_REVEALED_JUDGE") == "tinker":
+        if judge and model_side(judge, var) == "tinker":
             check_tinker_key()
+    if cfg.evaluate and settings.capability_set is not None:
+        from character.evaluation.capability import load_capability_set
+
+        load_capability_set(settings.capability_set)  # a bad set fails before training, naming the line
     return c
 
 
@@ -312,6 +320,7 @@ def stage_evaluate(run: StageRun, checkpoints: dict[str, Checkpoint]) -> dict:
     revealed-preference judge is CHARACTER_REVEALED_JUDGE (unset: skipped, said so). The record's
     "eval" stage keeps the per-model summary (`summary`) that `character pipeline --json` shows, the
     revealed-preference outcome, and the report's paths."""
+    from character.evaluation.coherence import coherence_summary
     from character.evaluation.evaluate import evaluate_checkpoints
     from character.evaluation.options import EvalOptions
 
@@ -338,6 +347,8 @@ def stage_evaluate(run: StageRun, checkpoints: dict[str, Checkpoint]) -> dict:
             "names": list(checkpoints),
             "summary": result["eval"],
             "revealed": revealed_summary(result.get("revealed")),
+            "coherence": coherence_summary(result.get("coherence")),
+            "capability": result.get("capability"),
         }
     )
     return result
