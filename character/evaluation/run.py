@@ -335,10 +335,8 @@ def evaluate_models(
     The result's "eval" holds the per-model summaries users see (character.evaluation.metrics.SUMMARY_KEYS).
     `revealed_judge`, if given, makes the client of the judge of the revealed-preference games
     (`revealed_games` per model, on the evaluation's prompts); the result's "revealed" holds the Elo
-    ratings per model and trait, or, when it was not run, the reason. `sections` adds the prompted
-    baseline, multi-turn robustness, the capability probe and coherence (results "capability" and
-    "coherence"; each says why when it was not run).
-    """
+    ratings per model and trait, or, when it was not run, the reason. `sections` adds the prompted baseline,
+    multi-turn robustness, the capability probe and coherence ("capability", "coherence": or why not run)."""
     started = datetime.now(timezone.utc)
     sections = sections or Sections()
     clf, clf_rep = _classifier(data, classifier_path, seed)
