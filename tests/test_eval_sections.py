@@ -269,7 +269,9 @@ def test_coherence_through_evaluate_models_and_the_report(tmp_path):
     data = EvalData(heldout=HELDOUT, train=TRAIN, prompts=PROMPTS)
     pirate_is_better = lambda x, y: "tie" if (x in PIRATE) == (y in PIRATE) else ("1" if x in PIRATE else "2")  # noqa: E731
     judge = _verdict_judge(pirate_is_better)
-    sections = Sections(prompted_system=TEACHER, coherence_judge=lambda: judge, coherence_judge_name="scripted")
+    sections = Sections(
+        prompted_system=TEACHER, prefill=True, coherence_judge=lambda: judge, coherence_judge_name="scripted"
+    )
     res = write_outputs(evaluate_models(svc, "tiny", {"final": "ckpt"}, C, data, sections=sections), tmp_path)
     coh = res["coherence"]["comparisons"]
     # final: pirate on 0-5; base: never; prompted: always (plain answers)
@@ -280,6 +282,17 @@ def test_coherence_through_evaluate_models_and_the_report(tmp_path):
     section = md.split("## Coherence")[1].split("\n## ")[0]
     assert "| final vs base | 0.750 | 0.250 | 0.000 | 8 | 0 of 8 (0.000) |" in section
     assert "| final vs prompted | 0.000 | 0.750 | 0.250 | 8 | 0 of 8 (0.000) |" in section
+    assert "![coherence: win / tie / loss of the final model](data:image/png;base64," in section
+    png = Path(res["report"]["dir"]) / "coherence.png"
+    assert str(png) in res["report"]["plots"] and png.read_bytes()[:4] == b"\x89PNG"
+    trained = md.split("## Trained vs prompted")[1].split("\n## ")[0]
+    # prompted 1.000 -> 0.250 under attack, final 0.750 -> 0.625: measured, and said which falls further
+    assert (
+        "| prompted | 1.000 (n=8) | 0.250 (-0.750) |" in trained
+        and "| final | 0.750 (n=8) | 0.625 (-0.125) |" in trained
+    )
+    assert "the prompted baseline falls further than final" in trained
+    assert "## Multi-turn robustness (prefill)" in md and "## Capability retention" in md
 
 
 def _cap(answers: list[int], k: int = 4) -> CapabilitySet:
