@@ -51,7 +51,9 @@ def validate(cfg: PipelineConfig) -> Constitution:
     if cfg.evaluate and settings.capability_set is not None:
         from character.evaluation.capability import load_capability_set
 
-        load_capability_set(settings.capability_set)  # a bad set fails before training, naming the line
+        load_capability_set(
+            settings.capability_set, option="CHARACTER_CAPABILITY_SET"
+        )  # a bad set fails before training, naming the line
     return c
 
 

@@ -85,24 +85,27 @@ def parse_question(row, where: str) -> Question:
     return Question(text.strip(), tuple(c.strip() for c in choices), _answer_index(row, labels, len(choices), where))
 
 
-def load_capability_set(path: str | Path | None = None, limit: int | None = None) -> CapabilitySet:
-    """The set in `path`, else the shipped one; at most `limit` questions (the first ones)."""
+def load_capability_set(
+    path: str | Path | None = None, limit: int | None = None, option: str = "--capability-set"
+) -> CapabilitySet:
+    """The set in `path`, else the shipped one; at most `limit` questions (the first ones). `option` names
+    where the path came from in errors (a flag or a variable)."""
     if path is None:
         text, name, source = resources.files("character.evaluation").joinpath(SHIPPED).read_text(), "shipped", SHIPPED
     else:
         p = Path(path)
         if not p.is_file():
-            raise UserError(f"--capability-set {path}: file not found")
+            raise UserError(f"{option} {path}: file not found")
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            raise UserError(f"--capability-set {path}: not UTF-8 text") from None
+            raise UserError(f"{option} {path}: not UTF-8 text") from None
         name, source = p.stem, str(p)
     if text.lstrip().startswith("["):
         try:
             rows = list(enumerate(json.loads(text), 1))
         except json.JSONDecodeError as e:
-            raise UserError(f"--capability-set {source}: not valid JSON ({e.msg})") from None
+            raise UserError(f"{option} {source}: not valid JSON ({e.msg})") from None
         where = "item"
     else:
         rows, where = [], "line"
@@ -111,10 +114,10 @@ def load_capability_set(path: str | Path | None = None, limit: int | None = None
                 try:
                     rows.append((i, json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise UserError(f"--capability-set {source}: line {i} is not valid JSON ({e.msg})") from None
-    questions = [parse_question(r, f"--capability-set {source}: {where} {i}") for i, r in rows]
+                    raise UserError(f"{option} {source}: line {i} is not valid JSON ({e.msg})") from None
+    questions = [parse_question(r, f"{option} {source}: {where} {i}") for i, r in rows]
     if not questions:
-        raise UserError(f"--capability-set {source}: no questions")
+        raise UserError(f"{option} {source}: no questions")
     return CapabilitySet(name, source, questions[:limit] if limit else questions)
 
 
