@@ -1,5 +1,8 @@
 """One evaluation of a base model and its checkpoints, on any service: persona adherence, held-out
-preferences, introspection NLL, side-by-side generations, an optional judge and revealed preferences.
+preferences, introspection NLL, side-by-side generations, an optional judge and revealed preferences;
+and the sections of character.evaluation.sections: the prompted baseline (the base model with the
+constitution in its system prompt, sampled here with the base's client), multi-turn prefill robustness,
+the capability probe and coherence.
 
 `evaluate_models` reaches every model only through a service's sampling clients (`sample`,
 `compute_logprobs`, `get_tokenizer`), so adapters, merged adapters, folded model folders and remote
