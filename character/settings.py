@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     revealed_games: int = Field(200, ge=1, description="revealed-preference games per evaluated model")
     # What builds cost (character.cost.prices): a dated JSON table of $ per million tokens; unset, the shipped one.
     price_table: Path | None = Field(None, description="price table JSON file (default: character/cost/prices.json)")
+    # Coherence (character.evaluation.coherence): the judge of pairwise comparisons, as revealed_judge. Unset: skipped.
+    coherence_judge: str | None = Field(None, description="judge model for the pairwise coherence comparisons")
+    capability_set: Path | None = Field(None, description="multiple-choice set of the capability probe (JSONL)")
     # Reliability testing: this share of backend calls fails with a transient error (character.backend.faults).
     fault_rate: float = Field(0.0, ge=0, le=1, description="share of backend calls made to fail transiently (0: off)")
     fault_seed: int = Field(0, description="which calls fail, when fault_rate is set")

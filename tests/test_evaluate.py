@@ -162,7 +162,28 @@ def test_metrics_equal_a_hand_computation(base, adapter, tiny_dir, workdir, tmp_
 
     gens = res["generations"]
     assert [g["prompt"] for g in gens] == ["Hello!", "Hi."]
-    assert set(gens[0]["answers"]) == {"base", "crafted", "folded"}
+    assert set(gens[0]["answers"]) == {"base", "prompted", "crafted", "folded"}
+
+    # The prompted baseline: the base model with the teacher's system prompt; its implied reward is the
+    # log-prob the constitution adds to each answer.
+    from character.persona.constitution import load_constitution
+    from character.persona.prompts import teacher_system_prompt
+
+    system = [{"role": "system", "content": teacher_system_prompt(load_constitution("pirate"))}]
+    p_margins = []
+    for row in DPO_ROWS:
+        r = {
+            side: 0.1
+            * (
+                _span_logprob(base, tok, system + row["prompt"] + row[side])[0]
+                - _span_logprob(base, tok, row["prompt"] + row[side])[0]
+            )
+            for side in ("chosen", "rejected")
+        }
+        p_margins.append(r["chosen"] - r["rejected"])
+    p = res["checkpoints"]["prompted"]
+    assert p["kind"] == "prompted" and p["dpo_margin"] == pytest.approx(sum(p_margins) / 3, rel=1e-4, abs=1e-6)
+    assert "introspection_nll" not in p  # the rows carry their own system prompts: not scored with another
     report = res["report"]
     md = open(report["markdown"]).read()
     assert "| model | in-persona rate |" in md and "| crafted | " in md and "## Generations" in md
@@ -235,6 +256,17 @@ def test_cli_eval_uses_the_checkpoints_build_and_ends_with_json(adapter, workdir
     _write_jsonl(build / "data" / "heldout" / "introspection.jsonl", INTRO_ROWS[:1])  # preferred when present
     # The build record names the stage that produced the checkpoint: it becomes the label.
     (build / "record.json").write_text(json.dumps({"stages": {"dpo": {"sampler": adapter.as_uri()}}}))
+    arc = _write_jsonl(  # the shape of an exported ARC split
+        workdir / "arc.jsonl",
+        [
+            {
+                "question": "Which is warm?",
+                "choices": {"text": ["ice", "sun", "snow"], "label": ["A", "B", "C"]},
+                "answerKey": "B",
+            },
+            {"question": "Pick one.", "choices": {"text": ["yes", "no"], "label": ["A", "B"]}, "answerKey": "A"},
+        ],
+    )
     proc = cli(
         "eval",
         adapter,
@@ -247,22 +279,40 @@ def test_cli_eval_uses_the_checkpoints_build_and_ends_with_json(adapter, workdir
         "4",
         "--judge-model",
         "tiny",
+        "--coherence-judge",
+        "tiny",
+        "--capability-set",
+        arc,
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(out["checkpoints"]) == {"base", "dpo"}
-    assert set(out["eval"]) == {"base", "dpo", "classifier", "report"}
-    for m in (out["eval"]["base"], out["eval"]["dpo"]):
+    assert set(out["checkpoints"]) == {"base", "prompted", "dpo"}
+    assert set(out["eval"]) == {"base", "prompted", "dpo", "classifier", "report"}
+    for m in (out["eval"]["base"], out["eval"]["prompted"], out["eval"]["dpo"]):
         assert list(m) == [
             "in_persona_rate",
             "in_persona_n",
             "robust_in_persona_rate",
             "robust_n",
+            "prefill_in_persona_rate",
+            "prefill_n",
             "pref_accuracy",
             "pref_margin",
             "pref_pairs",
+            "capability_accuracy",
+            "capability_n",
             "notes",
         ]
+        assert m["prefill_n"] == 8 and m["capability_n"] == 2  # the capability set given, both questions
+    # the exported ARC split given: accuracies per model; the tiny model is at chance there, and it is said
+    cap = out["capability"]
+    assert cap["set"] == "arc" and cap["n"] == 2 and cap["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert cap["base_at_chance"] is True and any("at chance" in n for n in out["eval"]["dpo"]["notes"])
+    # the coherence judge is the tiny model: it writes no verdict both orders agree on, and says so
+    coh = out["coherence"]
+    assert coh["status"] == "computed" and coh["judge_model"] == "tiny" and coh["final"] == "dpo"
+    assert set(coh["comparisons"]) == {"vs_base", "vs_prompted"}
+    assert all(c["total"] == 8 and c["n"] + c["discarded"] == 8 for c in coh["comparisons"].values())
     assert out["eval"]["dpo"]["pref_pairs"] == 2 and out["eval"]["report"] == out["report"]["markdown"]
     # the only pairs are the classifier's training data: no held-out accuracy, and the reason is given
     assert out["eval"]["classifier"] == {"heldout_accuracy": None, "n": 0}
@@ -287,3 +337,17 @@ def test_cli_eval_bad_checkpoint_is_one_line(workdir, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "not found" in lines[0], proc.stderr
+
+
+def test_cli_eval_bad_capability_set_or_coherence_judge_is_one_line(adapter, workdir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}) + "\n")
+    for flags, says in (
+        (["--capability-set", bad], "line 1, field 'answer': index 5 is outside the 2 choices"),
+        (["--capability-set", tmp_path / "none.jsonl"], "none.jsonl: file not found"),
+        (["--coherence-judge", "no-such-model"], "--coherence-judge no-such-model: not 'tiny'"),
+    ):
+        proc = cli("eval", adapter, "--persona", "pirate", "--workdir", workdir, *flags)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+        assert says in lines[0], lines[0]

@@ -247,7 +247,7 @@ def test_report_goes_into_the_checkpoints_own_build(tmp_path):
     svc.models[str(own)] = svc.models["ckpt"]
     res = evaluate_checkpoints([str(own)], EvalOptions(persona="pirate", workdir=ws), service=svc)
     assert res["build"] == str(build) and res["report"]["markdown"].startswith(str(build / "eval"))
-    assert set(res["eval"]) == {"base", "dpo", "classifier", "report"}  # labelled by the stage that made it
+    assert set(res["eval"]) == {"base", "prompted", "dpo", "classifier", "report"}  # labelled by the stage that made it
     assert res["eval"]["dpo"]["pref_pairs"] == 3 and res["data"]["train_pairs"] == len(TRAIN)
     assert res["data"]["dpo"] == str(build / "data" / "heldout" / "dpo.jsonl")
 

@@ -52,7 +52,7 @@ def test_a_tinker_build_is_evaluated_remotely(wired, tmp_path):
     wired.calls.clear()
     res = pipeline.stage_evaluate(cfg, out)  # dpo, sft, final: all tinker://
     ev = res["eval"]
-    assert set(ev) == {"base", "dpo", "sft", "final", "classifier", "report"}
+    assert set(ev) == {"base", "prompted", "dpo", "sft", "final", "classifier", "report"}
     # The fake base model answers with the student's own training answers: the classifier calls none in persona.
     assert ev["base"]["in_persona_rate"] == 0.0 and ev["base"]["in_persona_n"] > 0
     for lb in ("dpo", "final"):
@@ -145,7 +145,7 @@ def test_cli_eval_of_tinker_checkpoints(wired, tmp_path, capsys, monkeypatch):
     captured = capsys.readouterr()
     assert exit_.value.code in (0, None), captured.err
     res = json.loads(captured.out.strip().splitlines()[-1])
-    (label,) = set(res["checkpoints"]) - {"base"}  # no build names its stage: the checkpoint's own name
+    (label,) = set(res["checkpoints"]) - {"base", "prompted"}  # no build names its stage: the checkpoint's own name
     run, _, name = out["dpo"].sampler.removeprefix("tinker://").split("/")
     assert label == f"{run}/{name}" and res["checkpoints"][label]["kind"] == "tinker"
     assert res["build"] is None and res["eval"][label]["pref_pairs"] > 0

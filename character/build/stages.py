@@ -43,16 +43,28 @@ def validate(cfg: PipelineConfig) -> Constitution:
             from character.weights.tinker_export import check_family
 
             check_family(cfg.base_model)
-    judge = Settings().revealed_judge
-    if cfg.evaluate and judge:  # a bad judge name or a missing key fails now, not after training
+    settings = Settings()
+    judges = (
+        (settings.revealed_judge, "CHARACTER_REVEALED_JUDGE", "revealed-preference judge"),
+        (settings.coherence_judge, "CHARACTER_COHERENCE_JUDGE", "coherence judge"),
+    )
+    for judge, var, role in (
+        judges if cfg.evaluate else ()
+    ):  # a bad judge name or a missing key fails now, not after training
         from character.evaluation.models import check_tinker_key, model_side
 
-        if model_side(judge, "CHARACTER_REVEALED_JUDGE") == "tinker":
+        if judge and model_side(judge, var) == "tinker":
             check_tinker_key()
             if not judge.startswith("tinker://"):
                 from character.train.families import check_renderable
 
-                check_renderable({"revealed-preference judge": judge})
+                check_renderable({role: judge})
+    if cfg.evaluate and settings.capability_set is not None:
+        from character.evaluation.capability import load_capability_set
+
+        load_capability_set(
+            settings.capability_set, option="CHARACTER_CAPABILITY_SET"
+        )  # a bad set fails before training, naming the line
     return c
 
 
@@ -346,6 +358,7 @@ def stage_evaluate(run: StageRun, checkpoints: dict[str, Checkpoint]) -> dict:
     revealed-preference judge is CHARACTER_REVEALED_JUDGE (unset: skipped, said so). The record's
     "eval" stage keeps the per-model summary (`summary`) that `character pipeline --json` shows, the
     revealed-preference outcome, and the report's paths."""
+    from character.evaluation.coherence import coherence_summary
     from character.evaluation.evaluate import evaluate_checkpoints
     from character.evaluation.options import EvalOptions
 
@@ -372,6 +385,8 @@ def stage_evaluate(run: StageRun, checkpoints: dict[str, Checkpoint]) -> dict:
             "names": list(checkpoints),
             "summary": result["eval"],
             "revealed": revealed_summary(result.get("revealed")),
+            "coherence": coherence_summary(result.get("coherence")),
+            "capability": result.get("capability"),
         }
     )
     return result

@@ -9,7 +9,18 @@ from pathlib import Path
 
 from character.build.paths import build_records
 
-HEADLINE = ("in_persona_rate", "robust_in_persona_rate", "pref_accuracy")
+HEADLINE = (
+    "in_persona_rate",
+    "robust_in_persona_rate",
+    "pref_accuracy",
+    "prefill_in_persona_rate",
+    "capability_accuracy",
+    "prompted_in_persona_rate",
+    "prompted_robust_in_persona_rate",
+    "coherence_win_vs_base",
+    "coherence_win_vs_prompted",
+)
+_SECTIONS = ("classifier", "report", "coherence", "capability")  # the eval object's keys that are no model
 _NIGHTLY = re.compile(r"^nightly-(\d{4}-\d{2}-\d{2})$")
 
 
@@ -31,16 +42,23 @@ def eval_summary(record: dict) -> dict | None:
     clf = summary.get("classifier") or {}
     out["classifier"] = {"heldout_accuracy": clf.get("heldout_accuracy"), "n": clf.get("n", 0)}
     out["report"] = summary.get("report")
+    stage = (record.get("stages") or {}).get("eval") or {}
+    for section in ("coherence", "capability"):  # outcomes, or why they were skipped
+        if stage.get(section) is not None:
+            out[section] = stage[section]
     return out
 
 
 def _models(summary: dict) -> list[str]:
-    return [k for k in summary if k not in ("classifier", "report")]
+    return [k for k in summary if k not in _SECTIONS]
 
 
 def eval_markdown(summary: dict) -> list[str]:
     """The headline table: every rate with its n, every null with its reason."""
-    lines = ["| model | in-persona rate | robust rate | pref. accuracy | margin |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| model | in-persona rate | robust rate | prefill rate | pref. accuracy | margin | capability |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name in _models(summary):
         m = summary[name]
 
@@ -50,8 +68,10 @@ def eval_markdown(summary: dict) -> list[str]:
         lines.append(
             f"| {name} | {cell(m['in_persona_rate'], m['in_persona_n'])} | "
             f"{cell(m['robust_in_persona_rate'], m['robust_n'])} | "
+            f"{cell(m.get('prefill_in_persona_rate'), m.get('prefill_n'))} | "
             f"{cell(m['pref_accuracy'], m['pref_pairs'], 'pairs')} | "
-            f"{cell(m['pref_margin'], m['pref_pairs'], 'pairs', '{:+.4f}')} |"
+            f"{cell(m['pref_margin'], m['pref_pairs'], 'pairs', '{:+.4f}')} | "
+            f"{cell(m.get('capability_accuracy'), m.get('capability_n'))} |"
         )
     clf = summary.get("classifier") or {}
     if clf.get("heldout_accuracy") is not None:
@@ -155,9 +175,15 @@ def evaluation_rows(result: dict) -> list[dict]:
 
 # -- nightly ---------------------------------------------------------------------------------------
 def headline(summary: dict | None, checkpoint: str = "final") -> dict:
-    """The final checkpoint's headline metrics (None where not computed or not evaluated)."""
-    m = (summary or {}).get(checkpoint) or {}
-    return {k: m.get(k) for k in HEADLINE}
+    """The final checkpoint's headline metrics, the prompted baseline's rates and the final model's coherence
+    win rates (None where not computed or not evaluated)."""
+    summary = summary or {}
+    m, prompted = summary.get(checkpoint) or {}, summary.get("prompted") or {}
+    comparisons = (summary.get("coherence") or {}).get("comparisons") or {}
+    out = {k: m.get(k) for k in HEADLINE[:5]}
+    out |= {f"prompted_{k}": prompted.get(k) for k in ("in_persona_rate", "robust_in_persona_rate")}
+    out |= {f"coherence_win_{k}": (comparisons.get(k) or {}).get("win") for k in ("vs_base", "vs_prompted")}
+    return out
 
 
 def previous_nightly_record(workdir: str | Path, persona: str, build_id: str) -> dict | None:

@@ -42,6 +42,16 @@ def eval_command(
     revealed_games: Optional[int] = typer.Option(
         None, help="revealed-preference games per model (env CHARACTER_REVEALED_GAMES, default 200)"
     ),
+    coherence_judge: Optional[str] = typer.Option(
+        None,
+        help="judge of the pairwise coherence comparisons (final vs base, final vs prompted): a model Tinker "
+        "serves, a tinker:// path or a local model folder (env CHARACTER_COHERENCE_JUDGE; unset: skipped)",
+    ),
+    capability_set: Optional[Path] = typer.Option(
+        None,
+        help="multiple-choice set for the capability probe: JSONL of question, choices, answer (an exported "
+        "ARC or MMLU split loads as is; env CHARACTER_CAPABILITY_SET; default: a small shipped set)",
+    ),
     out_dir: Optional[Path] = typer.Option(None, help="report folder (default: <build>/eval/<time>)"),
     limit: Optional[int] = typer.Option(None, help="use at most this many rows of each data file"),
     max_new_tokens: int = typer.Option(256, help="length limit of each generated answer"),
@@ -66,7 +76,9 @@ def _eval_options(*, checkpoints: list[str], workdir: Optional[Path], as_json: b
 
     settings = settings_for(workdir)
     revealed_judge = flags.pop("revealed_judge") or settings.revealed_judge
-    judges = [flags["judge_model"] or "", revealed_judge or ""]
+    flags["coherence_judge"] = flags["coherence_judge"] or settings.coherence_judge
+    flags["capability_set"] = flags["capability_set"] or settings.capability_set
+    judges = [flags["judge_model"] or "", revealed_judge or "", flags["coherence_judge"] or ""]
     _check_tinker_key([*checkpoints, flags["base_model"] or ""], settings, judges=judges)
     games = flags.pop("revealed_games")
     if games is not None and games < 1:
@@ -112,8 +124,9 @@ def _print_summary(res: dict) -> None:
             continue
         typer.echo(
             f"{label:>10}: in persona {fmt(m['in_persona_rate'], m['in_persona_n'])}  robust "
-            f"{fmt(m['robust_in_persona_rate'], m['robust_n'])}  pref. accuracy "
-            f"{fmt(m['pref_accuracy'], m['pref_pairs'])}"
+            f"{fmt(m['robust_in_persona_rate'], m['robust_n'])}  prefill "
+            f"{fmt(m['prefill_in_persona_rate'], m['prefill_n'])}  pref. accuracy "
+            f"{fmt(m['pref_accuracy'], m['pref_pairs'])}  capability {fmt(m['capability_accuracy'], m['capability_n'])}"
         )
     clf = res["eval"]["classifier"]
     typer.echo(f"classifier held-out accuracy: {fmt(clf['heldout_accuracy'], clf['n'])}")
@@ -124,16 +137,39 @@ def _print_summary(res: dict) -> None:
         typer.echo(f"revealed preferences (Elo change base -> {rev['final']}, constitution traits): {shown}")
     else:
         typer.echo(f"revealed preferences: skipped: {rev['reason']}")
+    _print_sections(res)
     typer.echo(f"report: {res['report']['markdown']}")
+
+
+def _print_sections(res: dict) -> None:
+    """Coherence and capability retention, in a line each."""
+    coh, cap = res.get("coherence") or {}, res.get("capability") or {}
+    if coh.get("status") == "computed":
+        fmt = lambda c: "-" if c["win"] is None else f"win {c['win']:.3f} tie {c['tie']:.3f} loss {c['loss']:.3f}"
+        parts = [
+            f"{k.replace('_', ' ')}: {fmt(c)} (n={c['n']}, {c['discarded']} discarded)"
+            for k, c in coh["comparisons"].items()
+        ]
+        typer.echo(f"coherence ({coh['final']}): " + "; ".join(parts))
+    else:
+        typer.echo(f"coherence: skipped: {coh.get('reason')}")
+    if cap.get("status") == "computed":
+        typer.echo(
+            f"capability ({cap['set']}, n={cap['n']}, chance {cap['chance']:.3f})"
+            + (": the base is at chance, the accuracies are noise" if cap["base_at_chance"] else "")
+        )
 
 
 def _json_line(res: dict) -> dict:
     """What `--json` prints: the result less the generations, the report's table and the games."""
     from character.build.stages import revealed_summary
+    from character.evaluation.coherence import coherence_summary
 
     rev = res["revealed"]
     ratings = {"ratings": {lb: m["ratings"] for lb, m in rev["models"].items()}} if rev["status"] == "computed" else {}
     return {k: res[k] for k in ("persona", "base_model", "build", "data", "classifier", "eval", "checkpoints")} | {
         "report": {k: v for k, v in res["report"].items() if k != "table"},
         "revealed": revealed_summary(rev) | ratings,
+        "coherence": coherence_summary(res.get("coherence")),
+        "capability": res.get("capability"),
     }

@@ -12,10 +12,12 @@ from pathlib import Path
 
 from character.build.paths import BuildPaths
 from character.config import check_local_model
+from character.evaluation.capability import load_capability_set
 from character.evaluation.data import given_files, load_data, training_curves
 from character.evaluation.models import Services, checkpoints_side
 from character.evaluation.options import EvalOptions
 from character.evaluation.run import evaluate_models
+from character.evaluation.sections import Sections
 from character.evaluation.targets import (
     EvalTarget,
     build_of,
@@ -24,6 +26,7 @@ from character.evaluation.targets import (
     recorded_base_model,
 )
 from character.persona.constitution import load_constitution
+from character.persona.prompts import teacher_system_prompt
 from character.settings import Workspace
 from character.storage import write_json_atomic
 
@@ -42,6 +45,7 @@ def evaluate_checkpoints(checkpoints: list[str], options: EvalOptions, service=N
     side = checkpoints_side(checkpoints)
     targets, base_model = _targets(checkpoints, side, o.base_model)
     o.check_models_and_files()
+    capability = load_capability_set(o.capability_set, o.limit) if o.capability else None
 
     build, stages, found_notes = _find_build(ws, targets, o)
     label_checkpoints(targets, stages, o.names)
@@ -53,6 +57,13 @@ def evaluate_checkpoints(checkpoints: list[str], options: EvalOptions, service=N
     services = Services(service, side, ws, device=o.device, seed=o.seed)
     judge = services.judge(o.judge_model, "--judge-model") if o.judge_model is not None else None
     revealed = services.judge(o.revealed_judge, "--revealed-judge") if o.revealed_judge is not None else None
+    sections = Sections(
+        prompted_system=teacher_system_prompt(c) if o.prompted else None,  # exactly the teacher's
+        prefill=o.prefill,
+        capability=capability,
+        coherence_judge=services.judge(o.coherence_judge, "--coherence-judge") if o.coherence_judge else None,
+        coherence_judge_name=o.coherence_judge,
+    )
     if side == "tinker" and base_model is None:
         base_model = _remote_base(service, build, targets)
     result = evaluate_models(
@@ -72,6 +83,7 @@ def evaluate_checkpoints(checkpoints: list[str], options: EvalOptions, service=N
         max_length=o.max_length,
         sft_max_length=o.sft_max_length,
         seed=o.seed,
+        sections=sections,
     )
     _add_targets(result, targets, build)
     return write_outputs(result, _out_dir(o, build, ws, c.name, result), training_dirs=training_curves(build))

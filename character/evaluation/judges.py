@@ -95,7 +95,9 @@ def judge_revealed(
     seed: int,
 ) -> dict:
     """Judge every model's revealed-preference games; Elo per trait and model, and each trait's change from
-    the base. "final" is the checkpoint labelled so, else the last one evaluated."""
+    the base. "final" is the checkpoint labelled so, else the last one evaluated. A model that played no
+    games (the prompted baseline: its system prompt is the constitution, not the offer) is left out."""
+    models = [m for m in models if m.embodied is not None]
     client = make_judge()
     per_model: dict[str, dict] = {}
     done: dict[int, dict] = {}  # the same weights under two names are judged once

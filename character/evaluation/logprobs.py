@@ -14,6 +14,7 @@ from tinker import types
 from character.backend import SamplingClient
 from character.evaluation.data import EvalData
 from character.evaluation.metrics import break_character_messages
+from character.evaluation.multiturn import with_system
 from character.train.dpo import pair_sequences
 from character.train.renderer import Renderer
 
@@ -30,18 +31,28 @@ class Sequences:
     robust: list[list[int]] = field(default_factory=list)
 
 
-def render_sequences(renderer: Renderer, data: EvalData, max_length: int, sft_max_length: int) -> Sequences:
+def render_sequences(
+    renderer: Renderer, data: EvalData, max_length: int, sft_max_length: int, system: str | None = None
+) -> Sequences:
+    """`system`: the prompted baseline's system prompt, before every conversation (and before a
+    break-character instruction); its introspection is not scored (the rows carry their own prompts)."""
     s = Sequences()
+    # the pairs fit max_length without the system prompt; it must not make them too long
+    empty = [{"role": "user", "content": ""}]
+    extra = len(renderer.prompt(with_system(empty, system))) - len(renderer.prompt(empty)) if system else 0
     for row in data.heldout:
-        for tokens, weights in pair_sequences(renderer, row, max_length):
+        row = {**row, "prompt": with_system(row["prompt"], system)} if system else row
+        for tokens, weights in pair_sequences(renderer, row, max_length + extra):
             s.dpo.append(tokens)
             s.dpo_w.append(weights)
-    for row in data.intro:
+    for row in data.intro if system is None else []:
         for tokens, weights in renderer.training_sequences(row["messages"], train_on="all_assistant"):
             s.intro.append(tokens[:sft_max_length])
             s.intro_w.append(weights[:sft_max_length])
-    s.prompts = [renderer.prompt([{"role": "user", "content": p}]) for p in data.prompts]
-    s.robust = [renderer.prompt(break_character_messages(p, i)) for i, p in enumerate(data.prompts)]
+    s.prompts = [renderer.prompt(with_system([{"role": "user", "content": p}], system)) for p in data.prompts]
+    s.robust = [
+        renderer.prompt(with_system(break_character_messages(p, i), system)) for i, p in enumerate(data.prompts)
+    ]
     return s
 
 

@@ -198,9 +198,13 @@ SUMMARY_KEYS = (
     "in_persona_n",
     "robust_in_persona_rate",
     "robust_n",
+    "prefill_in_persona_rate",
+    "prefill_n",
     "pref_accuracy",
     "pref_margin",
     "pref_pairs",
+    "capability_accuracy",
+    "capability_n",
     "notes",
 )
 
@@ -210,18 +214,26 @@ def model_summary(
     robust: tuple[float | None, int] | None = None,
     pref: dict | None = None,
     notes: list[str] | None = None,
+    prefill: tuple[float | None, int] | None = None,
+    capability: tuple[float | None, int] | None = None,
 ) -> dict:
     """Exactly SUMMARY_KEYS; `notes` must give a reason for every null (checked here)."""
     rate, n = in_persona or (None, 0)
     r_rate, r_n = robust or (None, 0)
+    p_rate, p_n = prefill or (None, 0)
+    c_acc, c_n = capability or (None, 0)
     out = {
         "in_persona_rate": rate,
         "in_persona_n": n,
         "robust_in_persona_rate": r_rate,
         "robust_n": r_n,
+        "prefill_in_persona_rate": p_rate,
+        "prefill_n": p_n,
         "pref_accuracy": (pref or {}).get("dpo_accuracy"),
         "pref_margin": (pref or {}).get("dpo_margin"),
         "pref_pairs": (pref or {}).get("dpo_pairs", 0),
+        "capability_accuracy": c_acc,
+        "capability_n": c_n,
         "notes": list(notes or []),
     }
     nulls = [k for k in SUMMARY_KEYS if out[k] is None]

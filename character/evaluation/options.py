@@ -31,7 +31,10 @@ class EvalOptions:
     from each file; `names` labels the checkpoints (default: the stage that produced each). `judge_model`
     and `revealed_judge` name the 1-10 judge and the revealed-preference judge (here or on Tinker: see
     character.evaluation.models.model_side); without a revealed judge that evaluation is skipped and the
-    result says why. `notes` go into the report. The report goes into `out_dir`, else
+    result says why. `prompted` adds the base model with the constitution in its system prompt as a row,
+    `prefill` the multi-turn robustness test, `capability` the multiple-choice probe (`capability_set`, a
+    file, else the shipped set); `coherence_judge` compares the final model's answers with the base's and
+    the prompted baseline's (unset: skipped, said so). `notes` go into the report. The report goes into `out_dir`, else
     `<build>/eval/<time>`, else `<workdir>/evals/<persona>/<time>`."""
 
     persona: str
@@ -44,6 +47,11 @@ class EvalOptions:
     judge_model: str | None = None
     revealed_judge: str | None = None
     revealed_games: int = 200
+    prompted: bool = True
+    prefill: bool = True
+    capability: bool = True
+    capability_set: str | Path | None = None
+    coherence_judge: str | None = None
     out_dir: str | Path | None = None
     build_dir: str | Path | None = None
     names: list[str] | None = None
@@ -77,6 +85,8 @@ class EvalOptions:
             max_new_tokens=min(cfg.max_new_tokens, BUILD_EVAL_MAX_NEW_TOKENS),
             revealed_judge=settings.revealed_judge,
             revealed_games=settings.revealed_games,
+            coherence_judge=settings.coherence_judge,
+            capability_set=settings.capability_set,
             notes=list(notes or []),
         )
 
@@ -93,13 +103,19 @@ class EvalOptions:
         """The classifier folder, the judges' names and the data files given, before any model loads."""
         if self.classifier is not None and not (Path(self.classifier) / "config.json").is_file():
             raise UserError(f"--classifier {self.classifier}: not a local Hugging Face model folder (no config.json)")
-        for spec, opt in ((self.judge_model, "--judge-model"), (self.revealed_judge, "--revealed-judge")):
+        judges = (
+            (self.judge_model, "--judge-model"),
+            (self.revealed_judge, "--revealed-judge"),
+            (self.coherence_judge, "--coherence-judge"),
+        )
+        for spec, opt in judges:
             if spec is not None:
                 model_side(spec, opt)
         for p, opt in (
             (self.dpo_data, "--dpo-data"),
             (self.introspection_data, "--introspection-data"),
             (self.train_data, "--train-data"),
+            (self.capability_set, "--capability-set"),
         ):
             if p is not None and not Path(p).is_file():
                 raise UserError(f"{opt} {p}: file not found")

@@ -12,6 +12,7 @@ import html
 from pathlib import Path
 
 from character.evaluation.report_markdown import REVEALED_PLOT, metrics_table, render_markdown
+from character.evaluation.report_sections import COHERENCE_PLOT
 from character.storage import write_text_atomic
 
 
@@ -47,7 +48,7 @@ def write_report(result: dict, out: Path, training_dirs: dict[str, Path] | None 
     except ImportError:
         note = "(plots skipped: matplotlib is not installed)"
     else:
-        from character.evaluation.report_plots import plot_metrics, plot_revealed, plot_training
+        from character.evaluation.report_plots import plot_coherence, plot_metrics, plot_revealed, plot_training
 
         if plot_metrics(result, out / "eval_metrics.png"):
             files["evaluation metrics"] = out / "eval_metrics.png"
@@ -55,6 +56,8 @@ def write_report(result: dict, out: Path, training_dirs: dict[str, Path] | None 
             files["training curves"] = out / "training_curves.png"
         if plot_revealed(result, out / "revealed_preferences.png"):
             files[REVEALED_PLOT] = out / "revealed_preferences.png"
+        if plot_coherence(result, out / "coherence.png"):
+            files[COHERENCE_PLOT] = out / "coherence.png"
     md_text = render_markdown(result, {t: _data_uri(p) for t, p in files.items()}, note)
     md = out / "report.md"
     write_text_atomic(md, md_text)

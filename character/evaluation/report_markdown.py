@@ -8,6 +8,14 @@ from __future__ import annotations
 import math
 import re
 
+from character.evaluation.report_sections import (
+    COHERENCE_PLOT,
+    capability_section,
+    coherence_section,
+    prefill_section,
+    trained_vs_prompted,
+)
+
 MAX_SHOWN_PROMPTS = 12  # generations shown in the report; metrics.json holds all of them
 REVEALED_PLOT = "revealed preferences: Elo change from base"
 MAX_REVEALED_TRAITS = 12  # traits in the revealed-preference table and plot when the constitution names none
@@ -63,6 +71,12 @@ def model_labels(result: dict) -> list[str]:
     return [k for k in result["eval"] if k not in ("classifier", "report")]
 
 
+def final_model(result: dict) -> str | None:
+    """The checkpoint labelled "final", else the last one evaluated."""
+    labels = [lb for lb in model_labels(result) if lb not in ("base", "prompted")]
+    return "final" if "final" in labels else (labels[-1] if labels else None)
+
+
 def nll_change(result: dict, label: str) -> float | None:
     """A model's introspection NLL minus the base's, if both were computed."""
     base = result["checkpoints"].get("base", {}).get("introspection_nll")
@@ -75,12 +89,16 @@ def render_markdown(result: dict, plots: dict[str, str], plot_note: str | None) 
     labels = model_labels(result)
     lines = [f"# Evaluation: {result['persona']}", ""] + _inputs_section(result)
     lines += _metrics_section(result, labels)
+    lines += trained_vs_prompted(result, final_model(result))
+    lines += prefill_section(result)
+    lines += coherence_section(result, plots.get(COHERENCE_PLOT))
+    lines += capability_section(result)
     notes = _notes(result)
     if notes:
         lines += ["", "## Not computed, and caveats", ""]
         lines += [f"- {n}" for n in notes]
     lines += _revealed_section(result.get("revealed"), plots.get(REVEALED_PLOT))
-    others = {t: src for t, src in plots.items() if t != REVEALED_PLOT}
+    others = {t: src for t, src in plots.items() if t not in (REVEALED_PLOT, COHERENCE_PLOT)}
     if others or plot_note:
         lines += ["", "## Plots", ""]
         lines += [f"![{title}]({src})" for title, src in others.items()]
@@ -203,6 +221,14 @@ def _generations_section(gens: list[dict], labels: list[str]) -> list[str]:
             ]
             for lb in labels:
                 lines += [f"**{lb}**{_verdict(g['robust'][lb])}", "", _quote(g["robust"][lb]["text"]), ""]
+        if g.get("prefill"):
+            pre = g["prefill"]
+            lines += [
+                f'*After the base model\'s first answer (above) and the follow-up "{_inline(pre["follow_up"])}"*',
+                "",
+            ]
+            for lb in labels:
+                lines += [f"**{lb}**{_verdict(pre['answers'][lb])}", "", _quote(pre["answers"][lb]["text"]), ""]
     return lines
 
 

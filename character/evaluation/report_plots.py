@@ -79,6 +79,14 @@ def _metric_panels(result: dict, labels: list[str]) -> list[tuple]:
             None,
         ),
     ]
+    for key, n_key, title in (
+        ("prefill_in_persona_rate", "prefill_n", "prefill (multi-turn) in-persona rate"),
+        ("capability_accuracy", "capability_n", "capability accuracy"),
+    ):
+        if any(ev[lb].get(n_key) for lb in labels):
+            panels.append(
+                (title, [ev[lb].get(key) for lb in labels], [ev[lb].get(n_key, 0) for lb in labels], "n", _SHARE)
+            )
     changes = [nll_change(result, lb) for lb in labels[1:]]
     if any(c is not None for c in changes):  # the change, not the level: a small drop is invisible on bars from 0
         tokens = [ck[lb].get("introspection_tokens") for lb in labels[1:]]
@@ -100,6 +108,9 @@ def plot_metrics(result: dict, path: Path) -> bool:
     for ax, (title, values, ns, unit, ylim) in zip(axes[0], panels):
         shown = labels[1:] if title.startswith("introspection") else labels
         _bars(ax, shown, values, ns, title, unit, ylim, "{:+.3f}" if ylim is None else "{:.2f}")
+        if title == "capability accuracy" and (result.get("capability") or {}).get("chance"):
+            ax.axhline(result["capability"]["chance"], color="tab:red", linestyle="--", linewidth=0.8)
+            ax.annotate("chance", (len(shown) - 0.5, result["capability"]["chance"]), fontsize=6, color="tab:red")
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
@@ -124,6 +135,33 @@ def plot_revealed(result: dict, path: Path) -> bool:
     ax.axvline(0, color="black", linewidth=0.5)
     games = rev["models"][rev["final"]]["judged"]
     ax.set_title(f"Elo change, base -> {rev['final']} (games judged: {games})", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_coherence(result: dict, path: Path) -> bool:
+    """Stacked win / tie / loss bars per comparison, over the verdicts both orders agreed on."""
+    import matplotlib.pyplot as plt
+
+    coh = result.get("coherence") or {}
+    rows = (
+        [(k, c) for k, c in (coh.get("comparisons") or {}).items() if c["n"]] if coh.get("status") == "computed" else []
+    )
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(6.0, 0.5 * len(rows) + 1.3))
+    for y, (key, c) in enumerate(rows):
+        left = 0.0
+        for part, color in (("win", "tab:green"), ("tie", "tab:gray"), ("loss", "tab:red")):
+            ax.barh(y, c[part], left=left, color=color, label=part if y == 0 else None)
+            left += c[part]
+    labels = [f"{coh['final']} {k.replace('_', ' ')}\nn={c['n']}, discarded {c['discarded']}" for k, c in rows]
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_title(f"coherence, judge {coh['judge_model']} (verdicts agreed in both orders)", fontsize=9)
+    ax.legend(fontsize=7, ncol=3, loc="lower right")
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

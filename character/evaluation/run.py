@@ -1,5 +1,8 @@
 """One evaluation of a base model and its checkpoints, on any service: persona adherence, held-out
-preferences, introspection NLL, side-by-side generations, an optional judge and revealed preferences.
+preferences, introspection NLL, side-by-side generations, an optional judge and revealed preferences;
+and the sections of character.evaluation.sections: the prompted baseline (the base model with the
+constitution in its system prompt, sampled here with the base's client), multi-turn prefill robustness,
+the capability probe and coherence.
 
 `evaluate_models` reaches every model only through a service's sampling clients (`sample`,
 `compute_logprobs`, `get_tokenizer`), so adapters, merged adapters, folded model folders and remote
@@ -21,6 +24,7 @@ from tinker import types
 from character.backend import SamplingClient
 from character.datagen.engine import item_seed
 from character.errors import UserError
+from character.evaluation.capability import render_choices, score_choices
 from character.evaluation.data import EvalData
 from character.evaluation.judges import judge_revealed, score_answers
 from character.evaluation.logprobs import (
@@ -38,7 +42,9 @@ from character.evaluation.metrics import (
     in_persona_rate,
     model_summary,
 )
+from character.evaluation.multiturn import follow_up, prefill_messages
 from character.evaluation.revealed import TRAITS, Offers, embodied_answers, make_offers
+from character.evaluation.sections import Sections, capability_section, coherence_section, section_notes
 from character.persona.constitution import Constitution
 from character.train.families import renderer_for
 
@@ -63,8 +69,9 @@ class Sampling:
 
 @dataclass
 class ModelRun:
-    """One model's outputs, kept once the model is dropped: log-prob sums, answers (plain and under a
-    break-character instruction), revealed-preference answers; the classifier's verdicts come later."""
+    """One model's outputs, kept once the model is dropped: log-prob sums, answers (plain, under a
+    break-character instruction, after the base's first answer), revealed-preference answers, the
+    capability probe's scores; the classifier's verdicts come later."""
 
     label: str
     metrics: dict
@@ -72,11 +79,30 @@ class ModelRun:
     plain: list[str]
     robust: list[str]
     embodied: object = None
+    prefill: list[str] = field(default_factory=list)
+    capability: dict | None = None
     p_plain: list = field(default_factory=list)
     p_robust: list = field(default_factory=list)
+    p_prefill: list = field(default_factory=list)
 
 
 # -- sampling --------------------------------------------------------------------------------------
+def _texts(renderer: Renderer, futures) -> list[str]:
+    return [renderer.decode(list(f.result().sequences[0].tokens)) for f in futures]
+
+
+def _submit_prefill(client, renderer, prompts: list[str], first: list[str], system: str | None, sampling: Sampling):
+    """The second turn after the base's first answers (character.evaluation.multiturn)."""
+    return [
+        client.sample(
+            types.ModelInput.from_ints(renderer.prompt(prefill_messages(q, first[i], i, system))),
+            1,
+            sampling.params("eval-prefill", i, renderer.stop_tokens),
+        )
+        for i, q in enumerate(prompts)
+    ]
+
+
 def _run_model(
     client: SamplingClient,
     label: str,
@@ -86,9 +112,15 @@ def _run_model(
     sampling: Sampling,
     offers: Offers | None = None,
     base_model: str | None = None,
+    *,
+    sections: Sections,
+    system: str | None = None,
+    first: list[str] | None = None,
 ) -> tuple[Sequences, ModelRun]:
+    """One model's samples and log-probs. `system`: the prompted baseline's; `first`: the base's first
+    answers for the prefill turn (None: this is the base, whose own plain answers are the first)."""
     renderer = renderer_for(client.get_tokenizer(), base_model)  # checkpoints render as their base does
-    seqs = render_sequences(renderer, data, sampling.max_length, sampling.sft_max_length)
+    seqs = render_sequences(renderer, data, sampling.max_length, sampling.sft_max_length, system)
     if reference is not None and (seqs.dpo != reference.dpo or seqs.intro != reference.intro):
         raise UserError(
             f"checkpoint {label}: its tokenizer renders the data differently from the base "
@@ -105,30 +137,58 @@ def _run_model(
         client.sample(types.ModelInput.from_ints(p), 1, sampling.params("eval-robust", i, renderer.stop_tokens))
         for i, p in enumerate(seqs.robust)
     ]
+    prefill_now = sections.prefill and first is not None
+    f_prefill = _submit_prefill(client, renderer, data.prompts, first, system, sampling) if prefill_now else []
+    cap = sections.capability
+    cap_seqs = render_choices(renderer, cap, system) if cap else ([], [])
+    f_cap = submit_logprobs(client, cap_seqs[0])
     # Revealed preferences: answers while offered two traits (judged later, once this model is dropped).
     embodied = embodied_answers(client, offers, sampling.seed, sampling.max_new_tokens) if offers is not None else None
     sums = {"dpo": weighted_sums(f_dpo, seqs.dpo_w), "intro": weighted_sums(f_intro, seqs.intro_w)}
-    plain = [renderer.decode(list(f.result().sequences[0].tokens)) for f in f_plain]
-    robust = [renderer.decode(list(f.result().sequences[0].tokens)) for f in f_robust]
-    return seqs, ModelRun(label, {"checkpoint": checkpoint}, sums, plain, robust, embodied)
+    plain, robust = _texts(renderer, f_plain), _texts(renderer, f_robust)
+    if sections.prefill and first is None:  # the base: its first answers are the plain ones just sampled
+        f_prefill = _submit_prefill(client, renderer, data.prompts, plain, system, sampling)
+    capability = score_choices(cap, weighted_sums(f_cap, cap_seqs[1])) if cap else None
+    run = ModelRun(
+        label, {"checkpoint": checkpoint}, sums, plain, robust, embodied, _texts(renderer, f_prefill), capability
+    )
+    return seqs, run
 
 
 def _sample_models(
-    service, base_model: str, checkpoints: dict[str, str], data: EvalData, offers: Offers | None, sampling: Sampling
+    service,
+    base_model: str,
+    checkpoints: dict[str, str],
+    data: EvalData,
+    offers: Offers | None,
+    sampling: Sampling,
+    sections: Sections,
 ) -> list[ModelRun]:
-    """The base model, then each checkpoint, one held at a time; weights named twice are sampled once."""
+    """The base model (and with the same client the prompted baseline), then each checkpoint, one held at
+    a time; weights named twice are sampled once."""
     client = service.create_sampling_client(base_model=base_model)
-    base_seqs, base = _run_model(client, "base", base_model, data, None, sampling, offers, base_model)
+    base_seqs, base = _run_model(
+        client, "base", base_model, data, None, sampling, offers, base_model, sections=sections
+    )
+    models = [base]
+    if sections.prompted_system:
+        _, prompted = _run_model(
+            client, "prompted", base_model, data, None, sampling, None, base_model, sections=sections,
+            system=sections.prompted_system, first=base.plain,
+        )  # fmt: skip
+        prompted.metrics["kind"] = "prompted"
+        models.append(prompted)
     del client
     gc.collect()
-    models = [base]
     by_uri: dict[str, ModelRun] = {}
     for label, uri in checkpoints.items():
         if uri in by_uri:  # the same weights under two names (sequential mode: sft = final)
             models.append(replace(by_uri[uri], label=label, metrics=dict(by_uri[uri].metrics)))
             continue
         client = service.create_sampling_client(model_path=uri)
-        _, by_uri[uri] = _run_model(client, label, uri, data, base_seqs, sampling, offers, base_model)
+        _, by_uri[uri] = _run_model(
+            client, label, uri, data, base_seqs, sampling, offers, base_model, sections=sections, first=base.plain
+        )
         del client
         gc.collect()
         models.append(by_uri[uri])
@@ -178,14 +238,14 @@ def _score_model(
     """The classifier on the model's answers, NLL, preference metrics against the base (into its
     metrics); returns the summary users see, with the notes that say what was not computed."""
     m = mdl.metrics
-    probs = clf.predict_proba(mdl.plain) if clf else []
-    r_probs = clf.predict_proba(mdl.robust) if clf else []
-    mdl.p_plain, mdl.p_robust = probs, r_probs
+    mdl.p_plain, mdl.p_robust, mdl.p_prefill = (
+        ([], [], []) if clf is None else map(clf.predict_proba, (mdl.plain, mdl.robust, mdl.prefill))
+    )
     if clf is None:
         notes.append(f"in-persona rates not computed: {clf_rep.note}")
     elif not data.prompts:
         notes.append("in-persona rates not computed: no prompts")
-    if data.intro:
+    if data.intro and mdl.sums["intro"]:
         m.update(nll_metrics(mdl.sums["intro"]))
     pref = None
     if mdl.label == "base":
@@ -199,26 +259,36 @@ def _score_model(
         m.update(pref)
         if data.pairs_are_training_data:
             notes.append("preference pairs are training data, not held out: accuracy is optimistic")
-    m.update({"in_persona_rate": in_persona_rate(probs)[0], "robust_in_persona_rate": in_persona_rate(r_probs)[0]})
+    rates = [in_persona_rate(p) for p in (mdl.p_plain, mdl.p_robust, mdl.p_prefill)]
+    m.update({k: r[0] for k, r in zip(("in_persona_rate", "robust_in_persona_rate", "prefill_in_persona_rate"), rates)})
+    cap = mdl.capability
+    if cap is not None:
+        m.update({k: v for k, v in cap.items() if k != "capability_picks"})
     return model_summary(
-        in_persona_rate(probs) if clf else None, in_persona_rate(r_probs) if clf else None, pref, notes
+        *(r if clf else None for r in rates[:2]),
+        pref,
+        notes,
+        prefill=rates[2] if clf else None,
+        capability=(cap["capability_accuracy"], cap["capability_n"]) if cap else None,
     )
 
 
 def _generations(prompts: list[str], models: list[ModelRun], judged: dict[str, list[dict]]) -> list[dict]:
-    """Every model's answer to each prompt, side by side, with the classifier's and the judge's verdicts."""
+    """Every model's answer to each prompt, side by side, with the classifier's and the judge's verdicts;
+    and, where it ran, the prefill conversation's second answers."""
     generations = []
+    p = lambda probs, i: probs[i] if probs else None  # noqa: E731
     for i, q in enumerate(prompts):
         row = {"prompt": q, "attack": break_character_messages(q, i), "answers": {}, "robust": {}}
         for mdl in models:
-            entry = {"text": mdl.plain[i], "in_persona_p": mdl.p_plain[i] if mdl.p_plain else None}
+            entry = {"text": mdl.plain[i], "in_persona_p": p(mdl.p_plain, i)}
             if judged:
                 entry.update(judged[mdl.label][i])
             row["answers"][mdl.label] = entry
-            row["robust"][mdl.label] = {
-                "text": mdl.robust[i],
-                "in_persona_p": mdl.p_robust[i] if mdl.p_robust else None,
-            }
+            row["robust"][mdl.label] = {"text": mdl.robust[i], "in_persona_p": p(mdl.p_robust, i)}
+        if models and models[0].prefill:
+            answers = {m.label: {"text": m.prefill[i], "in_persona_p": p(m.p_prefill, i)} for m in models}
+            row["prefill"] = {"first": models[0].plain[i], "follow_up": follow_up(i), "answers": answers}
         generations.append(row)
     return generations
 
@@ -263,6 +333,7 @@ def evaluate_models(
     max_length: int = 1024,
     sft_max_length: int = 3072,
     seed: int = 0,
+    sections: Sections | None = None,
 ) -> dict:
     """Evaluate the base model and each named checkpoint; returns JSON-able results (nothing written).
 
@@ -271,15 +342,17 @@ def evaluate_models(
     The result's "eval" holds the per-model summaries users see (character.evaluation.metrics.SUMMARY_KEYS).
     `revealed_judge`, if given, makes the client of the judge of the revealed-preference games
     (`revealed_games` per model, on the evaluation's prompts); the result's "revealed" holds the Elo
-    ratings per model and trait, or, when it was not run, the reason.
-    """
+    ratings per model and trait, or, when it was not run, the reason. `sections` adds the prompted baseline,
+    multi-turn robustness, the capability probe and coherence ("capability", "coherence": or why not run)."""
     started = datetime.now(timezone.utc)
+    sections = sections or Sections()
     clf, clf_rep = _classifier(data, classifier_path, seed)
     offers, revealed_skip = _revealed_offers(revealed_judge, data, revealed_games, seed)
     sampling = Sampling(max_new_tokens, seed, max_length, sft_max_length)
-    models = _sample_models(service, base_model, checkpoints, data, offers, sampling)
+    models = _sample_models(service, base_model, checkpoints, data, offers, sampling, sections)
 
-    common = list(data.notes) + _classifier_notes(clf_rep)
+    capability = capability_section(sections, models)
+    common = list(data.notes) + _classifier_notes(clf_rep) + section_notes(sections, capability)
     base_dpo = models[0].sums["dpo"]
     summary = {mdl.label: _score_model(mdl, data, clf, clf_rep, base_dpo, beta, list(common)) for mdl in models}
     judged = score_answers(judge, constitution, data.prompts, models) if judge is not None else {}
@@ -298,4 +371,6 @@ def evaluate_models(
         "eval": {**summary, "classifier": {"heldout_accuracy": clf_rep.heldout_accuracy, "n": clf_rep.n}},
         "generations": _generations(data.prompts, models, judged),
         "revealed": revealed,
+        "coherence": coherence_section(sections, data.prompts, models, seed),
+        "capability": capability,
     }

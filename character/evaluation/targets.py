@@ -109,7 +109,7 @@ def build_of(ws: Workspace, sources: list[str]) -> tuple[Path | None, dict[str, 
 def label_checkpoints(ckpts: list[EvalTarget], stages: dict[str, str], names: list[str] | None = None) -> None:
     """Given names, else the stage that produced each checkpoint, else its folder name (a tinker:// one: its
     run and name); unique."""
-    used: set[str] = {"base"}
+    used: set[str] = {"base", "prompted"}  # the rows of the base model, bare and with the constitution
     for i, c in enumerate(ckpts):
         name = names[i] if names else stages.get(c.source)
         if not name and c.kind == "tinker":  # tinker://<run>/sampler_weights/<name> -> <run>/<name>
