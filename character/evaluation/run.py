@@ -47,6 +47,7 @@ from character.evaluation.revealed import TRAITS, Offers, embodied_answers, make
 from character.evaluation.sections import Sections, capability_section, coherence_section, section_notes
 from character.persona.constitution import Constitution
 from character.train.families import renderer_for
+from character.train.renderer import Renderer
 
 # Below this held-out accuracy, or n, the classifier's verdicts are flagged as unreliable.
 TRUSTED_ACCURACY, TRUSTED_N = 0.8, 20
