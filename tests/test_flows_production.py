@@ -146,8 +146,8 @@ def test_checkpoints_list_reads_the_records(paper_run):
 
 
 def test_a_build_id_refuses_other_inputs(tmp_path):
+    from character.build.checks import validate
     from character.build.record import record_stage
-    from character.build.stages import validate
     from character.errors import UserError
 
     cfg = PipelineConfig(persona="pirate", workdir=str(tmp_path), build_id="b1", dpo_pairs=8)

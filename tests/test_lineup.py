@@ -129,7 +129,7 @@ def test_a_teacher_that_cannot_sample_and_a_judge_not_served_are_refused(served,
     from tinker.types.get_server_capabilities_response import SupportedModel
 
     from character.backend.tinker_models import check_served, models_to_check
-    from character.build import stages
+    from character.build import checks
     from character.errors import UserError
 
     caps = [
@@ -151,8 +151,8 @@ def test_a_teacher_that_cannot_sample_and_a_judge_not_served_are_refused(served,
     monkeypatch.setenv("CHARACTER_REVEALED_JUDGE", "zai-org/GLM-5.3")  # through the service, as a build asks
     judged = cfg.model_copy(update={"teacher_model": "deepseek-ai/DeepSeek-V3.1", "base_model": "Qwen/Qwen3.5-4B"})
     with pytest.raises(UserError, match=r"judge \(CHARACTER_REVEALED_JUDGE\) 'zai-org/GLM-5.3' is not served"):
-        stages.check_served_models(judged)
-    stages.check_served_models(judged.model_copy(update={"evaluate": False}))  # no evaluation: no judge
+        checks.check_served_models(judged)
+    checks.check_served_models(judged.model_copy(update={"evaluate": False}))  # no evaluation: no judge
 
 
 def test_tinker_models_shows_capabilities_merge_support_prices_and_the_defaults(served, monkeypatch, capsys):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from character.build import stages
+from character.build import checks
 from character.build.record import check_same_renderers, read_record, record_stage
 from character.config import PipelineConfig
 from character.errors import UserError
@@ -57,8 +57,8 @@ def test_a_build_refuses_to_resume_with_another_renderer(tmp_path):
 
 def test_validate_refuses_an_unrenderable_teacher_before_any_call(keyed):
     with pytest.raises(UserError, match="^teacher: model openai/gpt-oss-120b is a reasoning-only model"):
-        stages.validate(_cfg(keyed, backend="tinker", base_model="Qwen/Qwen3-8B", teacher_model="openai/gpt-oss-120b"))
-    stages.validate(_cfg(keyed, backend="tinker", base_model="Qwen/Qwen3-8B", teacher_model="Qwen/Qwen3.5-397B-A17B"))
+        checks.validate(_cfg(keyed, backend="tinker", base_model="Qwen/Qwen3-8B", teacher_model="openai/gpt-oss-120b"))
+    checks.validate(_cfg(keyed, backend="tinker", base_model="Qwen/Qwen3-8B", teacher_model="Qwen/Qwen3.5-397B-A17B"))
 
 
 @pytest.mark.parametrize(
@@ -70,14 +70,14 @@ def test_validate_refuses_an_unrenderable_teacher_before_any_call(keyed):
 )
 def test_paper_mode_merge_is_refused_before_training_for_families_we_cannot_export(keyed, model, family):
     with pytest.raises(UserError, match=family) as e:
-        stages.validate(_cfg(keyed, backend="tinker", base_model=model, mode="paper", merge=True))
+        checks.validate(_cfg(keyed, backend="tinker", base_model=model, mode="paper", merge=True))
     assert model in str(e.value)
-    stages.validate(_cfg(keyed, backend="tinker", base_model=model, mode="paper"))  # without --merge: fine
+    checks.validate(_cfg(keyed, backend="tinker", base_model=model, mode="paper"))  # without --merge: fine
 
 
 def test_paper_mode_merge_is_accepted_for_dense_families(keyed):
     for model in ("Qwen/Qwen3-8B", "Qwen/Qwen3.5-4B", "Qwen/Qwen3.6-27B", "meta-llama/Llama-3.3-70B-Instruct"):
-        stages.validate(_cfg(keyed, backend="tinker", base_model=model, mode="paper", merge=True))
+        checks.validate(_cfg(keyed, backend="tinker", base_model=model, mode="paper", merge=True))
 
 
 def test_the_cli_refuses_a_reasoning_only_student_in_one_line(tmp_path):

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Literal, Protocol
 
+from character.build.checks import check_served_models, validate
 from character.build.record import Checkpoint, PipelineResult
-from character.build.stages import check_served_models, lock_build, validate
+from character.build.stages import lock_build
 from character.config import PipelineConfig
 
 

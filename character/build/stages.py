@@ -13,73 +13,21 @@ from pathlib import Path
 from typing import Callable
 
 from character import progress
+from character.build.checks import check_teacher_prompt_fits
 from character.build.frame import StageRun, finished, framed, output_path, training_progress
 from character.build.lock import build_lock
-from character.build.record import Checkpoint, check_same_build, check_same_renderers, record_stage
-from character.config import PipelineConfig, check_inputs
+from character.build.record import Checkpoint, record_stage
+from character.config import PipelineConfig
 from character.datagen.distill import generate_dpo_pairs
 from character.datagen.heldout import split_heldout
 from character.datagen.introspection import generate_introspection
 from character.datagen.questions import expand_questions, load_expanded_questions
 from character.errors import UserError
-from character.persona.constitution import Constitution
 from character.settings import Settings, Workspace
 from character.train.dpo import run_dpo
 from character.train.families import renderer_for
 from character.train.losses import DPOCoefficients
 from character.train.sft import run_sft
-
-
-def validate(cfg: PipelineConfig) -> Constitution:
-    """Everything that can be checked before a model is loaded or an API call is paid for."""
-    c = check_inputs(cfg)  # constitution, workdir, local model names
-    check_same_build(cfg)
-    check_same_renderers(cfg)  # a family we cannot render is refused here, by name
-    if cfg.backend == "tinker":
-        from character.backend.tinker import check_ready
-
-        check_ready(Settings(), cfg.base_model, cfg.teacher_model)  # key and model names, no network
-        if cfg.mode == "paper" and cfg.merge:  # the merge needs the adapters exported: refuse now, not after training
-            from character.weights.tinker_export import check_family
-
-            check_family(cfg.base_model)
-    settings = Settings()
-    judges = (
-        (settings.revealed_judge, "CHARACTER_REVEALED_JUDGE", "revealed-preference judge"),
-        (settings.coherence_judge, "CHARACTER_COHERENCE_JUDGE", "coherence judge"),
-    )
-    for judge, var, role in (
-        judges if cfg.evaluate else ()
-    ):  # a bad judge name or a missing key fails now, not after training
-        from character.evaluation.models import check_tinker_key, model_side
-
-        if judge and model_side(judge, var) == "tinker":
-            check_tinker_key()
-            if not judge.startswith("tinker://"):
-                from character.train.families import check_renderable
-
-                check_renderable({role: judge})
-    if cfg.evaluate and settings.capability_set is not None:
-        from character.evaluation.capability import load_capability_set
-
-        load_capability_set(
-            settings.capability_set, option="CHARACTER_CAPABILITY_SET"
-        )  # a bad set fails before training, naming the line
-    return c
-
-
-def check_served_models(cfg: PipelineConfig) -> None:
-    """Tinker: every model the build will use (student, teacher, judge) is served and can be trained or
-    sampled as the build needs, asked of the service once (free) before anything is spent."""
-    if cfg.backend != "tinker":
-        return
-    from character.backend.tinker import TinkerService, display_url
-    from character.backend.tinker_models import check_served, models_to_check
-
-    settings = Settings()
-    judges = [("revealed-preference judge (CHARACTER_REVEALED_JUDGE)", settings.revealed_judge)] if cfg.evaluate else []
-    svc = TinkerService(settings)
-    check_served(svc.list_models(), models_to_check(cfg, judges), display_url(svc.base_url))
 
 
 def _service(cfg: PipelineConfig):
@@ -125,28 +73,6 @@ def _renderer(cfg: PipelineConfig, client, role: str):
     """The renderer of the build's student (and its checkpoints) or teacher, by model name."""
     model = cfg.base_model if role == "student" else (cfg.teacher_model or cfg.base_model)
     return renderer_for(client.get_tokenizer(), model)
-
-
-def check_teacher_prompt_fits(cfg: PipelineConfig, c: Constitution, teacher) -> None:
-    """Before any generation: the teacher's system prompt (the traits), the longest question and the
-    answer limit must fit the teacher's context window. Known for local models; a Tinker model's
-    limit is enforced by the service."""
-    from character.persona.prompts import teacher_system_prompt
-
-    config = getattr(getattr(teacher, "model", None), "config", None)
-    context = getattr(config, "max_position_embeddings", None)
-    if not isinstance(context, int):
-        return
-    tok = teacher.get_tokenizer()
-    prompt = len(tok.encode(teacher_system_prompt(c), add_special_tokens=False))
-    question = max(len(tok.encode(q, add_special_tokens=False)) for q in c.questions)
-    need = prompt + question + cfg.max_new_tokens + 16  # + the chat template's own tokens
-    if need > context:
-        raise UserError(
-            f"{c.source}: the teacher prompt does not fit the teacher's context of {context} tokens: "
-            f"its traits take {prompt} tokens, the longest question {question}, and answers up to "
-            f"{cfg.max_new_tokens} (--max-new-tokens); shorten the traits or lower --max-new-tokens"
-        )
 
 
 def _record_split(run: StageRun, out: Path, stats: dict) -> str:

@@ -102,7 +102,8 @@ def pipeline(
 ) -> None:
     """Run the whole pipeline for one persona as a Prefect flow (sequential mode unless --paper-mode)."""
     cfg = _pipeline_config(**locals())  # every flag, by its name
-    from character.build.stages import check_served_models, lock_build, validate
+    from character.build.checks import check_served_models, validate
+    from character.build.stages import lock_build
 
     validate(cfg)  # before Prefect starts or any model loads
     check_served_models(cfg)  # Tinker: every model served, trainable or sampleable as needed
