@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -74,3 +75,86 @@ class Workspace:
 
     def build_dir(self, persona: str, build_id: str) -> Path:
         return builds_root(self.root) / check_name(persona, "persona") / check_name(build_id, "build id")
+
+
+# File systems that hold no ordinary files (a workdir there fails in odd ways deep inside a build).
+_SPECIAL_FS = {
+    "proc",
+    "sysfs",
+    "devtmpfs",
+    "devpts",
+    "cgroup",
+    "cgroup2",
+    "debugfs",
+    "tracefs",
+    "securityfs",
+    "pstore",
+    "bpf",
+    "configfs",
+    "fusectl",
+    "mqueue",
+    "hugetlbfs",
+    "autofs",
+    "binfmt_misc",
+    "efivarfs",
+}
+MIN_FREE_BYTES = 1 << 20  # below this a build cannot write even its first record
+
+
+def _mount_type(path: Path) -> tuple[str, str] | None:
+    """The mount point holding `path` and its file system type (Linux; None where unknown)."""
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    best: tuple[str, str] | None = None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ").replace("\\011", "\t")
+        inside = str(path) == point or str(path).startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best[0])):
+            best = (point, fields[2])
+    return best
+
+
+def check_workdir(workdir: Path | str) -> Path:
+    """The workspace folder can hold a build: a folder (or creatable), on an ordinary file system, writable,
+    with space left. Each problem is one UserError naming the folder, raised before any work starts."""
+    root = Path(workdir).expanduser().absolute()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"workdir {root}: exists and is not a folder")
+    existing = next(d for d in (root, *root.parents) if d.exists())  # where the first folder would be made
+    where = f"workdir {root}" + ("" if existing == root else f" (to be created in {existing})")
+    mount = _mount_type(existing.resolve())
+    if mount and mount[1] in _SPECIAL_FS:
+        raise UserError(f"{where}: on {mount[0]}, a {mount[1]} file system that holds no ordinary files")
+    if not existing.is_dir():
+        raise UserError(f"workdir {root}: {existing} is not a folder")
+    _probe_write(existing, where)
+    import shutil
+
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        raise UserError(f"{where}: no space left on its device ({free // 1024} KiB free)")
+    return root
+
+
+def _probe_write(folder: Path, where: str) -> None:
+    import errno
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(prefix=".character-write-check-", dir=folder)
+    except OSError as e:
+        reason = {
+            errno.EROFS: "on a read-only file system",
+            errno.EACCES: "not writable (permission denied)",
+            errno.EPERM: "not writable (operation not permitted)",
+            errno.ENOSPC: "no space left on its device",
+            errno.EDQUOT: "over its disk quota",
+        }.get(e.errno, f"cannot be written ({e.strerror})")
+        raise UserError(f"{where}: {reason}") from None
+    os.close(fd)
+    os.unlink(name)

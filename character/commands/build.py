@@ -102,8 +102,11 @@ def pipeline(
     from character.build.stages import lock_build, validate
 
     validate(cfg)  # before Prefect starts or any model loads
-    with lock_build(cfg):  # a second run of this build is refused here, before it writes anything
-        _run_pipeline(cfg, paper_mode, as_json)
+    from character.terminal import stdout_to_stderr
+
+    with lock_build(cfg), stdout_to_stderr():  # a second run of this build is refused here, before it writes
+        result = _run_pipeline(cfg, paper_mode)
+    _show_result(cfg, result, as_json)  # stdout carries nothing but this
 
 
 def _pipeline_config(
@@ -145,7 +148,7 @@ def _no_traceback_for_user_errors(record: logging.LogRecord) -> bool:
     return True
 
 
-def _run_pipeline(cfg, paper_mode: bool, as_json: bool) -> None:
+def _run_pipeline(cfg, paper_mode: bool):
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_no_traceback_for_user_errors)
     from flows.ephemeral import start_ephemeral_api_early
@@ -164,23 +167,55 @@ def _run_pipeline(cfg, paper_mode: bool, as_json: bool) -> None:
     from character.progress import ConsoleProgress, listening
     from flows.ephemeral import finish_ephemeral_api
 
+    progress = ConsoleProgress(notes=False)  # the tasks log notes such as skipped stages
     try:
-        with listening(ConsoleProgress(notes=False)):  # the tasks log notes such as skipped stages
+        with listening(progress), progress.above_logs():
             result = run_flow(cfg)
     finally:
         finish_ephemeral_api()  # flush and stop the temporary server now, not in exit hooks
-    for stage, uri in result.checkpoints.items():
-        typer.echo(f"{stage:>6}: {uri}")
-    if as_json:
-        from character.build.record import read_record
-        from character.build.summary import eval_summary
+    return result
 
+
+def _show_result(cfg, result, as_json: bool) -> None:
+    """`--json`: the one JSON line; otherwise each evaluated model's headline metrics, the report, the checkpoints."""
+    from character.build.record import read_record
+    from character.build.summary import eval_summary
+
+    summary = eval_summary(read_record(cfg))
+    if as_json:
         typer.echo(
             json.dumps(
                 result.model_dump(include={"persona", "mode", "base_model", "workdir", "checkpoints"})
-                | {"eval": eval_summary(read_record(cfg))}
+                | {"eval": summary}
             )
         )
+        return
+    for line in _result_lines(result, summary, cfg.evaluate):
+        typer.echo(line)
+
+
+def _result_lines(result, summary: dict | None, evaluate: bool) -> list[str]:
+    """The end of a build on the terminal: what was built, each model's headline metrics with their n, the
+    report, then the checkpoints."""
+    fmt = lambda v, n: "-" if v is None else f"{v:.3f} (n={n})"
+    lines = [f"{result.persona} build {result.build_id} ({result.mode}, base model {result.base_model}): done"]
+    if summary is None:
+        lines.append("evaluation: not run" + ("" if evaluate else " (--no-eval)"))
+    else:
+        lines.append(f"{'model':>8}  {'in persona':<14} {'robust':<14} pref. accuracy (held-out pairs)")
+        for name, m in summary.items():
+            if name in ("classifier", "report"):
+                continue
+            lines.append(
+                f"{name:>8}  {fmt(m['in_persona_rate'], m['in_persona_n']):<14} "
+                f"{fmt(m['robust_in_persona_rate'], m['robust_n']):<14} {fmt(m['pref_accuracy'], m['pref_pairs'])}"
+            )
+        clf = summary["classifier"]
+        lines.append(f"persona classifier held-out accuracy: {fmt(clf['heldout_accuracy'], clf['n'])}")
+        lines.append(f"report: {summary['report']}")
+    lines.append("checkpoints:")
+    lines += [f"{stage:>8}: {uri}" for stage, uri in result.checkpoints.items()]
+    return lines
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
@@ -193,13 +228,25 @@ def checkpoints_list(
     workdir: Optional[Path] = WORKDIR,
     as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
 ) -> None:
-    """Every checkpoint URI recorded by every build, newest first."""
+    """Every checkpoint URI recorded by every build, newest first (`final`: the build's final checkpoint)."""
+    from character.build.paths import builds_root
     from character.build.record import list_checkpoints
     from character.settings import check_name
 
+    root = Path(settings_for(workdir).workdir).expanduser().absolute()
+    if not root.is_dir():
+        raise UserError(f"workdir {root}: not found (give --workdir or CHARACTER_WORKDIR)")
     if persona:
         check_name(persona, "persona")
-    rows = list_checkpoints(settings_for(workdir).workdir, persona)
+        if not (builds_root(root) / persona).is_dir():
+            known = sorted(p.name for p in builds_root(root).glob("*") if p.is_dir())
+            raise UserError(
+                f"no builds of persona {persona!r} in {root}"
+                + (f" (builds exist of: {', '.join(known)})" if known else " (it holds no builds)")
+            )
+    rows = list_checkpoints(root, persona)
+    if not as_json:
+        typer.echo(f"{'PERSONA':<14} {'BUILD':<22} {'STAGE':<7} {'FINISHED (UTC)':<19}  URI")
     for r in rows:
         typer.echo(
             json.dumps(r)

@@ -18,6 +18,14 @@ _TEMPERATURE = typer.Option(0.7, help="sampling temperature (0: greedy)")
 _MAX_NEW_TOKENS = typer.Option(512, help="length limit of each answer, in tokens")
 
 
+def _check_early(checkpoint: str) -> None:
+    """A local checkpoint that is not there is refused before the model libraries load (seconds)."""
+    if not checkpoint.startswith("tinker://") and checkpoint not in ("base", "tiny"):
+        from character.storage import checkpoint_folder
+
+        checkpoint_folder(checkpoint)
+
+
 def _conversation(checkpoint: str, settings, system: str | None, temperature: float, max_new_tokens: int):
     """The checkpoint opened (a model loaded here, or a Tinker sampler) as a conversation."""
     from character.chat import Conversation, open_checkpoint
@@ -39,6 +47,7 @@ def chat(
     workdir: Optional[Path] = WORKDIR,
 ) -> None:
     """Talk to a checkpoint. /reset forgets the conversation, /exit leaves; a script can be piped in."""
+    _check_early(checkpoint)
     from character.chat import check_checkpoint, run_script
 
     settings = settings_for(workdir)
@@ -68,12 +77,13 @@ def sample(
     workdir: Optional[Path] = WORKDIR,
 ) -> None:
     """Answers to one prompt from a checkpoint."""
+    _check_early(checkpoint)
+    if n < 1:
+        raise UserError(f"-n must be at least 1, not {n}")
     from character.chat import check_checkpoint
 
     settings = settings_for(workdir)
     check_checkpoint(checkpoint, settings)
-    if n < 1:
-        raise UserError(f"-n must be at least 1, not {n}")
     conv = _conversation(checkpoint, settings, system, temperature, max_new_tokens)
     answers = conv.sample(prompt, n)
     if as_json:
