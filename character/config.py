@@ -136,6 +136,9 @@ class PipelineConfig(BaseModel):
         "(default: 70% of free GPU memory, half the free RAM on CPU)",
     )
     gradient_checkpointing: bool = Field(False, description="local training: recompute activations in backward")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch (default: settings.default_threads(), resolved at the start)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -161,6 +164,7 @@ class PipelineConfig(BaseModel):
             "workdir": str(settings.workdir),
             "seed": settings.seed,
             "device": settings.device,
+            "threads": settings.threads,
         }
         if (kw.get("backend") or settings.backend) == "tinker":  # 'tiny' is local: Tinker has its own defaults
             if settings.base_model == "tiny":

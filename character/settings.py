@@ -48,6 +48,43 @@ class Settings(BaseSettings):
     # Reliability testing: this share of backend calls fails with a transient error (character.backend.faults).
     fault_rate: float = Field(0.0, ge=0, le=1, description="share of backend calls made to fail transiently (0: off)")
     fault_seed: int = Field(0, description="which calls fail, when fault_rate is set")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: default_threads())")
+
+
+def default_threads() -> int:
+    """CPU threads a local run uses unless told (--threads, CHARACTER_THREADS; OMP_NUM_THREADS when set):
+    the cores this process may use (affinity and a cgroup quota), less those other processes keep busy
+    (the 1-minute load average), at least one. Two CPU-heavy jobs on one machine then share its cores
+    instead of each running a thread per core, which slows both many times over."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = min(cpus, _cgroup_cpus() or cpus)
+    try:
+        busy = int(os.getloadavg()[0] + 0.5)
+    except OSError:
+        busy = 0
+    return max(1, min(cpus, cpus - busy))
+
+
+def _cgroup_cpus() -> int | None:
+    """The CPUs a cgroup (v2) quota allows this process, rounded up; None without a quota."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        return None
+
+
+def apply_threads(n: int) -> int:
+    """Use `n` CPU threads for torch in this process (before or after torch is imported); returns `n`."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(n)  # read when torch starts; set_num_threads below if it already has
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    return n
 
 
 def check_name(name: str, what: str) -> str:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from character.commands.workspace import WORKDIR, settings_for
+from character.commands.workspace import WORKDIR, settings_for, use_threads
 from character.errors import UserError
 
 _CKPT = typer.Argument(..., help="a local adapter or model folder, a tinker:// path, 'base' or 'tiny'")
@@ -52,6 +52,7 @@ def chat(
 
     settings = settings_for(workdir)
     check_checkpoint(checkpoint, settings)  # key / folder, before any model is loaded
+    use_threads(settings)
     conv = _conversation(checkpoint, settings, system, temperature, max_new_tokens)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -84,6 +85,7 @@ def sample(
 
     settings = settings_for(workdir)
     check_checkpoint(checkpoint, settings)
+    use_threads(settings)
     conv = _conversation(checkpoint, settings, system, temperature, max_new_tokens)
     answers = conv.sample(prompt, n)
     if as_json:

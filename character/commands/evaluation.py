@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from character.commands.workspace import settings_for
+from character.commands.workspace import settings_for, use_threads
 from character.errors import UserError
 
 
@@ -52,6 +52,7 @@ def eval_command(
     options = _eval_options(**locals())  # every flag, by its name
     options.check_counts(checkpoints)  # evaluate_checkpoints checks them too; here before the heavy imports
     _label_by_build(checkpoints, options)
+    use_threads(settings_for(workdir))
     from character.evaluation.evaluate import evaluate_checkpoints
 
     res = evaluate_checkpoints(checkpoints, options)

@@ -9,6 +9,7 @@ import typer
 
 from character.errors import UserError
 
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
