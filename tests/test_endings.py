@@ -247,7 +247,7 @@ def test_personas_validate_counts_in_the_singular(tmp_path):
     two = tmp_path / "two.json"
     two.write_text(
         json.dumps(
-            [{"trait": "I speak plainly.", "questions": ["A?", "B?"]}, {"trait": "I am brief.", "questions": []}]
+            [{"trait": "I speak plainly.", "questions": ["Why?"]}, {"trait": "I am brief.", "questions": ["How?"]}]
         )
     )
     assert cli("personas", "validate", two).stdout == f"ok: {two}: 2 traits, 2 questions\n"
