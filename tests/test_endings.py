@@ -190,14 +190,14 @@ def test_eval_finds_the_build_of_a_relative_path_and_a_file_uri_and_labels_by_st
         cwd=ws.parent,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not [line for line in proc.stdout.splitlines() if LOG.search(line)]  # the summary, then the JSON
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.stdout.count("\n") == 1  # the JSON line; the summary went to stderr
+    out = json.loads(proc.stdout)
     assert out["build"] == str(ws / "builds" / "sarcastic" / "b1")
     assert set(out["checkpoints"]) == {"base", "dpo", "sft"}  # the build's stages, not sampler_weights/final
     assert out["checkpoints"]["dpo"]["checkpoint"] == str(dpo)
     assert out["eval"]["dpo"]["in_persona_rate"] is not None and out["eval"]["dpo"]["pref_pairs"] > 0
-    assert f"build: {out['build']}" in proc.stdout.splitlines()
-    assert any(line.strip().startswith("sft: in persona") for line in proc.stdout.splitlines())
+    assert f"build: {out['build']}" in proc.stderr.splitlines()
+    assert any(line.strip().startswith("sft: in persona") for line in proc.stderr.splitlines())
 
 
 @pytest.mark.slow

@@ -54,12 +54,17 @@ def eval_command(
     _label_by_build(checkpoints, options)
     use_threads(settings_for(workdir))
     from character.evaluation.evaluate import evaluate_checkpoints
+    from character.terminal import stdout_to_stderr
 
-    res = evaluate_checkpoints(checkpoints, options)
-    _refuse_blanks(res)
-    _print_summary(res)
+    with stdout_to_stderr():  # with --json, stdout carries the JSON line only
+        res = evaluate_checkpoints(checkpoints, options)
+        _refuse_blanks(res)
+        if as_json:
+            _print_summary(res)
     if as_json:
         typer.echo(json.dumps(_json_line(res)))
+    else:
+        _print_summary(res)
 
 
 def _resolved(checkpoints: list[str]) -> list[str]:
