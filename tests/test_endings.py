@@ -288,3 +288,40 @@ def test_library_progress_bars_are_off_on_the_command_line(tiny_dir, tmp_path, m
     with pytest.raises(SystemExit):
         character.cli.main()  # the command line's own start sets them, before any command imports a library
     assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1"
+
+
+def test_a_log_line_written_while_a_bar_is_drawn_starts_on_its_own_line():
+    """The same guard in process, with any logging handler that writes to the terminal."""
+    import io
+    import logging
+
+    from character.progress import ConsoleProgress, listening, report
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    handler = logging.StreamHandler(term)
+    handler.setFormatter(logging.Formatter("00:00:00.000 | %(levelname)s | %(message)s"))
+    log = logging.getLogger("character.test.endings")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    progress = ConsoleProgress(stream=term)
+    try:
+        with listening(progress), progress.above_logs():
+            report("dpo", 1, 6)
+            log.info("dpo step 1/6 loss 0.9")
+            report("dpo", 2, 6)
+            log.info("dpo step 2/6 loss 0.8")
+            report("dpo", 6, 6)
+        log.info("after the block")
+    finally:
+        log.removeHandler(handler)
+    shown = [line for line in screen(term.getvalue()) if line]
+    assert shown == [
+        "00:00:00.000 | INFO | dpo step 1/6 loss 0.9",
+        "00:00:00.000 | INFO | dpo step 2/6 loss 0.8",
+        "dpo [########################] 6/6 0:00",
+        "00:00:00.000 | INFO | after the block",
+    ], shown
