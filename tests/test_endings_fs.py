@@ -90,6 +90,23 @@ def test_a_read_only_workdir_is_one_line(tmp_path):
             assert not list(ro.iterdir())
 
 
+def test_eval_into_a_read_only_workspace_is_one_line_before_any_model_loads(tmp_path):
+    if not ROOT:
+        pytest.skip("needs a tmpfs remounted read-only (root)")
+    with tmpfs(tmp_path / "shared", "1m") as disk:
+        ckpt = disk / "ws" / "checkpoints" / "run-1" / "sampler_weights" / "final"
+        ckpt.mkdir(parents=True)
+        (ckpt / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "tiny"}))
+        record = disk / "ws" / "builds" / "sarcastic" / "b1" / "record.json"
+        record.parent.mkdir(parents=True)
+        record.write_text(json.dumps({"stages": {"dpo": {"sampler": ckpt.as_uri()}}}))
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        start = time.monotonic()
+        line = one_error_line(cli("eval", ckpt, "--persona", "sarcastic", "--workdir", disk / "ws"))
+        assert line == f"error: workdir {disk / 'ws'}: on a read-only file system", line
+        assert time.monotonic() - start < 15
+
+
 def test_a_folder_the_user_cannot_write_is_one_line(tmp_path, monkeypatch):
     folder = tmp_path / "locked"
     folder.mkdir()

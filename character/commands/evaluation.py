@@ -52,6 +52,10 @@ def eval_command(
     options = _eval_options(**locals())  # every flag, by its name
     options.check_counts(checkpoints)  # evaluate_checkpoints checks them too; here before the heavy imports
     _label_by_build(checkpoints, options)
+    if out_dir is None:  # the report goes into the workspace: it must be writable, before any model loads
+        from character.settings import check_workdir
+
+        check_workdir(options.workdir)
     use_threads(settings_for(workdir))
     from character.evaluation.evaluate import evaluate_checkpoints
     from character.terminal import stdout_to_stderr
