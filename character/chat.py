@@ -17,7 +17,7 @@ from tinker import types
 from character.backend import SamplingClient
 from character.errors import UserError
 from character.settings import Settings, Workspace
-from character.storage import uri_to_path
+from character.storage import checkpoint_folder, uri_to_path
 from character.train.families import renderer_for
 from character.train.renderer import Messages, Renderer
 
@@ -42,15 +42,7 @@ def check_checkpoint(checkpoint: str, settings: Settings) -> None:
         return
     if checkpoint in ("base", "tiny"):
         return
-    path = uri_to_path(checkpoint)
-    if not path.is_dir():
-        raise UserError(
-            f"checkpoint {checkpoint}: not found (give an adapter or model folder, a tinker:// path, 'base' or 'tiny')"
-        )
-    if not ((path / "adapter_config.json").is_file() or (path / "config.json").is_file()):
-        raise UserError(
-            f"checkpoint {checkpoint}: neither an adapter folder (adapter_config.json) nor a model folder (config.json)"
-        )
+    checkpoint_folder(checkpoint)
 
 
 def _on_tinker(checkpoint: str, settings: Settings) -> bool:

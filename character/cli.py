@@ -13,6 +13,7 @@ import typer
 
 from character.commands import build, chat, evaluation, personas, plan, tinker, weights
 from character.errors import UserError
+from character.terminal import quiet_libraries
 
 app = typer.Typer(
     add_completion=False,
@@ -58,6 +59,7 @@ PREFECT_DEFAULTS = {
 def main() -> None:
     for name, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)  # before anything imports prefect
+    quiet_libraries()  # and no third-party progress bars, before transformers is imported
     exc = _click_exceptions()
     try:
         code = app(standalone_mode=False)

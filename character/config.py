@@ -14,7 +14,7 @@ from character.build.paths import BuildPaths
 from character.datagen.scales import SCALES, Scale, ScaleName
 from character.errors import UserError
 from character.persona.constitution import Constitution, load_constitution
-from character.settings import DEVICE_PATTERN, Settings, Workspace, check_name
+from character.settings import DEVICE_PATTERN, Settings, Workspace, check_name, check_workdir
 
 
 class OptimConfig(BaseModel):
@@ -139,6 +139,9 @@ class PipelineConfig(BaseModel):
         "(default: 70% of free GPU memory, half the free RAM on CPU)",
     )
     gradient_checkpointing: bool = Field(False, description="local training: recompute activations in backward")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch (default: settings.default_threads(), resolved at the start)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -164,6 +167,7 @@ class PipelineConfig(BaseModel):
             "workdir": str(settings.workdir),
             "seed": settings.seed,
             "device": settings.device,
+            "threads": settings.threads,
         }
         if (kw.get("backend") or settings.backend) == "tinker":  # 'tiny' is local: Tinker has its own defaults
             if settings.base_model == "tiny":
@@ -205,8 +209,7 @@ def check_local_model(name: str) -> None:
 def check_inputs(cfg: PipelineConfig) -> Constitution:
     """The checks that need no model, no network and no heavy import (the command line runs them first)."""
     c = cfg.constitution()
-    if Path(cfg.workdir).expanduser().exists() and not Path(cfg.workdir).expanduser().is_dir():
-        raise UserError(f"workdir {cfg.workdir}: exists and is not a folder")
+    check_workdir(cfg.workdir)  # a file, /proc, read-only, not writable or full: one line naming it
     if cfg.backend == "local":
         for name in filter(None, (cfg.base_model, cfg.teacher_model)):
             check_local_model(name)

@@ -15,6 +15,7 @@ line every few seconds otherwise; the Prefect tasks add a listener that updates 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import time
 from contextvars import ContextVar
@@ -115,6 +116,32 @@ class ConsoleProgress:
         self._shown: dict[str, float] = {}
         self._bar_open = False
 
+    def clear(self) -> None:
+        """Take an open bar off its line, so that another writer's line starts in column 0; the next
+        update draws the bar again below it."""
+        if self._bar_open:
+            self._write("\r\x1b[K")
+            self._bar_open = False
+            self._shown.clear()  # redraw at the next event, whatever the throttle says
+
+    @contextlib.contextmanager
+    def above_logs(self) -> Iterator[None]:
+        """For the block, every logging handler that writes to a terminal clears the bar before its line
+        (a log line appended to a bar would share its terminal line)."""
+        if not self.tty:
+            yield
+            return
+        guard = _ClearsBar(self)
+        handlers = [h for h in _all_handlers() if _writes_to_terminal(h)]
+        for h in handlers:
+            h.addFilter(guard)
+        try:
+            yield
+        finally:
+            for h in handlers:
+                h.removeFilter(guard)
+            self.clear()
+
     def _write(self, text: str) -> None:
         self.stream.write(text)
         self.stream.flush()
@@ -156,3 +183,29 @@ class ConsoleProgress:
             if ev.finished:
                 self._started.pop(ev.stage, None)
                 self._shown.pop(ev.stage, None)
+
+
+class _ClearsBar(logging.Filter):
+    def __init__(self, progress: ConsoleProgress):
+        super().__init__()
+        self.progress = progress
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.progress.clear()
+        return True
+
+
+def _all_handlers() -> list[logging.Handler]:
+    loggers = [
+        logging.getLogger(),
+        *(x for x in logging.Logger.manager.loggerDict.values() if isinstance(x, logging.Logger)),
+    ]
+    return list({id(h): h for lg in loggers for h in lg.handlers}.values())
+
+
+def _writes_to_terminal(handler: logging.Handler) -> bool:
+    stream = getattr(handler, "stream", None)
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (ValueError, AttributeError):  # a closed stream
+        return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -56,6 +57,43 @@ class Settings(BaseSettings):
     # Reliability testing: this share of backend calls fails with a transient error (character.backend.faults).
     fault_rate: float = Field(0.0, ge=0, le=1, description="share of backend calls made to fail transiently (0: off)")
     fault_seed: int = Field(0, description="which calls fail, when fault_rate is set")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: default_threads())")
+
+
+def default_threads() -> int:
+    """CPU threads a local run uses unless told (--threads, CHARACTER_THREADS; OMP_NUM_THREADS when set):
+    the cores this process may use (affinity and a cgroup quota), less those other processes keep busy
+    (the 1-minute load average), at least one. Two CPU-heavy jobs on one machine then share its cores
+    instead of each running a thread per core, which slows both many times over."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = min(cpus, _cgroup_cpus() or cpus)
+    try:
+        busy = int(os.getloadavg()[0] + 0.5)
+    except OSError:
+        busy = 0
+    return max(1, min(cpus, cpus - busy))
+
+
+def _cgroup_cpus() -> int | None:
+    """The CPUs a cgroup (v2) quota allows this process, rounded up; None without a quota."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        return None
+
+
+def apply_threads(n: int) -> int:
+    """Use `n` CPU threads for torch in this process (before or after torch is imported); returns `n`."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(n)  # read when torch starts; set_num_threads below if it already has
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    return n
 
 
 def check_name(name: str, what: str) -> str:
@@ -83,3 +121,86 @@ class Workspace:
 
     def build_dir(self, persona: str, build_id: str) -> Path:
         return builds_root(self.root) / check_name(persona, "persona") / check_name(build_id, "build id")
+
+
+# File systems that hold no ordinary files (a workdir there fails in odd ways deep inside a build).
+_SPECIAL_FS = {
+    "proc",
+    "sysfs",
+    "devtmpfs",
+    "devpts",
+    "cgroup",
+    "cgroup2",
+    "debugfs",
+    "tracefs",
+    "securityfs",
+    "pstore",
+    "bpf",
+    "configfs",
+    "fusectl",
+    "mqueue",
+    "hugetlbfs",
+    "autofs",
+    "binfmt_misc",
+    "efivarfs",
+}
+MIN_FREE_BYTES = 1 << 20  # below this a build cannot write even its first record
+
+
+def _mount_type(path: Path) -> tuple[str, str] | None:
+    """The mount point holding `path` and its file system type (Linux; None where unknown)."""
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    best: tuple[str, str] | None = None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ").replace("\\011", "\t")
+        inside = str(path) == point or str(path).startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best[0])):
+            best = (point, fields[2])
+    return best
+
+
+def check_workdir(workdir: Path | str) -> Path:
+    """The workspace folder can hold a build: a folder (or creatable), on an ordinary file system, writable,
+    with space left. Each problem is one UserError naming the folder, raised before any work starts."""
+    root = Path(workdir).expanduser().absolute()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"workdir {root}: exists and is not a folder")
+    existing = next(d for d in (root, *root.parents) if d.exists())  # where the first folder would be made
+    where = f"workdir {root}" + ("" if existing == root else f" (to be created in {existing})")
+    mount = _mount_type(existing.resolve())
+    if mount and mount[1] in _SPECIAL_FS:
+        raise UserError(f"{where}: on {mount[0]}, a {mount[1]} file system that holds no ordinary files")
+    if not existing.is_dir():
+        raise UserError(f"workdir {root}: {existing} is not a folder")
+    _probe_write(existing, where)
+    import shutil
+
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        raise UserError(f"{where}: no space left on its device ({free // 1024} KiB free)")
+    return root
+
+
+def _probe_write(folder: Path, where: str) -> None:
+    import errno
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(prefix=".character-write-check-", dir=folder)
+    except OSError as e:
+        reason = {
+            errno.EROFS: "on a read-only file system",
+            errno.EACCES: "not writable (permission denied)",
+            errno.EPERM: "not writable (operation not permitted)",
+            errno.ENOSPC: "no space left on its device",
+            errno.EDQUOT: "over its disk quota",
+        }.get(e.errno, f"cannot be written ({e.strerror})")
+        raise UserError(f"{where}: {reason}") from None
+    os.close(fd)
+    os.unlink(name)

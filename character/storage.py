@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -14,9 +15,56 @@ from urllib.parse import unquote, urlparse
 from character.errors import UserError
 
 
+class DiskFull(UserError):
+    """The device filled up (or went read-only) while a build wrote to it. Every write here is whole or
+    absent, so what was written before is intact and a rerun of the same build resumes from it."""
+
+
+_LOW_SPACE = 64 * 1024  # bytes: after a failed write, less than this free means the disk is what failed
+
+
+def _disk_full(target: Path, exc: BaseException) -> DiskFull | None:
+    """The one-line error for a write that failed because the device is full or read-only; None otherwise.
+    Torch and safetensors report a full disk in their own exception types, so the free space decides."""
+    code = getattr(exc, "errno", None)
+    if code == errno.EROFS:
+        reason = "the file system became read-only"
+    elif code in (errno.ENOSPC, errno.EDQUOT) or _free_bytes(target) < _LOW_SPACE:
+        reason = "no space left on the device"
+    else:
+        return None
+    return DiskFull(
+        f"{reason} while writing {target}: everything written before is kept; "
+        "free some space and run the same command again to resume"
+    )
+
+
+def _free_bytes(path: Path) -> int:
+    for folder in (Path(path), *Path(path).parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(folder).free
+    return 1 << 62
+
+
+@contextlib.contextmanager
+def _one_line_if_disk_full(target: Path) -> Iterator[None]:
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's "file write failed"
+        full = _disk_full(target, e)
+        if full is None:
+            raise
+        raise full from e
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temp file beside the target, fsync, then rename over it."""
     path = Path(path)
+    with _one_line_if_disk_full(path):
+        _write_text_atomic(path, text)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -43,8 +91,13 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
+        full = (
+            _disk_full(final, e) if isinstance(e, (OSError, RuntimeError)) else None
+        )  # before the cleanup frees space
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from e
         raise
     try:
         if final.exists():
@@ -69,12 +122,23 @@ def append_jsonl(path: Path, rows: dict | list[dict]) -> None:
     if not rows:
         return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    drop_torn_tail(path)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
+    with _one_line_if_disk_full(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        drop_torn_tail(path)
+        data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode("utf-8")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:  # unbuffered, so that nothing is left to be flushed after a failure
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except OSError:  # a full disk: take back the part of these rows that made it, keep the rest
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
+        finally:
+            os.close(fd)
 
 
 def drop_torn_tail(path: Path) -> None:
@@ -122,3 +186,18 @@ def uri_to_path(uri: str) -> Path:
     if parsed.scheme != "file":
         raise UserError(f"{uri}: not a local checkpoint (expected file:// or a path)")
     return Path(unquote(parsed.path))
+
+
+def checkpoint_folder(checkpoint: str) -> Path:
+    """A local checkpoint (path or file:// URI) that is an adapter folder or a model folder; anything else is
+    one UserError. Light on purpose: the command line asks before it loads a model library."""
+    path = uri_to_path(checkpoint)
+    if not path.is_dir():
+        raise UserError(
+            f"checkpoint {checkpoint}: not found (give an adapter or model folder, a tinker:// path, 'base' or 'tiny')"
+        )
+    if not ((path / "adapter_config.json").is_file() or (path / "config.json").is_file()):
+        raise UserError(
+            f"checkpoint {checkpoint}: neither an adapter folder (adapter_config.json) nor a model folder (config.json)"
+        )
+    return path

@@ -9,13 +9,21 @@ from typing import Optional
 
 import typer
 
-from character.commands.workspace import WORKDIR, settings_for
+from character.commands.workspace import WORKDIR, settings_for, use_threads
 from character.errors import UserError
 
 _CKPT = typer.Argument(..., help="a local adapter or model folder, a tinker:// path, 'base' or 'tiny'")
 _SYSTEM = typer.Option(None, help="system prompt for the conversation")
 _TEMPERATURE = typer.Option(0.7, help="sampling temperature (0: greedy)")
 _MAX_NEW_TOKENS = typer.Option(512, help="length limit of each answer, in tokens")
+
+
+def _check_early(checkpoint: str) -> None:
+    """A local checkpoint that is not there is refused before the model libraries load (seconds)."""
+    if not checkpoint.startswith("tinker://") and checkpoint not in ("base", "tiny"):
+        from character.storage import checkpoint_folder
+
+        checkpoint_folder(checkpoint)
 
 
 def _conversation(checkpoint: str, settings, system: str | None, temperature: float, max_new_tokens: int):
@@ -39,10 +47,12 @@ def chat(
     workdir: Optional[Path] = WORKDIR,
 ) -> None:
     """Talk to a checkpoint. /reset forgets the conversation, /exit leaves; a script can be piped in."""
+    _check_early(checkpoint)
     from character.chat import check_checkpoint, run_script
 
     settings = settings_for(workdir)
     check_checkpoint(checkpoint, settings)  # key / folder, before any model is loaded
+    use_threads(settings)
     conv = _conversation(checkpoint, settings, system, temperature, max_new_tokens)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -68,12 +78,14 @@ def sample(
     workdir: Optional[Path] = WORKDIR,
 ) -> None:
     """Answers to one prompt from a checkpoint."""
+    _check_early(checkpoint)
+    if n < 1:
+        raise UserError(f"-n must be at least 1, not {n}")
     from character.chat import check_checkpoint
 
     settings = settings_for(workdir)
     check_checkpoint(checkpoint, settings)
-    if n < 1:
-        raise UserError(f"-n must be at least 1, not {n}")
+    use_threads(settings)
     conv = _conversation(checkpoint, settings, system, temperature, max_new_tokens)
     answers = conv.sample(prompt, n)
     if as_json:

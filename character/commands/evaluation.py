@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from character.commands.workspace import settings_for
+from character.commands.workspace import settings_for, use_threads
 from character.errors import UserError
 
 
@@ -58,14 +58,87 @@ def eval_command(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
 ) -> None:
     """Evaluate checkpoints against the base model: persona adherence, held-out preferences; writes a report."""
+    checkpoints = _resolved(checkpoints)  # a build's record lists absolute paths: find it whatever was typed
     options = _eval_options(**locals())  # every flag, by its name
     options.check_counts(checkpoints)  # evaluate_checkpoints checks them too; here before the heavy imports
-    from character.evaluation.evaluate import evaluate_checkpoints
+    _label_by_build(checkpoints, options)
+    if out_dir is None:  # the report goes into the workspace: it must be writable, before any model loads
+        from character.settings import check_workdir
 
-    res = evaluate_checkpoints(checkpoints, options)
-    _print_summary(res)
+        check_workdir(options.workdir)
+    use_threads(settings_for(workdir))
+    from character.evaluation.evaluate import evaluate_checkpoints
+    from character.terminal import stdout_to_stderr
+
+    with stdout_to_stderr():  # with --json, stdout carries the JSON line only
+        res = evaluate_checkpoints(checkpoints, options)
+        _refuse_blanks(res)
+        if as_json:
+            _print_summary(res)
     if as_json:
         typer.echo(json.dumps(_json_line(res)))
+    else:
+        _print_summary(res)
+
+
+def _resolved(checkpoints: list[str]) -> list[str]:
+    """Local checkpoints (relative, absolute or file://) as absolute paths; tinker:// ones as given. A path
+    that does not exist stays as typed, for the error that names it."""
+    from character.storage import uri_to_path
+
+    out = []
+    for s in checkpoints:
+        path = None if s.startswith("tinker://") else uri_to_path(s).expanduser()
+        out.append(str(path.resolve()) if path is not None and path.exists() else s)
+    return out
+
+
+def _label_by_build(checkpoints: list[str], options) -> None:
+    """Each model's label: its stage when one build made them all, `<build>/<stage>` when several did, and
+    `<run>/<name>` for a checkpoint no build lists. With no build and no data given, the persona metrics
+    cannot be computed: refused here, before any model loads."""
+    from character.evaluation.targets import inspect_checkpoint, recorded_checkpoints
+    from character.settings import Workspace
+
+    for s in checkpoints:
+        if not s.startswith("tinker://"):
+            inspect_checkpoint(s)  # a missing or unreadable folder is named first
+    ws = Workspace(options.workdir)
+    known = recorded_checkpoints(ws)
+    hits = [known.get(s) if s.startswith("tinker://") else known.get(str(Path(s).resolve())) for s in checkpoints]
+    given = options.dpo_data or options.train_data or options.introspection_data or options.build_dir
+    if not any(hits) and not given:
+        raise UserError(
+            f"no build in {ws.root} lists {checkpoints[0]}: the persona and preference metrics need its "
+            "build's data; give --dpo-data (held-out pairs) and --train-data (the classifier's training pairs)"
+        )
+    if options.names is not None:
+        return
+    several = len({h[0] for h in hits if h}) > 1
+    options.names = [
+        (f"{h[0].name}/{h[1]}" if several else h[1]) if h else _run_and_name(s) for s, h in zip(checkpoints, hits)
+    ]
+
+
+def _run_and_name(checkpoint: str) -> str:
+    """checkpoints/<run>/sampler_weights/<name> -> <run>/<name>; any other folder: its name."""
+    parts = Path(checkpoint.removeprefix("tinker://")).parts
+    if len(parts) >= 3 and parts[-2] in ("sampler_weights", "weights"):
+        return f"{parts[-3]}/{parts[-1]}"
+    return parts[-1] if parts else checkpoint
+
+
+def _refuse_blanks(res: dict) -> None:
+    """No evaluated checkpoint got an in-persona rate: say why (the evaluation's own notes) and exit 2, rather
+    than print a table of blanks."""
+    models = {k: m for k, m in res["eval"].items() if k not in ("classifier", "report", "base")}
+    if not models or any(m.get("in_persona_rate") is not None for m in models.values()):
+        return
+    reasons = sorted({n for m in models.values() for n in m.get("notes", []) if "not computed" in n})
+    raise UserError(
+        f"no persona metrics for {', '.join(models)}: {'; '.join(reasons) or 'no reason recorded'} "
+        f"(report: {res['report']['markdown']})"
+    )
 
 
 def _eval_options(*, checkpoints: list[str], workdir: Optional[Path], as_json: bool, **flags):
@@ -119,6 +192,8 @@ def _print_summary(res: dict) -> None:
     """Each model's headline metrics with their n, the classifier's accuracy, the revealed preferences'
     outcome and where the report is."""
     fmt = lambda v, n: "-" if v is None else f"{v:.3f} (n={n})"
+    if res.get("build"):
+        typer.echo(f"build: {res['build']}")
     for label, m in res["eval"].items():
         if label in ("classifier", "report"):
             continue

@@ -9,6 +9,11 @@ import typer
 
 from character.errors import UserError
 
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 app = typer.Typer(no_args_is_help=True, help="List, show and validate constitutions.")
 
 
@@ -19,7 +24,7 @@ def personas_list() -> None:
 
     for name in shipped_personas():
         c = load_constitution(name)
-        typer.echo(f"{name:<16} {len(c.traits)} traits  {c.traits[0].trait}")
+        typer.echo(f"{name:<16} {_count(len(c.traits), 'trait')}  {c.traits[0].trait}")
 
 
 @app.command("show")
@@ -28,7 +33,7 @@ def personas_show(name: str = typer.Argument(..., help="persona name or constitu
     from character.persona.constitution import load_constitution
 
     c = load_constitution(name)
-    typer.echo(f"# {c.name} ({c.source}, {len(c.traits)} traits)")
+    typer.echo(f"# {c.name} ({c.source}, {_count(len(c.traits), 'trait')})")
     for i, t in enumerate(c.traits, 1):
         typer.echo(f"{i}. {t.trait}")
         for q in t.questions:
@@ -47,4 +52,4 @@ def personas_validate(path: Path = typer.Argument(..., help="constitution .json 
         for p in problems:
             print(f"error: {' '.join(p.split())}", file=sys.stderr)
         sys.exit(2)
-    typer.echo(f"ok: {path}: {len(c.traits)} traits, {len(c.questions)} questions")
+    typer.echo(f"ok: {path}: {_count(len(c.traits), 'trait')}, {_count(len(c.questions), 'question')}")

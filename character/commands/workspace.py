@@ -24,3 +24,10 @@ def settings_for(workdir: Optional[Path]):
         err = e.errors()[0]
         name = "CHARACTER_" + "_".join(str(x) for x in err["loc"]).upper()
         raise UserError(f"{name}={err.get('input')!r}: {err['msg']}") from None
+
+
+def use_threads(settings) -> int:
+    """Torch's CPU threads for a command that loads a model: CHARACTER_THREADS, else settings.default_threads()."""
+    from character.settings import apply_threads, default_threads
+
+    return apply_threads(settings.threads or default_threads())
