@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlparse
 from character.loopback.api import Api
 from character.loopback.engine import Engine, Failed
 from character.loopback.faults import WireFaults
+from character.loopback.hub import publish_tokenizer
 from character.loopback.registry import Registry, UnknownPath
 from character.loopback.wire import read_forward_backward
 
@@ -58,10 +59,14 @@ class Loopback:
         served: tuple[str, ...] = ("tiny",),
         stall_s: float = 600.0,
         device: str = "cpu",
+        hub: Path | None = None,
     ):
+        """`hub`: the Hugging Face Hub cache that receives the served names' tokenizer (default: the user's)."""
         self.registry = Registry(state)
         self.engine = Engine(self.registry, models_dir, device=device)
         self.api = Api(self.registry, self.engine, list(served))
+        for name in served:
+            publish_tokenizer(name, self.api.model_folder(), hub)
         self.faults = faults or WireFaults()
         self.echo_key, self.stall_s = echo_key, stall_s
         self.stopping = threading.Event()
