@@ -163,10 +163,11 @@ class Api:
         from character.weights.tinker_export import tinker_name
 
         with atomic_dir(folder) as tmp:
-            client.model.save_pretrained(tmp / "peft", safe_serialization=True)
+            client.model.save_pretrained(tmp / "peft", safe_serialization=True, save_embedding_layers=False)
             tensors = load_file(str(tmp / "peft" / "adapter_model.safetensors"))
             peft_cfg = json.loads((tmp / "peft" / "adapter_config.json").read_text())
-            save_file({tinker_name(k): v for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"))
+            lora = {tinker_name(k): v for k, v in tensors.items() if ".lora_" in k}  # not a tied head's copy
+            save_file(lora, str(tmp / "adapter_model.safetensors"))
             cfg = {
                 "r": peft_cfg["r"],
                 "lora_alpha": peft_cfg["lora_alpha"],

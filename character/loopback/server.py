@@ -60,6 +60,7 @@ class Loopback:
         stall_s: float = 600.0,
         device: str = "cpu",
         hub: Path | None = None,
+        poll_hold_s: float = POLL_HOLD_S,
     ):
         """`hub`: the Hugging Face Hub cache that receives the served names' tokenizer (default: the user's)."""
         self.registry = Registry(state)
@@ -68,7 +69,7 @@ class Loopback:
         for name in served:
             publish_tokenizer(name, self.api.model_folder(), hub)
         self.faults = faults or WireFaults()
-        self.echo_key, self.stall_s = echo_key, stall_s
+        self.echo_key, self.stall_s, self.poll_hold_s = echo_key, stall_s, poll_hold_s
         self.stopping = threading.Event()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
         self.httpd.daemon_threads = True
@@ -225,7 +226,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, f.read_bytes(), "application/octet-stream")
 
     def _poll(self, body: dict):
-        p = self.lb.engine.wait(body["request_id"], POLL_HOLD_S)
+        p = self.lb.engine.wait(body["request_id"], self.lb.poll_hold_s)
         if p is None:
             raise _Gone()
         if not p.done.is_set():
