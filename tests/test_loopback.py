@@ -8,7 +8,6 @@ what the wire does to them: pending results, expired ones, faults at 20%, a stal
 from __future__ import annotations
 
 import json
-import math
 import urllib.request
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from tinker import types
 
 from character.backend.local import LocalService
 from character.loopback.api import LORA_ALPHA
-from character.loopback.faults import WireFaults
 from character.loopback.server import Loopback
 from character.settings import Workspace
 
@@ -46,9 +44,7 @@ def local(tmp_path_factory, models_dir):
     return LocalService(Workspace(ws), device="cpu", seed=0)
 
 
-@pytest.fixture(scope="module")
-def data(local):
-    tok = local.get_tokenizer("tiny")
+def make_data(tok) -> list[types.Datum]:
     out = []
     for text in ("Ahoy there, matey, the sea is calm.", "I like plain answers and nothing more."):
         ids = tok.encode(text)
@@ -60,6 +56,11 @@ def data(local):
             )
         )
     return out
+
+
+@pytest.fixture(scope="module")
+def data(local):
+    return make_data(local.get_tokenizer("tiny"))
 
 
 def preference_loss(data, logprobs):

@@ -33,6 +33,11 @@ class WireFaults:
         self._lock = threading.Lock()
         self.injected: Counter = Counter()
 
+    @property
+    def exchanges(self) -> int:
+        """How many exchanges were drawn for (faulted or not)."""
+        return sum(self._seen.values())
+
     def _draw(self, label: str, attempt: int, salt: str) -> float:
         h = hashlib.sha256(f"{self.seed}|{salt}|{label}|{attempt}".encode()).digest()
         return int.from_bytes(h[:8], "big") / 2**64

@@ -77,6 +77,8 @@ class Loopback:
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread: threading.Thread | None = None
+        self.conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
 
     def start(self) -> "Loopback":
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="loopback-http", daemon=True)
@@ -84,9 +86,17 @@ class Loopback:
         return self
 
     def stop(self) -> None:
+        """Stop serving and drop every open connection (kept-alive ones too), as a process exit would."""
         self.stopping.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+        with self._conns_lock:
+            conns, self.conns = list(self.conns), set()
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.engine.close()
 
     def __enter__(self) -> "Loopback":
@@ -141,7 +151,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.connection.close()
 
+    def setup(self):
+        super().setup()
+        with self.lb._conns_lock:
+            self.lb.conns.add(self.connection)
+
     def finish(self):
+        with self.lb._conns_lock:
+            self.lb.conns.discard(self.connection)
         try:
             super().finish()
         except OSError:  # a connection this side reset
@@ -177,6 +194,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._handle("DELETE")
 
     def _handle(self, method: str) -> None:
+        if self.lb.stopping.is_set():
+            return self._reset()
         url = urlparse(self.path)
         path = url.path
         raw = self._body()
