@@ -38,6 +38,9 @@ class Settings(BaseSettings):
         None, description="name of a Prefect Secret block holding the Tinker key (used when TINKER_API_KEY is unset)"
     )
     tinker_timeout_s: float = Field(60.0, gt=0, description="how long to wait for Tinker to answer at all")
+    tinker_result_timeout_s: float = Field(
+        600.0, gt=0, description="how long to wait for any one Tinker result before giving it up as transient"
+    )
     tinker_max_in_flight: int = Field(32, ge=1, description="sampling requests in flight at once on Tinker")
     # Revealed preferences (character.evaluation.revealed): the judge that names the trait an answer shows. Unset: that
     # evaluation is skipped, and the report and JSON say so. A model Tinker serves, a tinker:// path, a local

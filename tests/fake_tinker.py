@@ -3,11 +3,19 @@
 - Calls start when submitted and resolve later: one server thread runs every request in submission
   order, so futures resolve (and fail) in that order, and a call can fail after later calls were
   submitted; an optimizer step queued behind a failed forward/backward still runs, on no gradients.
+  No call raises at submission: every failure reaches `.result()`, as in the SDK.
+- What reaches `.result()` is what the SDK lets through (its `lib/api_future_impl.py` retries 5xx, 408
+  and "try again" for ever while polling, and `lib/internal_client_holder.py` retries submission for
+  minutes): `RequestFailedError` with a category (`request_failed`), a `ValueError` wrapping a 4xx
+  seen while fetching the result (`fetch_error`), `RetryableException` from an HTTP 410 when the result
+  expired after the request ran (`expired`, wrapped in `Ran`), the HTTP error classes once submission
+  retries ran out (the request never ran), and a result that never comes (`STALL`: the request ran).
 - A failure inside `forward_backward_custom` poisons its client, as `_fail_custom_requests` does: every
   request after it raises the SDK's RuntimeError ("... this TrainingClient is poisoned ...") chained to
   the first error. Other failures do not poison.
-- `FakeTinker.inject_faults(rate, seed)` fails a seeded share of training calls on the server (not at submission),
-  with the SDK's own transient exception classes.
+- `FakeTinker.inject_faults(rate, seed)` fails a seeded share of training calls (or of the calls named)
+  with the shapes above (stalls too with `stalls=True`); `echo_key` makes every injected error quote the API key,
+  as a misbehaving service might.
 - The methods' signatures match the installed SDK's (checked by test_fake_matches_the_sdk_signatures).
 
 Its "model" is a bigram table (logits = W0[prev] + delta[prev]) trained with AdamW; sampling returns
@@ -17,8 +25,10 @@ canned answers. Custom losses go through the SDK's own client-side step
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import datetime
+import functools
 import itertools
 import json
 import random
@@ -38,6 +48,7 @@ import torch
 from safetensors.torch import save_file
 from tinker import types
 from tinker.lib.public_interfaces.api_future import AwaitableConcurrentFuture
+from tinker.lib.retryable_exception import RetryableException
 from tinker.types.get_server_capabilities_response import GetServerCapabilitiesResponse, SupportedModel
 
 from character.backend import tinker as tb
@@ -94,10 +105,51 @@ def http_error(cls, status: int, message: str = ""):
     return cls(message or f"Error code: {status}", response=httpx.Response(status, request=_REQ), body=None)
 
 
-def request_failed(category):
+def request_failed(category, message: str = "boom"):
+    """A request that failed on the server (`_handle_outcome`, an `error` in the retrieve_future answer)."""
     return tinker.RequestFailedError(
-        "Request failed: boom for self.request_id='r-1' and expected type x", request_id="r-1", category=category
+        f"Request failed: {message} for self.request_id='r-1' and expected type x", request_id="r-1", category=category
     )
+
+
+def _chained(outer: BaseException, cause: BaseException) -> BaseException:
+    outer.__cause__ = cause
+    return outer
+
+
+def fetch_error(cls, status: int, message: str = ""):
+    """A 4xx answer to retrieve_future: the SDK raises a ValueError from the HTTP error (`_handle_transport_error`)."""
+    e = http_error(cls, status, message)
+    return _chained(
+        ValueError(f"Error retrieving result: {e} with status {status} for self.request_id='r-1' and expected type x"),
+        e,
+    )
+
+
+def expired(message: str = ""):
+    """HTTP 410 on a pending result: `RetryableException` from the HTTP error (the request had run)."""
+    return _chained(
+        RetryableException(message="Promise expired/broken for request r-1"),
+        http_error(tinker.APIStatusError, 410, message or "Error code: 410 - gone"),
+    )
+
+
+def poisoned(cause: BaseException):
+    # The SDK's words (tinker/lib/public_interfaces/training_client.py, `_take_turn`).
+    return _chained(
+        RuntimeError("A previous request failed; this TrainingClient is poisoned and cannot accept further requests."),
+        cause,
+    )
+
+
+class Ran:
+    """A failure after the request ran on the server (its effects stay): e.g. an expired result."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+STALL = "stall"  # the request runs; its result never comes (retrieve_future answers "try again" for ever)
 
 
 # -- the fake SDK ----------------------------------------------------------------------------------
@@ -109,13 +161,13 @@ def fake_tokenizer():
 
 
 TRAINING_OPS = ("forward_backward", "forward_backward_custom", "optim_step", "save_state", "save_weights_for_sampler")
+FAULTED_OPS = TRAINING_OPS + ("sample", "compute_logprobs")
+# What the SDK lets reach `.result()` when the service misbehaves; `said` is the service's words.
 TRANSIENT_FAULTS = (
-    lambda: http_error(tinker.InternalServerError, 500),
-    lambda: http_error(tinker.RateLimitError, 429),
-    lambda: tinker.APIConnectionError(request=_REQ),
-    lambda: tinker.RequestFailedError(
-        "Request failed: server error", request_id="r-9", category=types.RequestErrorCategory.Server
-    ),
+    lambda said: request_failed(types.RequestErrorCategory.Server, said),  # failed on the server
+    lambda said: Ran(expired(f"Error code: 410 - {said}")),  # ran; its result expired
+    lambda said: http_error(tinker.InternalServerError, 503, f"Error code: 503 - {said}"),  # submission gave up
+    lambda said: tinker.APIConnectionError(request=_REQ, message=f"Connection error: {said}"),  # likewise
 )
 
 
@@ -159,9 +211,14 @@ class FakeTinker:
         self.max_outstanding = 0
         self.sample_delay = 0.0
         self.hang_capabilities = False
-        self.fault_rate = 0.0  # share of training calls failed on the server, transiently
+        self.fault_rate = 0.0  # share of training and sampling calls failed, transiently
+        self.fault_stalls = False  # whether stalled results are among the faults
+        self.faulted_ops = TRAINING_OPS
+        self.echo_key = False  # injected errors quote the API key
         self.injected: dict[str, int] = {}
         self.injected_fids: list[tuple[str, int]] = []
+        self.grad_norms: list[float] = []  # what each optimizer step reported, in order
+        self.stalled: list[Future] = []  # results that never came (a caller may cancel them)
         self._fault_rng = random.Random(0)
         self._ids = itertools.count()
         self._runs = itertools.count()
@@ -176,22 +233,37 @@ class FakeTinker:
         self.keys_seen.append(api_key)
         return FakeRestClient(self)
 
-    def inject_faults(self, rate: float, seed: int = 0) -> None:
-        """Fail a seeded share of the training calls from now on (when the server runs them)."""
-        self.fault_rate, self._fault_rng = rate, random.Random(seed)
+    def inject_faults(self, rate: float, seed: int = 0, stalls: bool = False, ops=TRAINING_OPS) -> None:
+        """Fail a seeded share of the calls named in `ops` from now on, as the SDK would show it."""
+        self.fault_rate, self._fault_rng, self.fault_stalls = rate, random.Random(seed), stalls
+        self.faulted_ops = tuple(ops)
 
-    def fail(self, op: str, *excs: BaseException) -> None:
+    def fail(self, op: str, *excs) -> None:
+        """The next calls of `op` fail: an exception (the request did not run), `Ran(exc)` or `STALL`; None
+        lets one call through."""
         self.failures.setdefault(op, []).extend(excs)
+
+    def _said(self) -> str:
+        key = f" (request had X-API-Key: {self.keys_seen[-1]})" if self.echo_key and self.keys_seen else ""
+        return f"injected fault{key}"
+
+    def _draw_fault(self, op: str):
+        if self.failures.get(op):
+            return self.failures[op].pop(0)
+        if op in self.faulted_ops and self.fault_rate and self._fault_rng.random() < self.fault_rate:
+            kinds = TRANSIENT_FAULTS + ((lambda said: STALL),) if self.fault_stalls else TRANSIENT_FAULTS
+            self.injected[op] = self.injected.get(op, 0) + 1
+            return self._fault_rng.choice(kinds)(self._said())
+        return None
 
     def submit(self, op: str, fn, counted: bool = False, client: "FakeTrainingClient | None" = None) -> LoggedFuture:
         """Queue `fn` on the server thread; its future resolves (or fails) when the server gets to it."""
-        exc = self.failures[op].pop(0) if self.failures.get(op) else None
-        if exc is None and op in TRAINING_OPS and self.fault_rate and self._fault_rng.random() < self.fault_rate:
-            exc = self._fault_rng.choice(TRANSIENT_FAULTS)()
-            self.injected[op] = self.injected.get(op, 0) + 1
+        fault = self._draw_fault(op)
         fid = next(self._ids)
-        if exc is not None:
+        if fault is not None:
             self.injected_fids.append((op, fid))
+        ran = fault == STALL or isinstance(fault, Ran)
+        exc = fault.exc if isinstance(fault, Ran) else None if fault == STALL else fault
         self.events.append(("submit", op, fid))
         if counted:
             with self._lock:
@@ -201,13 +273,14 @@ class FakeTinker:
         def run():
             try:
                 if client is not None and client.error is not None:
-                    raise RuntimeError(
-                        "A previous request failed; this TrainingClient is poisoned and cannot accept further requests."
-                    ) from client.error
+                    raise poisoned(client.error)
                 try:
+                    if exc is not None and not ran:
+                        raise exc
+                    value = fn()
                     if exc is not None:
                         raise exc
-                    return fn()
+                    return value
                 except BaseException as e:
                     if op == "forward_backward_custom" and client is not None:  # `_fail_custom_requests`
                         client.error = e
@@ -217,7 +290,19 @@ class FakeTinker:
                     with self._lock:
                         self.outstanding -= 1
 
-        return LoggedFuture(self.server.submit(run), self, op, fid)
+        done = self.server.submit(run)
+        if fault == STALL:  # it runs on the server; the answer never comes back
+            stalled: Future = Future()
+            self.stalled.append(stalled)
+            if op == "forward_backward_custom" and client is not None:  # given up on: the SDK's `on_done`
+
+                def on_done(f, client=client):
+                    if f.cancelled() and client.error is None:
+                        client.error = asyncio.CancelledError()
+
+                stalled.add_done_callback(on_done)
+            return LoggedFuture(stalled, self, op, fid)
+        return LoggedFuture(done, self, op, fid)
 
     def base_weights(self, model: str) -> torch.Tensor:
         g = torch.Generator().manual_seed(zlib.crc32(model.encode()))
@@ -300,6 +385,7 @@ class FakeTrainingClient:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.steps += 1
+            self.fake.grad_norms.append(float(norm))
             return types.OptimStepResponse(metrics={"grad_norm": float(norm)})
 
         return self.fake.submit("optim_step", run, client=self)
@@ -481,8 +567,9 @@ class FakeRestClient:
         )
 
     def get_weights_info_by_tinker_path(self, tinker_path):
-        return done_future(
-            types.WeightsInfoResponse(base_model="meta-llama/Llama-3.1-8B-Instruct", is_lora=True, lora_rank=4)
+        return self.fake.submit(
+            "get_weights_info_by_tinker_path",
+            lambda: types.WeightsInfoResponse(base_model="meta-llama/Llama-3.1-8B-Instruct", is_lora=True, lora_rank=4),
         )
 
     def get_external_weights_urls(self, tinker_path):
@@ -507,8 +594,16 @@ def tokenizer():
     return fake_tokenizer()
 
 
+@functools.cache
+def _warm_torch() -> None:
+    # The first AdamW a process builds imports torch's compiler stack (seconds on a busy machine): paid here,
+    # not inside a bounded wait on the fake's server thread.
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+
+
 @pytest.fixture
 def fake(tokenizer, tmp_path):
+    _warm_torch()
     f = FakeTinker(tokenizer, tmp_path / "tinker-storage")
     yield f
     f.server.shutdown(wait=True)

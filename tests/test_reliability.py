@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -266,9 +267,59 @@ def test_fault_injection_is_off_by_default_and_seeded(monkeypatch, workdir):
     assert 70 <= sum(d is not None for d in draws) <= 130 and {"submit", "result"} <= set(draws)
 
 
+def test_injected_faults_surface_only_when_awaited_as_on_tinker():
+    """The Tinker SDK never raises when a training or sampling call is submitted: the failure reaches
+    `.result()`, after later calls were submitted. A fault drawn "submit" is a request that never ran, one
+    drawn "result" ran and lost its result; a failed custom loss poisons the client."""
+    from character.backend.errors import TransientBackendError, is_transient
+    from character.backend.faults import Faults, FaultySamplingClient, FaultyTrainingClient
+
+    class Inner:
+        def __init__(self):
+            self.ran: list[str] = []
+
+        def __getattr__(self, name):
+            def call(*args):
+                self.ran.append(name)
+                return SimpleNamespace(result=lambda: name)
+
+            return call
+
+    class Plan(Faults):
+        def __init__(self, plan):
+            super().__init__(rate=0.0)
+            self.plan = list(plan)
+
+        def draw(self, what):
+            return self.plan.pop(0)
+
+    inner = Inner()
+    trainer = FaultyTrainingClient(inner, Plan(["submit", "result", None, "result", None]))
+    never_ran = trainer.forward_backward([], "cross_entropy")  # no raise here
+    ran = trainer.optim_step(None)
+    fine = trainer.save_state("s")
+    assert inner.ran == ["optim_step", "save_state"] and fine.result() == "save_state"
+    for fut in (never_ran, ran):
+        with pytest.raises(TransientBackendError):
+            fut.result()
+    custom = trainer.forward_backward_custom([], None)  # ran, then poisoned its client
+    later = trainer.optim_step(None)  # submitted fine; fails when awaited, chained to the first failure
+    assert inner.ran[-1] == "forward_backward_custom"
+    with pytest.raises(TransientBackendError):
+        custom.result()
+    with pytest.raises(RuntimeError, match="poisoned") as err:
+        later.result()
+    assert is_transient(err.value) and inner.ran[-1] == "forward_backward_custom"  # the later call never ran
+    sampler = FaultySamplingClient(Inner(), Plan(["submit", "result"]))
+    for fut in (sampler.sample(None, 1, None), sampler.compute_logprobs(None)):
+        with pytest.raises(TransientBackendError):
+            fut.result()
+
+
 def test_a_training_call_that_fails_transiently_is_made_again_in_order(monkeypatch, workdir, tmp_path):
     """Each failed training call sends the loop back to its last saved state on a fresh client; a failed
-    forward/backward is not followed by its (already submitted) optimizer step on the kept weights."""
+    forward/backward is not followed by its (already submitted) optimizer step on the kept weights. Training
+    calls fail only when awaited: "submit" means the request never ran, "result" that it ran."""
     import character.backend.retry as retry
     from character.backend.faults import Faults, FaultyService
     from character.backend.local import LocalService

@@ -9,6 +9,7 @@ through the SDK's own client-side step (`TrainingClient._compute_custom_loss`), 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -28,9 +29,12 @@ from fake_tinker import (  # noqa: F401 - fixtures are used by name
     KEY,
     STUDENT,
     TEACHER,
+    expired,
     fake,
+    fetch_error,
     http_error,
     no_network,
+    poisoned,
     request_failed,
     service,
     tokenizer,
@@ -40,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from tinker import types
 
 from character.backend import tinker as tb
-from character.backend.errors import BackendFatalError, describe_fatal, is_transient
+from character.backend.errors import BackendFatalError, TransientBackendError, describe_fatal, is_transient
 from character.build import stages as pipeline
 from character.build.direct import run_sequential
 from character.build.record import read_record
@@ -104,6 +108,14 @@ TRANSIENT = {
     "409": lambda: http_error(tinker.ConflictError, 409),
     "failed-server": lambda: request_failed(types.RequestErrorCategory.Server),
     "failed-unknown": lambda: request_failed(types.RequestErrorCategory.Unknown),
+    # what else the SDK lets reach .result(): an expired result (410), a bounded wait that ran out, a client
+    # poisoned by a transient failure or by a request given up on (cancelled)
+    "410-expired": expired,
+    "result-timeout": lambda: TimeoutError("Timeout of 600 seconds reached"),
+    "poisoned-by-503": lambda: poisoned(http_error(tinker.InternalServerError, 503)),
+    "poisoned-by-410": lambda: poisoned(expired()),
+    "poisoned-by-cancel": lambda: poisoned(asyncio.CancelledError()),
+    "ours": lambda: TransientBackendError("a stalled service"),
 }
 FATAL = {
     "400": lambda: http_error(tinker.BadRequestError, 400),
@@ -114,6 +126,14 @@ FATAL = {
     "422": lambda: http_error(tinker.UnprocessableEntityError, 422),
     "failed-user": lambda: request_failed(types.RequestErrorCategory.User),
     "ours": lambda: BackendFatalError("bad key"),
+    # a 4xx answer while fetching a result reaches us as a ValueError raised from the HTTP error
+    "fetch-401": lambda: fetch_error(tinker.AuthenticationError, 401),
+    "fetch-403": lambda: fetch_error(tinker.PermissionDeniedError, 403),
+    "fetch-404": lambda: fetch_error(tinker.NotFoundError, 404),
+    "fetch-400-after-retries": lambda: fetch_error(tinker.BadRequestError, 400),
+    "unreadable-answer": lambda: ValueError("Proto deserialization failed: bad bytes for self.request_id='r-1'"),
+    "poisoned-by-401": lambda: poisoned(fetch_error(tinker.AuthenticationError, 401)),
+    "poisoned-by-a-bug": lambda: poisoned(ValueError("bug in the loss")),
 }
 
 
@@ -156,6 +176,9 @@ def test_fatal_sdk_errors_are_not_retried(name):
             ["invalid", "rank must be positive"],
         ),
         (lambda: request_failed(types.RequestErrorCategory.User), ["its input", "boom"]),
+        (lambda: fetch_error(tinker.AuthenticationError, 401), ["401", "TINKER_API_KEY"]),
+        (lambda: fetch_error(tinker.NotFoundError, 404, "no such run"), ["404", "tinker://", "no such run"]),
+        (lambda: poisoned(fetch_error(tinker.PermissionDeniedError, 403)), ["poisoned", "PermissionDeniedError"]),
     ],
 )
 def test_fatal_errors_read_as_one_line_naming_what_to_fix(make, needles):
@@ -372,7 +395,9 @@ def test_an_interrupted_run_resumes_from_its_last_saved_state(wired, tmp_path):
     assert torch.equal(wired.states[whole.sampler]["delta"], wired.states[resumed.sampler]["delta"])
 
 
-def test_transient_errors_are_retried_then_surface_unchanged_and_fatal_ones_as_one_line(wired, tmp_path, monkeypatch):
+def test_transient_errors_are_recovered_then_surface_as_transient_and_fatal_ones_as_one_line(
+    wired, tmp_path, monkeypatch
+):
     import character.backend.retry as retry
 
     monkeypatch.setattr(retry, "BACKOFF_S", 0.0)
@@ -390,9 +415,10 @@ def test_transient_errors_are_retried_then_surface_unchanged_and_fatal_ones_as_o
 
     bounded = cfg.model_copy(update={"max_recoveries": 2})
     wired.fail("optim_step", None, *[rate_limited] * 10)  # every attempt at the second step's
-    with pytest.raises(tinker.RateLimitError) as err:
+    with pytest.raises(TransientBackendError, match="RateLimitError 429") as err:
         run_sft(svc, start, renderer, data, tmp_path / "run", bounded)
     assert is_transient(err.value) and len(wired.failures["optim_step"]) == 7  # 1 try + 2 recoveries
+    assert isinstance(err.value.__cause__, tinker.RateLimitError)  # chained for debugging
     wired.failures.clear()  # Prefect would retry the task, which resumes:
     result = run_sft(svc, start, renderer, data, tmp_path / "run", cfg)
     assert result.resumed_from == 1 and result.steps == 2
@@ -490,21 +516,23 @@ def test_a_failed_custom_loss_poisons_the_client_and_later_calls_fail_in_order(w
     fb = trainer.forward_backward_custom([_datum([1, 2, 3, 4])], _loss)
     opt = trainer.optim_step(types.AdamParams(learning_rate=0.1))  # submitted before the failure surfaces
     save = trainer.save_state("after")
-    with pytest.raises(tinker.InternalServerError):
+    with pytest.raises(TransientBackendError, match="InternalServerError 503") as err:
         fb.result()
+    assert isinstance(err.value.__cause__, tinker.InternalServerError)
     for later in (opt, save):
-        with pytest.raises(RuntimeError, match="poisoned") as err:
+        with pytest.raises(TransientBackendError, match="poisoned.*InternalServerError") as err:
             later.result()
-        assert isinstance(err.value.__cause__, tinker.InternalServerError)
+        sdk = err.value.__cause__  # the SDK's RuntimeError, chained to the failure that poisoned the client
+        assert isinstance(sdk, RuntimeError) and isinstance(sdk.__cause__, tinker.InternalServerError)
         assert is_transient(err.value)  # it only wraps a transient cause
     assert not wired.states  # nothing was saved from the poisoned client
     # a fatal cause stays fatal through the wrapper
     wired.fail("forward_backward_custom", ValueError("bug in the loss"))
     other = svc.create_lora_training_client(STUDENT, rank=4)
     other.forward_backward_custom([_datum([1, 2, 3])], _loss)
-    with pytest.raises(RuntimeError, match="poisoned") as err:
+    with pytest.raises(BackendFatalError, match="poisoned.*bug in the loss") as err:
         other.optim_step(types.AdamParams(learning_rate=0.1)).result()
-    assert not is_transient(err.value)
+    assert not is_transient(err.value) and "\n" not in str(err.value)
 
 
 def test_a_failed_forward_backward_does_not_stop_the_queued_optimizer_step(wired):
@@ -513,7 +541,7 @@ def test_a_failed_forward_backward_does_not_stop_the_queued_optimizer_step(wired
     wired.fail("forward_backward", http_error(tinker.InternalServerError, 500))
     fb = trainer.forward_backward([_datum([1, 2, 3])], "cross_entropy")
     opt = trainer.optim_step(types.AdamParams(learning_rate=0.1))
-    with pytest.raises(tinker.InternalServerError):
+    with pytest.raises(TransientBackendError):
         fb.result()
     assert opt.result().metrics["grad_norm"] == 0.0 and trainer.sdk.steps == 1
 
@@ -645,6 +673,7 @@ def test_sequential_and_paper_pipelines_run_on_tinker_and_never_show_the_key(wir
     stages = read_record(cfg)["stages"]
     assert {"dpo_data", "dpo", "introspection", "sft"} <= set(stages)
     assert stages["dpo_data"]["rows"] > 0 and stages["introspection"]["rows"] > 0
+    assert stages["dpo"]["lora_alpha"] == stages["sft"]["lora_alpha"] == tb.TINKER_LORA_ALPHA  # what Tinker used
     # sequential SFT continues from the DPO state with a fresh optimizer
     assert ("create_training_client_from_state", out["dpo"].state) in wired.calls
     assert ("create_sampling_client", out["dpo"].sampler) in wired.calls

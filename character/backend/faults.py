@@ -1,17 +1,20 @@
 """Fault injection: a seeded share of backend calls fail with a transient error.
 
 `CHARACTER_FAULT_RATE=0.2` (off by default) makes about a fifth of the calls to the service, and
-to the training and sampling clients it creates, raise `TransientBackendError`: half of them when
-the call is submitted, half when its result is asked for. `CHARACTER_FAULT_SEED` picks which.
-A faulted call never reaches the real backend, so no state is half-changed and making the call
-again gives exactly what the first attempt would have given.
+to the training and sampling clients it creates, fail with `TransientBackendError`.
+`CHARACTER_FAULT_SEED` picks which. Calls fail the way the Tinker SDK's do (0.38): a training or
+sampling call never raises when submitted; its future fails when awaited. Half of the faults are
+drawn "submit" (the request never ran: refused, or its submission retries ran out) and half "result"
+(it ran, and its result was lost: an expired result, HTTP 410). Creating a client fails at once (our
+services wait for the SDK's creation future themselves).
 
-Training calls fail the way Tinker's do. A call failing "at result" was made on the real client at
-submission, and its future fails only when awaited, after the loop has submitted later calls (an
-optimizer step that then ran without its gradients). A failed `forward_backward_custom` poisons the
-client, as in the SDK: every call submitted after it fails with a RuntimeError chained to the first
-error. The training loop must therefore drop the client and resume from its last saved state;
-retrying the call on the same client would not do. Sampling calls pass through at once.
+So a training call fails after the loop has submitted later calls, which run regardless (an
+optimizer step behind a failed forward/backward runs on no gradients). A failed
+`forward_backward_custom` poisons the client, as in the SDK: every call submitted after it fails with
+a RuntimeError chained to the first error. The training loop must therefore drop the client and resume
+from its last saved state; retrying the call on the same client would not do. A faulted sampling call
+never reaches the backend (it changes no state), so making it again gives exactly what the first
+attempt would have given.
 
 Every service made in one process draws from the same seeded sequence, so a stage retried by
 Prefect meets fresh draws rather than the same fault again.
@@ -68,11 +71,11 @@ def _fail(what: str, where: str):
 
 
 class _Failed:
-    def __init__(self, what: str):
-        self._what = what
+    def __init__(self, what: str, fault: str = "result"):
+        self._what, self._where = what, "submission (it never ran)" if fault == "submit" else "result"
 
     def result(self):
-        raise _fail(self._what, "result")
+        raise _fail(self._what, self._where)
 
 
 class _Poisoned:
@@ -93,12 +96,6 @@ class _Wrapper:
     def __getattr__(self, name):  # anything not wrapped below goes straight through
         return getattr(self._inner, name)
 
-    def _draw(self, what: str) -> str | None:
-        fault = self._faults.draw(what)
-        if fault == "submit":
-            raise _fail(what, "submission")
-        return fault
-
 
 class FaultyTrainingClient(_Wrapper):
     _poison: BaseException | None = None
@@ -107,14 +104,13 @@ class FaultyTrainingClient(_Wrapper):
         if self._poison is not None:
             return _Poisoned(self._poison)
         fault = self._faults.draw(name)
-        if name == "forward_backward_custom" and fault:
-            self._poison = _fail(name, "its custom loss")  # the forward pass ran; the client is poisoned
-            getattr(self._inner, name)(*args)
-            return _Failed(name)
-        if fault == "submit":
-            raise _fail(name, "submission")
-        future = getattr(self._inner, name)(*args)  # the call runs, whatever its future says later
-        return _Failed(name) if fault == "result" else future
+        if fault is None:
+            return getattr(self._inner, name)(*args)
+        if fault == "result":
+            getattr(self._inner, name)(*args)  # the call runs, whatever its future says later
+        if name == "forward_backward_custom":
+            self._poison = _fail(name, "its custom loss")  # as `_fail_custom_requests` does
+        return _Failed(name, fault)
 
     def forward_backward(self, data, loss_fn="cross_entropy"):
         return self._call("forward_backward", data, loss_fn)
@@ -134,8 +130,9 @@ class FaultyTrainingClient(_Wrapper):
 
 class FaultySamplingClient(_Wrapper):
     def _call(self, name: str, *args) -> Any:
-        if self._draw(name) == "result":
-            return _Failed(name)
+        fault = self._faults.draw(name)
+        if fault is not None:  # it changes no state: whether it ran makes no difference
+            return _Failed(name, fault)
         return getattr(self._inner, name)(*args)
 
     def sample(self, prompt, num_samples, sampling_params):

@@ -7,15 +7,20 @@ call may leave later calls run without it, and a failed custom loss poisons the 
 training loop (`character.train.loop`) resumes on a fresh client from the last saved state instead.
 Above both, the Prefect tasks retry a stage that still failed; a stage resumes from what it saved.
 
-A transient error is taken to mean the call had no effect, so making it again is exact.
+A transient error is taken to mean the call had no effect, so making it again is exact. A result that
+does not come within the backend's bound (Tinker: CHARACTER_TINKER_RESULT_TIMEOUT_S) is such an error.
+Each retry is logged on one line; a backend's errors are already redacted (no key in them).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Callable
 
 from character.backend.errors import is_transient
+
+log = logging.getLogger(__name__)
 
 ATTEMPTS = 5
 BACKOFF_S = 1.0  # wait before the 2nd attempt; doubles after each failure
@@ -29,6 +34,13 @@ def retry_transient(call: Callable[[], Any], attempts: int = ATTEMPTS) -> Any:
         except Exception as e:  # noqa: BLE001 - classification decides
             if not is_transient(e) or attempt == attempts - 1:
                 raise
+            log.info(
+                "transient failure, trying again (attempt %d of %d): %s: %s",
+                attempt + 2,
+                attempts,
+                type(e).__name__,
+                " ".join(str(e).split()),
+            )
             time.sleep(BACKOFF_S * 2**attempt)
 
 

@@ -5,11 +5,16 @@ checks that make failures quick and clear: the key must be there (TINKER_API_KEY
 Secret block named in settings), and the service must answer within `tinker_timeout_s` (left
 alone, the SDK retries an unreachable URL silently for minutes).
 
-Training clients hand back the SDK's own futures, wrapped only so that a fatal error reads as one
-line naming what to fix; nothing waits at submission, so the loop submits forward/backward and
-the optimizer step before waiting on either. Sampling keeps at most `max_in_flight` requests
-outstanding across all sampling clients of a service. Transient SDK errors pass through unchanged:
-`character.backend.errors.is_transient` (Prefect's retry condition) recognizes them.
+Training clients hand back the SDK's own futures, wrapped (`tinker_clients`) so that every wait is
+bounded by `result_timeout_s` and every error reads as one redacted line, transient or fatal;
+nothing waits at submission, so the loop submits forward/backward and the optimizer step before
+waiting on either. Sampling keeps at most `max_in_flight` requests outstanding across all sampling
+clients of a service.
+
+Tinker fixes LoRA alpha itself (`TINKER_LORA_ALPHA`, the value its exported adapter_config.json
+records): an alpha asked for is not sent, and one that differs is warned about, because the same
+learning rate then moves the model differently than on the local backend (README, "Learning rates
+across backends").
 
 This module holds the service and its reachability check; the key is in `tinker_key`, the
 wrapped clients in `tinker_clients`, the checks on model names in `tinker_models`.
@@ -30,8 +35,14 @@ from pydantic import SecretStr
 from tinker import types
 
 from character.backend.errors import BackendFatalError, describe_fatal, is_transient
-from character.backend.tinker_clients import CheckedFuture, TinkerSamplingClient, TinkerTrainingClient
-from character.backend.tinker_key import NO_KEY, api_key_source, redact, resolve_api_key, safe_cause
+from character.backend.tinker_clients import (
+    CheckedFuture,
+    TinkerRestClient,
+    TinkerSamplingClient,
+    TinkerTrainingClient,
+    submit_checked,
+)
+from character.backend.tinker_key import NO_KEY, api_key_source, resolve_api_key, safe_cause
 from character.backend.tinker_models import check_ready, is_chat_model, model_roles, model_size_b
 from character.errors import UserError
 from character.settings import Settings
@@ -39,6 +50,7 @@ from character.settings import Settings
 # The Tinker backend's public names, wherever they are defined: callers import them from here.
 __all__ = [
     "NO_KEY",
+    "TINKER_LORA_ALPHA",
     "CheckedFuture",
     "TinkerSamplingClient",
     "TinkerService",
@@ -56,6 +68,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# The LoRA alpha Tinker trains with whatever the client asks for (its exports' adapter_config.json records
+# it; tinker-cookbook assumes the same). The update is scaled by alpha / rank.
+TINKER_LORA_ALPHA = 32
 
 _PROXY_VARS = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
 
@@ -139,11 +155,15 @@ def preflight(base_url: str, api_key: SecretStr, timeout_s: float, rest_factory:
             "check TINKER_BASE_URL and the network, or retry later"
         )
     if isinstance(err, tinker.TinkerError):
-        raise BackendFatalError(
-            redact(describe_fatal(err, f"checking the service at {where}"), api_key)
-        ) from safe_cause(err, api_key)
-    if err is not None:
+        raise BackendFatalError(describe_fatal(err, f"checking the service at {where}", api_key)) from safe_cause(
+            err, api_key
+        )
+    if isinstance(err, UserError):
         raise err
+    if err is not None:  # not an SDK error, but it may still quote what the service said
+        raise BackendFatalError(describe_fatal(err, f"checking the service at {where}", api_key)) from safe_cause(
+            err, api_key
+        )
     return out["result"]
 
 
@@ -176,6 +196,7 @@ class TinkerService:
         *,
         base_url: str | None = None,
         timeout_s: float | None = None,
+        result_timeout_s: float | None = None,
         max_in_flight: int | None = None,
         client_factory: Callable[..., Any] | None = None,
         rest_factory: Callable[..., Any] | None = None,
@@ -183,6 +204,10 @@ class TinkerService:
         self.settings = settings or Settings()
         self.base_url = resolve_base_url(base_url)
         self.timeout_s = timeout_s if timeout_s is not None else self.settings.tinker_timeout_s
+        # the bound on every wait for a result (a stalled service must not hang a build)
+        self.result_timeout_s = (
+            result_timeout_s if result_timeout_s is not None else self.settings.tinker_result_timeout_s
+        )
         self.max_in_flight = max_in_flight or self.settings.tinker_max_in_flight
         self._slots = threading.BoundedSemaphore(self.max_in_flight)
         self._client_factory = client_factory
@@ -217,13 +242,14 @@ class TinkerService:
                 self._sdk = factory(base_url=self.base_url, api_key=self._key.get_secret_value())
             return self._sdk
 
-    def _wait(self, fut, doing: str):
-        return CheckedFuture(fut, doing, self._key).result()
+    def _wait(self, submit: Callable[[], Any], doing: str):
+        """Submit a client creation and wait for it, bounded; its errors read as one redacted line."""
+        return submit_checked(submit, doing, self._key, self.result_timeout_s).result()
 
-    def rest_client(self):
-        """The SDK RestClient (checkpoint info, export URLs), after the same checks."""
+    def rest_client(self) -> TinkerRestClient:
+        """The SDK RestClient (checkpoint info, export URLs), after the same checks; its waits bounded."""
         self._probe()
-        return self._rest
+        return TinkerRestClient(self._rest, self._key, self.result_timeout_s)
 
     def list_models(self) -> list[Any]:
         """What the service offers (`SupportedModel`: name, context length, trainable, sampleable)."""
@@ -249,6 +275,12 @@ class TinkerService:
             raise BackendFatalError(f"model {name!r} has no sampling capacity on Tinker now; choose another model")
 
     # -- ServiceClient protocol -----------------------------------------------------------------
+    def _trainer(self, client, what: str) -> TinkerTrainingClient:
+        return TinkerTrainingClient(client, self._key, what, self.result_timeout_s, lora_alpha=TINKER_LORA_ALPHA)
+
+    def _sampler(self, client, what: str) -> TinkerSamplingClient:
+        return TinkerSamplingClient(client, self._slots, self._key, what, self.result_timeout_s)
+
     def create_lora_training_client(
         self,
         base_model: str,
@@ -259,15 +291,26 @@ class TinkerService:
         train_unembed: bool = False,
         alpha: int | None = None,
     ) -> TinkerTrainingClient:
-        """`alpha` is accepted for interface parity and ignored: Tinker fixes LoRA alpha itself (the exported
-        adapter_config.json records the value it used)."""
+        """`alpha` is not sent: Tinker fixes LoRA alpha itself (`TINKER_LORA_ALPHA`; the client's `lora_alpha`
+        says so). One that differs is warned about: the same learning rate is then a different update."""
         if not (train_mlp or train_attn or train_unembed):
             raise UserError("LoRA has nothing to train: enable attention, MLP or unembedding layers")
+        if alpha is not None and alpha != TINKER_LORA_ALPHA:
+            log.warning(
+                "LoRA alpha %d is not used on Tinker, which trains with alpha %d (scale %.3g at rank %d, not %.3g); "
+                "the same learning rate moves the model about %.3g times as far as locally (README: "
+                "'Learning rates across backends')",
+                alpha,
+                TINKER_LORA_ALPHA,
+                TINKER_LORA_ALPHA / rank,
+                rank,
+                alpha / rank,
+                TINKER_LORA_ALPHA / alpha,
+            )
         sdk = self._client()
         self._check_model(base_model, "training")
-        doing = f"creating a LoRA training client on {base_model!r}"
         client = self._wait(
-            sdk.create_lora_training_client(
+            lambda: sdk.create_lora_training_client(
                 base_model=base_model,
                 rank=rank,
                 seed=seed,
@@ -275,23 +318,23 @@ class TinkerService:
                 train_attn=train_attn,
                 train_unembed=train_unembed,
             ),
-            doing,
+            f"creating a LoRA training client on {base_model!r}",
         )
-        return TinkerTrainingClient(client, self._key, f"LoRA on {base_model}")
+        return self._trainer(client, f"LoRA on {base_model}")
 
     def create_training_client_from_state(self, path: str) -> TinkerTrainingClient:
         """Weights only, fresh optimizer: a new run that starts where `path` left off (sequential SFT)."""
         parse_checkpoint_path(path, "training", "starting from a saved state")
         sdk = self._client()
-        client = self._wait(sdk.create_training_client_from_state(path), f"loading weights from {path}")
-        return TinkerTrainingClient(client, self._key, f"from {path}")
+        client = self._wait(lambda: sdk.create_training_client_from_state(path), f"loading weights from {path}")
+        return self._trainer(client, f"from {path}")
 
     def create_training_client_from_state_with_optimizer(self, path: str) -> TinkerTrainingClient:
         """Weights and optimizer state: resumes an interrupted run exactly."""
         parse_checkpoint_path(path, "training", "resuming training")
         sdk = self._client()
-        client = self._wait(sdk.create_training_client_from_state_with_optimizer(path), f"resuming from {path}")
-        return TinkerTrainingClient(client, self._key, f"resumed from {path}")
+        client = self._wait(lambda: sdk.create_training_client_from_state_with_optimizer(path), f"resuming from {path}")
+        return self._trainer(client, f"resumed from {path}")
 
     def create_sampling_client(
         self, model_path: str | None = None, base_model: str | None = None, seed: int | None = None
@@ -302,14 +345,18 @@ class TinkerService:
         if model_path is not None:
             parse_checkpoint_path(model_path, "any", "sampling")
             sdk = self._client()
-            client = self._wait(sdk.create_sampling_client(model_path=model_path), f"sampling from {model_path}")
-            return TinkerSamplingClient(client, self._slots, self._key, model_path)
+            client = self._wait(
+                lambda: sdk.create_sampling_client(model_path=model_path), f"sampling from {model_path}"
+            )
+            return self._sampler(client, model_path)
         with self._lock:  # one sampling session per base model is enough
             if base_model not in self._base_samplers:
                 sdk = self._client()
                 self._check_model(base_model, "sampling")
-                client = self._wait(sdk.create_sampling_client(base_model=base_model), f"sampling {base_model!r}")
-                self._base_samplers[base_model] = TinkerSamplingClient(client, self._slots, self._key, base_model)
+                client = self._wait(
+                    lambda: sdk.create_sampling_client(base_model=base_model), f"sampling {base_model!r}"
+                )
+                self._base_samplers[base_model] = self._sampler(client, base_model)
             return self._base_samplers[base_model]
 
     def get_tokenizer(self, base_model: str):

@@ -10,6 +10,7 @@ import os
 
 from pydantic import SecretStr
 
+from character.backend.errors import redact  # noqa: F401 - public here too
 from character.errors import UserError
 from character.settings import Settings
 
@@ -55,14 +56,15 @@ def _key_from_prefect(name: str) -> str:
     return value.strip()
 
 
-def redact(text: str, secret: SecretStr | None) -> str:
-    if secret is None:
-        return text
-    value = secret.get_secret_value()
-    return text.replace(value, "***") if value else text
-
-
 def safe_cause(e: BaseException, secret: SecretStr | None) -> BaseException | None:
-    """Chain the SDK error for debugging, unless its text holds the key (a server echoing it back)."""
+    """Chain the SDK error for debugging, unless its text, or that of any error behind it, holds the key (a
+    server echoing it back): a traceback prints every error of the chain."""
     value = secret.get_secret_value() if secret is not None else ""
-    return None if value and value in str(e) else e
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while value and cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if value in str(cur) or value in repr(getattr(cur, "body", None)) or value in repr(cur.args):
+            return None
+        cur = cur.__cause__ or cur.__context__
+    return e

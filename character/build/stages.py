@@ -210,7 +210,7 @@ def stage_dpo(run: StageRun, data_path: str, on_step=None) -> Checkpoint:
             on_step=training_progress(on_step),
         )
     ckpt = Checkpoint(stage="dpo", state=result.state, sampler=result.sampler, steps=result.steps)
-    run.record(ckpt.model_dump())
+    run.record({**ckpt.model_dump(), **_alpha(result)})
     return ckpt
 
 
@@ -238,8 +238,13 @@ def stage_sft(run: StageRun, data_path: str, dpo: Checkpoint | None, on_step=Non
             on_step=training_progress(on_step),
         )
     ckpt = Checkpoint(stage="sft", state=result.state, sampler=result.sampler, steps=result.steps)
-    run.record({**ckpt.model_dump(), "learning_rate": opt.learning_rate})
+    run.record({**ckpt.model_dump(), "learning_rate": opt.learning_rate, **_alpha(result)})
     return ckpt
+
+
+def _alpha(result) -> dict:
+    # the LoRA alpha the backend trained with, where it fixes its own (Tinker): learning rates depend on it
+    return {"lora_alpha": result.lora_alpha} if result.lora_alpha is not None else {}
 
 
 def _local_adapter(cfg: PipelineConfig, ckpt: Checkpoint) -> str:

@@ -16,7 +16,13 @@ on the same client is therefore never safe. Instead, any transient failure of a 
 from the last saved state (`create_training_client_from_state_with_optimizer`; the start client if
 nothing was saved yet), replaying the steps since: `_recovering`, the one call around the normal
 path. `save_every` bounds what a replay costs; `max_recoveries` bounds how often a run recovers in a
-row without reaching a new save before the error goes up (to Prefect's retry).
+row without reaching a new save before the error goes up (to Prefect's retry). A result that never
+comes counts as such a failure: on Tinker every wait is bounded (CHARACTER_TINKER_RESULT_TIMEOUT_S),
+and running out of time raises a transient error, so a stalled service costs a recovery, never a hang.
+
+Each metrics row holds the forward/backward's metrics and the optimizer step's `grad_norm` (the
+local backend's dict, Tinker's `OptimStepResponse.metrics`). The run's final record notes the LoRA
+alpha the backend trained with when it says (Tinker fixes its own).
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ class TrainResult:
     steps: int
     resumed_from: int = 0
     metrics: list[dict] = field(default_factory=list)
+    lora_alpha: int | None = None  # the alpha the backend trained with, where it says (Tinker)
 
 
 SubmitFn = Callable[[TrainingClient, Sequence[Any]], Future[types.ForwardBackwardOutput]]
@@ -94,6 +101,7 @@ def train(
 
     def steps(client: TrainingClient) -> str:
         """The normal path: every step from the resume point on, then the weights for sampling."""
+        run.lora_alpha = getattr(client, "lora_alpha", None)
         for step in range(run.done, run.total):
             row = _step(client, examples, batches[step], submit, step, run.total, cfg)
             run.log(row)
@@ -138,6 +146,7 @@ class _Run:
     done: int = 0  # steps done, the next one's index
     recoveries: int = 0  # in a row, without a new save
     metrics: list[dict] = field(default_factory=list)
+    lora_alpha: int | None = None
 
     @classmethod
     def resume(cls, paths: RunPaths, total: int) -> _Run:
@@ -145,7 +154,9 @@ class _Run:
         records = read_jsonl(paths.saves)
         last = records[-1] if records else None
         if last and last.get("final"):
-            result = TrainResult(last["state"], last["sampler"], total, resumed_from=total)
+            result = TrainResult(
+                last["state"], last["sampler"], total, resumed_from=total, lora_alpha=last.get("lora_alpha")
+            )
             return cls(paths, total, total, last["state"], finished=result)
         first = last["step"] if last else 0
         _forget_metrics_after(paths.metrics, first)
@@ -177,7 +188,7 @@ class _Run:
             "(recovery %d of at most %d)",
             self.done + 1,
             type(error).__name__,
-            error,
+            " ".join(str(error).split()),  # one line; backend errors are already redacted
             self.saved_step,
             self.recoveries,
             max_recoveries,
@@ -188,8 +199,13 @@ class _Run:
 
     def finish(self, sampler: str) -> TrainResult:
         """Record the run as finished: a rerun returns this result at once."""
-        append_jsonl(self.paths.saves, {"step": self.total, "state": self.state, "sampler": sampler, "final": True})
-        return TrainResult(self.state, sampler, self.total, resumed_from=self.first, metrics=self.metrics)
+        row = {"step": self.total, "state": self.state, "sampler": sampler, "final": True}
+        if self.lora_alpha is not None:
+            row["lora_alpha"] = self.lora_alpha
+        append_jsonl(self.paths.saves, row)
+        return TrainResult(
+            self.state, sampler, self.total, resumed_from=self.first, metrics=self.metrics, lora_alpha=self.lora_alpha
+        )
 
 
 def prune_states(log_path: Path, keep: int) -> list[str]:
@@ -230,14 +246,25 @@ def _step(
     fb = submit(client, batch)
     opt = client.optim_step(adam)
     out, opt_out = fb.result(), opt.result()
+    grad_norm = _grad_norm(opt_out)
     return {
         "step": step + 1,
         "total": total,
         "lr": lr,
         **out.metrics,
-        **({"grad_norm": opt_out["grad_norm"]} if isinstance(opt_out, dict) and "grad_norm" in opt_out else {}),
+        **({"grad_norm": grad_norm} if grad_norm is not None else {}),
         "seconds": round(time.perf_counter() - t0, 4),
     }
+
+
+def _grad_norm(opt_out: Any) -> float | None:
+    """The gradient norm an optimizer step reports: a dict locally, `OptimStepResponse.metrics` on Tinker
+    (where the name may carry a prefix or a reduction suffix, e.g. `optim/grad_norm:mean`)."""
+    metrics = opt_out if isinstance(opt_out, dict) else getattr(opt_out, "metrics", None) or {}
+    for key, value in metrics.items():
+        if key.rsplit("/", 1)[-1].split(":", 1)[0] == "grad_norm":
+            return float(value)
+    return None
 
 
 def _forget_metrics_after(path: Path, step: int) -> None:
