@@ -71,7 +71,7 @@ class Loopback:
         self.faults = faults or WireFaults()
         self.echo_key, self.stall_s, self.poll_hold_s = echo_key, stall_s, poll_hold_s
         self.stopping = threading.Event()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
+        self.httpd = _Server(("127.0.0.1", port), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.loopback = self
         self.port = self.httpd.server_address[1]
@@ -104,6 +104,17 @@ class Loopback:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        """A client that went away (it gave up on a stalled answer, or this side reset it) is no error."""
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            log.debug("client %s went away", client_address)
+            return
+        super().handle_error(request, client_address)
 
 
 def _label(path: str, body: dict) -> str:
