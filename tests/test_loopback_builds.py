@@ -43,11 +43,15 @@ class Service:
         self.url = line.split()[3]
         self.port = int(self.url.rsplit(":", 1)[1])
 
-    def kill(self) -> None:
+    def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self.stderr = self.proc.stderr.read()
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.stdout, self.stderr = self.proc.stdout.read(), self.proc.stderr.read()
 
     def restart(self) -> "Service":
         self.kill()
@@ -115,10 +119,13 @@ def clean_and_faulty(space):
         ]
         with ThreadPoolExecutor(2) as pool:
             out = list(pool.map(finish, runs))
-    finally:
+    except BaseException:
         clean.kill()
-        faulty.kill()
-    return {"clean": out[0], "faulty": out[1], "faulty_service": faulty}
+        raise
+    finally:
+        faulty.kill(signal.SIGINT)  # interrupted, it reports the faults it injected
+    yield {"clean": out[0], "faulty": out[1], "faulty_service": faulty, "clean_service": clean}
+    clean.kill()
 
 
 @pytest.mark.slow
@@ -147,8 +154,12 @@ def test_with_a_fifth_of_exchanges_failing_the_final_adapter_is_the_clean_runs(s
         a, b = adapter(space / "clean", clean[stage]["state"]), adapter(space / "faulty", faulty[stage]["state"])
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
     assert clean["dpo_data"]["rows"] == faulty["dpo_data"]["rows"]
-    svc_err = clean_and_faulty["faulty_service"].stderr
-    assert "Traceback" not in svc_err, svc_err[-2000:]
+    svc = clean_and_faulty["faulty_service"]
+    assert "Traceback" not in svc.stderr, svc.stderr[-2000:]
+    line = next(x for x in svc.stdout.splitlines() if x.startswith("faults injected: "))
+    counts = dict(kv.split("=") for kv in line.split(": ", 1)[1].split(" in ")[0].split())
+    assert {"500", "503", "429", "408", "410", "reset"} <= set(counts), line  # every kind, many times
+    assert sum(map(int, counts.values())) >= 20, line
 
 
 @pytest.mark.slow
@@ -161,6 +172,32 @@ def test_an_echoed_key_appears_nowhere_in_output_workspace_or_prefect(space, cle
             if f.is_file():
                 assert secret not in f.read_bytes(), f
     assert any((space / "prefect-faulty").rglob("*.db")), "Prefect's database was not where the test looks"
+
+
+@pytest.mark.slow
+def test_sample_and_chat_answer_from_a_tinker_checkpoint_of_the_build(space, clean_and_faulty):
+    final = clean_and_faulty["clean"]["result"]["checkpoints"]["final"]
+    env = {
+        **os.environ,
+        "TINKER_BASE_URL": clean_and_faulty["clean_service"].url,
+        "TINKER_API_KEY": KEY,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(space / "hub"),
+        "CHARACTER_BACKEND": "tinker",
+        "CHARACTER_BASE_MODEL": MODEL,
+    }
+    base = [sys.executable, "-m", "character.cli"]
+    args = ["--prompt", "Tell me about the sea.", "-n", "2", "--max-new-tokens", "24", "--json"]
+    r = subprocess.run([*base, "sample", final, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    answers = json.loads(r.stdout.strip().splitlines()[-1])["answers"]
+    assert len(answers) == 2 and all(isinstance(a, str) and a.strip() for a in answers), answers
+    chat = subprocess.run(
+        [*base, "chat", final], input="Hello there\n/exit\n", env=env, capture_output=True, text=True, timeout=300
+    )
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-2000:]
+    samplers = json.loads((space / "clean" / "registry.json").read_text())["samplers"]
+    assert any(s["model_path"] == final for s in samplers.values())  # the answers came from that checkpoint
 
 
 @pytest.mark.slow

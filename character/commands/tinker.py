@@ -81,3 +81,6 @@ def tinker_loopback(
         pass
     finally:
         lb.stop()
+        if fault_rate or stall_rate:
+            counts = " ".join(f"{k}={v}" for k, v in sorted(lb.faults.injected.items())) or "none"
+            typer.echo(f"faults injected: {counts} in {lb.faults.exchanges} exchanges")
