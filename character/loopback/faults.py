@@ -2,8 +2,9 @@
 
 A decision is a hash of the seed, the exchange's stable label (the endpoint, the training client's
 number and sequence number, the poll's iteration: no session ids, which differ from run to run) and
-how many times that label has been seen, so one seed gives the same faults in every run however
-the threads interleave. Kinds, as Tinker produces them:
+how many times that label has been seen, so one seed fails the same submissions in every run however
+the threads interleave (how often a pending result is polled depends on timing, so polls vary a
+little). Kinds, as Tinker produces them:
 - `500`, `503`: server errors (the SDK retries them, at submission and while polling);
 - `429`: rate limited, with `retry-after` (a short one, so tests stay quick);
 - `408`: a poll that timed out on the server (the SDK polls again);
