@@ -201,6 +201,20 @@ def test_sample_and_chat_answer_from_a_tinker_checkpoint_of_the_build(space, cle
 
 
 @pytest.mark.slow
+def test_paper_mode_trains_sft_from_the_base_model_on_the_loopback(space, clean_and_faulty):
+    svc = clean_and_faulty["clean_service"]
+    run = finish(build(svc.url, space / "ws", space / "hub", space / "prefect-paper", "paper", "--paper-mode"))
+    assert run["result"]["mode"] == "paper"
+    stages = record(space / "ws", "paper")["stages"]
+    runs = json.loads((space / "clean" / "registry.json").read_text())["runs"]
+    sft_run = stages["sft"]["state"].removeprefix("tinker://").split("/")[0]
+    assert runs[sft_run]["from"] is None  # SFT started from the base model, not from the DPO state
+    seq = record(space / "ws", "clean")["stages"]
+    seq_sft = seq["sft"]["state"].removeprefix("tinker://").split("/")[0]
+    assert runs[seq_sft]["from"] == seq["dpo"]["state"]  # whereas sequential SFT continued from DPO
+
+
+@pytest.mark.slow
 def test_a_service_killed_mid_build_and_restarted_resumes_from_the_last_save(space, clean_and_faulty):
     """The service is killed (SIGKILL) once the build's first training state is on its disk, and started again
     on the same port and state folder: the live run is gone, the build's loop resumes from its last saved state
@@ -220,7 +234,10 @@ def test_a_service_killed_mid_build_and_restarted_resumes_from_the_last_save(spa
         run = finish(proc)
     finally:
         svc.kill()
-    assert json.loads((state / "registry.json").read_text())["restarts"] == 1
+    registry = json.loads((state / "registry.json").read_text())
+    assert registry["restarts"] == 1
+    # the build's loop resumed a run (weights and optimizer) from a saved step: only a recovery does that
+    assert any(r.get("optimizer") and "/weights/step-" in (r.get("from") or "") for r in registry["runs"].values())
     clean, got = record(ws, "clean")["stages"], record(ws, "restarted")["stages"]
     for stage in ("dpo", "sft"):
         a, b = adapter(space / "clean", clean[stage]["state"]), adapter(state, got[stage]["state"])

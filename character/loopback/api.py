@@ -77,7 +77,7 @@ class Api:
             client = self.engine.local.create_lora_training_client(
                 "tiny", rank=rank, seed=lora.get("seed"), alpha=LORA_ALPHA, **flags
             )
-            self._adopt(client, model_id, {"base_model": base, "rank": rank, **flags})
+            self._adopt(client, model_id, {"base_model": base, "rank": rank, **flags, "from": None})
             return {"model_id": model_id, "type": "create_model"}
 
         key = ("create", body["session_id"], body["model_seq_id"])
@@ -203,7 +203,7 @@ class Api:
             )
             source = self.registry.run(parsed.training_run_id) or {}
             info = {k: source.get(k) for k in ("base_model", "rank", "train_mlp", "train_attn", "train_unembed")}
-            self._adopt(client, model_id, info)
+            self._adopt(client, model_id, {**info, "from": path, "optimizer": with_opt})
             return {"path": path, "model_id": model_id, "type": "load_weights"}
 
         return {"request_id": self.engine.submit(key, f"load:{path.rsplit('/', 1)[-1]}", run), "model_id": model_id}

@@ -31,7 +31,6 @@ class Failed(Exception):
 @dataclass
 class Pending:
     label: str  # stable across runs (no session ids): the wire faults are drawn from it
-    sample: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     json: dict | None = None
     proto: bytes | None = None
@@ -78,7 +77,7 @@ class Engine:
             self._next_id += 1
             rid = f"req-{self._next_id}-{self.registry.data['restarts']}"
             self._seen[key] = rid
-            self.results[rid] = p = Pending(label, sample)
+            self.results[rid] = p = Pending(label)
         self._queues["sample" if sample else "train"].put((p, fn))
         return rid
 
@@ -136,7 +135,14 @@ class Engine:
             for p, fn in batch:  # fn() submits and returns a finisher
                 try:
                     staged.append((p, fn()))
-                except Exception as e:  # noqa: BLE001
-                    self._run(p, lambda e=e: (_ for _ in ()).throw(e))
+                except Exception as e:  # noqa: BLE001 - reported as that request's failure
+                    staged.append((p, _raiser(e)))
             for p, finish in staged:
                 self._run(p, finish)
+
+
+def _raiser(e: Exception):
+    def finish():
+        raise e
+
+    return finish

@@ -10,6 +10,7 @@ its last saved state).
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 import uuid
@@ -98,8 +99,6 @@ class Registry:
         return parsed, folder
 
     def delete_checkpoint(self, tinker_path: str) -> None:
-        import shutil
-
         _, folder = self.resolve(tinker_path)
         shutil.rmtree(folder, ignore_errors=True)
         with self._lock:
