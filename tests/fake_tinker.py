@@ -216,6 +216,7 @@ class FakeTinker:
         self.faulted_ops = TRAINING_OPS
         self.echo_key = False  # injected errors quote the API key
         self.injected: dict[str, int] = {}
+        self.injected_kinds: dict[str, int] = {}  # per shape: RequestFailedError, RetryableException, ..., stall
         self.injected_fids: list[tuple[str, int]] = []
         self.grad_norms: list[float] = []  # what each optimizer step reported, in order
         self.stalled: list[Future] = []  # results that never came (a caller may cancel them)
@@ -253,7 +254,10 @@ class FakeTinker:
         if op in self.faulted_ops and self.fault_rate and self._fault_rng.random() < self.fault_rate:
             kinds = TRANSIENT_FAULTS + ((lambda said: STALL),) if self.fault_stalls else TRANSIENT_FAULTS
             self.injected[op] = self.injected.get(op, 0) + 1
-            return self._fault_rng.choice(kinds)(self._said())
+            fault = kinds[sum(self.injected.values()) % len(kinds)](self._said())  # each shape in turn
+            kind = "stall" if fault == STALL else type(getattr(fault, "exc", fault)).__name__
+            self.injected_kinds[kind] = self.injected_kinds.get(kind, 0) + 1
+            return fault
         return None
 
     def submit(self, op: str, fn, counted: bool = False, client: "FakeTrainingClient | None" = None) -> LoggedFuture:

@@ -552,9 +552,10 @@ def _final_delta(fake, cfg) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_a_fifth_of_training_calls_failing_on_the_fake_sdk_changes_no_weight(wired, tmp_path):
-    """DPO then SFT through the real loop with 20% of training calls failing on the server (so after later
-    calls were submitted; custom-loss failures poison their client): same final weights, bit for bit."""
+def test_a_fifth_of_training_calls_failing_on_the_fake_sdk_changes_no_weight(wired, tmp_path, monkeypatch):
+    """DPO then SFT through the real loop with 20% of training calls failing in every shape the SDK lets reach
+    `.result()` (after later calls were submitted; expired results and stalls after the request ran;
+    custom-loss failures poison their client): same final weights, bit for bit."""
     opt = OptimConfig(learning_rate=5e-2, batch_size=2, save_every=2, warmup_ratio=0.0, max_recoveries=100)
     base = PipelineConfig(
         persona="pirate",
@@ -563,8 +564,8 @@ def test_a_fifth_of_training_calls_failing_on_the_fake_sdk_changes_no_weight(wir
         teacher_model=TEACHER,
         workdir=str(tmp_path / "ws"),
         build_id="clean",
-        dpo_pairs=12,
-        reflections=6,
+        dpo_pairs=16,
+        reflections=10,
         interactions=1,
         turns=2,
         max_new_tokens=48,
@@ -575,7 +576,8 @@ def test_a_fifth_of_training_calls_failing_on_the_fake_sdk_changes_no_weight(wir
     run_sequential(base)
     clean = _final_delta(wired, base).clone()
 
-    wired.inject_faults(0.2, seed=1)
+    monkeypatch.setenv("CHARACTER_TINKER_RESULT_TIMEOUT_S", "1")  # a stall is given up after 1 s
+    wired.inject_faults(0.2, seed=1, stalls=True)
     wired.events.clear()
     faulty = base.model_copy(update={"build_id": "faulty"})
     run_sequential(faulty)
@@ -584,6 +586,8 @@ def test_a_fifth_of_training_calls_failing_on_the_fake_sdk_changes_no_weight(wir
     assert {"forward_backward", "forward_backward_custom", "optim_step", "save_state"} <= set(wired.injected), (
         wired.injected
     )
+    kinds = {"RequestFailedError", "RetryableException", "InternalServerError", "APIConnectionError", "stall"}
+    assert set(wired.injected_kinds) == kinds, wired.injected_kinds
     # failures that surfaced only after the optimizer step behind them was submitted
     order = {e: i for i, e in enumerate(wired.events)}
     late = [
