@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
 
 from character.commands.workspace import settings_for
+from character.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, help="The Tinker service (key: TINKER_API_KEY or a Prefect Secret).")
 
@@ -49,3 +51,52 @@ def tinker_models(
     ]
     if models and missing:
         typer.echo(f"not served now: {', '.join(missing)} (set CHARACTER_TINKER_BASE_MODEL / _TEACHER_MODEL)")
+
+
+@app.command("loopback")
+def tinker_loopback(
+    port: int = typer.Option(8765, help="port on 127.0.0.1 (0: any free port)"),
+    state: Path = typer.Option(
+        ..., help="folder for the service's state: checkpoints and registry, kept across restarts"
+    ),
+    fault_rate: float = typer.Option(0.0, help="share of HTTP exchanges that fail (5xx, 429, 408, 410, resets)"),
+    fault_seed: int = typer.Option(0, help="which exchanges fail"),
+    stall_rate: float = typer.Option(0.0, help="share of result polls that stall (never answer in time)"),
+    stall_seconds: float = typer.Option(600.0, help="how long a stalled poll is held before its connection is reset"),
+    echo_key: bool = typer.Option(False, help="echo the API key in error bodies, as a careless service might"),
+    model: list[str] = typer.Option(["tiny"], help="a model name to serve (repeatable); all run the embedded tiny"),
+) -> None:
+    """A loopback Tinker service on 127.0.0.1 for rehearsing a Tinker build offline: the real SDK talks to it,
+    the local backend computes on the embedded tiny model. Runs until interrupted."""
+    from character.loopback.faults import WireFaults
+    from character.loopback.server import Loopback
+    from character.settings import Workspace
+
+    if not (0 <= fault_rate < 1 and 0 <= stall_rate < 1):
+        raise UserError("--fault-rate and --stall-rate must be in [0, 1)")
+    if not 0 <= port < 65536:
+        raise UserError(f"--port {port}: not a port number")
+    settings = settings_for(None)
+    try:
+        lb = Loopback(
+            state,
+            Workspace(settings.workdir).models,
+            port=port,
+            faults=WireFaults(fault_rate, fault_seed, stall_rate),
+            echo_key=echo_key,
+            served=tuple(model),
+            stall_s=stall_seconds,
+        )
+    except OSError as e:
+        raise UserError(f"cannot listen on 127.0.0.1:{port}: {e.strerror or e}") from None
+    typer.echo(f"Tinker loopback at {lb.url} serving {', '.join(model)}; state in {state}")
+    typer.echo(f"  export TINKER_BASE_URL={lb.url} TINKER_API_KEY=tml-loopback HF_HUB_OFFLINE=1", err=False)
+    try:
+        lb.httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        lb.stop()
+        if fault_rate or stall_rate:
+            counts = " ".join(f"{k}={v}" for k, v in sorted(lb.faults.injected.items())) or "none"
+            typer.echo(f"faults injected: {counts} in {lb.faults.exchanges} exchanges")
