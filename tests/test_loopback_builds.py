@@ -1,8 +1,8 @@
 """Builds on `--backend tinker` against the loopback service, end to end through Prefect: the real SDK, the
 real CLI, a service in its own process (`character tinker loopback`), at a small scale on the tiny model.
 
-The service serves the tiny model as `loopback/tiny`: `check_ready` (t19-lineup's tinker_models.py) still
-refuses the name `tiny` on the Tinker backend, which `test_a_build_names_the_model_tiny` records.
+The builds name the model `loopback/tiny` (one served name among others); `test_a_build_names_the_model_tiny`
+builds with `--base-model tiny --teacher-model tiny`, which a loopback service's URL allows.
 """
 
 from __future__ import annotations
@@ -246,11 +246,6 @@ def test_a_service_killed_mid_build_and_restarted_resumes_from_the_last_save(spa
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="check_ready (character/backend/tinker_models.py, t19-lineup) refuses the name 'tiny' on the Tinker "
-    "backend as a local model, even when the service lists it",
-)
 def test_a_build_names_the_model_tiny(space):
     ws, hub, state = space / "ws", space / "hub", space / "as-tiny"
     env = {**os.environ, "CHARACTER_WORKDIR": str(ws), "HF_HUB_CACHE": str(hub)}

@@ -27,14 +27,28 @@ def check_ready(settings: Settings, base_model: str, teacher_model: str | None =
     """What can be checked before anything runs, with no network: a key source and model names."""
     if api_key_source(settings) is None:
         raise UserError(NO_KEY)
+    rehearsal = _is_loopback()  # a loopback service (character.loopback) serves `tiny` by that name
     for what, name in (("base model", base_model), ("teacher model", teacher_model)):
-        if name is None:
+        if name is None or (rehearsal and "/" not in name and not Path(name).expanduser().exists()):
             continue
         if name == "tiny" or "/" not in name or Path(name).expanduser().exists():
             raise UserError(
                 f"{what} {name!r} is a local model; on Tinker use a model it serves, e.g. "
                 f"{settings.tinker_base_model!r} (`character tinker models` lists them)"
             )
+
+
+def _is_loopback() -> bool:
+    """The service is on this machine (TINKER_BASE_URL at 127.0.0.1, ::1 or localhost): bare names are its own."""
+    from urllib.parse import urlparse
+
+    from character.backend.tinker import resolve_base_url
+
+    try:
+        host = urlparse(resolve_base_url(None)).hostname or ""
+    except Exception:  # noqa: BLE001 - no usable URL: not a loopback; the preflight names the problem
+        return False
+    return host in ("127.0.0.1", "::1", "localhost")
 
 
 def model_size_b(name: str) -> float | None:
