@@ -19,6 +19,7 @@ from typing import Callable
 from tinker import types
 
 from character.backend import SamplingClient
+from character.backend.retry import Call
 from character.datagen.engine import item_seed
 from character.errors import UserError
 from character.evaluation.data import EvalData
@@ -77,6 +78,14 @@ class ModelRun:
 
 
 # -- sampling --------------------------------------------------------------------------------------
+def _submit_samples(client: SamplingClient, prompts: list[list[int]], params: list[types.SamplingParams]) -> list[Call]:
+    """One answer per prompt, submitted now; a request that fails transiently is made again alone (its
+    params are seeded: the same answer comes back)."""
+    return [
+        Call(lambda p=p, sp=sp: client.sample(types.ModelInput.from_ints(p), 1, sp)) for p, sp in zip(prompts, params)
+    ]
+
+
 def _run_model(
     client: SamplingClient,
     label: str,
@@ -97,14 +106,13 @@ def _run_model(
     # Submit everything before waiting: the backend batches it.
     f_dpo = submit_logprobs(client, seqs.dpo)
     f_intro = submit_logprobs(client, seqs.intro)
-    f_plain = [
-        client.sample(types.ModelInput.from_ints(p), 1, sampling.params("eval", i, renderer.stop_tokens))
-        for i, p in enumerate(seqs.prompts)
-    ]
-    f_robust = [
-        client.sample(types.ModelInput.from_ints(p), 1, sampling.params("eval-robust", i, renderer.stop_tokens))
-        for i, p in enumerate(seqs.robust)
-    ]
+    stops = renderer.stop_tokens
+    f_plain = _submit_samples(
+        client, seqs.prompts, [sampling.params("eval", i, stops) for i in range(len(seqs.prompts))]
+    )
+    f_robust = _submit_samples(
+        client, seqs.robust, [sampling.params("eval-robust", i, stops) for i in range(len(seqs.robust))]
+    )
     # Revealed preferences: answers while offered two traits (judged later, once this model is dropped).
     embodied = embodied_answers(client, offers, sampling.seed, sampling.max_new_tokens) if offers is not None else None
     sums = {"dpo": weighted_sums(f_dpo, seqs.dpo_w), "intro": weighted_sums(f_intro, seqs.intro_w)}
