@@ -59,15 +59,10 @@ def validate(cfg: PipelineConfig) -> Constitution:
 def check_served_models(cfg: PipelineConfig) -> None:
     """Tinker: every model the build will use (student, teacher, judge) is served and can be trained or
     sampled as the build needs, asked of the service once (free) before anything is spent."""
-    if cfg.backend != "tinker":
-        return
-    from character.backend.tinker import TinkerService, display_url
-    from character.backend.tinker_models import check_served, models_to_check
+    if cfg.backend == "tinker":
+        from character.backend.tinker_models import check_build_served
 
-    settings = Settings()
-    judges = [("revealed-preference judge (CHARACTER_REVEALED_JUDGE)", settings.revealed_judge)] if cfg.evaluate else []
-    svc = TinkerService(settings)
-    check_served(svc.list_models(), models_to_check(cfg, judges), display_url(svc.base_url))
+        check_build_served(cfg, Settings())
 
 
 def _service(cfg: PipelineConfig):
