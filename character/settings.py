@@ -29,11 +29,11 @@ class Settings(BaseSettings):
     # Tinker (backend "tinker"): models it serves, where the key lives, and how long to wait for it.
     # Served defaults (Tinker's lineup of 2026-08; README "Tinker: default models"): a dense 8B hybrid-thinking
     # chat model, the paper's student size, whose exported adapters merge exactly here; and as teacher the largest
-    # chat model served (671B total, 37B active), in its non-thinking mode. Checked against the service's
-    # capabilities before a build spends anything; `character tinker models` marks other candidates.
+    # served chat model our renderers support (397B total, 17B active), in its non-thinking mode. Checked against
+    # the service's capabilities before a build spends anything; `character tinker models` marks other candidates.
     tinker_base_model: str = "Qwen/Qwen3-8B"
     tinker_teacher_model: str | None = Field(
-        "deepseek-ai/DeepSeek-V3.1",
+        "Qwen/Qwen3.5-397B-A17B",
         description="teacher for Tinker builds: a chat model many times larger than the student",
     )
     tinker_secret_block: str | None = Field(

@@ -18,6 +18,7 @@ from character.config import PipelineConfig
 from character.cost.budget import build_plan
 from character.cost.prices import load_prices
 from character.settings import Settings
+from character.train.families import renderer_name
 from character.train.loop import OptimConfig
 from character.train.renderer import Renderer
 
@@ -54,10 +55,13 @@ def test_the_defaults_are_in_todays_lineup_priced_and_fit_their_roles():
     student = type("M", (), {"model_name": s.tinker_base_model, "sampleable": True})
     teacher = type("M", (), {"model_name": s.tinker_teacher_model, "sampleable": True})
     assert model_size_b(s.tinker_base_model) == 8 and model_roles(student, s.tinker_base_model) == []
-    assert model_roles(teacher, s.tinker_base_model) == ["teacher", "judge"]  # 671B: ~84x the student
+    assert model_roles(teacher, s.tinker_base_model) == ["teacher", "judge"]  # 397B: ~50x the student
     assert merge_supported(s.tinker_base_model)  # paper mode can export and merge its adapters
+    # both are rendered by a family renderer tested against their own templates, in non-thinking mode
+    assert renderer_name(s.tinker_base_model) == "qwen3_disable_thinking"
+    assert renderer_name(s.tinker_teacher_model) == "qwen3_5_disable_thinking"
     prices = load_prices()
-    assert prices.price(s.tinker_base_model).train == 0.40 and prices.price(s.tinker_teacher_model).sample == 2.81
+    assert prices.price(s.tinker_base_model).train == 0.40 and prices.price(s.tinker_teacher_model).sample == 5.00
 
 
 @pytest.fixture
@@ -83,6 +87,8 @@ def test_a_lineup_without_the_default_student_fails_at_once_naming_the_alternati
     assert lines[0].startswith("error: base model 'Qwen/Qwen3-8B' is not served by Tinker")
     assert "Qwen/Qwen3.5-4B" in lines[0] and "Qwen/Qwen3.5-9B" in lines[0]  # trainable chat alternatives
     assert "Base" not in lines[0]  # base models cannot stand in for a chat student
+    for refused in ("gpt-oss", "DeepSeek", "Kimi"):  # served and trainable, but the renderers refuse them
+        assert refused not in lines[0], lines[0]
     assert [c[0] for c in served.calls] == ["get_server_capabilities"]  # nothing else was asked, nothing spent
     assert not (tmp_path / "ws" / "builds").exists()
 
@@ -121,7 +127,7 @@ def test_every_flow_run_checks_its_budget_and_the_lineup_before_its_lock(served,
         run_sequential(cfg)  # the plan every flow runs (character.build.plan.run)
     assert [c[0] for c in served.calls] == ["get_server_capabilities"] and not (tmp_path / "ws" / "builds").exists()
     served.models = [m for m in LINEUP if m != cfg.teacher_model]
-    with pytest.raises(UserError, match="teacher model 'deepseek-ai/DeepSeek-V3.1' is not served"):
+    with pytest.raises(UserError, match="teacher model 'Qwen/Qwen3.5-397B-A17B' is not served"):
         run_sequential(cfg.model_copy(update={"max_cost": None}))
 
 
@@ -135,21 +141,24 @@ def test_a_teacher_that_cannot_sample_and_a_judge_not_served_are_refused(served,
     caps = [
         SupportedModel(model_name="Qwen/Qwen3-8B", trainable=True, sampleable=True),
         SupportedModel(model_name="Qwen/Qwen3.5-4B", trainable=True, sampleable=True),
-        SupportedModel(model_name="deepseek-ai/DeepSeek-V3.1", trainable=False, sampleable=False),
+        SupportedModel(model_name="Qwen/Qwen3.5-397B-A17B", trainable=False, sampleable=False),
         SupportedModel(model_name="openai/gpt-oss-120b", trainable=False, sampleable=True),
+        SupportedModel(model_name="deepseek-ai/DeepSeek-V3.1", trainable=True, sampleable=True),
+        SupportedModel(model_name="nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16", trainable=False, sampleable=True),
     ]
     cfg = PipelineConfig(persona="pirate", backend="tinker", base_model="Qwen/Qwen3-8B", workdir=str(tmp_path))
-    teacher = cfg.model_copy(update={"teacher_model": "deepseek-ai/DeepSeek-V3.1"})
-    with pytest.raises(UserError, match="teacher model 'deepseek-ai/DeepSeek-V3.1' cannot be sampled there now") as e:
+    teacher = cfg.model_copy(update={"teacher_model": "Qwen/Qwen3.5-397B-A17B"})
+    with pytest.raises(UserError, match="teacher model 'Qwen/Qwen3.5-397B-A17B' cannot be sampled there now") as e:
         check_served(caps, models_to_check(teacher, []), "here")
-    assert "sampled: Qwen/Qwen3-8B, Qwen/Qwen3.5-4B, openai/gpt-oss-120b" in str(e.value)
+    # gpt-oss and DeepSeek can be sampled there, but the renderers refuse them: never offered
+    assert "sampled: Qwen/Qwen3-8B, Qwen/Qwen3.5-4B, nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16 (" in str(e.value)
     student = cfg.model_copy(update={"base_model": "openai/gpt-oss-120b", "teacher_model": None})
     with pytest.raises(UserError, match="'openai/gpt-oss-120b' cannot be trained and sampled") as e:
         check_served(caps, models_to_check(student, []), "here")
-    assert "trained and sampled: Qwen/Qwen3-8B, Qwen/Qwen3.5-4B (" in str(e.value)
+    assert "trained and sampled: Qwen/Qwen3-8B, Qwen/Qwen3.5-4B (" in str(e.value)  # not DeepSeek either
     check_served([], models_to_check(student, []), "here")  # a service that lists nothing answers for itself
     monkeypatch.setenv("CHARACTER_REVEALED_JUDGE", "zai-org/GLM-5.3")  # through the service, as a build asks
-    judged = cfg.model_copy(update={"teacher_model": "deepseek-ai/DeepSeek-V3.1", "base_model": "Qwen/Qwen3.5-4B"})
+    judged = cfg.model_copy(update={"teacher_model": "Qwen/Qwen3.5-397B-A17B", "base_model": "Qwen/Qwen3.5-4B"})
     with pytest.raises(UserError, match=r"judge \(CHARACTER_REVEALED_JUDGE\) 'zai-org/GLM-5.3' is not served"):
         checks.check_served_models(judged)
     checks.check_served_models(judged.model_copy(update={"evaluate": False}))  # no evaluation: no judge
@@ -161,14 +170,25 @@ def test_tinker_models_shows_capabilities_merge_support_prices_and_the_defaults(
     assert code == 0 and KEY not in out
     rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
     qwen3 = rows["Qwen/Qwen3-8B"]
-    assert qwen3[1:6] == ["32768", "yes", "yes", "yes", "0.13/0.4/0.4"] and "(default student)" in " ".join(qwen3)
-    deepseek = " ".join(rows["deepseek-ai/DeepSeek-V3.1"])
-    assert "no 1.13/2.81/3.38 teacher, judge (default teacher)" in deepseek  # no merge: not a dense family
+    assert qwen3[1:7] == ["32768", "yes", "yes", "yes", "0.13/0.4/0.4", "qwen3_disable_thinking"]
+    assert "(default student)" in " ".join(qwen3)
+    teacher = " ".join(rows["Qwen/Qwen3.5-397B-A17B"])  # no merge: a mixture of experts
+    assert "no 2/5/6 qwen3_5_disable_thinking teacher, judge (default teacher)" in teacher
+    # big enough to teach and judge, but refused by the renderers: shown so, offered as neither
+    for refused in ("deepseek-ai/DeepSeek-V3.1", "moonshotai/Kimi-K2.6", "openai/gpt-oss-120b"):
+        assert rows[refused][6:] == ["refused", "-"], rows[refused]
     assert rows["Qwen/Qwen3.8-27B"][5] == "-"  # no price in the table: shown as such, never guessed
-    assert "not served now" not in out
+    assert "not served now" not in out and "refused:" not in out
     served.models = [m for m in LINEUP if m != "Qwen/Qwen3-8B"]
     code, out, err, _ = _cli(monkeypatch, capsys, "tinker", "models")
     assert code == 0 and out.splitlines()[-1].startswith("not served now: student Qwen/Qwen3-8B (set ")
+    monkeypatch.setenv("CHARACTER_TINKER_TEACHER_MODEL", "deepseek-ai/DeepSeek-V3.1")
+    code, out, err, _ = _cli(monkeypatch, capsys, "tinker", "models")
+    assert code == 0 and out.splitlines()[-1].startswith(
+        "refused: teacher model deepseek-ai/DeepSeek-V3.1 is a DeepSeek"
+    )
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:-2]}
+    assert rows["deepseek-ai/DeepSeek-V3.1"][6:] == ["refused", "-", "(default", "teacher)"]  # marked, no role
 
 
 # -- the plan against the build, on the fake SDK --------------------------------------------------------

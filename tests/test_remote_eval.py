@@ -302,3 +302,37 @@ def test_a_bad_revealed_judge_or_a_missing_key_fails_before_a_build_starts(tmp_p
         pipeline.validate(cfg)
     assert not read_record(cfg)
     pipeline.validate(cfg.model_copy(update={"evaluate": False}))  # no evaluation: no judge needed
+
+
+@pytest.mark.slow
+def test_transient_sampling_failures_leave_the_evaluation_as_it_was(wired, tmp_path, monkeypatch):
+    """Every sampling and log-prob request of an evaluation (models, 1-10 judge, revealed-preference judge)
+    is made again alone when it fails transiently: the same numbers come out as without faults."""
+    from character.backend import retry
+    from character.evaluation.evaluate import evaluate_checkpoints
+    from character.evaluation.options import EvalOptions
+
+    monkeypatch.setattr(retry, "BACKOFF_S", 0.0)
+    cfg, out = _tinker_build(tmp_path, "faults")
+    uris = [out["dpo"].sampler, out["sft"].sampler]
+
+    def evaluate(name: str) -> dict:
+        opts = EvalOptions(
+            persona="pirate",
+            workdir=cfg.workdir,
+            judge_model=TEACHER,
+            revealed_judge=TEACHER,
+            revealed_games=6,
+            out_dir=tmp_path / name,
+        )
+        res = evaluate_checkpoints(uris, opts)
+        res["eval"].pop("report")  # where the report went: the one thing that differs
+        return {k: res[k] for k in ("checkpoints", "eval", "generations", "revealed", "classifier")}
+
+    clean = evaluate("clean")
+    wired.inject_faults(0.25, seed=5, ops=("sample", "compute_logprobs"))
+    faulted = evaluate("faulted")
+    assert wired.injected.get("sample", 0) >= 3 and wired.injected.get("compute_logprobs", 0) >= 3, wired.injected
+    assert len(wired.injected_kinds) >= 3, wired.injected_kinds  # several of the SDK's failure shapes
+    assert faulted == clean
+    assert clean["eval"]["sft"]["pref_pairs"] > 0 and clean["checkpoints"]["sft"]["introspection_nll"] is not None

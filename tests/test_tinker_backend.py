@@ -722,6 +722,8 @@ def test_teacher_and_judge_candidates_are_read_from_model_names():
     assert roles("Qwen/Qwen3-30B-A3B") == ["judge"]  # under 4x an 8B student
     assert roles("meta-llama/Llama-3.1-70B") == [] and roles("Qwen/Qwen3-8B-Base") == []  # base models
     assert roles("openai/gpt-oss-120b", sampleable=False) == [] and roles(student) == []
+    # big enough for both roles, but refused by the renderers (character.train.families): never offered
+    assert roles("deepseek-ai/DeepSeek-V3.1") == roles("moonshotai/Kimi-K2.6") == roles("openai/gpt-oss-120b") == []
 
 
 def test_cli_lists_tinker_models(wired, capsys, monkeypatch):

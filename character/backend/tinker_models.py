@@ -4,7 +4,8 @@ service says it serves.
 `check_ready` refuses local model names (and a missing key) before anything runs; `check_served`
 checks every model a build will use against the service's capabilities (free to ask) before anything
 is spent; `model_roles` marks which served models are big enough to teach a given student and to judge
-(`character tinker models`).
+(`character tinker models`). Neither offers a model whose family the renderers refuse
+(character.train.families): the alternatives named are models a build can use.
 """
 
 from __future__ import annotations
@@ -70,10 +71,26 @@ def is_chat_model(name: str) -> bool:
     return True
 
 
+def renderer_or_refusal(name: str) -> tuple[str | None, str | None]:
+    """(the renderer a build would use for this model, None) or (None, why its family is refused)."""
+    from character.train.families import renderer_name
+
+    try:
+        return renderer_name(name), None
+    except UserError as e:
+        return None, str(e)
+
+
+def renderable(name: str) -> bool:
+    """Whether a build may use this model at all: its family is not refused by the renderers."""
+    return renderer_or_refusal(name)[0] is not None
+
+
 def model_roles(model, student: str) -> list[str]:
     """ "teacher" for a sampleable chat model at least TEACHER_MIN_RATIO x the student's size, "judge" for one of
-    at least JUDGE_MIN_B billion parameters. Models whose name gives no size are not marked."""
-    if model.sampleable is False or not is_chat_model(model.model_name):
+    at least JUDGE_MIN_B billion parameters. Models whose name gives no size, and models the renderers refuse,
+    are not marked."""
+    if model.sampleable is False or not is_chat_model(model.model_name) or not renderable(model.model_name):
         return []
     size, small = model_size_b(model.model_name), model_size_b(student)
     if size is None:
@@ -128,9 +145,27 @@ def check_served(served: list, wanted: list[tuple[str, str, tuple[str, ...]]], w
             for x in served
             if all({"train": x.trainable is not False, "sample": x.sampleable is not False}[n] for n in needs)
             and is_chat_model(x.model_name)
+            and renderable(x.model_name)  # never offer a model the build would then refuse
         ]
         state = "is not served" if m is None else f"cannot be {doing} there now"
         raise UserError(
             f"{what} {name!r} {state} by Tinker at {where}; served chat models that can be {doing}: "
             f"{', '.join(sorted(fits)) or 'none'} (`character tinker models` lists every model)"
         )
+
+
+def check_build_served(cfg, settings: Settings) -> None:
+    """A build's models (student, teacher, the judges when it evaluates) checked against
+    what the service serves: one free call."""
+    from character.backend.tinker import TinkerService, display_url
+
+    judges = (
+        [
+            ("revealed-preference judge (CHARACTER_REVEALED_JUDGE)", settings.revealed_judge),
+            ("coherence judge (CHARACTER_COHERENCE_JUDGE)", settings.coherence_judge),
+        ]
+        if cfg.evaluate
+        else []
+    )
+    svc = TinkerService(settings)
+    check_served(svc.list_models(), models_to_check(cfg, judges), display_url(svc.base_url))

@@ -50,24 +50,12 @@ def validate(cfg: PipelineConfig) -> Constitution:
 
 
 def check_served_models(cfg: PipelineConfig) -> None:
-    """Tinker: every model the build will use (student, teacher, judge) is served and can be trained or
+    """Tinker: every model the build will use (student, teacher, judges) is served and can be trained or
     sampled as the build needs, asked of the service once (free) before anything is spent."""
-    if cfg.backend != "tinker":
-        return
-    from character.backend.tinker import TinkerService, display_url
-    from character.backend.tinker_models import check_served, models_to_check
+    if cfg.backend == "tinker":
+        from character.backend.tinker_models import check_build_served
 
-    settings = Settings()
-    judges = (
-        [
-            ("revealed-preference judge (CHARACTER_REVEALED_JUDGE)", settings.revealed_judge),
-            ("coherence judge (CHARACTER_COHERENCE_JUDGE)", settings.coherence_judge),
-        ]
-        if cfg.evaluate
-        else []
-    )
-    svc = TinkerService(settings)
-    check_served(svc.list_models(), models_to_check(cfg, judges), display_url(svc.base_url))
+        check_build_served(cfg, Settings())
 
 
 def check_teacher_prompt_fits(cfg: PipelineConfig, c: Constitution, teacher) -> None:

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 from tinker import types
 
 from character.backend import SamplingClient
+from character.backend.retry import Call
 from character.train.families import renderer_for
 
 JUDGE_SYSTEM = (
@@ -70,7 +71,8 @@ def compare(
     params = renderer.sampling_params(max_tokens=max_new_tokens, temperature=0.0, top_p=1.0, seed=seed)
     convs = [judge_messages(q, a, b) for q, a, b in zip(prompts, answers_a, answers_b)]
     convs += [judge_messages(q, b, a) for q, a, b in zip(prompts, answers_a, answers_b)]
-    futures = [judge.sample(types.ModelInput.from_ints(renderer.prompt(m)), 1, params) for m in convs]
+    # a request that fails transiently is made again alone (seeded: the same verdict comes back)
+    futures = [Call(lambda m=m: judge.sample(types.ModelInput.from_ints(renderer.prompt(m)), 1, params)) for m in convs]
     texts = [renderer.decode(list(f.result().sequences[0].tokens)) for f in futures]
     total = len(prompts)
     records = []

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable
 from tinker import types
 
 from character.backend import SamplingClient
+from character.backend.retry import Call
 from character.evaluation.revealed import TRAITS, Offers, constitution_traits, judge_games, rating_changes
 from character.persona.constitution import Constitution
 from character.train.families import renderer_for
@@ -55,9 +56,8 @@ def judge_answers(
     """Scores for (question, answer) pairs; the judge's raw text is kept next to the parsed score."""
     renderer = renderer_for(judge.get_tokenizer())
     params = renderer.sampling_params(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=0)
-    futs = [
-        judge.sample(types.ModelInput.from_ints(renderer.prompt(judge_messages(c, q, a))), 1, params) for q, a in items
-    ]
+    prompts = [types.ModelInput.from_ints(renderer.prompt(judge_messages(c, q, a))) for q, a in items]
+    futs = [Call(lambda p=p: judge.sample(p, 1, params)) for p in prompts]  # each made again alone if it fails
     out = []
     for f in futs:
         raw = renderer.decode(f.result().sequences[0].tokens)

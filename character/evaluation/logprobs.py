@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from tinker import types
 
 from character.backend import SamplingClient
+from character.backend.retry import Call
 from character.evaluation.data import EvalData
 from character.evaluation.metrics import break_character_messages
 from character.evaluation.multiturn import with_system
@@ -56,8 +57,9 @@ def render_sequences(
     return s
 
 
-def submit_logprobs(client: SamplingClient, seqs: list[list[int]]):
-    return [client.compute_logprobs(types.ModelInput.from_ints(s)) for s in seqs]
+def submit_logprobs(client: SamplingClient, seqs: list[list[int]]) -> list[Call]:
+    """Every request submitted now; each made again alone if it fails transiently (log-probs change nothing)."""
+    return [Call(lambda s=s: client.compute_logprobs(types.ModelInput.from_ints(s))) for s in seqs]
 
 
 def weighted_sums(futures, weights: list[list[float]]) -> list[tuple[float, float]]:

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 from tinker import types
 
 from character.backend import SamplingClient
+from character.backend.retry import Call
 from character.train.families import renderer_for
 
 # About 145 single-word traits of our own choosing, spread over temperament, manner, intellect, ethics and social style.
@@ -276,7 +277,8 @@ def elo_ratings(
 def _texts(client: SamplingClient, conversations: list[list[dict]], params: types.SamplingParams) -> list[str]:
     renderer = renderer_for(client.get_tokenizer())
     params = params.model_copy(update={"stop": renderer.stop_tokens})  # answers end at the end of the turn
-    futures = [client.sample(types.ModelInput.from_ints(renderer.prompt(m)), 1, params) for m in conversations]
+    prompts = [types.ModelInput.from_ints(renderer.prompt(m)) for m in conversations]
+    futures = [Call(lambda p=p: client.sample(p, 1, params)) for p in prompts]  # each made again alone if it fails
     return [renderer.decode(list(f.result().sequences[0].tokens)) for f in futures]
 
 

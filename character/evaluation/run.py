@@ -22,6 +22,7 @@ from typing import Callable
 from tinker import types
 
 from character.backend import SamplingClient
+from character.backend.retry import Call
 from character.datagen.engine import item_seed
 from character.errors import UserError
 from character.evaluation.capability import render_choices, score_choices
@@ -92,16 +93,21 @@ def _texts(renderer: Renderer, futures) -> list[str]:
     return [renderer.decode(list(f.result().sequences[0].tokens)) for f in futures]
 
 
+def _submit_samples(client: SamplingClient, prompts: list[list[int]], params: list[types.SamplingParams]) -> list[Call]:
+    """One answer per prompt, submitted now; a request that fails transiently is made again alone (its
+    params are seeded: the same answer comes back)."""
+    return [
+        Call(lambda p=p, sp=sp: client.sample(types.ModelInput.from_ints(p), 1, sp)) for p, sp in zip(prompts, params)
+    ]
+
+
 def _submit_prefill(client, renderer, prompts: list[str], first: list[str], system: str | None, sampling: Sampling):
     """The second turn after the base's first answers (character.evaluation.multiturn)."""
-    return [
-        client.sample(
-            types.ModelInput.from_ints(renderer.prompt(prefill_messages(q, first[i], i, system))),
-            1,
-            sampling.params("eval-prefill", i, renderer.stop_tokens),
-        )
-        for i, q in enumerate(prompts)
-    ]
+    return _submit_samples(
+        client,
+        [renderer.prompt(prefill_messages(q, first[i], i, system)) for i, q in enumerate(prompts)],
+        [sampling.params("eval-prefill", i, renderer.stop_tokens) for i in range(len(prompts))],
+    )
 
 
 def _run_model(
@@ -130,14 +136,13 @@ def _run_model(
     # Submit everything before waiting: the backend batches it.
     f_dpo = submit_logprobs(client, seqs.dpo)
     f_intro = submit_logprobs(client, seqs.intro)
-    f_plain = [
-        client.sample(types.ModelInput.from_ints(p), 1, sampling.params("eval", i, renderer.stop_tokens))
-        for i, p in enumerate(seqs.prompts)
-    ]
-    f_robust = [
-        client.sample(types.ModelInput.from_ints(p), 1, sampling.params("eval-robust", i, renderer.stop_tokens))
-        for i, p in enumerate(seqs.robust)
-    ]
+    stops = renderer.stop_tokens
+    f_plain = _submit_samples(
+        client, seqs.prompts, [sampling.params("eval", i, stops) for i in range(len(seqs.prompts))]
+    )
+    f_robust = _submit_samples(
+        client, seqs.robust, [sampling.params("eval-robust", i, stops) for i in range(len(seqs.robust))]
+    )
     prefill_now = sections.prefill and first is not None
     f_prefill = _submit_prefill(client, renderer, data.prompts, first, system, sampling) if prefill_now else []
     cap = sections.capability
