@@ -26,15 +26,20 @@ def memory_budget_bytes(device: torch.device, budget_gb: float | None) -> float:
     return 0.5 * avail
 
 
+def decoder_bytes_per_token(config, checkpointing: bool, device: torch.device) -> float:
+    """A rough upper estimate of what the decoder layers keep for backward per trained token: about
+    34 x hidden values per layer without checkpointing, 2 x hidden with it (bf16 on CUDA, float32 on CPU)."""
+    cfg = getattr(config, "text_config", config)
+    width = 2 if device.type == "cuda" else 4
+    return cfg.num_hidden_layers * (2 if checkpointing else 34) * cfg.hidden_size * width
+
+
 def activation_bytes_per_token(config, checkpointing: bool, device: torch.device) -> float:
     """A rough upper estimate of the memory one trained token costs: the layers' saved activations
-    (about 34 x hidden values per layer without checkpointing, 2 x hidden with it; bf16 on CUDA,
-    float32 on CPU) plus the logits (float32 copies kept for the log-softmax and its backward)."""
+    (`decoder_bytes_per_token`) plus the logits (float32 copies kept for the log-softmax and its backward)."""
     cfg = getattr(config, "text_config", config)
-    hidden, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     width = 2 if device.type == "cuda" else 4
-    per_layer = (2 if checkpointing else 34) * hidden * width
-    return layers * per_layer + vocab * (width + 2 * 4)
+    return decoder_bytes_per_token(config, checkpointing, device) + cfg.vocab_size * (width + 2 * 4)
 
 
 def micro_batches(lengths: list[int], size: int | None, token_budget: float) -> list[list[int]]:
@@ -50,5 +55,33 @@ def micro_batches(lengths: list[int], size: int | None, token_budget: float) -> 
             longest = max(longest, n)
         else:
             out.append([i])
+            longest = n
+    return out
+
+
+def grouped_micro_batches(
+    lengths: list[int], size: int | None, token_budget: float, group: int
+) -> list[list[int]] | None:
+    """Like `micro_batches`, but each run of `group` consecutive sequences (a DPO pair) stays in one
+    micro-batch; None when one group alone is over `size` sequences or over token_budget."""
+    if len(lengths) % group:
+        return None
+    units = [list(range(k, k + group)) for k in range(0, len(lengths), group)]
+    if size is not None:
+        per = size // group
+        if per < 1:
+            return None
+        return [[i for u in units[k : k + per] for i in u] for k in range(0, len(units), per)]
+    out: list[list[int]] = []
+    longest = 0
+    for u in units:
+        n = max(lengths[i] for i in u)
+        if group * n > token_budget:
+            return None
+        if out and (len(out[-1]) + group) * max(longest, n) <= token_budget:
+            out[-1] += u
+            longest = max(longest, n)
+        else:
+            out.append(list(u))
             longest = n
     return out
