@@ -154,5 +154,9 @@ class LocalService:
             if not tied:
                 model = model.merge_and_unload()
         return LocalSamplingClient(
-            model, load_tokenizer(str(model_dir)), self.sample_batch_size, self.seed if seed is None else seed
+            model,
+            load_tokenizer(str(model_dir)),
+            self.sample_batch_size,
+            self.seed if seed is None else seed,
+            memory_budget_gb=self.memory_budget_gb,
         )

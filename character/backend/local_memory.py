@@ -42,6 +42,21 @@ def activation_bytes_per_token(config, checkpointing: bool, device: torch.device
     return decoder_bytes_per_token(config, checkpointing, device) + cfg.vocab_size * (width + 2 * 4)
 
 
+def inference_bytes_per_token(config, length: int, device: torch.device) -> float:
+    """A rough upper estimate of what a scored token (no gradients) costs while one layer runs: the
+    residual stream and its projections, the MLP's intermediate values and a row of attention scores."""
+    cfg = getattr(config, "text_config", config)
+    width = 2 if device.type == "cuda" else 4
+    inter = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+    return (8 * cfg.hidden_size + 3 * inter + cfg.num_attention_heads * length) * width
+
+
+def head_bytes(budget: float, activations: float) -> float:
+    """What the output layer's chunk may take: what the budget leaves after the activations, but no more than
+    as much again as those (beyond that a bigger chunk raises the peak and hardly the speed)."""
+    return max(1.0, min(budget - activations, activations))
+
+
 def micro_batches(lengths: list[int], size: int | None, token_budget: float) -> list[list[int]]:
     """Indices grouped into micro-batches, in order: `size` sequences each if given, else as many as
     keep (sequences x longest) within token_budget (at least one sequence each)."""

@@ -34,6 +34,7 @@ from character.backend.local_memory import (
     activation_bytes_per_token,
     decoder_bytes_per_token,
     grouped_micro_batches,
+    head_bytes,
     memory_budget_bytes,
     micro_batches,
 )
@@ -95,14 +96,12 @@ class LocalTrainingClient:
         return micro_batches(lengths, svc.micro_batch_size, budget)
 
     def _logprobs(self, seqs: list[list[int]], grad: bool) -> list[torch.Tensor]:
-        # The output layer may use what the budget leaves after this micro-batch's decoder activations, up to
-        # as much again as those (beyond that a bigger chunk only raises the peak).
         decoder = decoder_bytes_per_token(self.model.config, self.service.gradient_checkpointing, self.device)
         activations = decoder * len(seqs) * max(len(s) for s in seqs)
-        head_bytes = max(1.0, min(self._budget_bytes() - activations, activations))
+        head = head_bytes(self._budget_bytes(), activations)
         self.model.train()
         with autocast_for(self.device):
-            return token_logprobs(self.model, seqs, self.tokenizer.pad_token_id, grad=grad, head_bytes=head_bytes)
+            return token_logprobs(self.model, seqs, self.tokenizer.pad_token_id, grad=grad, head_bytes=head)
 
     def _weights(self, d: types.Datum, like: torch.Tensor) -> torch.Tensor:
         return d.loss_fn_inputs["weights"].to_torch().to(like.device, like.dtype)
