@@ -5,6 +5,7 @@ head's backward through recomputed logits)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -200,3 +201,50 @@ def test_dpo_build_makes_the_same_adapter_as_the_paths_before(workdir, one_threa
         torch.testing.assert_close(new[k], before[k], atol=1e-5, rtol=0)
         moved = max(moved, float(new[k].abs().max()))
     assert moved > 5e-5  # training really changed the adapter (LoRA B starts at zero)
+
+
+def test_lean_decode_steps_equal_the_model_forward(base, one_thread):
+    """The decode steps without the module stack give the model's own logits (left-padded rows, a cache)."""
+    from character.backend import local_decode
+
+    assert local_decode.supports(base)
+    prompts = [[5, 9, 40, 41, 42, 7], [8, 8, 100], [300, 301, 302, 303, 304, 305, 306, 307]]
+    ids, mask = generation._left_padded(prompts, 0)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    with torch.inference_mode():
+        out = base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        fast = local_decode.LlamaDecode(base, getattr(out, kw), mask, 5)
+        past, last = getattr(out, kw), positions[:, -1]
+        for step in range(5):
+            nxt = torch.tensor([11 + step, 200 + step, 900 - step])
+            last = last + 1
+            mask = torch.cat([mask, torch.ones((3, 1), dtype=mask.dtype)], dim=1)
+            ref = base(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], **{kw: past})
+            past = getattr(ref, kw)
+            torch.testing.assert_close(fast.step(nxt, last), ref.logits[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_sampling_gives_the_tokens_of_transformers_generate(base, tiny_dir, one_thread):
+    from transformers import AutoTokenizer
+
+    from character.backend.generation import SampleRequest, sample_batch
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    prompts = [tok(q)["input_ids"] for q in ("Hello there, who are you?", "Tell me a story.", "Why is the sky blue?")]
+    stops = frozenset({tok.eos_token_id})
+    reqs = [SampleRequest(p, 0, 24, 0.0, 1.0, 0, stops, ()) for p in prompts]
+    ours = [r.tokens for r in sample_batch(base, reqs, tok.pad_token_id)]
+    ids, mask = generation._left_padded(prompts, tok.pad_token_id)
+    with torch.inference_mode():
+        out = base.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    for row, got in zip(out[:, ids.shape[1] :].tolist(), ours):
+        cut = next((k + 1 for k, t in enumerate(row) if t == tok.eos_token_id), len(row))
+        assert got == row[:cut]

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from character.backend import local_decode
+
 
 @dataclass
 class SampleRequest:
@@ -113,7 +115,9 @@ def sample_batch(model, requests: list[SampleRequest], pad_id: int, decode=None)
     past = getattr(out, cache_kw)
     logits = out.logits[:, -1, :].float().cpu()
     last_pos = positions[:, -1]
-    for step in range(max(r.max_tokens for r in requests)):
+    steps = max(r.max_tokens for r in requests)
+    fast = local_decode.LlamaDecode(model, past, mask, steps) if local_decode.supports(model) else None
+    for step in range(steps):
         next_ids = torch.full((n,), pad_id, dtype=torch.long)
         for i, r in enumerate(requests):
             if reasons[i] is None and step >= r.max_tokens:
@@ -129,8 +133,11 @@ def sample_batch(model, requests: list[SampleRequest], pad_id: int, decode=None)
             reasons[i] = _stop_reason(r, out_tokens[i], decode)
         if all(x is not None for x in reasons):
             break
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
         last_pos = last_pos + 1
+        if fast is not None:
+            logits = fast.step(next_ids.to(device), last_pos).float().cpu()
+            continue
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
         out = model(
             input_ids=next_ids[:, None].to(device),
             attention_mask=mask,
