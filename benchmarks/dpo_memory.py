@@ -52,7 +52,7 @@ def build_model(folder: str, layers: int, device: str) -> dict:
     from character.backend.tiny import tiny_model_path
 
     out = Path(folder)
-    if (out / "config.json").is_file():
+    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():  # an interrupted build redoes
         return {"path": folder}
     torch.manual_seed(0)
     cfg = LlamaConfig(num_hidden_layers=layers, **SHAPE)

@@ -116,7 +116,7 @@ def sample_batch(model, requests: list[SampleRequest], pad_id: int, decode=None)
     logits = out.logits[:, -1, :].float().cpu()
     last_pos = positions[:, -1]
     steps = max(r.max_tokens for r in requests)
-    fast = local_decode.LlamaDecode(model, past, mask, steps) if local_decode.supports(model) else None
+    fast = local_decode.LlamaDecode(model, past, mask, steps) if local_decode.supports(model, past) else None
     for step in range(steps):
         next_ids = torch.full((n,), pad_id, dtype=torch.long)
         for i, r in enumerate(requests):

@@ -16,11 +16,15 @@ import torch
 import torch.nn.functional as F
 
 
-def supports(model) -> bool:
-    """A plain `LlamaForCausalLM` (no adapter wrapper, no biases, SiLU, no logit scaling)."""
+def supports(model, past=None) -> bool:
+    """A plain `LlamaForCausalLM` (no adapter wrapper, no biases, SiLU, no logit scaling), and a prompt cache
+    (`past`, when given) that holds each layer's keys and values as tensors."""
     cfg = getattr(model, "config", None)
+    layers = getattr(past, "layers", None) if past is not None else []
     return (
-        type(model).__name__ == "LlamaForCausalLM"
+        layers is not None
+        and all(isinstance(getattr(layer, "keys", None), torch.Tensor) for layer in layers)
+        and type(model).__name__ == "LlamaForCausalLM"
         and getattr(cfg, "model_type", None) == "llama"
         and getattr(cfg, "hidden_act", None) == "silu"
         and not getattr(cfg, "attention_bias", True)
