@@ -153,6 +153,7 @@ def ours(
 def trl(
     model: str, workdir: str, device: str, pairs: int, length: int, micro_pairs: int, checkpointing: bool = False
 ) -> dict:
+    """One DPO step of TRL's DPOTrainer. Long because its config spells out every setting that matches ours."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig

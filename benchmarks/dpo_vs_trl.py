@@ -65,6 +65,7 @@ def ours(workdir: str, pairs: int = PAIRS) -> dict:
 
 
 def trl(workdir: str, pairs: int = PAIRS, precompute: bool = False) -> dict:
+    """TRL's DPOTrainer on the same job. Long because its config spells out every setting that matches ours."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig

@@ -36,6 +36,8 @@ def supports(model, past=None) -> bool:
 
 
 def _rms(x: torch.Tensor, norm) -> torch.Tensor:
+    if x.dtype == torch.float32:  # the same arithmetic as below, as one operation
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     return norm.weight * h.to(x.dtype)
@@ -66,6 +68,7 @@ class LlamaDecode:
             self.values[i, :, :, :width] = layer.values
         self.valid = torch.zeros((n, total), dtype=torch.bool, device=mask.device)
         self.valid[:, :width] = mask.bool()
+        self.weights = [_layer_weights(layer, _fuse(model)) for layer in model.model.layers]
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -77,29 +80,50 @@ class LlamaDecode:
         x = base.embed_tokens(ids[:, None])
         cos, sin = base.rotary_emb(x, positions[:, None])
         cos, sin = cos[:, None], sin[:, None]
-        n = x.shape[0]
+        n, q_width = x.shape[0], self.heads * self.head_dim
         attn_mask = self.valid[:, None, None, : t + 1]
-        for i, layer in enumerate(base.layers):
-            a = layer.self_attn
+        for i, (layer, w) in enumerate(zip(base.layers, self.weights)):
             h = _rms(x, layer.input_layernorm)
-            q = F.linear(h, a.q_proj.weight).view(n, 1, self.heads, self.head_dim).transpose(1, 2)
-            k = F.linear(h, a.k_proj.weight).view(n, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = F.linear(h, a.v_proj.weight).view(n, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            qkv = [F.linear(h, m) for m in w["qkv"]] if isinstance(w["qkv"], tuple) else [F.linear(h, w["qkv"])]
+            qkv = torch.cat(qkv, dim=-1) if len(qkv) > 1 else qkv[0]
+            # q and k rotate together: one set of operations for both
+            qk = _rotate(qkv[..., : q_width + self.kv_heads * self.head_dim].view(n, 1, -1, self.head_dim), cos, sin)
+            q = qk[:, :, : self.heads].transpose(1, 2)
+            k = qk[:, :, self.heads :].transpose(1, 2)
+            v = qkv[..., q_width + self.kv_heads * self.head_dim :].view(n, 1, self.kv_heads, self.head_dim)
             self.keys[i, :, :, t] = k[:, :, 0]
-            self.values[i, :, :, t] = v[:, :, 0]
+            self.values[i, :, :, t] = v[:, 0]
             out = F.scaled_dot_product_attention(
                 q,
                 self.keys[i, :, :, : t + 1],
                 self.values[i, :, :, : t + 1],
                 attn_mask=attn_mask,
-                scale=a.scaling,
+                scale=layer.self_attn.scaling,
                 enable_gqa=self.heads != self.kv_heads,
             )
-            x = x + F.linear(out.transpose(1, 2).reshape(n, 1, -1), a.o_proj.weight)
-            m = layer.mlp
+            x = x + F.linear(out.transpose(1, 2).reshape(n, 1, -1), w["o"])
             h = _rms(x, layer.post_attention_layernorm)
-            x = x + F.linear(
-                F.silu(F.linear(h, m.gate_proj.weight)) * F.linear(h, m.up_proj.weight), m.down_proj.weight
-            )
+            if isinstance(w["gate_up"], tuple):
+                gate, up = (F.linear(h, m) for m in w["gate_up"])
+            else:
+                gate, up = F.linear(h, w["gate_up"]).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w["down"])
         return F.linear(_rms(x, base.norm)[:, 0], self.model.lm_head.weight)
+
+
+# Below this many weight bytes a decode step is bound by the number of operations, not by arithmetic: the
+# projections that read the same input run as one matrix product (copies of their weights, concatenated).
+_FUSE_BELOW_BYTES = 2**28
+
+
+def _fuse(model) -> bool:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) < _FUSE_BELOW_BYTES
+
+
+def _layer_weights(layer, fuse: bool) -> dict:
+    a, m = layer.self_attn, layer.mlp
+    qkv = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
+    gate_up = (m.gate_proj.weight, m.up_proj.weight)
+    if fuse:
+        qkv, gate_up = torch.cat(qkv, dim=0), torch.cat(gate_up, dim=0)
+    return {"qkv": qkv, "o": a.o_proj.weight, "gate_up": gate_up, "down": m.down_proj.weight}
