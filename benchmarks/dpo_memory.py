@@ -8,7 +8,7 @@ client, freed before training), then one forward_backward_custom with our DPO lo
 TRL: `DPOTrainer.train()` for one step (its reference is the adapter-disabled model, every step).
 Peak memory: torch.cuda.max_memory_allocated on CUDA, else the process's peak RSS (wait4).
 
-    python -m benchmarks.dpo_memory                       # CPU: 1 layer, 4 pairs x 256 tokens
+    python -m benchmarks.dpo_memory                       # CPU: 1 layer, 2 pairs x 256 tokens
     python -m benchmarks.dpo_memory --device cuda --layers 16 --pairs 32 --length 1024 --micro-pairs 4
 """
 
@@ -232,7 +232,7 @@ def compare(
     repeats: int,
     device: str = "cpu",
     layers: int = 1,
-    pairs: int = 4,
+    pairs: int = 2,
     length: int = 256,
     micro_pairs: int = 1,
     checkpointing: bool = False,
@@ -291,7 +291,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.dpo_memory", description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--layers", type=int, default=1, help="decoder layers (the real model has 16)")
-    ap.add_argument("--pairs", type=int, default=4, help="pairs per step (the paper: 32)")
+    ap.add_argument("--pairs", type=int, default=2, help="pairs per step (the paper: 32)")
     ap.add_argument("--length", type=int, default=256, help="tokens per sequence (the paper: 1024)")
     ap.add_argument("--micro-pairs", type=int, default=1, help="pairs per micro-batch on both sides")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing on both sides")

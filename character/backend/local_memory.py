@@ -51,10 +51,19 @@ def inference_bytes_per_token(config, length: int, device: torch.device) -> floa
     return (8 * cfg.hidden_size + 3 * inter + cfg.num_attention_heads * length) * width
 
 
+# The share of the budget one output-layer chunk may take, at the least the size it had when it was fixed.
+# The chunk's logits exist while the decoder's activations are all held (the end of the forward pass), so
+# every byte of it adds to the step's peak, and past a few hundred positions a bigger chunk adds little speed:
+# at the default budget of an 80 GB GPU this is about 2**25 logits, where the peak matched TRL's.
+HEAD_SHARE = 1 / 128
+HEAD_FLOOR = 2**25 * 10
+
+
 def head_bytes(budget: float, activations: float) -> float:
-    """What the output layer's chunk may take: what the budget leaves after the activations, but no more than
-    as much again as those (beyond that a bigger chunk raises the peak and hardly the speed)."""
-    return max(1.0, min(budget - activations, activations))
+    """What the output layer's chunk may take: what the budget leaves after the micro-batch's activations,
+    but no more than those activations (the chunk never more than doubles the peak) nor than HEAD_SHARE
+    of the budget (or HEAD_FLOOR, if more); at least one position per chunk."""
+    return max(1.0, min(budget - activations, activations, max(HEAD_SHARE * budget, HEAD_FLOOR)))
 
 
 def micro_batches(lengths: list[int], size: int | None, token_budget: float) -> list[list[int]]:
