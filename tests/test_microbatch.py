@@ -108,24 +108,42 @@ def test_micro_batched_cross_entropy_update_equals_full_batch(workdir, one_threa
     _assert_same_update(full, micro)
 
 
-def test_head_in_small_chunks_gives_the_same_logprobs_and_gradients(workdir, one_thread, monkeypatch):
+@pytest.mark.parametrize("train_unembed", [False, True])
+def test_head_in_small_chunks_gives_the_same_logprobs_and_gradients(workdir, one_thread, train_unembed):
     """A 128k vocabulary makes the head run a few positions at a time, with and without gradients: the
-    same log-probs and gradients as one pass over the whole batch (forced here on the tiny model)."""
-    from character.backend import generation
+    same log-probs and gradients as one pass over the whole batch (forced here on the tiny model). A frozen
+    head computes its gradient in the forward pass; a trained one (LoRA on the unembedding) recomputes."""
+    from character.backend.generation import head_chunk_positions, token_logprobs
 
-    full, chunked = _clients(workdir)
+    def client():
+        svc = LocalService(Workspace(workdir), device="cpu", seed=0)
+        c = svc.create_lora_training_client("tiny", rank=4, seed=0, train_unembed=train_unembed)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in c.model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+        return c
+
+    full, chunked = client(), client()
     data = _pairs(full)
     seqs = full._sequences(data)
-    ref = [lp.detach() for lp in full._logprobs(seqs, grad=False)]
-    lps = full._logprobs(seqs, grad=True)
-    sum((lp * (i + 1)).sum() for i, lp in enumerate(lps)).backward()
-    monkeypatch.setattr(generation, "_HEAD_CHUNK_VALUES", 3 * full.model.config.vocab_size * len(seqs))
-    assert generation._head_chunk_positions(chunked.model, len(seqs)) == 3  # many pieces per sequence
-    for got, want in zip(chunked._logprobs(seqs, grad=False), ref):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    lps = chunked._logprobs(seqs, grad=True)
-    sum((lp * (i + 1)).sum() for i, lp in enumerate(lps)).backward()
+    vocab, pad = full.model.config.vocab_size, full.tokenizer.pad_token_id
+    whole, small = 1e12, 3 * 10 * vocab * len(seqs)
+    assert head_chunk_positions(vocab, len(seqs), small) == 3  # many pieces per sequence
+
+    def run(c, head_bytes):
+        plain = [lp.detach() for lp in token_logprobs(c.model, seqs, pad, head_bytes=head_bytes)]
+        lps = token_logprobs(c.model, seqs, pad, grad=True, head_bytes=head_bytes)
+        sum((lp * (i + 1)).sum() for i, lp in enumerate(lps)).backward()
+        return plain, lps
+
+    ref_plain, ref_grad = run(full, whole)
+    got_plain, got_grad = run(chunked, small)
+    for got, want in zip(got_plain + got_grad, ref_plain + ref_grad):
+        torch.testing.assert_close(got.detach(), want.detach(), atol=1e-5, rtol=1e-5)
     g_full, g_chunked = _grads(full), _grads(chunked)
     assert g_full.keys() == g_chunked.keys() and len(g_full) > 0
+    assert any("lm_head" in k for k in g_full) == train_unembed
     for k in g_full:  # the head's weight gradient sums over positions in another order: float32 noise
         torch.testing.assert_close(g_chunked[k], g_full[k], atol=1e-4, rtol=1e-4)

@@ -7,10 +7,13 @@ prompts shared its batch.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
 import torch
+
+from character.backend import local_decode
 
 
 @dataclass
@@ -112,7 +115,9 @@ def sample_batch(model, requests: list[SampleRequest], pad_id: int, decode=None)
     past = getattr(out, cache_kw)
     logits = out.logits[:, -1, :].float().cpu()
     last_pos = positions[:, -1]
-    for step in range(max(r.max_tokens for r in requests)):
+    steps = max(r.max_tokens for r in requests)
+    fast = local_decode.LlamaDecode(model, past, mask, steps) if local_decode.supports(model, past) else None
+    for step in range(steps):
         next_ids = torch.full((n,), pad_id, dtype=torch.long)
         for i, r in enumerate(requests):
             if reasons[i] is None and step >= r.max_tokens:
@@ -128,8 +133,11 @@ def sample_batch(model, requests: list[SampleRequest], pad_id: int, decode=None)
             reasons[i] = _stop_reason(r, out_tokens[i], decode)
         if all(x is not None for x in reasons):
             break
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
         last_pos = last_pos + 1
+        if fast is not None:
+            logits = fast.step(next_ids.to(device), last_pos).float().cpu()
+            continue
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
         out = model(
             input_ids=next_ids[:, None].to(device),
             attention_mask=mask,
@@ -155,20 +163,24 @@ def length_chunks(lengths: list[int], min_tokens: int = 2048, keep: float = 0.8)
     return chunks
 
 
-def token_logprobs(model, sequences: list[list[int]], pad_id: int, grad: bool = False) -> list[torch.Tensor]:
+def token_logprobs(
+    model, sequences: list[list[int]], pad_id: int, grad: bool = False, head_bytes: float | None = None
+) -> list[torch.Tensor]:
     """log p(tokens[t] | tokens[:t]) for t >= 1, per sequence, in the order given.
 
     Sequences run in right-padded chunks of similar length (one forward each): padding to the
     longest sequence of a mixed batch would waste a third or more of the compute on real data.
+    `head_bytes`: what the output layer's logits may take at once (None: HEAD_BYTES).
     """
     out: list[torch.Tensor | None] = [None] * len(sequences)
     for chunk in length_chunks([len(s) for s in sequences]):
-        for i, lp in zip(chunk, _padded_logprobs(model, [sequences[i] for i in chunk], pad_id, grad)):
+        seqs = [sequences[i] for i in chunk]
+        for i, lp in zip(chunk, _padded_logprobs(model, seqs, pad_id, grad, head_bytes or HEAD_BYTES)):
             out[i] = lp
     return out
 
 
-def _padded_logprobs(model, sequences: list[list[int]], pad_id: int, grad: bool) -> list[torch.Tensor]:
+def _padded_logprobs(model, sequences: list[list[int]], pad_id: int, grad: bool, head_bytes: float) -> list:
     device = next(model.parameters()).device
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -178,10 +190,10 @@ def _padded_logprobs(model, sequences: list[list[int]], pad_id: int, grad: bool)
         mask[i, : len(s)] = 1
     ids, mask = ids.to(device), mask.to(device)
     parts = _decoder_and_head(model)
-    positions = _head_chunk_positions(model, len(sequences))
-    # With a large vocabulary the batch's logits are the biggest tensor by far (8 x 1024 positions x 128k
-    # floats is 4 GB): compute the head a bounded number of tokens at a time, with gradients or without.
-    if parts is not None and (grad or positions < width - 1):
+    if parts is not None:
+        # With a large vocabulary the batch's logits are the biggest tensor by far (8 x 1024 positions x 128k
+        # floats is 4 GB): the head runs a bounded number of positions at a time, with gradients or without.
+        positions = head_chunk_positions(parts[1].weight.shape[0], len(sequences), head_bytes)
         return _chunked_head_logprobs(*parts, ids, mask, sequences, positions, grad)
     with torch.set_grad_enabled(grad):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1, :].float()
@@ -191,19 +203,20 @@ def _padded_logprobs(model, sequences: list[list[int]], pad_id: int, grad: bool)
     return [logp[i, : len(s) - 1] for i, s in enumerate(sequences)]
 
 
-# Float32 logits per head chunk: about 2**25 values (128 MB; backward holds a few such tensors at once),
-# whatever the batch (a 128k vocabulary gives ~260 tokens per chunk; the tiny model's 2k vocabulary, one
-# chunk for any batch it sees).
-_HEAD_CHUNK_VALUES = 2**25
+# What one head chunk may take when the caller has no memory budget: 2**25 logits (a 128k vocabulary gives
+# ~260 positions per chunk; the tiny model's 2k vocabulary, one chunk for any batch it sees).
+HEAD_BYTES = 2**25 * 10
+# Bytes per logit while a chunk is live: the logits in the model's dtype and in float32, and their softmax.
+_BYTES_PER_LOGIT = 10
 
 
-def _head_chunk_positions(model, rows: int) -> int:
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 32000
-    return max(1, _HEAD_CHUNK_VALUES // (vocab * max(1, rows)))
+def head_chunk_positions(vocab: int, rows: int, head_bytes: float) -> int:
+    """Positions per head chunk for `rows` sequences, so that the chunk's logits fit `head_bytes`."""
+    return max(1, int(head_bytes // (_BYTES_PER_LOGIT * vocab * max(1, rows))))
 
 
 # Models whose logits are the head applied to the decoder's last hidden state, nothing more (no logit
-# scale or soft-capping): for these, training computes the head in chunks (below).
+# scale or soft-capping): for these, the head runs in chunks (below).
 _PLAIN_HEAD = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -216,20 +229,59 @@ def _decoder_and_head(model):
 
 
 def _chunked_head_logprobs(decoder, head, ids, mask, sequences, chunk: int, grad: bool) -> list[torch.Tensor]:
-    """Log-probs without ever holding the batch's logits: the head runs over `chunk` positions at a time;
-    with gradients under activation checkpointing, so backward keeps only the hidden states and
-    recomputes each chunk's logits (batch x length x vocab floats would be gigabytes at a 128k vocabulary)."""
-    from torch.utils.checkpoint import checkpoint
+    """Log-probs without ever holding the batch's logits: the head runs over `chunk` positions at a time.
 
-    def piece(h, t):
-        logits = head(h).float()
-        return logits.gather(-1, t[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    A frozen plain head (LoRA leaves it alone unless it trains the unembedding) gets its gradient with
+    respect to the hidden states in the same pass (`_FrozenHeadLogprobs`): backward then keeps no logits
+    and recomputes none. A trained head runs each chunk under activation checkpointing instead, so
+    backward keeps only the hidden states and recomputes each chunk's logits.
+    """
+    from torch.utils.checkpoint import checkpoint
 
     with torch.set_grad_enabled(grad):
         hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
         targets = ids[:, 1:]
-        run = (lambda h, t: checkpoint(piece, h, t, use_reentrant=False)) if grad else piece
-        logp = torch.cat(
-            [run(hidden[:, k : k + chunk], targets[:, k : k + chunk]) for k in range(0, hidden.shape[1], chunk)], dim=1
-        )
+        frozen = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+        if frozen:
+            logp = _FrozenHeadLogprobs.apply(hidden, head.weight, targets, chunk)
+        else:
+            piece = functools.partial(_head_piece, head)
+            run = (lambda h, t: checkpoint(piece, h, t, use_reentrant=False)) if grad else piece
+            pieces = [
+                run(hidden[:, k : k + chunk], targets[:, k : k + chunk]) for k in range(0, hidden.shape[1], chunk)
+            ]
+            logp = torch.cat(pieces, dim=1)
     return [logp[i, : len(s) - 1] for i, s in enumerate(sequences)]
+
+
+def _head_piece(head, h, t):
+    logits = head(h).float()
+    return logits.gather(-1, t[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+class _FrozenHeadLogprobs(torch.autograd.Function):
+    """log p(target) from hidden states through a frozen head, chunk by chunk. Its gradient with respect to
+    the hidden state at a position is W[target] - softmax(logits) @ W (times the incoming scalar): computed
+    while the chunk's logits are at hand, it leaves backward one multiplication, where autograd would keep
+    (or recompute) every chunk's logits for a backward through the head."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int):
+        want_grad = ctx.needs_input_grad[0]
+        logps, grads = [], []
+        for k in range(0, hidden.shape[1], chunk):
+            h, t = hidden[:, k : k + chunk].to(weight.dtype), targets[:, k : k + chunk]
+            logits = (h @ weight.T).float()
+            lse = torch.logsumexp(logits, -1, keepdim=True)
+            logps.append(logits.gather(-1, t[..., None]).squeeze(-1) - lse.squeeze(-1))
+            if want_grad:
+                probs = logits.sub_(lse).exp_().to(weight.dtype)
+                grads.append((weight[t] - probs @ weight).to(hidden.dtype))
+        if want_grad:
+            ctx.save_for_backward(torch.cat(grads, dim=1))
+        return torch.cat(logps, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        (dlogp_dhidden,) = ctx.saved_tensors
+        return grad_logp[..., None].to(dlogp_dhidden.dtype) * dlogp_dhidden, None, None, None

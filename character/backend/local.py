@@ -5,8 +5,8 @@ Checkpoints are folders addressed by `file://` URIs, laid out like Tinker's:
 `<workdir>/checkpoints/<run>/sampler_weights/<name>` (a plain PEFT adapter folder).
 
 This module holds the service; the training client (and how it splits a batch into micro-batches)
-is in `local_training`, the sampling client in `local_sampling`, model loading and LoRA targets in
-`local_model`, the memory estimate in `local_memory`.
+is in `local_training`, the sampling client in `local_sampling` (its decode steps for plain Llama models in
+`local_decode`), model loading and LoRA targets in `local_model`, the memory estimate in `local_memory`.
 """
 
 from __future__ import annotations
@@ -154,5 +154,9 @@ class LocalService:
             if not tied:
                 model = model.merge_and_unload()
         return LocalSamplingClient(
-            model, load_tokenizer(str(model_dir)), self.sample_batch_size, self.seed if seed is None else seed
+            model,
+            load_tokenizer(str(model_dir)),
+            self.sample_batch_size,
+            self.seed if seed is None else seed,
+            memory_budget_gb=self.memory_budget_gb,
         )

@@ -6,11 +6,15 @@ vocabulary is tens of GB of logits alone), so training runs in micro-batches who
 accumulate into exactly the full batch's gradient:
 - `cross_entropy` is a sum over sequences: each micro-batch's part is backpropagated on its own;
 - a custom loss (DPO) may couple any sequences of the batch (chosen with rejected, means over pairs,
-  a KL normalised by the batch's token count), so it runs in two passes, as on Tinker: a forward
-  without gradients gives every sequence's log-probs, the loss and its gradient with respect to
-  those log-probs are computed on the whole batch, and then each micro-batch is run again with
-  gradients and backpropagates sum(logprobs x that gradient). By the chain rule the accumulated
-  gradient is the full batch's. When the batch fits in one micro-batch, one pass does it all.
+  a KL normalised by the batch's token count). One that says it decomposes (a `group` of sequences
+  scored together and a `part(data, indices, logprobs)` giving those sequences' share of the batch's
+  loss, normalisers fixed up front: `character.train.losses.DPOLoss`) runs in one pass: each
+  micro-batch, holding whole groups, is scored with gradients and backpropagates its share. Any other
+  runs in two passes, as on Tinker: a forward without gradients gives every sequence's log-probs, the
+  loss and its gradient with respect to those log-probs are computed on the whole batch, and then each
+  micro-batch is run again with gradients and backpropagates sum(logprobs x that gradient). Either way
+  the accumulated gradient is the full batch's (the chain rule); when the batch fits in one
+  micro-batch, one pass does it all.
 The micro-batch size is given (`micro_batch_size`) or chosen from a memory budget. On CUDA the
 forward runs under bf16 autocast; activation checkpointing is an option.
 """
@@ -26,7 +30,14 @@ from tinker import types
 
 from character.backend import CustomLossFn, Done
 from character.backend.generation import token_logprobs
-from character.backend.local_memory import activation_bytes_per_token, memory_budget_bytes, micro_batches
+from character.backend.local_memory import (
+    activation_bytes_per_token,
+    decoder_bytes_per_token,
+    grouped_micro_batches,
+    head_bytes,
+    memory_budget_bytes,
+    micro_batches,
+)
 from character.backend.local_model import autocast_for, load_tokenizer
 from character.storage import atomic_dir, file_uri
 
@@ -69,18 +80,28 @@ class LocalTrainingClient:
             seqs.append(inp + tgt[-1:])
         return seqs
 
-    def _micro_batches(self, seqs: list[list[int]]) -> list[list[int]]:
+    def _budget_bytes(self) -> float:
+        return memory_budget_bytes(self.device, self.service.memory_budget_gb)
+
+    def _micro_batches(self, seqs: list[list[int]], group: int = 1) -> list[list[int]] | None:
+        """Micro-batches in order; with `group` > 1, whole groups each (None if a group alone does not fit)."""
         svc = self.service
-        if svc.micro_batch_size is not None:
-            return micro_batches([len(s) for s in seqs], svc.micro_batch_size, 0)
-        per_token = activation_bytes_per_token(self.model.config, svc.gradient_checkpointing, self.device)
-        budget = memory_budget_bytes(self.device, svc.memory_budget_gb) / per_token
-        return micro_batches([len(s) for s in seqs], None, budget)
+        lengths = [len(s) for s in seqs]
+        budget = 0.0
+        if svc.micro_batch_size is None:
+            per_token = activation_bytes_per_token(self.model.config, svc.gradient_checkpointing, self.device)
+            budget = self._budget_bytes() / per_token
+        if group > 1:
+            return grouped_micro_batches(lengths, svc.micro_batch_size, budget, group)
+        return micro_batches(lengths, svc.micro_batch_size, budget)
 
     def _logprobs(self, seqs: list[list[int]], grad: bool) -> list[torch.Tensor]:
+        decoder = decoder_bytes_per_token(self.model.config, self.service.gradient_checkpointing, self.device)
+        activations = decoder * len(seqs) * max(len(s) for s in seqs)
+        head = head_bytes(self._budget_bytes(), activations)
         self.model.train()
         with autocast_for(self.device):
-            return token_logprobs(self.model, seqs, self.tokenizer.pad_token_id, grad=grad)
+            return token_logprobs(self.model, seqs, self.tokenizer.pad_token_id, grad=grad, head_bytes=head)
 
     def _weights(self, d: types.Datum, like: torch.Tensor) -> torch.Tensor:
         return d.loss_fn_inputs["weights"].to_torch().to(like.device, like.dtype)
@@ -106,6 +127,10 @@ class LocalTrainingClient:
 
     def forward_backward_custom(self, data: list[types.Datum], loss_fn: CustomLossFn):
         seqs = self._sequences(data)
+        part = getattr(loss_fn, "part", None)
+        groups = self._micro_batches(seqs, getattr(loss_fn, "group", 1)) if part is not None else None
+        if groups is not None:
+            return Done(self._one_pass(data, seqs, loss_fn, groups))
         mbs = self._micro_batches(seqs)
         if len(mbs) == 1:  # the whole batch fits: one forward with gradients
             logprobs = self._logprobs(seqs, grad=True)
@@ -128,6 +153,19 @@ class LocalTrainingClient:
             if terms:
                 sum(terms).backward()
         return Done(self._output([v.detach() for v in values], {**metrics, "loss": float(loss.detach())}))
+
+    def _one_pass(self, data, seqs, loss_fn, groups: list[list[int]]) -> types.ForwardBackwardOutput:
+        """A decomposable loss: each micro-batch (whole groups) forward and backward once, its share of the
+        loss; the loss and metrics reported are the whole batch's, from the log-probs so computed."""
+        logprobs: list[torch.Tensor | None] = [None] * len(data)
+        for mb in groups:
+            lps = [lp.float() for lp in self._logprobs([seqs[i] for i in mb], grad=True)]
+            loss_fn.part(data, mb, lps).backward()
+            for i, lp in zip(mb, lps):
+                logprobs[i] = lp.detach()
+        with torch.no_grad():
+            loss, metrics = loss_fn(data, logprobs)
+        return self._output(logprobs, {**metrics, "loss": float(loss)})
 
     def optim_step(self, adam_params: types.AdamParams):
         for g in self.optimizer.param_groups:
