@@ -100,9 +100,10 @@ def pipeline(
     """Run the whole pipeline for one persona as a Prefect flow (sequential mode unless --paper-mode)."""
     cfg = _pipeline_config(**locals())  # every flag, by its name
     from character.build.stages import lock_build, validate
+    from character.commands.interrupt import resumable
 
     validate(cfg)  # before Prefect starts or any model loads
-    with lock_build(cfg):  # a second run of this build is refused here, before it writes anything
+    with lock_build(cfg), resumable(cfg, "build"):  # a second run of this build is refused here
         _run_pipeline(cfg, paper_mode, as_json)
 
 
@@ -148,25 +149,11 @@ def _no_traceback_for_user_errors(record: logging.LogRecord) -> bool:
 def _run_pipeline(cfg, paper_mode: bool, as_json: bool) -> None:
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_no_traceback_for_user_errors)
-    from flows.ephemeral import start_ephemeral_api_early
+    from flows.ephemeral import finish_ephemeral_api, start_ephemeral_api_early
 
     api_ready = start_ephemeral_api_early()
-    if paper_mode:
-        from flows.paper import paper as run_flow
-    else:
-        from flows.sequential import sequential as run_flow
-    if cfg.backend == "local":  # loads while the API starts; the stages need these anyway
-        import peft.tuners.lora  # noqa: F401
-        import transformers.models.auto.modeling_auto  # noqa: F401
-
-        import character.backend.local  # noqa: F401
-    api_ready()
-    from character.progress import ConsoleProgress, listening
-    from flows.ephemeral import finish_ephemeral_api
-
-    try:
-        with listening(ConsoleProgress(notes=False)):  # the tasks log notes such as skipped stages
-            result = run_flow(cfg)
+    try:  # interrupted (Ctrl-C, SIGTERM) or not, the run is marked first, then the server stops
+        result = _flow_while_api_starts(cfg, paper_mode, api_ready)
     finally:
         finish_ephemeral_api()  # flush and stop the temporary server now, not in exit hooks
     for stage, uri in result.checkpoints.items():
@@ -181,6 +168,23 @@ def _run_pipeline(cfg, paper_mode: bool, as_json: bool) -> None:
                 | {"eval": eval_summary(read_record(cfg))}
             )
         )
+
+
+def _flow_while_api_starts(cfg, paper_mode: bool, api_ready):
+    if paper_mode:
+        from flows.paper import paper as run_flow
+    else:
+        from flows.sequential import sequential as run_flow
+    if cfg.backend == "local":  # loads while the API starts; the stages need these anyway
+        import peft.tuners.lora  # noqa: F401
+        import transformers.models.auto.modeling_auto  # noqa: F401
+
+        import character.backend.local  # noqa: F401
+    api_ready()
+    from character.progress import ConsoleProgress, listening
+
+    with listening(ConsoleProgress(notes=False)):  # the tasks log notes such as skipped stages
+        return run_flow(cfg)
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
@@ -252,9 +256,10 @@ def _run_generate(cfg, stage: str, uri: str | None) -> None:
     """One stage under the build's lock; prints its output file, then one JSON line with its stats."""
     from character.build import stages as p
     from character.build.record import Checkpoint, read_record, recorded
+    from character.commands.interrupt import resumable
     from character.progress import ConsoleProgress, listening
 
-    with p.lock_build(cfg), listening(ConsoleProgress()):
+    with p.lock_build(cfg), resumable(cfg, f"generate {stage}"), listening(ConsoleProgress()):
         if stage == "questions":
             out = p.stage_expand_questions(cfg)
         elif stage == "dpo":
