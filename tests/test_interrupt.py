@@ -348,3 +348,54 @@ def test_a_second_signal_while_stopping_exits_at_once(second, tmp_path):
         f"stopped: build pirate/b1 ({NAMES[second]}, at once); resume with: "
         f"{shlex.quote(sys.executable)} -m character.cli pipeline pirate --build-id b1"
     ]
+
+
+SWALLOWED = """
+import contextlib, sys, time
+from character.commands import interrupt
+interrupt.install()
+
+class Closing:
+    def __del__(self):  # Python ignores what a __del__ raises (an import's weakref callback, too)
+        print("closing", flush=True)
+        time.sleep(30)
+
+if sys.argv[1] == "flow":  # while a flow runs, Prefect's own SIGTERM handler is the one installed
+    from prefect.utilities.engine import capture_sigterm
+    during = capture_sigterm()
+else:
+    during = contextlib.nullcontext()
+try:
+    with during:
+        obj = Closing()
+        del obj
+        print("went on", flush=True)
+        time.sleep(30)
+except KeyboardInterrupt:
+    interrupt.exit()
+"""
+
+
+@pytest.mark.parametrize("during", ["command", "flow"])
+def test_an_interrupt_that_lands_where_python_ignores_exceptions_still_stops(during, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SWALLOWED, during],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(tmp_path, None),
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout.readline() == b"closing\n"
+        os.killpg(proc.pid, signal.SIGTERM)
+        sent = time.monotonic()
+        out, err = proc.communicate(timeout=10)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143 and took < 2  # not after the 30 s it would sleep on
+    assert err.decode().splitlines() == [
+        f"stopped: {during} (SIGTERM); run again with: {shlex.quote(sys.executable)} -m character.cli {during}"
+    ]

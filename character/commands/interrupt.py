@@ -11,6 +11,7 @@ names the command and repeats it.
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import contextlib
 import os
@@ -18,6 +19,8 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
+import time
 from typing import Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -28,10 +31,35 @@ _what: dict[str, object] = {"what": None, "argv": None, "stage": None, "finishin
 
 
 def _handler(signum: int, frame) -> None:
+    if _what.pop("again", None):  # not a new signal: the first one's KeyboardInterrupt, raised again
+        raise KeyboardInterrupt
     _received.append(signum)
     if len(_received) > 1 or _what["finishing"]:  # already stopping, or nothing left to unwind
         _force_exit()
     raise KeyboardInterrupt
+
+
+def _raise_again(main: int) -> None:
+    time.sleep(0.01)
+    signal.pthread_kill(main, signal.SIGINT)  # _handler, in the main thread (waking it if it waits)
+
+
+def _unraisable(hook_args) -> None:
+    """A KeyboardInterrupt raised where Python ignores exceptions (a weakref callback during an import,
+    a __del__) would be lost, and the command would run on: raise it again in the main thread."""
+    exc = hook_args.exc_value
+    prefects = type(exc).__name__ == "TerminationSignal"  # Prefect's SIGTERM handler raised it, not ours
+    if prefects:
+        _received.append(signal.SIGTERM)
+        if len(_received) > 1:
+            _force_exit()
+    if (prefects or isinstance(exc, KeyboardInterrupt) and _received) and not _what["finishing"]:
+        _what["again"] = True
+        _thread.start_new_thread(
+            _raise_again, (threading.main_thread().ident,)
+        )  # lands after this hook has returned (else: here again)
+        return
+    sys.__unraisablehook__(hook_args)
 
 
 def _force_exit() -> None:
@@ -64,6 +92,7 @@ def install() -> None:
     SIGTERM handler while a flow runs; on SIGTERM it marks the run Crashed and re-sends it to this one)."""
     for signum in SIGNALS:
         signal.signal(signum, _handler)
+    sys.unraisablehook = _unraisable
 
 
 def finishing() -> None:
