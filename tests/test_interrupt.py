@@ -31,8 +31,8 @@ from character.storage import uri_to_path
 
 SMALL = dict(
     persona="pirate",
-    dpo_pairs=16,
-    reflections=8,
+    dpo_pairs=12,
+    reflections=4,
     interactions=2,
     turns=2,
     max_new_tokens=64,
@@ -42,7 +42,7 @@ SMALL = dict(
     sft={"batch_size": 2, "save_every": 2},
 )
 CLI_SMALL = (
-    "--dpo-pairs 16 --reflections 8 --interactions 2 --turns 2 --max-new-tokens 64 --max-in-flight 4 "
+    "--dpo-pairs 12 --reflections 4 --interactions 2 --turns 2 --max-new-tokens 64 --max-in-flight 4 "
     "--batch-size 2 --save-every 2 --no-eval"
 ).split()
 NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
@@ -213,7 +213,7 @@ def test_signals_to_the_group_stop_a_build_and_the_printed_command_finishes_it(
     run = interrupt_when(resume, lambda _: _lines(*data) > done, signal.SIGTERM, running, ws / "2")
     assert assert_stopped(run, signal.SIGTERM, f"build pirate/{build.name} during dpo_data") == resume
     assert _last_flow_run_state_on_server(build.name) in ("CRASHED", "CANCELLED")
-    assert "dpo_data" not in read_record(cfg).get("stages", {}) and 0 < _lines(*data) < 16
+    assert "dpo_data" not in read_record(cfg).get("stages", {}) and 0 < _lines(*data) < 12
 
     # 3. Ctrl-C during DPO, after its first save (every 2 steps), still against the running server
     run = interrupt_when(resume, lambda _: _lines(metrics) >= 3, signal.SIGINT, running, ws / "3")
