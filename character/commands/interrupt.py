@@ -76,9 +76,15 @@ def _raise_again(main_thread: int) -> None:
 def _force_exit() -> None:
     with contextlib.suppress(Exception):
         sys.stdout.flush()
-        sys.stderr.write(stop_line(forced=True) + "\n")
-        sys.stderr.flush()
+        _say(stop_line(forced=True))
     os._exit(exit_status())
+
+
+def _say(line: str) -> None:
+    """On a terminal the line replaces a progress bar left open (and the `^C` echoed after it)."""
+    lead = "\r\x1b[K" if getattr(sys.stderr, "isatty", lambda: False)() else ""
+    sys.stderr.write(f"{lead}{line}\n")
+    sys.stderr.flush()
 
 
 def install() -> None:
@@ -119,7 +125,7 @@ def exit() -> None:  # noqa: A001 - the command's end, as sys.exit is
     Prefect loaded takes seconds on a busy machine (6 to 14 s measured on 2 busy cores) and frees
     nothing that outlives the process."""
     finishing()
-    print(stop_line(), file=sys.stderr, flush=True)
+    _say(stop_line())
     with contextlib.suppress(Exception):
         run_hooks = getattr(atexit, "_run_exitfuncs", None)
         if run_hooks is not None:
