@@ -62,7 +62,7 @@ def main() -> None:
         interrupt.install()  # Ctrl-C and SIGTERM unwind the command, which then ends with one line below
         code = app(standalone_mode=False)
     except KeyboardInterrupt:  # typer turns it into exit code 130 (older ones: Abort, below)
-        code = None
+        code = 130
     except UserError as e:
         _fail(str(e))
     except exc.NoArgsIsHelpError as e:  # `character` or a command group alone: its help
