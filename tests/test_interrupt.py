@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -219,8 +220,6 @@ def test_signals_to_the_group_stop_a_build_and_the_printed_command_finishes_it(
     run = interrupt_when(resume, lambda _: _lines(metrics) >= 3, signal.SIGINT, running, ws / "3")
     assert assert_stopped(run, signal.SIGINT, f"build pirate/{build.name} during dpo") == resume
     assert _last_flow_run_state_on_server(build.name) in ("CRASHED", "CANCELLED")
-    import httpx
-
     assert httpx.get(f"{PREFECT_API_URL.value()}/health", timeout=10).status_code == 200  # left running
 
     # 4. SIGTERM during DPO with a temporary server, two steps further on
