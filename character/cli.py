@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from character.commands import build, chat, evaluation, personas, plan, tinker, weights
+from character.commands import build, chat, evaluation, interrupt, personas, plan, tinker, weights
 from character.errors import UserError
 from character.terminal import quiet_libraries
 
@@ -62,7 +62,10 @@ def main() -> None:
     quiet_libraries()  # and no third-party progress bars, before transformers is imported
     exc = _click_exceptions()
     try:
+        interrupt.install()  # Ctrl-C and SIGTERM unwind the command, which then ends with one line below
         code = app(standalone_mode=False)
+    except KeyboardInterrupt:  # typer turns it into exit code 130 (older ones: Abort, below)
+        code = 130
     except UserError as e:
         _fail(str(e))
     except exc.NoArgsIsHelpError as e:  # `character` or a command group alone: its help
@@ -71,8 +74,12 @@ def main() -> None:
     except exc.ClickException as e:  # a bad option or argument: one line, like any other bad input
         _fail(f"{e.format_message()} (see --help)")
     except typer.Abort:
-        print("Aborted!", file=sys.stderr)
-        sys.exit(1)
+        if not interrupt.received():
+            print("Aborted!", file=sys.stderr)
+            sys.exit(1)
+    interrupt.finishing()  # from here on a signal exits at once: nothing is left to unwind
+    if interrupt.received():
+        interrupt.exit()
     sys.exit(code if isinstance(code, int) else 0)
 
 

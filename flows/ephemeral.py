@@ -6,8 +6,11 @@ Started on a thread before torch and transformers are imported, that wait overla
 the stages need anyway. Prefect reuses the same server (one instance per process); if anything
 here is unavailable the flow simply starts the server itself, as before.
 
-Prefect stops that server at exit, but not when the CLI is killed (`kill -9`, OOM): a small
-watchdog process then stops it, so no server outlives the command that started it.
+The server runs in its own session (process group): Ctrl-C in a terminal, or `timeout`/systemd
+signalling the CLI's group, reaches the CLI only, which then marks its flow run Crashed through the
+still-running server and stops the server itself (`finish_ephemeral_api`). Prefect stops it at exit
+too, but not when the CLI is killed (`kill -9`, OOM): a small watchdog process then stops it, so no
+server outlives the command that started it.
 """
 
 from __future__ import annotations
@@ -48,6 +51,18 @@ if alive():
 _watchdogs: list[subprocess.Popen] = []  # kept referenced for the life of the process
 
 
+class _OwnSession:
+    """`subprocess` as Prefect's server module sees it, but Popen starts a new session: a signal to
+    the CLI's process group must not stop the server before the CLI has recorded how its run ended."""
+
+    def __getattr__(self, name: str):
+        return getattr(subprocess, name)
+
+    class Popen(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "start_new_session": True})
+
+
 def watch_server(server_pid: int) -> subprocess.Popen | None:
     """Stop `server_pid` when this process dies, however it dies (Linux: reads /proc)."""
     if not sys.platform.startswith("linux"):
@@ -79,12 +94,15 @@ def one_start_per_home(home: Path):
 def start_ephemeral_api_early() -> Callable[[], None]:
     """Begin starting the ephemeral API if this process will need one; returns `wait()`."""
     try:
+        from prefect.server.api import server as server_module
         from prefect.server.api.server import SubprocessASGIServer
         from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_ENABLED
     except ImportError:  # a Prefect without this internal: let the flow start it
         return lambda: None
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return lambda: None
+    if getattr(server_module, "subprocess", None) is subprocess:
+        server_module.subprocess = _OwnSession()  # its only Popen is the server's
     server = SubprocessASGIServer()  # the instance Prefect's client looks up
     failure: list[BaseException] = []
     launch = getattr(server, "_run_uvicorn_command", None)

@@ -111,6 +111,7 @@ def pipeline(
     cfg = _pipeline_config(**locals())  # every flag, by its name
     from character.build.checks import check_served_models, validate
     from character.build.stages import lock_build
+    from character.commands.interrupt import resumable
 
     validate(cfg)  # before Prefect starts or any model loads
     check_served_models(cfg)  # Tinker: every model served, trainable or sampleable as needed
@@ -120,9 +121,10 @@ def pipeline(
         check_budget(build_plan(cfg), cfg.max_cost)
     from character.terminal import stdout_to_stderr
 
-    with lock_build(cfg), stdout_to_stderr():  # a second run of this build is refused here, before it writes
+    # a second run of this build is refused here, before it writes; stdout carries nothing but the result
+    with lock_build(cfg), resumable(cfg, "build"), stdout_to_stderr():
         result = _run_pipeline(cfg, paper_mode)
-    _show_result(cfg, result, as_json)  # stdout carries nothing but this
+    _show_result(cfg, result, as_json)
 
 
 def _pipeline_config(
@@ -167,26 +169,11 @@ def _no_traceback_for_user_errors(record: logging.LogRecord) -> bool:
 def _run_pipeline(cfg, paper_mode: bool):
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_no_traceback_for_user_errors)
-    from flows.ephemeral import start_ephemeral_api_early
+    from flows.ephemeral import finish_ephemeral_api, start_ephemeral_api_early
 
     api_ready = start_ephemeral_api_early()
-    if paper_mode:
-        from flows.paper import paper as run_flow
-    else:
-        from flows.sequential import sequential as run_flow
-    if cfg.backend == "local":  # loads while the API starts; the stages need these anyway
-        import peft.tuners.lora  # noqa: F401
-        import transformers.models.auto.modeling_auto  # noqa: F401
-
-        import character.backend.local  # noqa: F401
-    api_ready()
-    from character.progress import ConsoleProgress, listening
-    from flows.ephemeral import finish_ephemeral_api
-
-    progress = ConsoleProgress(notes=False)  # the tasks log notes such as skipped stages
-    try:
-        with listening(progress), progress.above_logs():
-            result = run_flow(cfg)
+    try:  # interrupted (Ctrl-C, SIGTERM) or not, the run is marked first, then the server stops
+        result = _flow_while_api_starts(cfg, paper_mode, api_ready)
     finally:
         finish_ephemeral_api()  # flush and stop the temporary server now, not in exit hooks
     return result
@@ -236,6 +223,24 @@ def _result_lines(result, summary: dict | None, evaluate: bool) -> list[str]:
     lines.append("checkpoints:")
     lines += [f"{stage:>8}: {uri}" for stage, uri in result.checkpoints.items()]
     return lines
+
+
+def _flow_while_api_starts(cfg, paper_mode: bool, api_ready):
+    if paper_mode:
+        from flows.paper import paper as run_flow
+    else:
+        from flows.sequential import sequential as run_flow
+    if cfg.backend == "local":  # loads while the API starts; the stages need these anyway
+        import peft.tuners.lora  # noqa: F401
+        import transformers.models.auto.modeling_auto  # noqa: F401
+
+        import character.backend.local  # noqa: F401
+    api_ready()
+    from character.progress import ConsoleProgress, listening
+
+    progress = ConsoleProgress(notes=False)  # the tasks log notes such as skipped stages
+    with listening(progress), progress.above_logs():
+        return run_flow(cfg)
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
@@ -304,10 +309,10 @@ def generate(
     if stage not in _STAGES:
         raise UserError(f"unknown stage {stage!r}: use questions, dpo or introspection")
     cfg = _config(workdir, **{k: v for k, v in flags.items() if k not in ("stage", "model", "workdir")})
-    from character.build import stages as p
+    from character.build.checks import validate
     from character.build.record import recorded
 
-    p.validate(cfg)
+    validate(cfg)
     if stage == "questions" and not cfg.counts.expand_questions:
         raise UserError("generate questions needs --expand-questions N (questions per trait)")
     uri = (model or recorded(cfg, "dpo", "sampler")) if stage == "introspection" else None
@@ -320,9 +325,10 @@ def _run_generate(cfg, stage: str, uri: str | None) -> None:
     """One stage under the build's lock; prints its output file, then one JSON line with its stats."""
     from character.build import stages as p
     from character.build.record import Checkpoint, read_record, recorded
+    from character.commands.interrupt import resumable
     from character.progress import ConsoleProgress, listening
 
-    with p.lock_build(cfg), listening(ConsoleProgress()):
+    with p.lock_build(cfg), resumable(cfg, f"generate {stage}"), listening(ConsoleProgress()):
         if stage == "questions":
             out = p.stage_expand_questions(cfg)
         elif stage == "dpo":

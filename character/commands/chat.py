@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from character.commands import interrupt
 from character.commands.workspace import WORKDIR, settings_for, use_threads
 from character.errors import UserError
 
@@ -63,7 +65,12 @@ def chat(
 
     try:
         run_script(conv, sys.stdin, typer.echo, prompt if interactive else None)
-    except (KeyboardInterrupt, EOFError):
+    except EOFError:
+        typer.echo("")
+    except KeyboardInterrupt:
+        if interrupt.received() not in (None, signal.SIGINT):  # SIGTERM stops it like any command
+            raise
+        interrupt.handled()  # Ctrl-C leaves quietly, as /exit does
         typer.echo("")
 
 
