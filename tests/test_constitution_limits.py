@@ -115,6 +115,7 @@ def test_personas_validate_lists_every_problem_numbered_from_one_up_to_a_cap(tmp
 
 
 def test_a_teacher_prompt_too_long_for_the_model_fails_before_generation_naming_the_limit(workdir, tmp_path):
+    from character.build import checks
     from character.build import stages as pipeline
     from character.build.stages import PipelineConfig
 
@@ -122,7 +123,7 @@ def test_a_teacher_prompt_too_long_for_the_model_fails_before_generation_naming_
     path = tmp_path / "verbose.json"
     path.write_text(json.dumps(entries))
     cfg = PipelineConfig(persona=str(path), workdir=str(workdir), build_id="long", dpo_pairs=4, max_new_tokens=64)
-    pipeline.validate(cfg)  # within every per-field limit
+    checks.validate(cfg)  # within every per-field limit
     with pytest.raises(UserError, match=r"does not fit the teacher's context of 4096 tokens: its traits take \d+"):
         pipeline.stage_dpo_data(cfg)
     assert not (cfg.build_dir() / "data" / "dpo.jsonl").exists()  # nothing generated

@@ -354,7 +354,7 @@ def test_nightly_headline_carries_the_new_rows(tmp_path):
 
 
 def test_a_bad_coherence_judge_or_capability_set_fails_before_a_build_starts(tmp_path, monkeypatch):
-    from character.build import stages as pipeline
+    from character.build import checks
     from character.build.record import read_record
     from character.build.stages import PipelineConfig
     from character.errors import UserError
@@ -362,15 +362,15 @@ def test_a_bad_coherence_judge_or_capability_set_fails_before_a_build_starts(tmp
     cfg = PipelineConfig(persona="pirate", workdir=str(tmp_path / "ws"), build_id="sections")
     monkeypatch.setenv("CHARACTER_COHERENCE_JUDGE", "no-such-model")
     with pytest.raises(UserError, match="CHARACTER_COHERENCE_JUDGE no-such-model: not 'tiny'"):
-        pipeline.validate(cfg)
+        checks.validate(cfg)
     monkeypatch.setenv("CHARACTER_COHERENCE_JUDGE", "Qwen/Qwen3-30B-A3B-Instruct-2507")  # on Tinker: needs the key
     with pytest.raises(UserError, match="TINKER_API_KEY"):
-        pipeline.validate(cfg)
+        checks.validate(cfg)
     monkeypatch.delenv("CHARACTER_COHERENCE_JUDGE")
     bad = tmp_path / "set.jsonl"
     bad.write_text(json.dumps({"question": "q", "choices": ["a", "b"]}) + "\n")
     monkeypatch.setenv("CHARACTER_CAPABILITY_SET", str(bad))
     with pytest.raises(UserError, match=r"CHARACTER_CAPABILITY_SET .*set.jsonl: line 1: no answer field"):
-        pipeline.validate(cfg)
+        checks.validate(cfg)
     assert not read_record(cfg)
-    pipeline.validate(cfg.model_copy(update={"evaluate": False}))  # no evaluation: neither is needed
+    checks.validate(cfg.model_copy(update={"evaluate": False}))  # no evaluation: neither is needed

@@ -141,7 +141,7 @@ def test_checkpoints_list_reads_the_records(paper_run):
     )
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
-    assert {r["stage"] for r in rows} == {"dpo", "sft", "merged"}
+    assert {r["stage"] for r in rows} == {"dpo", "sft", "merged", "final"}  # final: the merged model here
     assert all(r["persona"] == "pirate" and r["build_id"] == "paper-test" for r in rows)
 
 

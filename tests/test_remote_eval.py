@@ -13,6 +13,7 @@ import pytest
 from fake_tinker import KEY, STUDENT, TEACHER, fake, fake_tokenizer, no_network, tokenizer, wired  # noqa: F401 - fixtures are used by name
 from tinker import types
 
+from character.build import checks
 from character.build import stages as pipeline
 from character.build.direct import run_sequential
 from character.build.record import read_record
@@ -296,12 +297,12 @@ def test_a_bad_revealed_judge_or_a_missing_key_fails_before_a_build_starts(tmp_p
     cfg = PipelineConfig(persona="pirate", workdir=str(tmp_path / "ws"), build_id="judge")
     monkeypatch.setenv("CHARACTER_REVEALED_JUDGE", "no-such-model")
     with pytest.raises(UserError, match="CHARACTER_REVEALED_JUDGE no-such-model: not 'tiny'"):
-        pipeline.validate(cfg)
+        checks.validate(cfg)
     monkeypatch.setenv("CHARACTER_REVEALED_JUDGE", TEACHER)  # served by Tinker: needs the key
     with pytest.raises(UserError, match="TINKER_API_KEY"):
-        pipeline.validate(cfg)
+        checks.validate(cfg)
     assert not read_record(cfg)
-    pipeline.validate(cfg.model_copy(update={"evaluate": False}))  # no evaluation: no judge needed
+    checks.validate(cfg.model_copy(update={"evaluate": False}))  # no evaluation: no judge needed
 
 
 @pytest.mark.slow

@@ -45,6 +45,7 @@ from tinker import types
 
 from character.backend import tinker as tb
 from character.backend.errors import BackendFatalError, TransientBackendError, describe_fatal, is_transient
+from character.build import checks
 from character.build import stages as pipeline
 from character.build.direct import run_sequential
 from character.build.record import read_record
@@ -198,14 +199,14 @@ def test_missing_key_fails_at_once_without_touching_the_sdk(fake):
     assert fake.calls == [] and fake.keys_seen == []
     cfg = PipelineConfig(persona="pirate", backend="tinker", base_model=STUDENT)
     with pytest.raises(UserError, match="TINKER_API_KEY"):
-        pipeline.validate(cfg)
+        checks.validate(cfg)
 
 
 def test_validate_checks_the_key_and_model_names_without_network(monkeypatch):
     monkeypatch.setenv("TINKER_API_KEY", KEY)
-    pipeline.validate(PipelineConfig(persona="pirate", backend="tinker", base_model=STUDENT, teacher_model=TEACHER))
+    checks.validate(PipelineConfig(persona="pirate", backend="tinker", base_model=STUDENT, teacher_model=TEACHER))
     with pytest.raises(UserError, match="'tiny' is a local model"):
-        pipeline.validate(PipelineConfig(persona="pirate", backend="tinker", base_model="tiny"))
+        checks.validate(PipelineConfig(persona="pirate", backend="tinker", base_model="tiny"))
     # tinker defaults replace the local 'tiny' default
     cfg = PipelineConfig.from_settings(Settings(), persona="pirate", backend="tinker")
     assert cfg.base_model == Settings().tinker_base_model and cfg.teacher_model == Settings().tinker_teacher_model
@@ -227,7 +228,7 @@ def test_key_from_a_prefect_secret_block(fake, monkeypatch):
     monkeypatch.setattr(tb, "_tcp_check", lambda url, timeout: None)
     monkeypatch.setenv("CHARACTER_TINKER_SECRET_BLOCK", "tinker-key")
     settings = Settings()
-    pipeline.validate(PipelineConfig(persona="pirate", backend="tinker", base_model=STUDENT))  # no block read yet
+    checks.validate(PipelineConfig(persona="pirate", backend="tinker", base_model=STUDENT))  # no block read yet
     assert loaded == []
     assert tb.api_key_source(settings) == "Prefect Secret block 'tinker-key'"
     svc = tb.TinkerService(
@@ -242,7 +243,7 @@ def test_key_from_a_prefect_secret_block(fake, monkeypatch):
 
 def test_pipeline_validate_refuses_tinker_without_any_key_source():
     with pytest.raises(UserError, match="CHARACTER_TINKER_SECRET_BLOCK"):
-        pipeline.validate(PipelineConfig(persona="pirate", backend="tinker", base_model=STUDENT))
+        checks.validate(PipelineConfig(persona="pirate", backend="tinker", base_model=STUDENT))
 
 
 def _closed_port() -> int:

@@ -60,17 +60,17 @@ def eval_command(
     """Evaluate checkpoints against the base model: persona adherence, held-out preferences; writes a report."""
     checkpoints = _resolved(checkpoints)  # a build's record lists absolute paths: find it whatever was typed
     options = _eval_options(**locals())  # every flag, by its name
-    options.check_counts(checkpoints)  # evaluate_checkpoints checks them too; here before the heavy imports
-    _label_by_build(checkpoints, options)
-    if out_dir is None:  # the report goes into the workspace: it must be writable, before any model loads
-        from character.settings import check_workdir
-
-        check_workdir(options.workdir)
+    _check_before_loading(checkpoints, options, report_in_workspace=out_dir is None)
     use_threads(settings_for(workdir))
+    _evaluate_and_show(checkpoints, options, as_json)
+
+
+def _evaluate_and_show(checkpoints: list[str], options, as_json: bool) -> None:
+    """The evaluation, then its summary: on stdout, or with --json on stderr and the JSON line alone on stdout."""
     from character.evaluation.evaluate import evaluate_checkpoints
     from character.terminal import stdout_to_stderr
 
-    with stdout_to_stderr():  # with --json, stdout carries the JSON line only
+    with stdout_to_stderr():
         res = evaluate_checkpoints(checkpoints, options)
         _refuse_blanks(res)
         if as_json:
@@ -79,6 +79,26 @@ def eval_command(
         typer.echo(json.dumps(_json_line(res)))
     else:
         _print_summary(res)
+
+
+def _check_before_loading(checkpoints: list[str], options, report_in_workspace: bool) -> None:
+    """What needs no model, before the heavy imports (evaluate_checkpoints checks the counts again): the
+    flags' files and judges, the capability set's rows, the build the checkpoints come from, a writable
+    workspace for the report."""
+    from character.evaluation.models import checkpoints_side
+
+    options.check_counts(checkpoints)
+    checkpoints_side(checkpoints)  # tinker:// and local checkpoints together are refused first
+    options.check_models_and_files()
+    if options.capability_set is not None:
+        from character.evaluation.capability import load_capability_set
+
+        load_capability_set(options.capability_set, option="--capability-set")  # a bad row names its line
+    _label_by_build(checkpoints, options)
+    if report_in_workspace:
+        from character.settings import check_workdir
+
+        check_workdir(options.workdir)
 
 
 def _resolved(checkpoints: list[str]) -> list[str]:
