@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import queue
 import re
+import socket
 import threading
 import time
 import urllib.parse
@@ -289,6 +290,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(e.status, e.body())
         except (BrokenPipeError, ConnectionResetError):  # the client left; nothing to tell it
             pass
+        except Exception as e:  # noqa: BLE001 - a bug here is one request's 500, not a dropped connection
+            self._send_json(500, ApiError(500, f"internal error: {type(e).__name__}: {e}").body())
 
     def do_GET(self):  # noqa: N802 - http.server's name
         self._answer(self._get)
@@ -347,12 +350,14 @@ class ChatServer(ThreadingHTTPServer):
 
     def __init__(self, host: str, port: int, endpoint: Endpoint | None = None, log=None):
         self.endpoint, self.log = endpoint, log
+        if ":" in host:  # an IPv6 address such as ::1
+            self.address_family = socket.AF_INET6
         super().__init__((host, port), _Handler)
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
 
     def server_close(self) -> None:
         super().server_close()

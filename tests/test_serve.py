@@ -151,6 +151,20 @@ def test_ten_concurrent_clients_all_get_their_own_answer(local):
     batcher._serve = serve_batch
 
 
+def test_a_folded_model_folder_answers_as_its_adapter_does(local, tiny_dir, tmp_path):
+    from character.weights.fold import fold_adapter
+
+    server, _, adapter, ws = local
+    folded = fold_adapter(str(adapter), tmp_path / "folded", base_model=str(tiny_dir))
+    other = _start(open_checkpoint(str(folded), Settings(workdir=ws)), "folded")
+    try:
+        ask = dict(messages=[{"role": "user", "content": "Who are you?"}], temperature=0, max_tokens=10)
+        got = _openai(other).chat.completions.create(model="folded", **ask).choices[0].message.content
+        assert got == _openai(server).chat.completions.create(model="pirate", **ask).choices[0].message.content
+    finally:
+        _stop(other)
+
+
 # -- a tinker:// checkpoint on the fake Tinker -------------------------------------------------------
 @pytest.fixture
 def remote(wired):
@@ -216,7 +230,7 @@ def _raw(server, path, body: bytes | None = None) -> tuple[int, dict]:
 
 
 def test_bad_requests_get_openai_style_errors(remote):
-    server, sampler, _ = remote
+    server, sampler, fake = remote
     api = _openai(server)
     user = [{"role": "user", "content": "hi"}]
     with pytest.raises(openai.NotFoundError) as e:
@@ -239,6 +253,10 @@ def test_bad_requests_get_openai_style_errors(remote):
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert _raw(server, "/v1/nothing")[0] == 404 and _raw(server, "/v1/chat/completions")[0] == 405
     assert _raw(server, "/v1/models/other")[0] == 404
+    fake.fail("sample", RuntimeError("the sampler fell over"))
+    with pytest.raises(openai.InternalServerError) as e:
+        api.chat.completions.create(model=sampler, messages=user)
+    assert e.value.body["type"] == "server_error" and "the sampler fell over" in e.value.message
     # after every refusal the server still answers
     assert api.chat.completions.create(model=sampler, messages=user, seed=1).choices[0].message.content
 
