@@ -279,7 +279,8 @@ def test_serve_refuses_a_busy_port_and_a_missing_checkpoint_in_one_line(tmp_path
 @pytest.mark.slow
 def test_character_serve_answers_until_ctrl_c(workdir):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TINKER_API_KEY": ""}
-    args = ["serve", "tiny", "--port", "0", "--model-name", "tiny-persona", "--workdir", str(workdir)]
+    args = ["serve", "tiny", "--port", "0", "--model-name", "tiny-persona", "--log-requests"]
+    args += ["--workdir", str(workdir)]
     proc = subprocess.Popen([sys.executable, "-m", "character.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     try:
@@ -294,3 +295,4 @@ def test_character_serve_answers_until_ctrl_c(workdir):
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Traceback" not in err, err
+    assert '"POST /v1/chat/completions HTTP/1.1" 200' in err  # --log-requests: one line per request
