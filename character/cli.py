@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from character.commands import build, chat, evaluation, interrupt, personas, plan, tinker, weights
+from character.commands import build, chat, evaluation, interrupt, personas, plan, serve, tinker, weights
 from character.errors import UserError
 from character.terminal import quiet_libraries
 
@@ -32,6 +32,7 @@ app.command()(weights.fold)
 app.command("eval")(evaluation.eval_command)
 app.command()(chat.chat)
 app.command()(chat.sample)
+app.command()(serve.serve)
 
 
 def _click_exceptions():
