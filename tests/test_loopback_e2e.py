@@ -154,14 +154,16 @@ def test_character_eval_on_the_builds_tinker_checkpoints_reproduces_the_builds_e
         cmd, env=env_for(service.url, space, "prefect-eval"), capture_output=True, text=True, timeout=900
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    got = json.loads(r.stdout.strip().splitlines()[-1])
+    got = json.loads(r.stdout.strip().splitlines()[-1])["checkpoints"]
     built = stages["eval"]["summary"]
-    names = [k for k in got if isinstance(got[k], dict) and "in_persona_rate" in got[k]]
-    assert len(names) == 3, got  # the base model and the two checkpoints
-    by_rate = {k: (got[k]["in_persona_rate"], got[k]["pref_accuracy"]) for k in names}
-    for ref in ("base", "dpo", "final"):
-        want = (built[ref]["in_persona_rate"], built[ref]["pref_accuracy"])
-        assert want in by_rate.values(), (ref, want, by_rate)
+    assert got["dpo"]["checkpoint"] == dpo and got["sft"]["checkpoint"] == final, got
+    # the same seeds, classifier and held-out data: the build's own evaluation, number for number
+    for ref, label in (("base", "base"), ("dpo", "dpo"), ("final", "sft")):
+        for k in ("in_persona_rate", "robust_in_persona_rate", "prefill_in_persona_rate", "capability_accuracy"):
+            assert got[label][k] == built[ref][k], (ref, k, got[label], built[ref])
+        if ref != "base":
+            assert got[label]["dpo_accuracy"] == built[ref]["pref_accuracy"]
+            assert got[label]["dpo_margin"] == pytest.approx(built[ref]["pref_margin"], rel=1e-9)
 
 
 @pytest.mark.slow
@@ -171,7 +173,10 @@ def test_question_expansion_runs_on_tinker_and_feeds_the_data(space, paper):
     asked = 3 * len(load_constitution("pirate").traits)
     assert q["questions"] + sum(q["dropped"].values()) == asked, q
     rows = [json.loads(x) for x in Path(q["path"]).read_text().splitlines()]
-    assert sum(len(r["questions"]) for r in rows) == q["questions"] > 0, rows
+    pool = {x for r in rows for x in r["questions"]}
+    assert len(pool) == q["questions"] > 0, rows
+    pairs = [json.loads(x) for x in Path(stages["dpo_data"]["all"]).read_text().splitlines()]
+    assert any(p["prompt"][-1]["content"] in pool for p in pairs)  # the pairs ask expanded questions too
 
 
 @pytest.mark.slow
