@@ -173,8 +173,8 @@ def test_question_expansion_runs_on_tinker_and_feeds_the_data(space, paper):
     asked = 3 * len(load_constitution("pirate").traits)
     assert q["questions"] + sum(q["dropped"].values()) == asked, q
     rows = [json.loads(x) for x in Path(q["path"]).read_text().splitlines()]
-    pool = {x for r in rows for x in r["questions"]}
-    assert len(pool) == q["questions"] > 0, rows
+    assert sum(len(r["questions"]) for r in rows) == q["questions"] > 0, rows
+    pool = {x for r in rows for x in r["questions"]}  # a trait may accept what another trait did
     pairs = [json.loads(x) for x in Path(stages["dpo_data"]["all"]).read_text().splitlines()]
     assert any(p["prompt"][-1]["content"] in pool for p in pairs)  # the pairs ask expanded questions too
 
