@@ -129,10 +129,30 @@ def tinker_name(peft_key: str) -> str:
     return name
 
 
-def check_family(base_model: str) -> None:
-    """Refuse, before anything is downloaded, base models whose adapters we cannot convert."""
+def _config_file(base_model: str) -> Path | None:
+    """The model's config.json where one is on this machine: a local folder's, or, for a name served by a
+    loopback service (character.loopback), the one it published into the Hub cache under that name; the
+    name alone decides otherwise (a real service's names say their family)."""
     config = Path(base_model).expanduser() / "config.json"
     if config.is_file():
+        return config
+    from character.backend.tinker_models import _is_loopback
+
+    if not _is_loopback():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(base_model, "config.json")
+    except ValueError:  # not a Hub repo name
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def check_family(base_model: str) -> None:
+    """Refuse, before anything is downloaded, base models whose adapters we cannot convert."""
+    config = _config_file(base_model)
+    if config is not None:
         model_type = json.loads(config.read_text()).get("model_type", "")
         if model_type not in _DENSE_MODEL_TYPES:
             raise UnsupportedAdapter(f"{base_model}: model_type {model_type!r} is not supported; only {SUPPORTED}")
@@ -148,8 +168,8 @@ def check_family(base_model: str) -> None:
 
 def is_qwen3_5(base_model: str) -> bool:
     """Whether the base model has the dense Qwen3.5 layout (a local folder says so in its config)."""
-    config = Path(base_model).expanduser() / "config.json"
-    if config.is_file():
+    config = _config_file(base_model)
+    if config is not None:
         return json.loads(config.read_text()).get("model_type") == "qwen3_5"
     return _QWEN3_5.search(base_model) is not None
 
