@@ -87,12 +87,12 @@ def pool(tmp_path_factory, models_dir):
             time.sleep(0.5)
         subprocess.run([*PREFECT, "work-pool", "create", "character", "--type", "process"], env=env, check=True)
         subprocess.run([*PREFECT, "--no-prompt", "deploy", "--all"], cwd=ROOT, env=env, check=True)
-        logs = {}
-        for name in ("w1", "w2"):
-            logs[name] = tmp / f"{name}.log"
+
+        def worker(name: str, limit: int) -> None:
             cmd = [*PREFECT, "worker", "start", "--pool", "character", "--type", "process", "--name", name]
-            procs.append(_start([*cmd, "--limit", "2"], env, logs[name]))
-        yield {"url": url, "ws": ws, "logs": logs}
+            procs.append(_start([*cmd, "--limit", str(limit)], env, tmp / f"{name}.log"))
+
+        yield {"url": url, "ws": ws, "worker": worker}
     finally:
         for p in reversed(procs):
             _stop(p)
@@ -130,19 +130,34 @@ def _build_runs(client):
     return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
 
 
+def _configs(ws):
+    from character.config import PipelineConfig
+
+    return [PipelineConfig(persona=p, scale="smoke", workdir=str(ws), build_id=BUILD_ID, **OVERRIDES) for p in PERSONAS]
+
+
 @pytest.fixture(scope="module")
 def two_nightlies(pool):
     """A nightly of three personas, and a second one started while the first runs."""
-    from character.build.record import read_record
-    from character.config import PipelineConfig
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with _client(pool["url"]) as client:
+    from character.build.record import read_record
+    from flows.fanout import _submit
+
+    with temporary_settings({PREFECT_API_URL: pool["url"]}), _client(pool["url"]) as client:
+        # w1 takes the nightly run and has one slot left, w2 (started after) has one: each must build
+        pool["worker"]("w1", 2)
         first = _start_nightly(client)
         while client.read_flow_run(first.id).state.name != "Running":
             time.sleep(1)
+        pool["worker"]("w2", 1)
+        while len(_build_runs(client)) < len(PERSONAS):
+            time.sleep(1)
+        # What a nightly starting now would do: join the runs on their way instead of adding its own.
+        joined = _submit({c.persona: c for c in _configs(pool["ws"])}, "sequential/sequential")
         second = _start_nightly(client)
         first = _wait_final(client, first.id, 240)
-        cfgs = [PipelineConfig(persona=p, scale="smoke", workdir=str(pool["ws"]), build_id=BUILD_ID) for p in PERSONAS]
+        cfgs = _configs(pool["ws"])
         after_first = {c.persona: read_record(c)["stages"] for c in cfgs}
         builds_after_first = _build_runs(client)
         second = _wait_final(client, second.id, 180)
@@ -155,6 +170,8 @@ def two_nightlies(pool):
             "builds": _build_runs(client),
             "records": (after_first, after_second),
             "summaries": summaries,
+            "joined": joined,
+            "builds_at_once": client.read_deployment_by_name("sequential/sequential").global_concurrency_limit.limit,
             "workers": {r.id: _worker(client, r.id) for r in builds_after_first},
         }
 
@@ -195,8 +212,9 @@ def test_each_persona_builds_in_its_own_run_spread_over_both_workers(two_nightli
     assert all(r.parent_task_run_id is not None for r in runs)  # subflows of the nightly in the UI
     workers = two_nightlies["workers"]
     assert set(workers.values()) == {"w1", "w2"}, workers
-    # prefect.yaml lets two builds run at once (builds_at_once): never three
-    assert _max_overlap(runs) == 2
+    # prefect.yaml lets two builds run at once (builds_at_once), and so do the workers' free slots
+    assert two_nightlies["builds_at_once"] == 2
+    assert _max_overlap(runs) == 2, [(r.name, r.start_time, r.end_time) for r in runs]
 
 
 def test_the_summary_has_a_row_per_persona_with_its_final_checkpoint(two_nightlies):
@@ -213,7 +231,16 @@ def test_a_second_nightly_builds_no_persona_twice(two_nightlies):
     second = two_nightlies["second"]
     assert second.state.is_completed(), second.state.message
     after_first, after_second = two_nightlies["records"]
-    assert after_second == after_first  # every stage recorded once: the second nightly trained nothing
+    changed = {p: [k for k in after_first[p] if after_second[p].get(k) != after_first[p][k]] for p in PERSONAS}
+    # every stage recorded once: the second nightly (which waited for the first, one nightly at a time)
+    # trained nothing; only the record of the skipped evaluation is written again
+    for rec in (after_first, after_second):
+        for stages in rec.values():
+            assert stages.pop("eval")["names"] == ["dpo", "final"]
+    assert after_second == after_first, changed
+    assert two_nightlies["joined"] == {
+        r.name.removesuffix(f"-{BUILD_ID}"): r.id for r in two_nightlies["builds_after_first"]
+    }
     by_persona = {}
     for r in two_nightlies["builds"]:
         by_persona.setdefault(r.name, []).append(r)
