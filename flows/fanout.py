@@ -10,6 +10,7 @@ from uuid import UUID
 
 from character.build.record import read_record
 from character.config import PipelineConfig
+from character.errors import UserError
 
 _ACTIVE = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED")
 _POLL_S = 2.0
@@ -45,10 +46,17 @@ def _submit(configs: dict[str, PipelineConfig], deployment: str) -> dict[str, UU
     """Each persona's build run: the one already active for its build, else a new one."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
 
     runs: dict[str, UUID] = {}
     with get_client(sync_client=True) as client:
-        dep_id = client.read_deployment_by_name(deployment).id
+        try:
+            dep_id = client.read_deployment_by_name(deployment).id
+        except ObjectNotFound:
+            raise UserError(
+                f"the nightly builds each persona with the deployment '{deployment}', which this Prefect "
+                "server does not have: deploy prefect.yaml (prefect deploy --all) or serve the flows"
+            ) from None
         for persona, cfg in configs.items():
             tag = build_tag(cfg)
             runs[persona] = _active_run(client, dep_id, tag) or (
