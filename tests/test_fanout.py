@@ -123,6 +123,13 @@ def _wait_final(client, run_id, timeout):
         time.sleep(2)
 
 
+def _until(ok, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(1)
+
+
 def _build_runs(client):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
@@ -148,11 +155,9 @@ def two_nightlies(pool):
         # w1 takes the nightly run and has one slot left, w2 (started after) has one: each must build
         pool["worker"]("w1", 2)
         first = _start_nightly(client)
-        while client.read_flow_run(first.id).state.name != "Running":
-            time.sleep(1)
+        _until(lambda: client.read_flow_run(first.id).state.name == "Running", "the nightly to run")
         pool["worker"]("w2", 1)
-        while len(_build_runs(client)) < len(PERSONAS):
-            time.sleep(1)
+        _until(lambda: len(_build_runs(client)) == len(PERSONAS), "the build runs")
         # What a nightly starting now would do: join the runs on their way instead of adding its own.
         joined = _submit({c.persona: c for c in _configs(pool["ws"])}, "sequential/sequential")
         second = _start_nightly(client)
