@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     teacher_model: str | None = None
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda or cuda:N")
     seed: int = 0
+    nightly_wait_s: float = Field(
+        12 * 3600.0, gt=0, description="how long a nightly run from a deployment waits for its build runs"
+    )
     # Tinker (backend "tinker"): models it serves, where the key lives, and how long to wait for it.
     # Served defaults (Tinker's lineup of 2026-08; README "Tinker: default models"): a dense 8B hybrid-thinking
     # chat model, the paper's student size, whose exported adapters merge exactly here; and as teacher the largest

@@ -20,6 +20,8 @@ from character.config import PipelineConfig
 from character.datagen.scales import ScaleName
 from character.errors import UserError
 from character.settings import Settings
+from flows.build_slots import from_deployment
+from flows.fanout import build_runs
 from flows.paper import paper
 from flows.sequential import sequential
 
@@ -115,7 +117,10 @@ def nightly(
     max_concurrent: int = 4,
     overrides: dict | None = None,
 ) -> dict[str, dict]:
-    """`max_concurrent` applies to Tinker; local builds share one machine and run one at a time."""
+    """From a deployment, each persona builds in a flow run of its own of the `mode` deployment on the
+    pool, as many at once as that deployment's `concurrency_limit` allows across all workers, waited
+    for up to the `nightly_wait_s` setting. Otherwise the builds are subflows here: `max_concurrent` applies to
+    Tinker, and local builds share this machine and run one at a time."""
     settings = Settings()
     build_id = build_id or f"nightly-{datetime.now(timezone.utc):%Y-%m-%d}"
     workdir = str(Path(workdir or settings.workdir).expanduser().resolve())
@@ -132,7 +137,10 @@ def nightly(
         build_id=build_id,
         **(overrides or {}),
     )
-    outcomes |= _build_all(configs, 1 if backend == "local" else max(1, max_concurrent))
+    if from_deployment():
+        outcomes |= build_runs(configs, mode, settings.nightly_wait_s)
+    else:
+        outcomes |= _build_all(configs, 1 if backend == "local" else max(1, max_concurrent))
     rows = [
         {
             "persona": p,

@@ -9,8 +9,10 @@ import tasks
 from character.build import plan
 from character.build.record import PipelineResult
 from character.config import PipelineConfig
+from flows.build_slots import held
 
 
 @flow(name="paper")
 def paper(config: PipelineConfig) -> PipelineResult:
-    return plan.run(config, "paper", tasks)
+    with held(config):  # across machines, for deployment runs
+        return plan.run(config, "paper", tasks)
