@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     fault_rate: float = Field(0.0, ge=0, le=1, description="share of backend calls made to fail transiently (0: off)")
     fault_seed: int = Field(0, description="which calls fail, when fault_rate is set")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: default_threads())")
+    wandb_project: str | None = Field(None, description="Weights & Biases project of every build (--wandb)")
     model_cache: Path | None = Field(
         None, description="models built here, shared by all workspaces (default: $XDG_CACHE_HOME/character/models)"
     )
