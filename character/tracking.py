@@ -46,14 +46,16 @@ class Tracker:
 
     def __init__(self, run=None):
         self.run = run
+        self.last = -1 if run is None else run.step - 1  # a resumed run (online) starts after its history
 
     def log(self, row: dict) -> None:
-        """A training step's metrics row, at its step. A row W&B has already passed (a step redone after
-        a recovery in this process) is not logged again: its first values are already there."""
-        if self.run is None or row.get("step", 0) < self.run.step:
+        """A training step's metrics row, at its step. A step already logged (redone after a recovery in
+        this process) is not logged again: W&B's history cannot go back, so it keeps the first values."""
+        if self.run is None or row["step"] <= self.last:
             return
         values = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
         self.run.log(values, step=int(row["step"]))
+        self.last = int(row["step"])
 
     def __call__(self, done: int, total: int, row: dict) -> None:  # as the training loop's on_step
         self.log(row)
@@ -111,23 +113,27 @@ def log_evaluation(cfg: PipelineConfig, result: dict) -> None:
     the report's figures, and sample generations (every model's answer to each held-out prompt)."""
     if not cfg.wandb_project:
         return
+    with tracked(cfg, "eval") as t:
+        if t.run is not None:
+            try:
+                _log_evaluation(t.run, result)
+            except Exception as e:  # noqa: BLE001 - the evaluation is recorded; its copy in W&B is a convenience
+                log.warning("evaluation not logged to Weights & Biases (%s: %s)", type(e).__name__, e)
+
+
+def _log_evaluation(run, result: dict) -> None:
     import wandb
 
-    with tracked(cfg, "eval") as t:
-        if t.run is None:
-            return
-        rows = result.get("report", {}).get("table") or []
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-        t.run.log({"metrics": wandb.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns] for r in rows])})
-        t.run.summary.update(
-            {f"{r['model']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, (int, float))}
-        )
-        for path in result.get("report", {}).get("plots", []):
-            t.run.log({f"figures/{Path(path).stem}": wandb.Image(path)})
-        if gens := result.get("generations"):
-            models = list(gens[0]["answers"])
-            data = [[g["prompt"], *(g["answers"][m]["text"] for m in models)] for g in gens]
-            t.run.log({"generations": wandb.Table(columns=["prompt", *models], data=data)})
+    rows = result.get("report", {}).get("table") or []
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    run.log({"metrics": wandb.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns] for r in rows])})
+    run.summary.update({f"{r['model']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, (int, float))})
+    for path in result.get("report", {}).get("plots", []):
+        run.log({f"figures/{Path(path).stem}": wandb.Image(path)})
+    if gens := result.get("generations"):
+        models = list(gens[0]["answers"])
+        data = [[g["prompt"], *(g["answers"][m]["text"] for m in models)] for g in gens]
+        run.log({"generations": wandb.Table(columns=["prompt", *models], data=data)})
 
 
 def _cell(value):

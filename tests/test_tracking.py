@@ -13,10 +13,18 @@ import pytest
 from character.build.record import read_record
 from character.config import PipelineConfig
 from character.storage import read_jsonl
-from character.tracking import run_id
+from character.tracking import run_id, tracked
 
 wandb = pytest.importorskip("wandb")
 from wandb_offline import history, offline_runs, run_info  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_wandb():
+    """wandb keeps its settings (WANDB_DIR among them) for the whole process once set up: each test anew."""
+    wandb.teardown()
+    yield
+    wandb.teardown()
 
 
 def test_run_ids_name_one_build_stage():
@@ -40,6 +48,34 @@ def test_wandb_not_installed_is_one_error_line_before_anything_runs(tmp_path):
     assert proc.returncode == 2 and len(err) == 1, proc.stderr
     assert err[0].startswith("error: --wandb team-runs:") and "pip install -e '.[wandb]'" in err[0]
     assert not (ws / "builds").exists()
+
+
+def test_a_step_redone_after_a_recovery_keeps_its_first_values(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = PipelineConfig(persona="pirate", build_id="redo", wandb_project="character-tests")
+    with tracked(cfg, "sft", {"learning_rate": 1e-3}) as track:
+        for step, loss in ((1, 1.0), (2, 0.9), (3, 0.8), (2, 7.0), (3, 7.0), (4, 0.6)):  # back to the save at 1
+            track(step, 4, {"step": step, "total": 4, "loss:sum": loss, "lr": 1e-3 / step})
+    (folder,) = offline_runs(tmp_path)[run_id(cfg, "sft")]
+    rows = history(folder)
+    assert [(r["_step"], r["loss:sum"], r["lr"]) for r in rows] == [
+        (1, 1.0, 1e-3),
+        (2, 0.9, 5e-4),
+        (3, 0.8, 1e-3 / 3),
+        (4, 0.6, 2.5e-4),
+    ]
+
+
+def test_a_run_that_cannot_start_leaves_the_stage_untracked(monkeypatch, caplog):
+    def no_login(**kw):
+        raise wandb.errors.UsageError("api_key not configured (no-tty)")
+
+    monkeypatch.setattr(wandb, "init", no_login)
+    cfg = PipelineConfig(persona="pirate", build_id="b", wandb_project="character-tests")
+    with caplog.at_level("WARNING", logger="character.tracking"), tracked(cfg, "dpo") as track:
+        track(1, 1, {"step": 1, "loss": 0.5})
+    assert track.run is None and "going on untracked" in caplog.text and "api_key" in caplog.text
 
 
 def _steps(rows: list[dict]) -> dict[int, dict]:

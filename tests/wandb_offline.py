@@ -39,7 +39,12 @@ def records(path: Path) -> list:
 
 
 def offline_runs(wandb_dir: Path) -> dict[str, list[Path]]:
-    """Run id -> its offline run folders, oldest first (a resumed run writes a new folder, same id)."""
+    """Run id -> its offline run folders, oldest first (a resumed run writes a new folder, same id).
+    `run.finish()` may return before wandb's service has written the run's last records: stopping the
+    service first (it starts again at the next `wandb.init`) makes the files complete."""
+    import wandb
+
+    wandb.teardown()
     runs: dict[str, list[Path]] = {}
     for folder in sorted(Path(wandb_dir).glob("wandb/offline-run-*")):
         run_id = folder.name.split("-", 3)[3]

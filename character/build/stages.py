@@ -306,7 +306,6 @@ def stage_evaluate(run: StageRun, checkpoints: dict[str, Checkpoint]) -> dict:
             EvalOptions.for_build(cfg, settings, names=list(chosen), notes=notes),
             service=run.service if cfg.backend == "tinker" else None,  # metered: its tokens are recorded
         )
-    log_evaluation(cfg, result)
     report = {k: v for k, v in result.get("report", {}).items() if k != "table"}
     run.record(
         {
@@ -318,6 +317,7 @@ def stage_evaluate(run: StageRun, checkpoints: dict[str, Checkpoint]) -> dict:
             "capability": result.get("capability"),
         }
     )
+    log_evaluation(cfg, result)  # after the record: tracking never costs a build its evaluation
     return result
 
 
