@@ -70,8 +70,9 @@ def model_cache() -> Path:
     configured = Settings().model_cache
     if configured:
         return Path(configured).expanduser().resolve()
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache).expanduser().resolve() / "character" / "models"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    cache = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache")  # relative: ignored (XDG)
+    return Path(cache).resolve() / "character" / "models"
 
 
 def default_threads() -> int:

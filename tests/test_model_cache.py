@@ -20,6 +20,8 @@ def test_the_cache_follows_xdg_and_the_setting(tmp_path, monkeypatch):
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert model_cache() == tmp_path / "home" / ".cache" / "character" / "models"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG spec: a relative path is ignored
+    assert model_cache() == tmp_path / "home" / ".cache" / "character" / "models"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert model_cache() == tmp_path / "xdg" / "character" / "models"
     monkeypatch.setenv("CHARACTER_MODEL_CACHE", str(tmp_path / "mine"))
