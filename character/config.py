@@ -142,6 +142,9 @@ class PipelineConfig(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="CPU threads for torch (default: settings.default_threads(), resolved at the start)"
     )
+    wandb_project: str | None = Field(
+        None, min_length=1, description="Weights & Biases project the build's runs are logged to (character.tracking)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -168,6 +171,7 @@ class PipelineConfig(BaseModel):
             "seed": settings.seed,
             "device": settings.device,
             "threads": settings.threads,
+            "wandb_project": settings.wandb_project,
         }
         if (kw.get("backend") or settings.backend) == "tinker":  # 'tiny' is local: Tinker has its own defaults
             if settings.base_model == "tiny":

@@ -61,6 +61,21 @@ class Settings(BaseSettings):
     fault_rate: float = Field(0.0, ge=0, le=1, description="share of backend calls made to fail transiently (0: off)")
     fault_seed: int = Field(0, description="which calls fail, when fault_rate is set")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: default_threads())")
+    wandb_project: str | None = Field(None, description="Weights & Biases project of every build (--wandb)")
+    model_cache: Path | None = Field(
+        None, description="models built here, shared by all workspaces (default: $XDG_CACHE_HOME/character/models)"
+    )
+
+
+def model_cache() -> Path:
+    """Where the embedded tiny model is built, once per user rather than once per workspace (minutes on a
+    small machine): CHARACTER_MODEL_CACHE, else $XDG_CACHE_HOME/character/models (~/.cache/character/models)."""
+    configured = Settings().model_cache
+    if configured:
+        return Path(configured).expanduser().resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    cache = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache")  # relative: ignored (XDG)
+    return Path(cache).resolve() / "character" / "models"
 
 
 def default_threads() -> int:

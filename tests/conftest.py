@@ -28,18 +28,18 @@ def _model_cache() -> Path:
     return Path(root) / "models"
 
 
+# Every build a test starts, subprocesses included, finds the tiny model in the test cache, never in ~/.cache.
+os.environ["CHARACTER_MODEL_CACHE"] = str(_model_cache())
+
+
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
-    """The tiny model, built once per recipe (cached across sessions) and shared by every workspace."""
-    import fcntl
-
+    """The tiny model, built once per recipe (cached across sessions) and shared by every workspace;
+    two sessions at once build it once (tiny_model_path locks)."""
     from character.backend.tiny import tiny_model_path
 
     root = _model_cache()
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".build.lock", "a") as lock:  # two sessions at once build it once
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        tiny_model_path(root)
+    tiny_model_path(root)
     return root
 
 

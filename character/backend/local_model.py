@@ -13,7 +13,7 @@ import torch
 from character.backend.tiny import tiny_model_path
 from character.config import check_local_model
 from character.errors import UserError
-from character.settings import Workspace
+from character.settings import Workspace, model_cache
 
 # PEFT calls a transformers API that warns on every model wrap; it is not ours to fix.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -21,9 +21,10 @@ _ATTN_HINTS = ("attn", "attention")
 
 
 def resolve_model(name: str, ws: Workspace) -> Path:
-    """`tiny` is built and cached in the workspace; anything else must be a local HF model folder."""
+    """`tiny` is built once per user (the shared model cache; a copy already in the workspace's models/
+    is used as it is); anything else must be a local HF model folder."""
     if name == "tiny":
-        return tiny_model_path(ws.models)
+        return tiny_model_path(model_cache(), ws.models)
     check_local_model(name)
     return Path(name).expanduser().resolve()
 

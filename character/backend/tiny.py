@@ -6,8 +6,8 @@ one. Its recipe (size, warm-up corpus, chat template) is in `character.backend.t
 
 A byte-level BPE tokenizer with a ChatML template is trained on that corpus, then a small Llama is
 warmed up on it (loss on the assistant turns only). Nothing is downloaded and the build is
-deterministic; the result is cached in the workspace under a name derived from the recipe, so a
-changed recipe never reuses a stale model.
+deterministic; the result is cached once per user (`character.settings.model_cache`, shared by every
+workspace) under a name derived from the recipe, so a changed recipe never reuses a stale model.
 """
 
 from __future__ import annotations
@@ -156,9 +156,21 @@ def _warm_up(model, seqs: list[tuple[list[int], list[int]]], pad: int) -> None:
     model.eval()
 
 
-def tiny_model_path(models_dir: Path) -> Path:
-    """The cached tiny model for the current recipe, built on first use."""
-    path = Path(models_dir) / f"tiny-{recipe_digest()}"
-    if not (path / "config.json").is_file():
-        build_tiny_model(path)
+def tiny_model_path(models_dir: Path, *elsewhere: Path) -> Path:
+    """The cached tiny model for the current recipe: found in `models_dir` or in one of `elsewhere` (a
+    workspace's own models/ from before the shared cache), else built into `models_dir`. The build runs
+    under a file lock beside it, so two first runs at once (two workspaces, two workers) build it once:
+    the second waits, then finds the first one's model."""
+    import fcntl
+
+    name = f"tiny-{recipe_digest()}"
+    for folder in (*elsewhere, models_dir):
+        if (Path(folder) / name / "config.json").is_file():
+            return Path(folder) / name
+    path = Path(models_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        if not (path / "config.json").is_file():
+            build_tiny_model(path)
     return path

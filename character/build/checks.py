@@ -9,11 +9,13 @@ from character.config import PipelineConfig, check_inputs
 from character.errors import UserError
 from character.persona.constitution import Constitution
 from character.settings import Settings
+from character.tracking import check_tracking
 
 
 def validate(cfg: PipelineConfig) -> Constitution:
     """Everything that can be checked before a model is loaded or an API call is paid for."""
     c = check_inputs(cfg)  # constitution, workdir, local model names
+    check_tracking(cfg)  # --wandb without wandb installed
     check_same_build(cfg)
     check_same_renderers(cfg)  # a family we cannot render is refused here, by name
     if cfg.backend == "tinker":

@@ -85,12 +85,13 @@ def framed(name: str, open_service: Callable, resume: Callable[[dict], object] |
     return frame
 
 
-def training_progress(on_step):
-    """Training steps as progress of the current stage, then the caller's own callback."""
+def training_progress(*on_step):
+    """Training steps as progress of the current stage, then each of the callbacks given (None: none)."""
 
     def both(step: int, total: int, metrics: dict) -> None:
         progress.update(step, total)
-        if on_step is not None:
-            on_step(step, total, metrics)
+        for hook in on_step:
+            if hook is not None:
+                hook(step, total, metrics)
 
     return both

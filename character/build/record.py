@@ -86,6 +86,7 @@ def list_checkpoints(workdir: str | Path, persona: str | None = None) -> list[di
 # Settings that may change between runs of one build without changing what it produces.
 _RUN_ONLY = {
     "workdir",
+    "wandb_project",
     "device",
     "max_in_flight",
     "evaluate",

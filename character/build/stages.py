@@ -24,6 +24,7 @@ from character.datagen.introspection import generate_introspection
 from character.datagen.questions import expand_questions, load_expanded_questions
 from character.errors import UserError
 from character.settings import Settings, Workspace, apply_threads, default_threads
+from character.tracking import log_evaluation, tracked, training_config
 from character.train.dpo import run_dpo
 from character.train.families import renderer_for
 from character.train.losses import DPOCoefficients
@@ -162,7 +163,7 @@ def stage_introspection(run: StageRun, dpo: Checkpoint) -> str:
 @_stage("dpo", resume=Checkpoint.from_record)
 def stage_dpo(run: StageRun, data_path: str, on_step=None) -> Checkpoint:
     cfg, svc = run.cfg, run.service
-    with run.working():
+    with run.working(), tracked(cfg, "dpo", training_config("dpo", cfg.dpo)) as track:
         result = run_dpo(
             svc,
             start=lambda: svc.create_lora_training_client(
@@ -175,7 +176,7 @@ def stage_dpo(run: StageRun, data_path: str, on_step=None) -> Checkpoint:
             cfg=cfg.dpo,
             coef=DPOCoefficients(**cfg.dpo_loss.model_dump()),
             max_length=cfg.dpo_max_length,
-            on_step=training_progress(on_step),
+            on_step=training_progress(on_step, track),
         )
     ckpt = Checkpoint(stage="dpo", state=result.state, sampler=result.sampler, steps=result.steps)
     run.record({**ckpt.model_dump(), **_alpha(result)})
@@ -194,7 +195,7 @@ def stage_sft(run: StageRun, data_path: str, dpo: Checkpoint | None, on_step=Non
         start = lambda: svc.create_lora_training_client(
             cfg.base_model, rank=cfg.lora_rank, seed=cfg.seed, alpha=cfg.lora_alpha
         )
-    with run.working():
+    with run.working(), tracked(cfg, "sft", training_config("sft", opt)) as track:
         result = run_sft(
             svc,
             start,
@@ -203,7 +204,7 @@ def stage_sft(run: StageRun, data_path: str, dpo: Checkpoint | None, on_step=Non
             cfg.paths.run("sft"),
             opt,
             cfg.sft_max_length,
-            on_step=training_progress(on_step),
+            on_step=training_progress(on_step, track),
         )
     ckpt = Checkpoint(stage="sft", state=result.state, sampler=result.sampler, steps=result.steps)
     run.record({**ckpt.model_dump(), "learning_rate": opt.learning_rate, **_alpha(result)})
@@ -316,6 +317,7 @@ def stage_evaluate(run: StageRun, checkpoints: dict[str, Checkpoint]) -> dict:
             "capability": result.get("capability"),
         }
     )
+    log_evaluation(cfg, result)  # after the record: tracking never costs a build its evaluation
     return result
 
 

@@ -106,6 +106,9 @@ def pipeline(
     max_cost: Optional[float] = typer.Option(
         None, min=0, help="refuse to start when the estimated cost (`character plan`) is over this many dollars"
     ),
+    wandb_project: Optional[str] = typer.Option(
+        None, "--wandb", metavar="PROJECT", help="log training and evaluation to this Weights & Biases project"
+    ),
 ) -> None:
     """Run the whole pipeline for one persona as a Prefect flow (sequential mode unless --paper-mode)."""
     cfg = _pipeline_config(**locals())  # every flag, by its name
