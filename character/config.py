@@ -67,15 +67,25 @@ TINY_DEFAULTS: dict = {
 }
 
 
+# Tinker's own LoRA alpha (character.backend.tinker.TINKER_LORA_ALPHA; config imports no SDK). A loopback
+# service (character.loopback) serves `tiny` on the Tinker backend: the same defaults, with the learning rates
+# carried over by the alpha/rank rule (README "Learning rates across backends"): local scale 2, Tinker 32/rank.
+TINKER_LORA_ALPHA = 32
+
+
+def _tiny_defaults(backend: str) -> dict:
+    if backend == "local":
+        return TINY_DEFAULTS
+    carry = 2 / (TINKER_LORA_ALPHA / TINY_DEFAULTS["lora_rank"])
+    stage = lambda d: {**d, "learning_rate": d["learning_rate"] * carry}
+    return {**TINY_DEFAULTS, "dpo": stage(TINY_DEFAULTS["dpo"]), "sft": stage(TINY_DEFAULTS["sft"])}
+
+
 def _with_tiny_defaults(data):
-    if (
-        not isinstance(data, dict)
-        or data.get("backend", "local") != "local"
-        or data.get("base_model", "tiny") != "tiny"
-    ):
+    if not isinstance(data, dict) or data.get("base_model", "tiny") != "tiny":
         return data
     out = dict(data)
-    for key, value in TINY_DEFAULTS.items():
+    for key, value in _tiny_defaults(data.get("backend", "local")).items():
         if isinstance(value, dict):
             given = out.get(key)
             given = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else (given or {})

@@ -928,3 +928,24 @@ def test_the_core_imports_without_prefect():
         env={**os.environ, "TINKER_API_KEY": ""},
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_tiny_on_a_loopback_tinker_keeps_its_defaults_with_the_learning_rate_carried_over():
+    """`--backend tinker --base-model tiny` (a loopback service): tiny's own defaults, with each learning rate
+    multiplied by local scale / Tinker scale (2 / (32 / rank)), the README's rule; real models keep the paper's."""
+    from character.backend.tinker import TINKER_LORA_ALPHA
+    from character.config import TINKER_LORA_ALPHA as CONFIG_ALPHA
+    from character.config import TINY_DEFAULTS
+
+    assert CONFIG_ALPHA == TINKER_LORA_ALPHA
+    local = PipelineConfig(persona="pirate", base_model="tiny")
+    remote = PipelineConfig(persona="pirate", backend="tinker", base_model="tiny")
+    rank = TINY_DEFAULTS["lora_rank"]
+    assert remote.lora_rank == local.lora_rank == rank and remote.max_new_tokens == local.max_new_tokens == 96
+    for stage in ("dpo", "sft"):
+        want = getattr(local, stage).learning_rate * 2 / (TINKER_LORA_ALPHA / rank)
+        assert getattr(remote, stage).learning_rate == pytest.approx(want)
+        assert getattr(remote, stage).epochs == getattr(local, stage).epochs
+    assert PipelineConfig(persona="pirate", backend="tinker", base_model=STUDENT).dpo.learning_rate == 5e-5
+    given = PipelineConfig(persona="pirate", backend="tinker", base_model="tiny", dpo={"learning_rate": 0.01})
+    assert given.dpo.learning_rate == 0.01  # an explicit value wins
