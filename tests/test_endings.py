@@ -119,7 +119,7 @@ def test_json_stdout_is_exactly_one_line_that_json_tool_reads(build):
     )
     assert tool.returncode == 0, tool.stderr
     out = json.loads(tool.stdout)
-    assert set(out) == {"persona", "mode", "base_model", "workdir", "checkpoints", "eval"}
+    assert set(out) == {"persona", "mode", "base_model", "workdir", "checkpoints", "eval", "cost"}
     assert set(out["checkpoints"]) == {"dpo", "sft", "final"}
     assert {"base", "dpo", "final"} <= set(out["eval"]) and Path(out["eval"]["report"]).is_file()
 
@@ -159,6 +159,8 @@ def test_without_json_the_build_ends_with_metrics_report_and_checkpoints(build):
     assert f"report: {summary['eval']['report']}" in lines
     at = lines.index("checkpoints:")
     assert lines[at + 1 :] == [f"{k:>8}: {v}" for k, v in summary["checkpoints"].items()]
+    counted = sum(sum(t.values()) for t in summary["cost"]["total"]["tokens"].values())
+    assert lines[at - 1] == f"spent: {counted:,} tokens, $0.00 at the price table's rates"  # tiny costs nothing
     assert "skipped" not in proc.stdout and "skipped: finished" in proc.stderr  # logs on stderr only
 
 
@@ -193,7 +195,8 @@ def test_eval_finds_the_build_of_a_relative_path_and_a_file_uri_and_labels_by_st
     assert proc.stdout.count("\n") == 1  # the JSON line; the summary went to stderr
     out = json.loads(proc.stdout)
     assert out["build"] == str(ws / "builds" / "sarcastic" / "b1")
-    assert set(out["checkpoints"]) == {"base", "dpo", "sft"}  # the build's stages, not sampler_weights/final
+    # the build's stages, not sampler_weights/final (and the baselines: base, the prompted base)
+    assert set(out["checkpoints"]) == {"base", "prompted", "dpo", "sft"}
     assert out["checkpoints"]["dpo"]["checkpoint"] == str(dpo)
     assert out["eval"]["dpo"]["in_persona_rate"] is not None and out["eval"]["dpo"]["pref_pairs"] > 0
     assert f"build: {out['build']}" in proc.stderr.splitlines()

@@ -196,17 +196,13 @@ def _show_result(cfg, result, as_json: bool) -> None:
             )
         )
         return
-    for line in _result_lines(result, summary, cfg.evaluate):
+    for line in _result_lines(result, summary, cfg.evaluate, cost_row(read_record(cfg))):
         typer.echo(line)
-    spend = cost_row(read_record(cfg))
-    if spend["tokens"]:
-        cost = "no price" if spend["cost_usd"] is None else f"${spend['cost_usd']:.2f}"
-        typer.echo(f"spent: {spend['tokens']:,} tokens, {cost} at the price table's rates")
 
 
-def _result_lines(result, summary: dict | None, evaluate: bool) -> list[str]:
+def _result_lines(result, summary: dict | None, evaluate: bool, spend: dict) -> list[str]:
     """The end of a build on the terminal: what was built, each model's headline metrics with their n, the
-    report, then the checkpoints."""
+    report, the tokens spent and their cost, then the checkpoints."""
     fmt = lambda v, n: "-" if v is None else f"{v:.3f} (n={n})"
     lines = [f"{result.persona} build {result.build_id} ({result.mode}, base model {result.base_model}): done"]
     if summary is None:
@@ -214,7 +210,7 @@ def _result_lines(result, summary: dict | None, evaluate: bool) -> list[str]:
     else:
         lines.append(f"{'model':>8}  {'in persona':<14} {'robust':<14} pref. accuracy (held-out pairs)")
         for name, m in summary.items():
-            if name in ("classifier", "report"):
+            if name in ("classifier", "report", "coherence", "capability"):  # sections, not models
                 continue
             lines.append(
                 f"{name:>8}  {fmt(m['in_persona_rate'], m['in_persona_n']):<14} "
@@ -223,6 +219,9 @@ def _result_lines(result, summary: dict | None, evaluate: bool) -> list[str]:
         clf = summary["classifier"]
         lines.append(f"persona classifier held-out accuracy: {fmt(clf['heldout_accuracy'], clf['n'])}")
         lines.append(f"report: {summary['report']}")
+    if spend["tokens"]:
+        cost = "no price" if spend["cost_usd"] is None else f"${spend['cost_usd']:.2f}"
+        lines.append(f"spent: {spend['tokens']:,} tokens, {cost} at the price table's rates")
     lines.append("checkpoints:")
     lines += [f"{stage:>8}: {uri}" for stage, uri in result.checkpoints.items()]
     return lines

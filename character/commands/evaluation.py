@@ -151,7 +151,8 @@ def _run_and_name(checkpoint: str) -> str:
 def _refuse_blanks(res: dict) -> None:
     """No evaluated checkpoint got an in-persona rate: say why (the evaluation's own notes) and exit 2, rather
     than print a table of blanks."""
-    models = {k: m for k, m in res["eval"].items() if k not in ("classifier", "report", "base")}
+    baselines = ("classifier", "report", "base", "prompted", "coherence", "capability")  # not checkpoints
+    models = {k: m for k, m in res["eval"].items() if k not in baselines and isinstance(m, dict)}
     if not models or any(m.get("in_persona_rate") is not None for m in models.values()):
         return
     reasons = sorted({n for m in models.values() for n in m.get("notes", []) if "not computed" in n})
