@@ -32,6 +32,26 @@ def _model_cache() -> Path:
 os.environ["CHARACTER_MODEL_CACHE"] = str(_model_cache())
 
 
+@pytest.fixture(autouse=True)
+def _threads_kept():
+    """A test that runs a command in-process sets torch's threads (character.settings.apply_threads): put them
+    back, so the next test computes as the session started (bit-for-bit comparisons depend on it)."""
+    import sys
+
+    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    torch = sys.modules.get("torch")
+    if torch is not None and before is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     """The tiny model, built once per recipe (cached across sessions) and shared by every workspace;

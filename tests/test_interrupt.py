@@ -175,7 +175,11 @@ def _last_flow_run_state_on_server(build_id: str) -> str:
     from prefect import get_client
 
     with get_client(sync_client=True) as client:
-        runs = [r for r in client.read_flow_runs(limit=200) if r.parameters["config"].get("build_id") == build_id]
+        runs = [
+            r
+            for r in client.read_flow_runs(limit=200)
+            if (r.parameters.get("config") or {}).get("build_id") == build_id
+        ]
     return max(runs, key=lambda r: r.created).state.type.value
 
 

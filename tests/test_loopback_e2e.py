@@ -163,7 +163,8 @@ def test_character_eval_on_the_builds_tinker_checkpoints_reproduces_the_builds_e
             assert got[label][k] == built[ref][k], (ref, k, got[label], built[ref])
         if ref != "base":
             assert got[label]["dpo_accuracy"] == built[ref]["pref_accuracy"]
-            assert got[label]["dpo_margin"] == pytest.approx(built[ref]["pref_margin"], rel=1e-9)
+            # float32 log-prob sums, batched differently by the two runs: equal to float32 rounding
+            assert got[label]["dpo_margin"] == pytest.approx(built[ref]["pref_margin"], rel=1e-6)
 
 
 @pytest.mark.slow

@@ -453,9 +453,13 @@ def test_killed_during_dpo_the_cli_resumes_from_the_last_save(prefect_harness, t
         "in_persona_n",
         "robust_in_persona_rate",
         "robust_n",
+        "prefill_in_persona_rate",
+        "prefill_n",
         "pref_accuracy",
         "pref_margin",
         "pref_pairs",
+        "capability_accuracy",
+        "capability_n",
         "notes",
     ]
     assert ev["final"]["in_persona_rate"] is None and any("--no-eval" in n for n in ev["final"]["notes"])

@@ -23,7 +23,7 @@ from character.datagen.heldout import split_heldout
 from character.datagen.introspection import generate_introspection
 from character.datagen.questions import expand_questions, load_expanded_questions
 from character.errors import UserError
-from character.settings import Settings, Workspace, apply_threads, default_threads
+from character.settings import Settings, Workspace, apply_threads
 from character.tracking import log_evaluation, tracked, training_config
 from character.train.dpo import run_dpo
 from character.train.families import renderer_for
@@ -41,7 +41,8 @@ def _service(cfg: PipelineConfig):
         return with_faults(TinkerService(settings), settings.fault_rate, settings.fault_seed)
     from character.backend.local import LocalService
 
-    apply_threads(cfg.threads or default_threads())  # a deployment's run has no command line to do it
+    if cfg.threads:  # set by the CLI (resolved there) or CHARACTER_THREADS; else torch's own count, which does
+        apply_threads(cfg.threads)  # not move with the machine's load between two runs of one process
     svc = LocalService(
         Workspace(cfg.workdir),
         device=cfg.device,
