@@ -137,6 +137,12 @@ class Workspace:
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
+    @property
+    def reference_answers(self) -> Path:
+        """Teacher answers for other personas' constitutions, kept so a second build does not sample them again
+        (character.evaluation.reference_set)."""
+        return self.root / "cache" / "reference"
+
     def build_dir(self, persona: str, build_id: str) -> Path:
         return builds_root(self.root) / check_name(persona, "persona") / check_name(build_id, "build id")
 

@@ -292,6 +292,8 @@ def test_cli_eval_uses_the_checkpoints_build_and_ends_with_json(adapter, workdir
         assert list(m) == [
             "in_persona_rate",
             "in_persona_n",
+            "specificity",
+            "specificity_n",
             "robust_in_persona_rate",
             "robust_n",
             "prefill_in_persona_rate",

@@ -451,6 +451,8 @@ def test_killed_during_dpo_the_cli_resumes_from_the_last_save(prefect_harness, t
     assert list(ev["final"]) == [
         "in_persona_rate",
         "in_persona_n",
+        "specificity",
+        "specificity_n",
         "robust_in_persona_rate",
         "robust_n",
         "prefill_in_persona_rate",

@@ -316,6 +316,7 @@ def stage_evaluate(run: StageRun, checkpoints: dict[str, Checkpoint]) -> dict:
             "revealed": revealed_summary(result.get("revealed")),
             "coherence": coherence_summary(result.get("coherence")),
             "capability": result.get("capability"),
+            "specificity": result.get("specificity"),
         }
     )
     log_evaluation(cfg, result)  # after the record: tracking never costs a build its evaluation

@@ -56,8 +56,8 @@ def _models(summary: dict) -> list[str]:
 def eval_markdown(summary: dict) -> list[str]:
     """The headline table: every rate with its n, every null with its reason."""
     lines = [
-        "| model | in-persona rate | robust rate | prefill rate | pref. accuracy | margin | capability |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | in-persona rate | this persona | robust rate | prefill rate | pref. accuracy | margin | capability |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in _models(summary):
         m = summary[name]
@@ -67,6 +67,7 @@ def eval_markdown(summary: dict) -> list[str]:
 
         lines.append(
             f"| {name} | {cell(m['in_persona_rate'], m['in_persona_n'])} | "
+            f"{cell(m.get('specificity'), m.get('specificity_n'))} | "
             f"{cell(m['robust_in_persona_rate'], m['robust_n'])} | "
             f"{cell(m.get('prefill_in_persona_rate'), m.get('prefill_n'))} | "
             f"{cell(m['pref_accuracy'], m['pref_pairs'], 'pairs')} | "

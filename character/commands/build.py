@@ -208,12 +208,15 @@ def _result_lines(result, summary: dict | None, evaluate: bool, spend: dict) -> 
     if summary is None:
         lines.append("evaluation: not run" + ("" if evaluate else " (--no-eval)"))
     else:
-        lines.append(f"{'model':>8}  {'in persona':<14} {'robust':<14} pref. accuracy (held-out pairs)")
+        lines.append(
+            f"{'model':>8}  {'in persona':<14} {'this persona':<14} {'robust':<14} pref. accuracy (held-out pairs)"
+        )
         for name, m in summary.items():
             if name in ("classifier", "report", "coherence", "capability"):  # sections, not models
                 continue
             lines.append(
                 f"{name:>8}  {fmt(m['in_persona_rate'], m['in_persona_n']):<14} "
+                f"{fmt(m.get('specificity'), m.get('specificity_n')):<14} "
                 f"{fmt(m['robust_in_persona_rate'], m['robust_n']):<14} {fmt(m['pref_accuracy'], m['pref_pairs'])}"
             )
         clf = summary["classifier"]

@@ -219,13 +219,20 @@ def _print_summary(res: dict) -> None:
         if label in ("classifier", "report"):
             continue
         typer.echo(
-            f"{label:>10}: in persona {fmt(m['in_persona_rate'], m['in_persona_n'])}  robust "
+            f"{label:>10}: in persona {fmt(m['in_persona_rate'], m['in_persona_n'])}  this persona "
+            f"{fmt(m.get('specificity'), m.get('specificity_n'))}  robust "
             f"{fmt(m['robust_in_persona_rate'], m['robust_n'])}  prefill "
             f"{fmt(m['prefill_in_persona_rate'], m['prefill_n'])}  pref. accuracy "
             f"{fmt(m['pref_accuracy'], m['pref_pairs'])}  capability {fmt(m['capability_accuracy'], m['capability_n'])}"
         )
     clf = res["eval"]["classifier"]
     typer.echo(f"classifier held-out accuracy: {fmt(clf['heldout_accuracy'], clf['n'])}")
+    spec = res.get("specificity") or {}
+    if spec.get("status") == "computed":
+        typer.echo(
+            f"this persona (specificity): share of answers classified as {res['persona']} among "
+            f"{len(spec['classes'])} personas' teacher answers (chance {spec['chance']:.3f})"
+        )
     rev = res["revealed"]
     if rev["status"] == "computed" and rev.get("final"):
         moved = rev["changes"][rev["final"]]
@@ -268,4 +275,5 @@ def _json_line(res: dict) -> dict:
         "revealed": revealed_summary(rev) | ratings,
         "coherence": coherence_summary(res.get("coherence")),
         "capability": res.get("capability"),
+        "specificity": res.get("specificity"),
     }

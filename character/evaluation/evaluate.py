@@ -66,6 +66,8 @@ def evaluate_checkpoints(checkpoints: list[str], options: EvalOptions, service=N
     )
     if side == "tinker" and base_model is None:
         base_model = _remote_base(service, build, targets)
+    if o.specificity:
+        sections.specificity = _specificity_setup(service, ws, o, build, base_model)
     result = evaluate_models(
         service,
         base_model,
@@ -123,6 +125,32 @@ def _find_build(
     return build, stages, notes
 
 
+def _specificity_setup(service, ws: Workspace, o: EvalOptions, build: Path | None, base_model: str):
+    """The reference set's teacher and sampling: given, else the build's config, else the base model
+    and this evaluation's length."""
+    from character.evaluation.reference_set import ReferenceSampling
+    from character.evaluation.specificity import SpecificitySetup
+
+    config = _recorded_config(build)
+    teacher = o.teacher_model or config.get("teacher_model") or config.get("base_model") or base_model
+    length = o.reference_max_new_tokens or config.get("max_new_tokens") or o.max_new_tokens
+    return SpecificitySetup(
+        teacher=lambda: service.create_sampling_client(base_model=teacher),
+        sampling=ReferenceSampling(str(teacher), int(length), o.seed),
+        cache=ws.reference_answers,
+        per_persona=o.reference_per_persona,
+        classifier_path=o.classifier,
+    )
+
+
+def _recorded_config(build: Path | None) -> dict:
+    rec = BuildPaths(build).record if build else None
+    try:
+        return (json.loads(rec.read_text()).get("config") or {}) if rec is not None and rec.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def _default_service(side: str, ws: Workspace, o: EvalOptions):
     if side == "tinker":
         from character.evaluation.models import tinker_service
@@ -135,11 +163,9 @@ def _default_service(side: str, ws: Workspace, o: EvalOptions):
 
 def _remote_base(service, build: Path | None, targets: list[EvalTarget]) -> str:
     """The base model of tinker:// checkpoints: their build's, else what Tinker records for the first."""
-    rec = BuildPaths(build).record if build else None
-    if rec is not None and rec.is_file():
-        name = (json.loads(rec.read_text()).get("config") or {}).get("base_model")
-        if name:
-            return name
+    name = _recorded_config(build).get("base_model")
+    if name:
+        return name
     from character.evaluation.models import remote_base_model
 
     return remote_base_model(service, targets[0].source)

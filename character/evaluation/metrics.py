@@ -57,8 +57,18 @@ class PersonaClassifier(Protocol):
     def fit(self, texts: Sequence[str], labels: Sequence[int]) -> "PersonaClassifier": ...
 
     def predict_proba(self, texts: Sequence[str]) -> list[float]:
-        """The probability that each text is in persona."""
+        """The probability that each text is in persona (fitted on labels 0 and 1)."""
         ...
+
+    def predict(self, texts: Sequence[str]) -> list:
+        """The most likely label of each text: for a classifier fitted on several personas' answers
+        (labels: persona names), which persona wrote it."""
+        ...
+
+
+def _plain(label):
+    """A numpy label as the Python value it was fitted with (JSON-able)."""
+    return label.item() if hasattr(label, "item") else label
 
 
 class TfidfClassifier:
@@ -88,6 +98,9 @@ class TfidfClassifier:
             return []
         col = list(self.model.classes_).index(1)
         return [float(p[col]) for p in self.model.predict_proba(list(texts))]
+
+    def predict(self, texts):
+        return [_plain(y) for y in self.model.predict(list(texts))] if texts else []
 
 
 class EncoderClassifier:
@@ -137,6 +150,9 @@ class EncoderClassifier:
             return []
         col = list(self.head.classes_).index(1)
         return [float(p[col]) for p in self.head.predict_proba(self._embed(list(texts)))]
+
+    def predict(self, texts):
+        return [_plain(y) for y in self.head.predict(self._embed(list(texts)))] if texts else []
 
 
 def make_classifier(path: str | Path | None = None, seed: int = 0) -> PersonaClassifier:
@@ -196,6 +212,8 @@ def in_persona_rate(probs: Sequence[float]) -> tuple[float | None, int]:
 SUMMARY_KEYS = (
     "in_persona_rate",
     "in_persona_n",
+    "specificity",
+    "specificity_n",
     "robust_in_persona_rate",
     "robust_n",
     "prefill_in_persona_rate",
@@ -216,15 +234,20 @@ def model_summary(
     notes: list[str] | None = None,
     prefill: tuple[float | None, int] | None = None,
     capability: tuple[float | None, int] | None = None,
+    specificity: tuple[float | None, int] | None = None,
 ) -> dict:
-    """Exactly SUMMARY_KEYS; `notes` must give a reason for every null (checked here)."""
+    """Exactly SUMMARY_KEYS; `notes` must give a reason for every null (checked here). `specificity`: the
+    share of answers classified as this persona among the shipped ones (character.evaluation.specificity)."""
     rate, n = in_persona or (None, 0)
+    s_rate, s_n = specificity or (None, 0)
     r_rate, r_n = robust or (None, 0)
     p_rate, p_n = prefill or (None, 0)
     c_acc, c_n = capability or (None, 0)
     out = {
         "in_persona_rate": rate,
         "in_persona_n": n,
+        "specificity": s_rate,
+        "specificity_n": s_n,
         "robust_in_persona_rate": r_rate,
         "robust_n": r_n,
         "prefill_in_persona_rate": p_rate,

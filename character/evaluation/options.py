@@ -64,6 +64,12 @@ class EvalOptions:
     seed: int = 0
     device: str = "auto"
     notes: list[str] = field(default_factory=list)
+    # Persona specificity (character.evaluation.specificity): the reference set's teacher (default: the
+    # build's teacher, else the base model), its answers per persona and their length (default: the build's).
+    specificity: bool = True
+    teacher_model: str | None = None
+    reference_per_persona: int = 8
+    reference_max_new_tokens: int | None = None
 
     @classmethod
     def for_build(
@@ -88,6 +94,8 @@ class EvalOptions:
             coherence_judge=settings.coherence_judge,
             capability_set=settings.capability_set,
             notes=list(notes or []),
+            teacher_model=cfg.teacher_model or cfg.base_model,
+            reference_max_new_tokens=cfg.max_new_tokens,
         )
 
     def check_counts(self, checkpoints: list[str]) -> None:
@@ -98,6 +106,8 @@ class EvalOptions:
             raise UserError("give one name per checkpoint")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"--limit must be at least 1, not {self.limit}")
+        if self.reference_per_persona < 1:
+            raise UserError(f"--reference-per-persona must be at least 1, not {self.reference_per_persona}")
 
     def check_models_and_files(self) -> None:
         """The classifier folder, the judges' names and the data files given, before any model loads."""

@@ -151,20 +151,29 @@ def _metrics_section(result: dict, labels: list[str]) -> list[str]:
     # Optional columns only when they hold something: a wide table scrolls sideways in the Prefect UI.
     has_nll = any(ck.get(lb, {}).get("introspection_nll") is not None for lb in labels)
     has_judge = bool(d.get("judge_model"))
+    spec = result.get("specificity") or {}
     lines = [
         "",
         "## Persona adherence and preferences",
         "",
-        "| model | in-persona rate | robust in-persona rate | pref. accuracy | reward margin |"
+        "| model | in-persona rate | this persona (specificity) | robust in-persona rate | pref. accuracy | reward margin |"
         + (" introspection NLL (change vs base) |" if has_nll else "")
         + (" judge (1-10) |" if has_judge else ""),
-        "|---|---:|---:|---:|---:|" + "---:|" * (has_nll + has_judge),
+        "|---|---:|---:|---:|---:|---:|" + "---:|" * (has_nll + has_judge),
     ]
     lines += [_metrics_row(result, lb, has_nll, has_judge) for lb in labels]
     lines += [
         "",
         "In-persona rate: share of the model's answers (no system prompt) that the persona classifier "
-        "calls in character. Robust: the same under an instruction to drop the character. "
+        "calls in character. This persona (specificity): share of the same answers that a classifier over "
+        "the shipped personas' teacher answers assigns to this persona"
+        + (
+            f" (chance {spec['chance']:.3f}, {len(spec['classes'])} personas)"
+            if spec.get("status") == "computed"
+            else ""
+        )
+        + ": it rises only with this persona's own content, not with the shape of any persona. "
+        "Robust: the same under an instruction to drop the character. "
         "Pref. accuracy: share of held-out pairs whose implied reward "
         "beta x (log p - log p_base) is higher for the in-character answer; margin: its mean difference."
         + (
@@ -192,6 +201,7 @@ def _metrics_row(result: dict, lb: str, has_nll: bool, has_judge: bool) -> str:
         )
     return (
         f"| {_cell(lb)} | {_with_n(m['in_persona_rate'], m['in_persona_n'])} | "
+        f"{_with_n(m.get('specificity'), m.get('specificity_n', 0))} | "
         f"{_with_n(m['robust_in_persona_rate'], m['robust_n'])} | "
         f"{_with_n(m['pref_accuracy'], m['pref_pairs'], unit='pairs')} | "
         f"{_with_n(m['pref_margin'], m['pref_pairs'], '{:+.4f}', unit='pairs')} |"

@@ -80,6 +80,7 @@ def _metric_panels(result: dict, labels: list[str]) -> list[tuple]:
         ),
     ]
     for key, n_key, title in (
+        ("specificity", "specificity_n", "this persona (specificity)"),
         ("prefill_in_persona_rate", "prefill_n", "prefill (multi-turn) in-persona rate"),
         ("capability_accuracy", "capability_n", "capability accuracy"),
     ):
@@ -111,6 +112,8 @@ def plot_metrics(result: dict, path: Path) -> bool:
         if title == "capability accuracy" and (result.get("capability") or {}).get("chance"):
             ax.axhline(result["capability"]["chance"], color="tab:red", linestyle="--", linewidth=0.8)
             ax.annotate("chance", (len(shown) - 0.5, result["capability"]["chance"]), fontsize=6, color="tab:red")
+        if title.startswith("this persona") and (result.get("specificity") or {}).get("chance"):
+            ax.axhline(result["specificity"]["chance"], color="tab:red", linestyle="--", linewidth=0.8)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

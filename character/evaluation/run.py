@@ -46,6 +46,7 @@ from character.evaluation.metrics import (
 from character.evaluation.multiturn import follow_up, prefill_messages
 from character.evaluation.revealed import TRAITS, Offers, embodied_answers, make_offers
 from character.evaluation.sections import Sections, capability_section, coherence_section, section_notes
+from character.evaluation.specificity import prepare_specificity, specificity
 from character.persona.constitution import Constitution
 from character.train.families import renderer_for
 from character.train.renderer import Renderer
@@ -239,7 +240,14 @@ def _classifier_notes(rep: ClassifierReport) -> list[str]:
 
 
 def _score_model(
-    mdl: ModelRun, data: EvalData, clf, clf_rep: ClassifierReport, base_dpo: list, beta: float, notes: list[str]
+    mdl: ModelRun,
+    data: EvalData,
+    clf,
+    clf_rep: ClassifierReport,
+    base_dpo: list,
+    beta: float,
+    notes: list[str],
+    spec: tuple = (None, {}),
 ) -> dict:
     """The classifier on the model's answers, NLL, preference metrics against the base (into its
     metrics); returns the summary users see, with the notes that say what was not computed."""
@@ -270,12 +278,17 @@ def _score_model(
     cap = mdl.capability
     if cap is not None:
         m.update({k: v for k, v in cap.items() if k != "capability_picks"})
+    spec_clf, spec_section = spec
+    specific = specificity(spec_clf, spec_section.get("classes", [None])[0], mdl.plain) if data.prompts else (None, 0)
+    if specific[0] is None:
+        notes.append(f"persona specificity not computed: {spec_section.get('reason') or 'no prompts'}")
     return model_summary(
         *(r if clf else None for r in rates[:2]),
         pref,
         notes,
         prefill=rates[2] if clf else None,
         capability=(cap["capability_accuracy"], cap["capability_n"]) if cap else None,
+        specificity=specific,
     )
 
 
@@ -353,6 +366,11 @@ def evaluate_models(
     started = datetime.now(timezone.utc)
     sections = sections or Sections()
     clf, clf_rep = _classifier(data, classifier_path, seed)
+    spec = (
+        prepare_specificity(constitution.name, data.train, sections.specificity, seed)
+        if sections.specificity is not None
+        else (None, {"status": "skipped", "reason": "not asked for"})
+    )
     offers, revealed_skip = _revealed_offers(revealed_judge, data, revealed_games, seed)
     sampling = Sampling(max_new_tokens, seed, max_length, sft_max_length)
     models = _sample_models(service, base_model, checkpoints, data, offers, sampling, sections)
@@ -360,7 +378,7 @@ def evaluate_models(
     capability = capability_section(sections, models)
     common = list(data.notes) + _classifier_notes(clf_rep) + section_notes(sections, capability)
     base_dpo = models[0].sums["dpo"]
-    summary = {mdl.label: _score_model(mdl, data, clf, clf_rep, base_dpo, beta, list(common)) for mdl in models}
+    summary = {mdl.label: _score_model(mdl, data, clf, clf_rep, base_dpo, beta, list(common), spec) for mdl in models}
     judged = score_answers(judge, constitution, data.prompts, models) if judge is not None else {}
     if offers is not None:
         revealed = judge_revealed(revealed_judge, revealed_judge_name, constitution, offers, models, seed)
@@ -379,4 +397,5 @@ def evaluate_models(
         "revealed": revealed,
         "coherence": coherence_section(sections, data.prompts, models, seed),
         "capability": capability,
+        "specificity": spec[1],
     }

@@ -15,6 +15,7 @@ from character.evaluation.coherence import judge_coherence
 
 if TYPE_CHECKING:
     from character.evaluation.run import ModelRun
+    from character.evaluation.specificity import SpecificitySetup
 
 
 @dataclass
@@ -24,13 +25,15 @@ class Sections:
     `prompted_system`: the teacher's system prompt (the constitution); the base model answers with it as
     the `prompted` row. `prefill`: multi-turn robustness (character.evaluation.multiturn). `capability`:
     the multiple-choice probe (character.evaluation.capability). `coherence_judge`: makes the client of the
-    judge of the pairwise coherence comparisons (character.evaluation.coherence); None: skipped, and why."""
+    judge of the pairwise coherence comparisons (character.evaluation.coherence); None: skipped, and why.
+    `specificity`: where the reference answers of persona specificity come from (character.evaluation.specificity)."""
 
     prompted_system: str | None = None
     prefill: bool = False
     capability: CapabilitySet | None = None
     coherence_judge: Callable[[], SamplingClient] | None = None
     coherence_judge_name: str | None = None
+    specificity: SpecificitySetup | None = None
 
 
 def section_notes(sections: Sections, capability: dict) -> list[str]:
