@@ -13,12 +13,22 @@ from character.errors import UserError
 
 
 def eval_command(
-    checkpoints: list[str] = typer.Argument(
-        ...,
+    checkpoints: Optional[list[str]] = typer.Argument(
+        None,
         help="adapter folders, merged adapters or folded model folders; "
         "or tinker:// checkpoints (evaluated remotely on Tinker)",
     ),
-    persona: str = typer.Option(..., help="shipped persona name or path to a constitution .json"),
+    persona: Optional[str] = typer.Option(None, help="shipped persona name or path to a constitution .json"),
+    build: Optional[list[str]] = typer.Option(
+        None,
+        "--build",
+        help="cross-persona evaluation: a build (<persona>/<build id>, a build id or its folder), once per "
+        "persona, two personas at least; no checkpoints then",
+    ),
+    prompts_per_build: int = typer.Option(8, help="cross-persona: held-out prompts taken from each build"),
+    reference_per_persona: int = typer.Option(
+        8, help="persona specificity: teacher answers per shipped persona in its reference set"
+    ),
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line: per-checkpoint metrics"),
     workdir: Optional[Path] = typer.Option(None, help="workspace folder (env CHARACTER_WORKDIR)"),
     base_model: Optional[str] = typer.Option(None, help="reference model (default: the checkpoints' base model)"),
@@ -57,12 +67,57 @@ def eval_command(
     max_new_tokens: int = typer.Option(256, help="length limit of each generated answer"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
 ) -> None:
-    """Evaluate checkpoints against the base model: persona adherence, held-out preferences; writes a report."""
-    checkpoints = _resolved(checkpoints)  # a build's record lists absolute paths: find it whatever was typed
+    """Evaluate checkpoints against the base model: persona adherence, held-out preferences; writes a report.
+    With --build (several): which persona each build's models' answers are classified as."""
+    if build:
+        if checkpoints:
+            raise UserError("give either checkpoints or --build builds, not both")
+        return _cross_persona(
+            build, workdir, classifier, base_model, prompts_per_build, max_new_tokens, out_dir, as_json
+        )
+    if not persona:
+        raise UserError("--persona is required when evaluating checkpoints")
+    checkpoints = _resolved(checkpoints or [])
+    build = prompts_per_build = None  # noqa: F841 - not EvalOptions' business  # a build's record lists absolute paths: find it whatever was typed
     options = _eval_options(**locals())  # every flag, by its name
     _check_before_loading(checkpoints, options, report_in_workspace=out_dir is None)
     use_threads(settings_for(workdir))
     _evaluate_and_show(checkpoints, options, as_json)
+
+
+def _cross_persona(specs, workdir, classifier, base_model, prompts_per_build, max_new_tokens, out_dir, as_json) -> None:
+    """`character eval --build A --build B ...`: the builds checked before anything is sampled."""
+    from character.evaluation.cross_persona import CrossOptions, prepare
+
+    settings = settings_for(workdir)
+    o = CrossOptions(
+        workdir=settings.workdir,
+        classifier=classifier,
+        base_model=base_model,
+        prompts_per_build=prompts_per_build,
+        max_new_tokens=max_new_tokens,
+        seed=settings.seed,
+        device=settings.device,
+        out_dir=out_dir,
+    )
+    prepare(specs, o)
+    if out_dir is None:
+        from character.settings import check_workdir
+
+        check_workdir(o.workdir)
+    use_threads(settings)
+    from character.evaluation.cross_persona import evaluate_personas, headline
+    from character.terminal import stdout_to_stderr
+
+    with stdout_to_stderr():
+        res = evaluate_personas(specs, o)
+    line = {"personas": res["personas"], **headline(res), "report": res["report"]}
+    if as_json:
+        typer.echo(json.dumps(line))
+        return
+    for k, v in headline(res).items():
+        typer.echo(f"{k}: {'-' if v is None else f'{v:.3f}'}")
+    typer.echo(f"report: {res['report']['markdown']}")
 
 
 def _evaluate_and_show(checkpoints: list[str], options, as_json: bool) -> None:
@@ -169,6 +224,8 @@ def _eval_options(*, checkpoints: list[str], workdir: Optional[Path], as_json: b
     from character.storage import read_jsonl
 
     settings = settings_for(workdir)
+    for cross_only in ("build", "prompts_per_build"):
+        flags.pop(cross_only)
     revealed_judge = flags.pop("revealed_judge") or settings.revealed_judge
     flags["coherence_judge"] = flags["coherence_judge"] or settings.coherence_judge
     flags["capability_set"] = flags["capability_set"] or settings.capability_set

@@ -16,11 +16,11 @@ from character.evaluation.report_sections import COHERENCE_PLOT
 from character.storage import write_text_atomic
 
 
-def _data_uri(path: Path) -> str:
+def data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-def _html(md_text: str, title: str) -> str | None:
+def html_page(md_text: str, title: str) -> str | None:
     try:
         import markdown  # installed with Prefect (via apprise); optional here
     except ImportError:
@@ -58,7 +58,7 @@ def write_report(result: dict, out: Path, training_dirs: dict[str, Path] | None 
             files[REVEALED_PLOT] = out / "revealed_preferences.png"
         if plot_coherence(result, out / "coherence.png"):
             files[COHERENCE_PLOT] = out / "coherence.png"
-    md_text = render_markdown(result, {t: _data_uri(p) for t, p in files.items()}, note)
+    md_text = render_markdown(result, {t: data_uri(p) for t, p in files.items()}, note)
     md = out / "report.md"
     write_text_atomic(md, md_text)
     paths = {
@@ -67,7 +67,7 @@ def write_report(result: dict, out: Path, training_dirs: dict[str, Path] | None 
         "plots": [str(p) for p in files.values()],
         "table": metrics_table(result),
     }
-    page = _html(md_text, f"Evaluation: {result['persona']}")
+    page = html_page(md_text, f"Evaluation: {result['persona']}")
     if page:
         write_text_atomic(out / "report.html", page)
         paths["html"] = str(out / "report.html")

@@ -1,0 +1,118 @@
+"""`character eval --build ... --build ...`: one classifier over several builds' teacher answers, every
+model's answers classified by persona; the table, the heat map and the JSON fields on small builds of the
+tiny model; answers a build's evaluation sampled are reused; bad input is one line before any sampling."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import pytest
+import torch
+
+from tests.test_evaluate import cli
+from tests.test_persona_specificity import content_answer
+
+PERSONAS = ["pirate", "poetic", "sarcastic"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def adapter(base, tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    out = tmp_path_factory.mktemp("ckpt") / "crafted"
+    model.save_pretrained(out)
+    return out
+
+
+def make_build(workdir, persona: str, adapter, build_id: str = "b1", eval_answers: dict | None = None):
+    """A finished build as its record shows it: teacher answers in its DPO pairs, dpo and sft models."""
+    rng = random.Random(persona)
+    root = workdir / "builds" / persona / build_id
+    (root / "data").mkdir(parents=True)
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"Question {k} for {persona}?"}],
+            "chosen": [{"role": "assistant", "content": content_answer(persona, rng)}],
+            "rejected": [{"role": "assistant", "content": "The usual way works well."}],
+        }
+        for k in range(12)
+    ]
+    (root / "data" / "dpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stages = {"dpo": {"sampler": adapter.as_uri()}, "sft": {"sampler": adapter.as_uri()}}
+    if eval_answers is not None:  # what the build's own evaluation sampled
+        metrics = root / "eval" / "metrics.json"
+        metrics.parent.mkdir()
+        metrics.write_text(json.dumps({"generations": eval_answers}))
+        stages["eval"] = {"report": {"metrics_json": str(metrics)}}
+    record = {"persona": persona, "build_id": build_id, "config": {"base_model": "tiny"}, "stages": stages}
+    (root / "record.json").write_text(json.dumps(record))
+    return root
+
+
+def test_cross_persona_eval_writes_table_plot_and_json(workdir, adapter):
+    from character.evaluation.data import EVAL_PROMPTS
+    from character.evaluation.metrics import break_character_messages
+
+    known = [
+        {
+            "prompt": q,
+            "attack": break_character_messages(q, i),
+            "answers": {"base": {"text": "Reused base answer."}, "final": {"text": "Reused final answer."}},
+            "robust": {"base": {"text": "Reused robust base."}, "final": {"text": "Reused robust final."}},
+        }
+        for i, q in enumerate(EVAL_PROMPTS[:2])
+    ]
+    make_build(workdir, "pirate", adapter, eval_answers=known)
+    for p in PERSONAS[1:]:
+        make_build(workdir, p, adapter)
+    proc = cli(
+        "eval", "--build", "pirate/b1", "--build", "poetic/b1",
+        "--build", str(workdir / "builds" / "sarcastic" / "b1"),
+        "--workdir", workdir, "--json", "--max-new-tokens", "4",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert line["personas"] == PERSONAS
+    assert line["classifier_heldout_macro_f1"] >= 0.9  # the teacher answers carry each persona's own words
+    for k in ("base_macro_f1", "base_robust_macro_f1", "final_macro_f1", "dpo_macro_f1"):
+        assert 0 <= line[k] <= 1, k
+    res = json.loads(open(line["report"]["metrics_json"]).read())
+    assert set(res["groups"]) == {"base", "dpo", "final"}
+    for group in res["groups"].values():
+        for rep in group.values():
+            assert rep["labels"] == PERSONAS and len(rep["confusion"]) == 3
+            assert set(rep["per_class"]["pirate"]) == {"precision", "recall", "f1", "support"}
+            assert sum(map(sum, rep["confusion"])) == rep["n"]
+    n_prompts = len(res["prompts"])
+    assert res["groups"]["base"]["plain"]["n"] == 3 * n_prompts  # the base counted once per persona
+    assert res["groups"]["final"]["plain"]["n"] == 3 * n_prompts
+    # the answers the pirate build's evaluation sampled are reused, not sampled again
+    pirate = res["answers"]["pirate/final"]
+    assert pirate["plain"][:2] == ["Reused final answer."] * 2 and pirate["robust"][0] == "Reused robust final."
+    assert pirate["reused"] == 4 and pirate["sampled"] == 2 * n_prompts - 4
+    assert res["answers"]["all/base"]["reused"] == 4
+    md = open(line["report"]["markdown"]).read()
+    assert "| models | answers | macro-F1 |" in md and "data:image/png;base64," in md
+    assert "| true \\ classified as | pirate | poetic | sarcastic |" in md
+    assert line["report"]["plots"] and line["report"]["plots"][0].endswith("confusion.png")
+
+
+def test_cross_persona_bad_input_is_one_line(workdir, adapter):
+    make_build(workdir, "pirate", adapter)
+    make_build(workdir, "pirate", adapter, build_id="b2")
+    for args, says in (
+        (["--build", "pirate/b1"], "at least two personas"),
+        (["--build", "pirate/b1", "--build", "pirate/b2"], "pirate is given more than once"),
+        (["--build", "pirate/b1", "--build", "poetic/nope"], "build poetic/nope: not found"),
+    ):
+        proc = cli("eval", *args, "--workdir", workdir)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+        assert says in lines[0], lines[0]
+    assert not (workdir / "evals").exists()  # refused before anything was sampled or written
