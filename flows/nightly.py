@@ -24,6 +24,7 @@ from flows.build_slots import from_deployment
 from flows.fanout import build_runs
 from flows.paper import paper
 from flows.sequential import sequential
+from tasks.cross_persona import cross_persona_eval
 
 
 def _one(config: PipelineConfig) -> dict:
@@ -85,6 +86,28 @@ def _build_all(configs: dict[str, PipelineConfig], limit: int) -> dict[str, dict
             except Exception as e:  # noqa: BLE001 - one persona's failure is reported, not raised
                 outcomes[persona] = {"state": "Failed", "checkpoints": {}, "message": str(e)[:300]}
     return outcomes
+
+
+def _cross_persona(configs: dict[str, PipelineConfig], outcomes: dict[str, dict], workdir: str) -> dict | None:
+    """The cross-persona evaluation over the night's evaluated builds (two personas at least); its failure is
+    logged, not raised: every build stands on its own."""
+    from character.evaluation.cross_persona import CrossOptions
+    from character.evaluation.options import BUILD_EVAL_MAX_NEW_TOKENS
+
+    done = [cfg for p, cfg in configs.items() if outcomes[p]["state"] == "Completed" and cfg.evaluate]
+    if len({cfg.constitution().name for cfg in done}) < 2:
+        return None
+    options = CrossOptions(
+        workdir=workdir,
+        seed=done[0].seed,
+        device=done[0].device,
+        max_new_tokens=min(done[0].max_new_tokens, BUILD_EVAL_MAX_NEW_TOKENS),
+    )
+    state = cross_persona_eval([str(cfg.paths.root) for cfg in done], options, return_state=True)
+    if state.is_completed():
+        return state.result()
+    get_run_logger().warning("cross-persona evaluation failed: %s", (state.message or "")[:300])
+    return None
 
 
 def _report(rows: list[dict], build_id: str, scale: str) -> None:
@@ -152,5 +175,6 @@ def nightly(
         }
         for p in personas
     ]
+    _cross_persona(configs, outcomes, workdir)
     _report(rows, build_id, scale)
     return outcomes
