@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     nightly_wait_s: float = Field(
         12 * 3600.0, gt=0, description="how long a nightly run from a deployment waits for its build runs"
     )
+    build_slot_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="how long a build run from a deployment waits for the Prefect server to answer the request for "
+        "its build's slot (a slot held by another run is refused at once, whatever this is)",
+    )
     # Tinker (backend "tinker"): models it serves, where the key lives, and how long to wait for it.
     # Served defaults (Tinker's lineup of 2026-08; README "Tinker: default models"): a dense 8B hybrid-thinking
     # chat model, the paper's student size, whose exported adapters merge exactly here; and as teacher the largest

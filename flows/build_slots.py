@@ -2,7 +2,8 @@
 
 Every build run from a deployment holds a Prefect global concurrency limit while it runs,
 `character-build-<persona>-<build id>` (limit 1), so a second run of the same build fails at once
-with a message naming the limit even when it starts on another machine with its own disk (the
+(on the server's refusal, however long the server takes to give it) with a message naming the
+limit even when it starts on another machine with its own disk (the
 file lock in `character.build.lock` only sees one filesystem). How many builds run at once across
 the pool is the build deployments' own `concurrency_limit` (prefect.yaml). Runs from the command
 line, with no deployment, hold only the file lock.
@@ -42,22 +43,48 @@ def _ensure_single(name: str) -> None:
             pass
 
 
+def _locked(error: BaseException) -> bool:
+    """Whether an acquisition failed because the server said the limit is full (423 Locked)."""
+    import httpx
+
+    cause = error.__cause__
+    return isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 423
+
+
 @contextmanager
-def held(config: PipelineConfig, wait_s: float = 2.0) -> Iterator[None]:
-    """Hold the build's slot, refused after `wait_s` if another run holds it."""
+def held(config: PipelineConfig, answer_s: float | None = None) -> Iterator[None]:
+    """Hold the build's slot for the body; refused at once if another run holds it.
+
+    "Held" is the server's answer (423 Locked, not retried), never a timer: on a busy machine the
+    server can take seconds to answer (its SQLite writes queue behind every other run's), and a slow
+    answer is not a holder. The answer itself is waited for up to `answer_s` (the
+    `build_slot_timeout_s` setting, CHARACTER_BUILD_SLOT_TIMEOUT_S), and a run refused for that says so.
+    """
     if not from_deployment():
         yield
         return
+    from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
 
+    from character.settings import Settings
+
+    answer_s = Settings().build_slot_timeout_s if answer_s is None else answer_s
     name = build_limit(config)
     _ensure_single(name)
     with ExitStack() as stack:
         try:  # entered apart from the body, so that a TimeoutError of the build itself is not taken for this one
-            stack.enter_context(concurrency(name, timeout_seconds=wait_s, strict=True))
-        except TimeoutError:
+            stack.enter_context(concurrency(name, timeout_seconds=answer_s, max_retries=0, strict=True))
+        except ConcurrencySlotAcquisitionError as e:
+            if not _locked(e):
+                raise
             raise UserError(
                 f"build {config.persona}/{config.build_id} is held by another flow run "
                 f"(server concurrency limit {name}); wait for that run to finish, or use another build id"
+            ) from None
+        except TimeoutError:
+            raise UserError(
+                f"build {config.persona}/{config.build_id}: the Prefect server did not answer the request for "
+                f"its slot (server concurrency limit {name}) within {answer_s:g} s (CHARACTER_BUILD_SLOT_TIMEOUT_S); "
+                "the server is overloaded or unreachable: run the build again, or raise that setting"
             ) from None
         yield

@@ -110,8 +110,12 @@ def _cross_persona(configs: dict[str, PipelineConfig], outcomes: dict[str, dict]
     return None
 
 
+_PREFECT_SAYS = "Flow run encountered an exception: "  # how a failed subflow's message starts
+
+
 def _report(rows: list[dict], build_id: str, scale: str) -> None:
-    """The summary artifact and a log line per persona; fails the run if any persona failed."""
+    """The summary artifact and a log line per persona; fails the run if any persona failed, naming each
+    failed persona with its own message."""
     create_table_artifact(
         key="nightly-summary",
         table=rows,
@@ -121,9 +125,11 @@ def _report(rows: list[dict], build_id: str, scale: str) -> None:
     logger = get_run_logger()
     for r in rows:
         logger.info("%s: %s %s", r["persona"], r["state"], r["final"] or r["message"])
-    failed = [r["persona"] for r in rows if r["state"] != "Completed"]
+    failed = [r for r in rows if r["state"] != "Completed"]
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(rows)} personas failed: {', '.join(failed)}")
+        # each persona with its own error: the run's message is what the UI and a caller see first
+        why = ", ".join(f"{r['persona']} ({r['message'].removeprefix(_PREFECT_SAYS) or r['state']})" for r in failed)
+        raise RuntimeError(f"{len(failed)} of {len(rows)} personas failed: {why}")
 
 
 @flow(name="nightly")

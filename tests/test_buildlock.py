@@ -133,3 +133,41 @@ def test_two_runs_of_one_build_started_together_one_completes_the_other_is_refus
         assert steps == list(range(1, len(steps) + 1)), stage  # one metrics row per step
     record = json.loads((build / "record.json").read_text())
     assert {"dpo_data", "dpo", "introspection", "sft"} <= set(record["stages"])
+
+
+def test_the_server_slot_is_the_servers_answer_however_slow_it_comes(prefect_harness, monkeypatch, tmp_path):
+    """Runs from a deployment also hold the build's server limit (flows.build_slots). Issue 22: a server that
+    took longer than a fixed 2 s wait to answer (its SQLite writes queued behind another build's) had a build
+    nobody held refused as "held by another flow run". Here every answer takes 3 s: a free slot is taken, a
+    held one is refused on the server's answer (not after the bound), and a bound too short says so."""
+    import asyncio
+
+    from prefect.client.orchestration import PrefectClient
+    from prefect.concurrency.sync import concurrency
+
+    from character.config import PipelineConfig
+    from flows import build_slots
+
+    monkeypatch.setattr(build_slots, "from_deployment", lambda: True)
+    cfg = PipelineConfig(persona="pirate", workdir=str(tmp_path), build_id="slot")
+    build_slots._ensure_single(build_slots.build_limit(cfg))
+    real = PrefectClient.increment_concurrency_slots_with_lease
+
+    async def slow(self, *args, **kwargs):
+        await asyncio.sleep(3)
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PrefectClient, "increment_concurrency_slots_with_lease", slow)
+    entered = []
+    with build_slots.held(cfg):  # nobody holds it: taken, however slow the answer
+        entered.append(1)
+    assert entered
+    with concurrency(build_slots.build_limit(cfg), strict=True):  # another run holds it
+        start = time.monotonic()
+        with pytest.raises(UserError, match=r"held by another flow run \(server concurrency limit"):
+            with build_slots.held(cfg, answer_s=600):
+                pytest.fail("the body ran while the slot was held")
+        assert time.monotonic() - start < 60  # the server's refusal, not the 600 s bound
+    with pytest.raises(UserError, match=r"did not answer .* within 1 s \(CHARACTER_BUILD_SLOT_TIMEOUT_S\)"):
+        with build_slots.held(cfg, answer_s=1):
+            pytest.fail("the body ran without the slot")
