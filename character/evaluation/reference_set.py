@@ -34,8 +34,13 @@ class ReferenceSampling:
     seed: int
 
     def key(self, c: Constitution) -> str:
+        teacher = self.teacher_model
+        if teacher == "tiny":  # the embedded model changes with its recipe, its name does not
+            from character.backend.tiny import recipe_digest
+
+            teacher = f"tiny-{recipe_digest()}"
         spec = {
-            "teacher": self.teacher_model,
+            "teacher": teacher,
             "constitution": c.digest(),
             "max_new_tokens": self.max_new_tokens,
             "seed": self.seed,
