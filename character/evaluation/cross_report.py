@@ -65,6 +65,9 @@ def render_cross_markdown(result: dict, plot: str | None, note: str | None = Non
         "no system prompt and once under a break-character instruction",
         f"- chance level: macro-F1 about {1 / len(personas):.3f} (1 / {len(personas)} personas); the base "
         "model's answers are counted once for each persona, as if it were every persona's model",
+        "- prompted: the base model with each persona's teacher system prompt (its constitution), answering "
+        "as that persona: the ceiling a trained model aims for",
+        *(f"- note: {n}" for n in result.get("notes") or []),
         "",
         "## Which persona the answers are classified as",
         "",
