@@ -64,10 +64,10 @@ def main() -> None:
 
     print(f"cross-persona evaluation of {len(personas)} personas ({args.scale} builds; chance {1 / len(personas):.3f})")
     print(f"classifier held-out macro-F1 (teacher answers): {_f(cross['classifier_heldout_macro_f1'])}")
-    for group in ("base", "dpo", "final"):
+    for group in ("base", "prompted", "dpo", "final"):
         if f"{group}_macro_f1" in cross:
             print(
-                f"{group:>5} answers macro-F1: {_f(cross[f'{group}_macro_f1'])} (no system prompt), "
+                f"{group:>8} answers macro-F1: {_f(cross[f'{group}_macro_f1'])} (no system prompt), "
                 f"{_f(cross[f'{group}_robust_macro_f1'])} (break-character)"
             )
     print("\n| persona | specificity base | prompted | dpo | final | in-persona final | build s |")

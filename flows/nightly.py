@@ -19,6 +19,7 @@ from character.build.summary import HEADLINE, change, cost_row, eval_summary, he
 from character.config import PipelineConfig
 from character.datagen.scales import ScaleName
 from character.errors import UserError
+from character.evaluation.cross_report import cross_headline
 from character.settings import Settings
 from flows.build_slots import from_deployment
 from flows.fanout import build_runs
@@ -88,9 +89,13 @@ def _build_all(configs: dict[str, PipelineConfig], limit: int) -> dict[str, dict
     return outcomes
 
 
+CROSS = "cross-persona"  # the return value's entry for the cross-persona evaluation
+
+
 def _cross_persona(configs: dict[str, PipelineConfig], outcomes: dict[str, dict], workdir: str) -> dict | None:
-    """The cross-persona evaluation over the night's evaluated builds (two personas at least); its failure is
-    logged, not raised: every build stands on its own."""
+    """The cross-persona evaluation over the night's evaluated builds (two personas at least; None: too few):
+    its state, report and headline figures. Its failure is logged and reported, not raised: every build
+    stands on its own."""
     from character.evaluation.cross_persona import CrossOptions
     from character.evaluation.options import BUILD_EVAL_MAX_NEW_TOKENS
 
@@ -103,28 +108,46 @@ def _cross_persona(configs: dict[str, PipelineConfig], outcomes: dict[str, dict]
         device=done[0].device,
         max_new_tokens=min(done[0].max_new_tokens, BUILD_EVAL_MAX_NEW_TOKENS),
     )
-    state = cross_persona_eval([str(cfg.paths.root) for cfg in done], options, return_state=True)
+    try:
+        state = cross_persona_eval([str(cfg.paths.root) for cfg in done], options, return_state=True)
+    except Exception as e:  # noqa: BLE001 - not even started: reported, not raised
+        get_run_logger().warning("cross-persona evaluation failed: %s", e)
+        return {"state": "Failed", "message": str(e)[:300]}
     if state.is_completed():
-        return state.result()
-    get_run_logger().warning("cross-persona evaluation failed: %s", (state.message or "")[:300])
-    return None
+        figures = state.result()
+        return {"state": "Completed", **figures, "headline": cross_headline(figures)}
+    message = (state.message or "")[:300]
+    get_run_logger().warning("cross-persona evaluation failed: %s", message)
+    return {"state": state.type.value.title(), "message": message}
+
+
+def _cross_line(cross: dict | None) -> str:
+    """What the summary says of the cross-persona evaluation: where its report is and its headline."""
+    if cross is None:
+        return "no cross-persona evaluation (fewer than two personas built and evaluated)"
+    if cross["state"] != "Completed":
+        return f"the cross-persona evaluation failed: {cross['message']}"
+    return f"cross-persona evaluation: {cross['headline']}; report {cross['report']}"
 
 
 _PREFECT_SAYS = "Flow run encountered an exception: "  # how a failed subflow's message starts
 
 
-def _report(rows: list[dict], build_id: str, scale: str) -> None:
-    """The summary artifact and a log line per persona; fails the run if any persona failed, naming each
-    failed persona with its own message."""
+def _report(rows: list[dict], build_id: str, scale: str, cross: dict | None = None) -> None:
+    """The summary artifact and a log line per persona, and one for the cross-persona evaluation; fails the
+    run if any persona failed, naming each failed persona with its own message (a failed cross-persona
+    evaluation fails nothing)."""
     create_table_artifact(
         key="nightly-summary",
         table=rows,
         description=f"nightly build {build_id} ({scale}): the final checkpoint's metrics, and "
-        "their change since the persona's previous nightly build; the tokens each build used and their cost",
+        "their change since the persona's previous nightly build; the tokens each build used and their cost. "
+        f"{_cross_line(cross)}",
     )
     logger = get_run_logger()
     for r in rows:
         logger.info("%s: %s %s", r["persona"], r["state"], r["final"] or r["message"])
+    logger.info("%s", _cross_line(cross))
     failed = [r for r in rows if r["state"] != "Completed"]
     if failed:
         # each persona with its own error: the run's message is what the UI and a caller see first
@@ -149,7 +172,11 @@ def nightly(
     """From a deployment, each persona builds in a flow run of its own of the `mode` deployment on the
     pool, as many at once as that deployment's `concurrency_limit` allows across all workers, waited
     for up to the `nightly_wait_s` setting. Otherwise the builds are subflows here: `max_concurrent` applies to
-    Tinker, and local builds share this machine and run one at a time."""
+    Tinker, and local builds share this machine and run one at a time.
+
+    Returns each persona's outcome and, under "cross-persona" when two personas or more were built and
+    evaluated, the cross-persona evaluation's: its state, `report` (report.md's path), `headline` and
+    figures (`final_macro_f1`, `base_macro_f1`, `prompted_macro_f1`, ...)."""
     settings = Settings()
     build_id = build_id or f"nightly-{datetime.now(timezone.utc):%Y-%m-%d}"
     workdir = str(Path(workdir or settings.workdir).expanduser().resolve())
@@ -181,6 +208,6 @@ def nightly(
         }
         for p in personas
     ]
-    _cross_persona(configs, outcomes, workdir)
-    _report(rows, build_id, scale)
-    return outcomes
+    cross = _cross_persona(configs, outcomes, workdir)
+    _report(rows, build_id, scale, cross)
+    return outcomes | ({CROSS: cross} if cross is not None else {})

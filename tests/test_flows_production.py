@@ -83,6 +83,8 @@ def test_nightly_builds_each_persona_and_isolates_failures(prefect_harness, tmp_
     )
     assert rows["loving"]["tokens"] == counted > 0 and rows["loving"]["cost_usd"] == 0.0  # tiny is free
     assert rows["nosuch"]["tokens"] == 0 and rows["nosuch"]["cost_usd"] is None
+    # one persona built: no cross-persona evaluation, and the summary says so
+    assert "no cross-persona evaluation (fewer than two personas" in Artifact.get("nightly-summary").description
 
 
 def test_transient_errors_are_retried_and_fatal_ones_are_not(prefect_harness, monkeypatch, tmp_path):
@@ -196,3 +198,88 @@ def test_early_start_does_nothing_when_an_api_url_is_set(monkeypatch):
         wait = start_ephemeral_api_early()
     assert wait() is None
     assert {k: s.running for k, s in SubprocessASGIServer._instances.items()} == before  # nothing started
+
+
+@pytest.fixture(scope="module")
+def crafted(base, tmp_path_factory):
+    """A LoRA adapter of the tiny model, untrained: what a fabricated build records as its models."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    out = tmp_path_factory.mktemp("crafted") / "adapter"
+    model.save_pretrained(out)
+    return out
+
+
+def _fabricated_builds(monkeypatch, adapter):
+    """Each persona's build "runs" by writing a finished build's folder (teacher answers, dpo and sft
+    models; no evaluation of its own): the nightly's cross-persona step without training anything."""
+    from pathlib import Path
+
+    import flows.nightly
+    from tests.test_cross_persona import make_build
+
+    def one(cfg):
+        make_build(Path(cfg.workdir), cfg.constitution().name, adapter, build_id=cfg.build_id)
+        return {"state": "Completed", "checkpoints": {"final": adapter.as_uri()}, "message": ""}
+
+    monkeypatch.setattr(flows.nightly, "_one", one)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_nightly_runs_the_cross_persona_evaluation_and_its_failure_fails_nothing(
+    prefect_harness, tmp_path_factory, models_dir, monkeypatch, crafted
+):
+    from prefect.artifacts import Artifact
+
+    import tasks.cross_persona
+    from flows.nightly import nightly
+
+    ws = _ws(tmp_path_factory, models_dir, "nightly-cross")
+    _fabricated_builds(monkeypatch, crafted)
+    kw = dict(workdir=str(ws), overrides={"max_new_tokens": 4}, return_state=True)
+    state = nightly(["pirate", "poetic"], build_id="night-x1", **kw)
+    assert state.is_completed(), state.message
+    cross = state.result()["cross-persona"]
+    assert cross["state"] == "Completed"
+    # metrics.json in the workspace's evals/cross-persona/: every group's macro-F1, 2 x 2 confusion matrices
+    (metrics,) = (ws / "evals" / "cross-persona").glob("*/metrics.json")
+    assert cross["report"] == str(metrics.parent / "report.md")
+    res = json.loads(metrics.read_text())
+    assert res["personas"] == ["pirate", "poetic"] and set(res["builds"]) == {"pirate", "poetic"}
+    assert set(res["groups"]) == {"base", "prompted", "dpo", "final"}
+    for group, kinds in res["groups"].items():
+        for rep in kinds.values():
+            assert 0 <= rep["macro_f1"] <= 1, group
+            assert rep["labels"] == ["pirate", "poetic"] and [len(r) for r in rep["confusion"]] == [2, 2]
+    for group in ("base", "prompted", "final"):
+        assert cross[f"{group}_macro_f1"] == res["groups"][group]["plain"]["macro_f1"], group
+    # the summary (return value and artifact) says where the report is and its headline
+    f = {g: f"{res['groups'][g]['plain']['macro_f1']:.3f}" for g in ("base", "prompted", "final")}
+    assert cross["headline"] == f"final macro-F1 {f['final']} against base {f['base']} (prompted {f['prompted']})"
+    summary = Artifact.get("nightly-summary")
+    assert f"cross-persona evaluation: {cross['headline']}; report {cross['report']}" in summary.description
+    assert {r["persona"] for r in json.loads(summary.data)} == {"pirate", "poetic"}  # a row per persona only
+    # the cross-persona task's own artifacts: the table (one row per group and kind) and the report
+    table = json.loads(Artifact.get("cross-persona-evaluation").data)
+    assert [r["models"] for r in table] == ["teacher answers (held out)"] + [
+        g for g in ("base", "prompted", "dpo", "final") for _ in range(2)
+    ]
+    report = Artifact.get("cross-persona-evaluation-report")
+    assert report.data == (metrics.parent / "report.md").read_text() and cross["report"] in report.description
+
+    # A cross-persona evaluation that fails is reported and fails nothing: every build stands on its own.
+    def broken(specs, options):
+        raise RuntimeError("the classifier broke")
+
+    monkeypatch.setattr(tasks.cross_persona, "evaluate_personas", broken)
+    state = nightly(["pirate", "poetic"], build_id="night-x2", **kw)
+    assert state.is_completed(), state.message
+    cross = state.result()["cross-persona"]
+    assert cross["state"] == "Failed" and "the classifier broke" in cross["message"]
+    assert "the cross-persona evaluation failed: " in Artifact.get("nightly-summary").description
+    assert "the classifier broke" in Artifact.get("nightly-summary").description

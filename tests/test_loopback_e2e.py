@@ -1,7 +1,7 @@
 """What a Tinker build does beyond training, rehearsed on the loopback service through Prefect with the real
-SDK: the persona results the local backend reaches on tiny, a nightly of two personas, `character eval` on
-the build's `tinker://` checkpoints, and a paper-mode build with question expansion, export, conversion and
-the exact merge.
+SDK: the persona results the local backend reaches on tiny, a nightly of two personas and its cross-persona
+evaluation of the two builds, `character eval` on the build's `tinker://` checkpoints, and a paper-mode
+build with question expansion, export, conversion and the exact merge.
 
 Two builds serve every test: a nightly of two personas at the demo scale with evaluation on (module fixture
 `night`), and a small paper-mode build with `--merge` and `--expand-questions` (`paper`). The builds name
@@ -39,8 +39,13 @@ import json, sys
 from prefect.artifacts import Artifact
 from flows.nightly import nightly
 state = nightly(**json.loads(sys.argv[1]), return_state=True)
-rows = json.loads(Artifact.get("nightly-summary").data)
-print(json.dumps({"state": state.type.value, "message": state.message, "rows": rows}))
+summary = Artifact.get("nightly-summary")
+cross = {k: Artifact.get(k) for k in ("cross-persona-evaluation", "cross-persona-evaluation-report")}
+print(json.dumps({
+    "state": state.type.value, "message": state.message, "rows": json.loads(summary.data),
+    "description": summary.description, "result": state.result() if state.is_completed() else None,
+    "cross": {k: a and {"data": a.data, "description": a.description} for k, a in cross.items()},
+}))
 """
 
 
@@ -142,6 +147,34 @@ def test_a_nightly_of_two_personas_completes_on_tinker(space, night, service):
         summary = rec["stages"]["eval"]["summary"]["final"]
         assert row["in_persona_rate"] == summary["in_persona_rate"] and row["pref_accuracy"] == summary["pref_accuracy"]
         assert row["tokens"] > 0 and rec["stages"]["dpo"]["lora_alpha"] == 32
+
+
+@pytest.mark.slow
+def test_the_nightly_runs_the_cross_persona_evaluation_over_its_two_builds(space, night):
+    """The nightly's cross-persona step ran on Tinker and published: its report and metrics.json in the
+    workspace's evals/cross-persona/, its Prefect artifacts, and its headline in the nightly's summary."""
+    cross = night["result"]["cross-persona"]
+    assert cross["state"] == "Completed", cross
+    report = Path(cross["report"])
+    assert report.parent.parent == (space / "ws" / "evals" / "cross-persona").resolve()
+    res = json.loads((report.parent / "metrics.json").read_text())
+    assert res["personas"] == PERSONAS and set(res["groups"]) == {"base", "prompted", "dpo", "final"}
+    for group, kinds in res["groups"].items():
+        for kind, rep in kinds.items():
+            assert rep["labels"] == PERSONAS and [len(r) for r in rep["confusion"]] == [2, 2], (group, kind)
+            assert sum(map(sum, rep["confusion"])) == rep["n"] > 0 and 0 <= rep["macro_f1"] <= 1, (group, kind)
+    for group in ("base", "prompted", "final"):
+        assert cross[f"{group}_macro_f1"] == res["groups"][group]["plain"]["macro_f1"], group
+    f = {g: f"{res['groups'][g]['plain']['macro_f1']:.3f}" for g in ("base", "prompted", "final")}
+    assert cross["headline"] == f"final macro-F1 {f['final']} against base {f['base']} (prompted {f['prompted']})"
+    assert f"cross-persona evaluation: {cross['headline']}; report {cross['report']}" in night["description"]
+    # what each build's own evaluation sampled is reused: its final model's and its prompted baseline's answers
+    for persona in PERSONAS:
+        for label in ("final", "prompted"):
+            assert res["answers"][f"{persona}/{label}"]["reused"] > 0, (persona, label)
+    table = json.loads(night["cross"]["cross-persona-evaluation"]["data"])
+    assert {r["models"] for r in table} == {"teacher answers (held out)", "base", "prompted", "dpo", "final"}
+    assert night["cross"]["cross-persona-evaluation-report"]["data"] == report.read_text()
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """Every model's answers to the cross-persona prompts, plain (no system prompt) and under the
 break-character conversation: reused from the builds' own evaluations where they sampled them, the rest
-sampled here through the service, one model held at a time."""
+sampled here through the service, one model held at a time. The `prompted` models are the base model with
+one persona's teacher system prompt before each conversation, as the single-build evaluation's `prompted`
+row (character.evaluation.run): the ceiling a trained model aims for."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from tinker import types
 from character.backend.retry import Call
 from character.datagen.engine import item_seed
 from character.evaluation.cross_builds import PersonaBuild
+from character.evaluation.multiturn import with_system
 from character.train.families import renderer_for
 
 KINDS = ("plain", "robust")
@@ -19,22 +22,39 @@ KINDS = ("plain", "robust")
 
 @dataclass
 class CrossModel:
-    """One model's answers; `persona`: whose build it is (None: the base, every persona's reference)."""
+    """One model's answers; `persona`: whose build it is (None: the base, every persona's reference).
+    `system`: the prompted model's system prompt (its persona's teacher's)."""
 
-    label: str  # "base", "final", "dpo"
+    label: str  # "base", "prompted", "final", "dpo"
     persona: str | None
     source: str
+    system: str | None = None
     answers: dict[str, list[str | None]] = field(default_factory=dict)  # kind -> one per prompt
     reused: int = 0
     sampled: int = 0
 
 
 def models_of(builds: list[PersonaBuild], base_model: str) -> list[CrossModel]:
-    """The base once, then each build's final and dpo models."""
+    """The base once, the base prompted with each persona's teacher system prompt (where its constitution
+    is found), then each build's final and dpo models."""
     out = [CrossModel("base", None, base_model)]
+    out += [CrossModel("prompted", b.persona, base_model, system=b.system) for b in builds if b.system]
     for b in builds:
         out += [CrossModel(label, b.persona, uri) for label, uri in b.models.items()]
     return out
+
+
+def on_base(model: CrossModel) -> bool:
+    """Sampled from the base model's weights (the base and the prompted models)."""
+    return model.label in ("base", "prompted")
+
+
+def messages(model: CrossModel, prompt: dict, kind: str) -> list[dict]:
+    """The conversation the model answers: the prompt alone, or its break-character conversation; the
+    prompted model's system prompt first (before the break-character instruction, as the single-build
+    evaluation gives it)."""
+    msgs = [{"role": "user", "content": prompt["prompt"]}] if kind == "plain" else prompt["attack"]
+    return with_system(msgs, model.system)
 
 
 def _known(model: CrossModel, builds: list[PersonaBuild], prompt: str, kind: str) -> str | None:
@@ -52,22 +72,27 @@ def gather_answers(
     max_new_tokens: int, seed: int,
 ) -> None:  # fmt: skip
     """Fill each model's answers: known ones first, then the missing ones sampled (only models missing some
-    are loaded)."""
+    are loaded; the base and the prompted models share one client of the base)."""
+    base_client = None
     for m in models:
         m.answers = {k: [_known(m, builds, p["prompt"], k) for p in prompts] for k in KINDS}
         m.reused = sum(a is not None for k in KINDS for a in m.answers[k])
         missing = [(k, i) for k in KINDS for i, a in enumerate(m.answers[k]) if a is None]
         if not missing:
             continue
-        if m.persona is None:
-            client = service.create_sampling_client(base_model=base_model)
+        if on_base(m):
+            if base_client is None:
+                base_client = service.create_sampling_client(base_model=base_model)
+            client = base_client
         else:
+            if base_client is not None:  # one model held at a time
+                base_client = None
+                gc.collect()
             client = service.create_sampling_client(model_path=m.source)
         renderer = renderer_for(client.get_tokenizer(), base_model)
         calls = []
         for k, i in missing:  # everything submitted before waiting: the backend batches it
             p = prompts[i]
-            msgs = [{"role": "user", "content": p["prompt"]}] if k == "plain" else p["attack"]
             params = types.SamplingParams(
                 max_tokens=max_new_tokens,
                 temperature=0.7,
@@ -75,7 +100,7 @@ def gather_answers(
                 seed=item_seed(seed, "cross-persona", k, p["prompt"]),
                 stop=renderer.stop_tokens,
             )
-            ids = renderer.prompt(msgs)
+            ids = renderer.prompt(messages(m, p, k))
             calls.append(Call(lambda ids=ids, sp=params, c=client: c.sample(types.ModelInput.from_ints(ids), 1, sp)))
         for (k, i), c in zip(missing, calls):
             m.answers[k][i] = renderer.decode(list(c.result().sequences[0].tokens))

@@ -1,7 +1,8 @@
 """The builds of a cross-persona evaluation, found in a workspace: each persona's teacher answers (the
 chosen side of its DPO pairs: written with the constitution), its trained models (final, dpo where
-present) and the answers its own evaluation already sampled (`<build>/eval/metrics.json`), and the
-prompts every model answers.
+present), the teacher's system prompt (its constitution: what the `prompted` row gives the base model),
+the answers its own evaluation already sampled (`<build>/eval/metrics.json`), and the prompts every model
+answers.
 
 Every model answers the same prompts: the held-out prompts of every build, a few from each, so that no
 persona's model is helped by its own topics and the base model lands at chance. Each prompt keeps the
@@ -18,6 +19,8 @@ from character.build.paths import BuildPaths, build_records, builds_root
 from character.errors import UserError
 from character.evaluation.data import build_files, held_out_prompts, read_rows
 from character.evaluation.metrics import break_character_messages
+from character.persona.constitution import load_constitution
+from character.persona.prompts import teacher_system_prompt
 from character.storage import uri_to_path
 
 # Prompts taken from each build's held-out prompts into the common set.
@@ -31,6 +34,8 @@ class PersonaBuild:
     base_model: str | None
     models: dict[str, str]  # "final", "dpo" -> local checkpoint path or tinker:// path
     teacher: list[str]  # the teacher's answers, with the constitution in its system prompt
+    # the teacher's system prompt (None: the build's constitution cannot be found any more)
+    system: str | None = None
     # prompt -> {"attack": messages, "answers": {label: {"plain": text, "robust": text}}} from its evaluation
     sampled: dict[str, dict] = field(default_factory=dict)
 
@@ -86,8 +91,25 @@ def load_build(root: Path) -> PersonaBuild:
         teacher += [r["chosen"][-1]["content"] for r in read_rows(path, "DPO data", ("prompt", "chosen", "rejected"))]
     if not teacher:
         raise UserError(f"build {persona}/{root.name}: no DPO pairs, so no teacher answers to learn the persona from")
-    base = (rec.get("config") or {}).get("base_model")
-    return PersonaBuild(persona, root, base, models, sorted(teacher), _sampled(root, stages, files))
+    config = rec.get("config") or {}
+    return PersonaBuild(
+        persona,
+        root,
+        config.get("base_model"),
+        models,
+        sorted(teacher),
+        _teacher_system(config.get("persona") or persona),
+        _sampled(root, stages, files),
+    )
+
+
+def _teacher_system(constitution: str) -> str | None:
+    """Exactly the system prompt the build's teacher wrote with (character.persona.prompts), or None when
+    its constitution (a shipped name or a file) cannot be loaded now."""
+    try:
+        return teacher_system_prompt(load_constitution(constitution))
+    except UserError:
+        return None
 
 
 def _sampled(root: Path, stages: dict, files) -> dict[str, dict]:

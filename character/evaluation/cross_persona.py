@@ -1,9 +1,11 @@
 """The paper's robustness measure across personas: ONE classifier learns which persona wrote an answer
 from the builds' teacher answers (labelled by persona; part held out for its own macro-F1), then names the
 persona of every trained model's answers, with no system prompt and under the break-character
-conversations. Per model group (base, dpo, final): per-persona precision, recall, F1, macro-F1 and the
-confusion matrix (character.evaluation.classification). The base model stands in for every persona's
-model (its answers counted once per persona), so its figures are the chance-level reference.
+conversations. Per model group (base, prompted, dpo, final): per-persona precision, recall, F1, macro-F1
+and the confusion matrix (character.evaluation.classification). The base model stands in for every
+persona's model (its answers counted once per persona), so its figures are the chance-level reference;
+`prompted` is the base model with each persona's teacher system prompt (exactly the teacher's: its
+constitution), the ceiling a trained model aims for, as in the single-build evaluation.
 
 Builds: character.evaluation.cross_builds; answers: character.evaluation.cross_answers; report:
 character.evaluation.cross_report.
@@ -29,7 +31,7 @@ from character.evaluation.cross_builds import (
 )
 
 HELDOUT_SHARE = 0.25  # of each persona's teacher answers, to measure the classifier itself
-GROUPS = ("base", "dpo", "final")
+GROUPS = ("base", "prompted", "dpo", "final")
 
 
 @dataclass(kw_only=True)
@@ -124,6 +126,9 @@ def evaluate_personas(specs: list[str], o: CrossOptions, service=None) -> dict:
             "heldout_macro_f1": heldout["macro_f1"] if heldout else None,
         },
         "prompts": [{"prompt": p["prompt"], "from": p["from"]} for p in prompts],
+        "notes": [
+            f"prompted: no {b.persona} row (its build's constitution cannot be found)" for b in builds if not b.system
+        ],
         "groups": score_groups(clf, models, personas),
         "answers": {
             f"{m.persona or 'all'}/{m.label}": {"reused": m.reused, "sampled": m.sampled, **m.answers} for m in models

@@ -38,6 +38,14 @@ def summary_rows(result: dict) -> list[dict]:
     return rows
 
 
+def cross_headline(figures: dict) -> str:
+    """The final models' macro-F1 against the base's (and the prompted ceiling), from `headline`'s figures."""
+    out = f"final macro-F1 {_f(figures.get('final_macro_f1'))} against base {_f(figures.get('base_macro_f1'))}"
+    if figures.get("prompted_macro_f1") is not None:
+        out += f" (prompted {_f(figures['prompted_macro_f1'])})"
+    return out
+
+
 def _per_persona_table(rep: dict) -> list[str]:
     lines = ["| persona | precision | recall | F1 | n |", "|---|---:|---:|---:|---:|"]
     for p, s in rep["per_class"].items():
@@ -65,6 +73,9 @@ def render_cross_markdown(result: dict, plot: str | None, note: str | None = Non
         "no system prompt and once under a break-character instruction",
         f"- chance level: macro-F1 about {1 / len(personas):.3f} (1 / {len(personas)} personas); the base "
         "model's answers are counted once for each persona, as if it were every persona's model",
+        "- prompted: the base model with each persona's teacher system prompt (its constitution), answering "
+        "as that persona: the ceiling a trained model aims for",
+        *(f"- note: {n}" for n in result.get("notes") or []),
         "",
         "## Which persona the answers are classified as",
         "",
