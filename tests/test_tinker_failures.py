@@ -43,6 +43,7 @@ from fake_tinker import (  # noqa: F401 - fixtures are used by name
     wired,
     write_jsonl,
 )
+from kept_logs import kept_logs
 from tinker import types
 
 from character.backend import tinker as tb
@@ -348,31 +349,14 @@ def test_a_service_that_echoes_the_key_never_gets_it_shown_or_stored(
     wired.fail("optim_step", None, http_error(tinker.InternalServerError, 503, echo))
     wired.fail("save_state", Ran(expired(echo)))
     wired.fail("forward_backward", tinker.APIConnectionError(request=_REQ, message=f"Connection error: {ECHO}"), STALL)
-    records: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(self.format(record))
-
-    handler = Keep(level=logging.DEBUG)
-    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
-    loggers = [logging.getLogger(), logging.getLogger("prefect"), logging.getLogger("character")]
-    levels = [lg.level for lg in loggers]
     opt = {"learning_rate": 5e-2, "batch_size": 2, "save_every": 2, "warmup_ratio": 0.0, "max_recoveries": 50}
     cfg = tinker_build_config(tmp_path, "echo", opt, dpo_pairs=6, reflections=2)
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.setLevel(logging.DEBUG)
-    try:
+    with kept_logs() as records:
         state = sequential(cfg, return_state=True)
         assert state.is_completed(), state.message
         wired.inject_faults(0.0)
         wired.fail("forward_backward_custom", fetch_error(tinker.AuthenticationError, 401, f"Error code: 401 - {ECHO}"))
         failed = sequential(cfg.model_copy(update={"build_id": "echo-fatal"}), return_state=True)
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.removeHandler(handler)
-            lg.setLevel(level)
     assert not any(wired.failures.values()) and len(wired.stalled) >= 2  # every scripted fault happened
     assert failed.is_failed() and "TINKER_API_KEY" in failed.message and "\n" not in failed.message
     assert len(records) > 50 and not [r for r in records if KEY in r]
