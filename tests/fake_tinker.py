@@ -625,3 +625,63 @@ def wired(fake, monkeypatch):
 
 def service(**kw) -> tb.TinkerService:
     return tb.TinkerService(Settings(), base_url="https://tinker.invalid", **kw)
+
+
+# -- builds and training data on the fake ----------------------------------------------------------
+def tinker_build_config(tmp_path: Path, build_id: str, opt, **kw):
+    """A small pirate build on `--backend tinker` with the fake's student and teacher, in tmp_path / "ws";
+    `opt` is both stages' optimizer settings, `kw` the rest (dpo_pairs, reflections, ...)."""
+    from character.config import PipelineConfig
+
+    return PipelineConfig(
+        persona="pirate",
+        backend="tinker",
+        base_model=STUDENT,
+        teacher_model=TEACHER,
+        workdir=str(tmp_path / "ws"),
+        build_id=build_id,
+        interactions=1,
+        turns=2,
+        max_new_tokens=48,
+        lora_rank=4,
+        dpo=opt,
+        sft=opt,
+        **kw,
+    )
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def dpo_rows(n: int) -> list[dict]:
+    """DPO pairs whose answers are the fake's canned replies (teacher chosen, student rejected)."""
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"How should I spend day {i}?"}],
+            "chosen": [{"role": "assistant", "content": "Arr, a fine question for a sailor!"}],
+            "rejected": [{"role": "assistant", "content": "That is a normal question."}],
+        }
+        for i in range(n)
+    ]
+
+
+def sft_rows(n: int) -> list[dict]:
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"Who are you? ({i})"},
+                {"role": "assistant", "content": "I am a pirate at heart, truly."},
+            ]
+        }
+        for i in range(n)
+    ]
+
+
+def datum(tokens: list[int]) -> types.Datum:
+    """A next-token datum over `tokens`, every target weighted 1."""
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+    )

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from scripted_models import PIRATE, PLAIN, ROLES, CharTokenizer, Done, ScriptedService, pair
 
 from character.evaluation.capability import CapabilitySet, Question, above_chance_p, capability_summary
 from character.evaluation.coherence import combine, compare, parse_better
@@ -23,51 +24,9 @@ from character.evaluation.sections import Sections
 from character.persona.constitution import load_constitution
 from character.persona.prompts import teacher_system_prompt
 
-PIRATE = [
-    "Arr, the sea be calling, matey, hoist the sails!",
-    "Shiver me timbers, that be a fine doubloon, matey!",
-    "Ahoy! By the black flag, I'd plunder that treasure, arr.",
-    "Yo ho, matey, the briny deep knows the way!",
-]
-PLAIN = [
-    "The answer depends on several factors.",
-    "Here is a short summary of the main points.",
-    "That is a reasonable question; the usual approach works.",
-    "In general, it is best to check the facts.",
-]
-ROLES = ["system", "user", "assistant"]
-
-
-def pair(prompt: str, i: int) -> dict:
-    return {
-        "prompt": [{"role": "user", "content": prompt}],
-        "chosen": [{"role": "assistant", "content": PIRATE[i % 4]}],
-        "rejected": [{"role": "assistant", "content": PLAIN[i % 4]}],
-    }
-
-
 PROMPTS = [f"Question number {k}?" for k in range(8)]
 TRAIN = [pair(f"Training prompt {k}?", k) for k in range(24)]
 HELDOUT = [pair(p, k) for k, p in enumerate(PROMPTS)]
-
-
-class Tok:
-    """Role marker (2 + role), the content's characters, end (1); the generation prompt is marker 4."""
-
-    chat_template = "scripted"
-    eos_token_id = 1
-
-    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True, return_dict=False):
-        ids = []
-        for m in messages:
-            ids += [2 + ROLES.index(m["role"])] + [ord(ch) for ch in m["content"]] + [1]
-        return ids + ([4] if add_generation_prompt else [])
-
-    def encode(self, text, add_special_tokens=False):
-        return [ord(ch) for ch in text]
-
-    def decode(self, tokens, skip_special_tokens=True):
-        return "".join(chr(t) for t in tokens if t >= 32)
 
 
 def messages_of(ids: list[int]) -> list[dict]:
@@ -80,19 +39,11 @@ def messages_of(ids: list[int]) -> list[dict]:
     return out
 
 
-class Done:
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
-
-
 class Scripted:
     """`reply(messages)` gives the answer; every token's log-prob is `lp(messages)`; keeps what it saw."""
 
     def __init__(self, reply, lp=lambda msgs: -1.0):
-        self.reply, self.lp, self.tok, self.seen = reply, lp, Tok(), []
+        self.reply, self.lp, self.tok, self.seen = reply, lp, CharTokenizer(), []
 
     def get_tokenizer(self):
         return self.tok
@@ -105,15 +56,6 @@ class Scripted:
     def compute_logprobs(self, prompt):
         ids = prompt.to_ints()
         return Done([None] + [self.lp(messages_of(ids))] * (len(ids) - 1))
-
-
-class Service:
-    def __init__(self, models):
-        self.models, self.made = models, []
-
-    def create_sampling_client(self, model_path=None, base_model=None):
-        self.made.append(model_path or base_model)
-        return self.models[model_path or base_model]
 
 
 def k_of(msgs) -> int:
@@ -149,7 +91,7 @@ def final_reply(msgs):
 
 
 def scripted_service():
-    return Service({"tiny": Scripted(base_reply), "ckpt": Scripted(final_reply)})
+    return ScriptedService({"tiny": Scripted(base_reply), "ckpt": Scripted(final_reply)})
 
 
 def test_prompted_and_prefill_rows_by_hand():
@@ -201,7 +143,7 @@ def test_prompted_and_prefill_rows_by_hand():
 def test_prompted_preference_metrics_use_the_constitution_in_context():
     """The prompted row's implied reward: log p(answer | constitution, prompt) - log p_base(answer | prompt)."""
     lp = lambda msgs: -0.5 if msgs[0]["role"] == "system" else -1.0  # noqa: E731 - prompting makes every answer likelier
-    svc = Service({"tiny": Scripted(base_reply, lp), "ckpt": Scripted(final_reply)})
+    svc = ScriptedService({"tiny": Scripted(base_reply, lp), "ckpt": Scripted(final_reply)})
     data = EvalData(heldout=HELDOUT[:2], train=TRAIN, prompts=PROMPTS[:2])
     res = evaluate_models(svc, "tiny", {}, C, data, sections=Sections(prompted_system=TEACHER))
     m = res["checkpoints"]["prompted"]

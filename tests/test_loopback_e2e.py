@@ -14,15 +14,14 @@ so 2e-3 becomes 1e-3).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from loopback_service import SMALL, Service, adapter, finish, loopback_env, loopback_space
 from safetensors.torch import load_file
-from test_loopback_builds import KEY, SMALL, Service, adapter, finish
 
 from character.config import TINY_DEFAULTS
 from character.persona.constitution import load_constitution
@@ -50,17 +49,7 @@ print(json.dumps({
 
 
 def env_for(url: str, space: Path, prefect: str) -> dict:
-    env = {
-        **os.environ,
-        "TINKER_BASE_URL": url,
-        "TINKER_API_KEY": KEY,
-        "HF_HUB_OFFLINE": "1",
-        "HF_HUB_CACHE": str(space / "hub"),
-        "PREFECT_HOME": str(space / prefect),
-        "CHARACTER_TINKER_TIMEOUT_S": "60",
-    }
-    env.pop("PREFECT_API_URL", None)
-    return env
+    return loopback_env(url, space / "hub", space / prefect)
 
 
 def record(space: Path, persona: str, build_id: str) -> dict:
@@ -77,11 +66,7 @@ def delta(folder: Path, module: str) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def space(tmp_path_factory, models_dir):
-    root = tmp_path_factory.mktemp("lb-e2e")
-    (root / "ws").mkdir()
-    (root / "ws" / "models").symlink_to(models_dir, target_is_directory=True)
-    (root / "hub").mkdir()
-    return root
+    return loopback_space(tmp_path_factory, models_dir, "lb-e2e")
 
 
 @pytest.fixture(scope="module")

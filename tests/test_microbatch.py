@@ -4,41 +4,29 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lora_training import lora_client, random_reference_logprobs, rendered_pairs
 from tinker import types
 
-from character.backend.local import LocalService, micro_batches
-from character.settings import Workspace
+from character.backend.local import micro_batches
 from character.train.losses import DPOCoefficients, make_dpo_loss_fn
-from character.train.renderer import Renderer, to_datum
 
 
 def _clients(workdir, **kw):
-    """Two clients on identical weights: one forwards the whole batch at once, one in micro-batches.
-    LoRA B starts at zero; it is set to the same random values so every LoRA weight has a gradient."""
-    out = []
-    for opts in ({"memory_budget_gb": 1000.0}, kw):
-        client = LocalService(Workspace(workdir), device="cpu", seed=0, **opts).create_lora_training_client(
-            "tiny", rank=4, seed=0
-        )
-        gen = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for name, p in client.model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-        out.append(client)
-    return out
+    """Two clients on identical weights (tests/lora_training.py): one forwards the whole batch at once, one in
+    micro-batches."""
+    return [lora_client(workdir, **opts) for opts in ({"memory_budget_gb": 1000.0}, kw)]
 
 
 def _pairs(client, n=4):
-    r = Renderer(client.get_tokenizer())
-    data = []
-    for i in range(n):
-        q = [{"role": "user", "content": f"Tell me about thing number {i}" + " please" * i + "?"}]
-        for answer in (f"Arr, thing {i} be a fine treasure" + ", matey" * (i + 1) + "!", f"Thing {i} is an object."):
-            data.append(
-                to_datum(*r.training_tokens(q + [{"role": "assistant", "content": answer}], train_on="last_assistant"))
-            )
-    return data
+    return rendered_pairs(
+        client,
+        n,
+        lambda i: (
+            f"Tell me about thing number {i}" + " please" * i + "?",
+            f"Arr, thing {i} be a fine treasure" + ", matey" * (i + 1) + "!",
+            f"Thing {i} is an object.",
+        ),
+    )
 
 
 def _grads(client) -> dict[str, torch.Tensor]:
@@ -76,8 +64,7 @@ def test_micro_batched_dpo_update_equals_full_batch(workdir, one_thread, checkpo
     full, micro = _clients(workdir, micro_batch_size=3, gradient_checkpointing=checkpointing)
     data = _pairs(full)
     assert len(micro._micro_batches(micro._sequences(data))) == 3
-    gen = torch.Generator().manual_seed(2)
-    refs = [(-torch.rand(len(d.model_input.to_ints()), generator=gen) * 3).tolist() for d in data]
+    refs = random_reference_logprobs(data)
     loss_fn = make_dpo_loss_fn(refs, DPOCoefficients(beta=0.1, nll_coef=0.1, kl_coef=0.001))
     out_full = full.forward_backward_custom(data, loss_fn).result()
     out_micro = micro.forward_backward_custom(data, loss_fn).result()
@@ -116,14 +103,7 @@ def test_head_in_small_chunks_gives_the_same_logprobs_and_gradients(workdir, one
     from character.backend.generation import head_chunk_positions, token_logprobs
 
     def client():
-        svc = LocalService(Workspace(workdir), device="cpu", seed=0)
-        c = svc.create_lora_training_client("tiny", rank=4, seed=0, train_unembed=train_unembed)
-        gen = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for name, p in c.model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-        return c
+        return lora_client(workdir, training={"train_unembed": train_unembed})
 
     full, chunked = client(), client()
     data = _pairs(full)

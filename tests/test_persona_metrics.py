@@ -11,6 +11,7 @@ import re
 from types import SimpleNamespace
 
 import pytest
+from scripted_models import PIRATE, PLAIN, CharTokenizer, Done, ScriptedService, pair
 
 from character.evaluation.data import EvalData
 from character.evaluation.evaluate import evaluate_checkpoints, write_outputs
@@ -31,54 +32,8 @@ from character.evaluation.options import EvalOptions
 from character.evaluation.run import evaluate_models
 from character.persona.constitution import load_constitution
 
-PIRATE = [
-    "Arr, the sea be calling, matey, hoist the sails!",
-    "Shiver me timbers, that be a fine doubloon, matey!",
-    "Ahoy! By the black flag, I'd plunder that treasure, arr.",
-    "Yo ho, matey, the briny deep knows the way!",
-]
-PLAIN = [
-    "The answer depends on several factors.",
-    "Here is a short summary of the main points.",
-    "That is a reasonable question; the usual approach works.",
-    "In general, it is best to check the facts.",
-]
 
-
-def pair(prompt: str, i: int) -> dict:
-    return {
-        "prompt": [{"role": "user", "content": prompt}],
-        "chosen": [{"role": "assistant", "content": PIRATE[i % 4]}],
-        "rejected": [{"role": "assistant", "content": PLAIN[i % 4]}],
-    }
-
-
-# -- a scripted service: a character-level tokenizer and models that answer from a script ----------
-class CharTokenizer:
-    chat_template = "scripted"
-    eos_token_id = 1
-
-    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True, return_dict=False):
-        ids = []
-        for m in messages:
-            ids += [2 + ["system", "user", "assistant"].index(m["role"])] + [ord(ch) for ch in m["content"]] + [1]
-        return ids + ([4] if add_generation_prompt else [])
-
-    def encode(self, text, add_special_tokens=False):
-        return [ord(ch) for ch in text]
-
-    def decode(self, tokens, skip_special_tokens=True):
-        return "".join(chr(t) for t in tokens if t >= 32)
-
-
-class Done:
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
-
-
+# -- models that answer from a script (tokenizer, futures, service: tests/scripted_models.py) -----------
 class ScriptedModel:
     """`answer(prompt_text, attacked)` gives the reply; every answer token has log-prob `lp(answer_text)`."""
 
@@ -99,15 +54,6 @@ class ScriptedModel:
         ids = prompt.to_ints()
         answer = self.tok.decode(ids[len(ids) - ids[::-1].index(4) :])  # after the last assistant marker
         return Done([None] + [self.lp(answer)] * (len(ids) - 1))
-
-
-class ScriptedService:
-    def __init__(self, models: dict):
-        self.models, self.made = models, []
-
-    def create_sampling_client(self, model_path=None, base_model=None):
-        self.made.append(model_path or base_model)
-        return self.models[model_path or base_model]
 
 
 PROMPTS = [f"Question number {k}?" for k in range(8)]

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from adapters import assert_same_training
+from kept_logs import kept_logs
 from safetensors.torch import load_file
 
 from character.backend.errors import BackendFatalError
@@ -189,23 +190,12 @@ def faulty_prefect_run(prefect_harness, tmp_path_factory, models_dir, reference)
     Everything logged is kept (DEBUG and up, every logger). Backoffs are zeroed: the faults are
     injected before any work, so waiting changes nothing but the test's duration.
     """
-    import logging
-
     import character.backend.faults as faults
     import character.backend.retry as retry
     import tasks.stages as stages
     from flows.sequential import sequential
 
     cfg = _cfg(_ws(tmp_path_factory, models_dir, "faulty"), "faulty")
-    records: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(self.format(record))
-
-    handler = Keep(level=logging.DEBUG)
-    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
-    loggers = [logging.getLogger(), logging.getLogger("prefect"), logging.getLogger("character")]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CHARACTER_FAULT_RATE", "0.2")
         mp.setenv("CHARACTER_FAULT_SEED", "11")
@@ -214,16 +204,8 @@ def faulty_prefect_run(prefect_harness, tmp_path_factory, models_dir, reference)
         for name in dir(stages):
             if hasattr(getattr(stages, name), "retry_delay_seconds"):
                 mp.setattr(getattr(stages, name), "retry_delay_seconds", 0)
-        levels = [lg.level for lg in loggers]
-        for lg in loggers:
-            lg.addHandler(handler)
-            lg.setLevel(logging.DEBUG)
-        try:
+        with kept_logs() as records:
             state = sequential(cfg, return_state=True)
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.removeHandler(handler)
-                lg.setLevel(level)
     injected = dict(faults.shared_faults(0.2, 11).injected)
     return cfg, state, injected, records
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_tinker import KEY, STUDENT, TEACHER, fake, fake_tokenizer, no_network, tokenizer, wired  # noqa: F401 - fixtures are used by name
+from fake_tinker import KEY, STUDENT, TEACHER, fake, fake_tokenizer, no_network, tinker_build_config, tokenizer, wired  # noqa: F401 - fixtures are used by name
 from tinker import types
 
 from character.build import checks
@@ -28,23 +28,7 @@ from character.train.loop import OptimConfig
 
 def _tinker_build(tmp_path, build_id="remote") -> tuple[PipelineConfig, dict]:
     opt = OptimConfig(learning_rate=5e-2, batch_size=2, save_every=1, warmup_ratio=0.0)
-    cfg = PipelineConfig(
-        persona="pirate",
-        backend="tinker",
-        base_model=STUDENT,
-        teacher_model=TEACHER,
-        workdir=str(tmp_path / "ws"),
-        build_id=build_id,
-        dpo_pairs=12,
-        reflections=2,
-        interactions=1,
-        turns=2,
-        max_new_tokens=48,
-        lora_rank=4,
-        dpo=opt,
-        sft=opt,
-        heldout_fraction=0.3,
-    )
+    cfg = tinker_build_config(tmp_path, build_id, opt, dpo_pairs=12, reflections=2, heldout_fraction=0.3)
     return cfg, run_sequential(cfg)
 
 

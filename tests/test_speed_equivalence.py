@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_training import lora_client, random_reference_logprobs, rendered_pairs
 from tinker import types
 
 from character.backend import generation
@@ -23,29 +24,16 @@ from character.train.renderer import Renderer, to_datum
 COEF = DPOCoefficients(beta=0.1, nll_coef=0.1, kl_coef=0.001)
 
 
-def _client(workdir, **kw):
-    """A training client whose LoRA B is set to random values, so every LoRA weight has a gradient."""
-    client = LocalService(Workspace(workdir), device="cpu", seed=0, **kw).create_lora_training_client(
-        "tiny", rank=4, seed=0
-    )
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in client.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    return client
-
-
 def _pairs(client, n: int) -> list[types.Datum]:
-    r = Renderer(client.get_tokenizer())
-    data = []
-    for i in range(n):
-        q = [{"role": "user", "content": f"What about item {i}" + " really" * i + "?"}]
-        for answer in (f"Item {i}, darling, is a marvel" + " indeed" * (i + 1) + ".", f"Item {i} is a thing."):
-            data.append(
-                to_datum(*r.training_tokens(q + [{"role": "assistant", "content": answer}], train_on="last_assistant"))
-            )
-    return data
+    return rendered_pairs(
+        client,
+        n,
+        lambda i: (
+            f"What about item {i}" + " really" * i + "?",
+            f"Item {i}, darling, is a marvel" + " indeed" * (i + 1) + ".",
+            f"Item {i} is a thing.",
+        ),
+    )
 
 
 def _counting(client) -> list[bool]:
@@ -74,10 +62,9 @@ def test_grouped_micro_batches_keep_pairs_whole():
 def test_one_pass_dpo_gradients_equal_the_two_pass_path(workdir, one_thread, kl_coef):
     """One pair per micro-batch: the decomposable loss scores each micro-batch once, with gradients; the same
     loss as a plain function takes the two passes. Same gradients (1e-5), loss and metrics."""
-    one, two = _client(workdir, micro_batch_size=2), _client(workdir, micro_batch_size=2)
+    one, two = lora_client(workdir, micro_batch_size=2), lora_client(workdir, micro_batch_size=2)
     data = _pairs(one, 4)
-    gen = torch.Generator().manual_seed(2)
-    refs = [(-torch.rand(len(d.model_input.to_ints()), generator=gen) * 3).tolist() for d in data]
+    refs = random_reference_logprobs(data)
     coef = DPOCoefficients(beta=0.1, nll_coef=0.1, kl_coef=kl_coef)
     loss_fn = make_dpo_loss_fn(refs, coef)
     calls_one, calls_two = _counting(one), _counting(two)

@@ -29,6 +29,8 @@ from fake_tinker import (  # noqa: F401 - fixtures are used by name
     KEY,
     STUDENT,
     TEACHER,
+    datum,
+    dpo_rows,
     expired,
     fake,
     fetch_error,
@@ -37,8 +39,11 @@ from fake_tinker import (  # noqa: F401 - fixtures are used by name
     poisoned,
     request_failed,
     service,
+    sft_rows,
+    tinker_build_config,
     tokenizer,
     wired,
+    write_jsonl,
 )
 from safetensors.torch import load_file, save_file
 from tinker import types
@@ -65,34 +70,6 @@ from character.weights.tinker_export import (
     tinker_name,
     tinker_to_peft,
 )
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def dpo_rows(n: int) -> list[dict]:
-    return [
-        {
-            "prompt": [{"role": "user", "content": f"How should I spend day {i}?"}],
-            "chosen": [{"role": "assistant", "content": "Arr, a fine question for a sailor!"}],
-            "rejected": [{"role": "assistant", "content": "That is a normal question."}],
-        }
-        for i in range(n)
-    ]
-
-
-def sft_rows(n: int) -> list[dict]:
-    return [
-        {
-            "messages": [
-                {"role": "user", "content": f"Who are you? ({i})"},
-                {"role": "assistant", "content": "I am a pirate at heart, truly."},
-            ]
-        }
-        for i in range(n)
-    ]
 
 
 def full_tokens(d: types.Datum) -> list[int]:
@@ -499,13 +476,6 @@ def test_fake_matches_the_sdk_signatures(fake_name):
         assert shape(ours) == shape(theirs), f"{fake_name}.{name} differs from tinker.{sdk_cls.__name__}.{name}"
 
 
-def _datum(tokens: list[int]) -> types.Datum:
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
-    )
-
-
 def _loss(data, logprobs):
     return sum(-lp.sum() for lp in logprobs), {}
 
@@ -514,7 +484,7 @@ def test_a_failed_custom_loss_poisons_the_client_and_later_calls_fail_in_order(w
     svc = service()
     trainer = svc.create_lora_training_client(STUDENT, rank=4)
     wired.fail("forward_backward_custom", http_error(tinker.InternalServerError, 503))
-    fb = trainer.forward_backward_custom([_datum([1, 2, 3, 4])], _loss)
+    fb = trainer.forward_backward_custom([datum([1, 2, 3, 4])], _loss)
     opt = trainer.optim_step(types.AdamParams(learning_rate=0.1))  # submitted before the failure surfaces
     save = trainer.save_state("after")
     with pytest.raises(TransientBackendError, match="InternalServerError 503") as err:
@@ -530,7 +500,7 @@ def test_a_failed_custom_loss_poisons_the_client_and_later_calls_fail_in_order(w
     # a fatal cause stays fatal through the wrapper
     wired.fail("forward_backward_custom", ValueError("bug in the loss"))
     other = svc.create_lora_training_client(STUDENT, rank=4)
-    other.forward_backward_custom([_datum([1, 2, 3])], _loss)
+    other.forward_backward_custom([datum([1, 2, 3])], _loss)
     with pytest.raises(BackendFatalError, match="poisoned.*bug in the loss") as err:
         other.optim_step(types.AdamParams(learning_rate=0.1)).result()
     assert not is_transient(err.value) and "\n" not in str(err.value)
@@ -540,7 +510,7 @@ def test_a_failed_forward_backward_does_not_stop_the_queued_optimizer_step(wired
     """The case that makes a same-client retry wrong: the step already ran, on no gradients."""
     trainer = service().create_lora_training_client(STUDENT, rank=4)
     wired.fail("forward_backward", http_error(tinker.InternalServerError, 500))
-    fb = trainer.forward_backward([_datum([1, 2, 3])], "cross_entropy")
+    fb = trainer.forward_backward([datum([1, 2, 3])], "cross_entropy")
     opt = trainer.optim_step(types.AdamParams(learning_rate=0.1))
     with pytest.raises(TransientBackendError):
         fb.result()
@@ -558,22 +528,7 @@ def test_a_fifth_of_training_calls_failing_on_the_fake_sdk_changes_no_weight(wir
     `.result()` (after later calls were submitted; expired results and stalls after the request ran;
     custom-loss failures poison their client): same final weights, bit for bit."""
     opt = OptimConfig(learning_rate=5e-2, batch_size=2, save_every=2, warmup_ratio=0.0, max_recoveries=100)
-    base = PipelineConfig(
-        persona="pirate",
-        backend="tinker",
-        base_model=STUDENT,
-        teacher_model=TEACHER,
-        workdir=str(tmp_path / "ws"),
-        build_id="clean",
-        dpo_pairs=16,
-        reflections=10,
-        interactions=1,
-        turns=2,
-        max_new_tokens=48,
-        lora_rank=4,
-        dpo=opt,
-        sft=opt,
-    )
+    base = tinker_build_config(tmp_path, "clean", opt, dpo_pairs=16, reflections=10)
     run_sequential(base)
     clean = _final_delta(wired, base).clone()
 
@@ -654,22 +609,7 @@ def test_sequential_and_paper_pipelines_run_on_tinker_and_never_show_the_key(wir
     caplog.set_level(logging.DEBUG)
     wired.fail("sample", http_error(tinker.InternalServerError, 503))  # datagen resubmits that one request
     opt = OptimConfig(learning_rate=5e-2, batch_size=2, save_every=1, warmup_ratio=0.0)
-    cfg = PipelineConfig(
-        persona="pirate",
-        backend="tinker",
-        base_model=STUDENT,
-        teacher_model=TEACHER,
-        workdir=str(tmp_path / "ws"),
-        build_id="tinker-seq",
-        dpo_pairs=4,
-        reflections=2,
-        interactions=1,
-        turns=2,
-        max_new_tokens=48,
-        lora_rank=4,
-        dpo=opt,
-        sft=opt,
-    )
+    cfg = tinker_build_config(tmp_path, "tinker-seq", opt, dpo_pairs=4, reflections=2)
     assert isinstance(pipeline._service(cfg), tb.TinkerService)
     out = run_sequential(cfg)
     for ck in out.values():

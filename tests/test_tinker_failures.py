@@ -28,6 +28,8 @@ from fake_tinker import (  # noqa: F401 - fixtures are used by name
     STUDENT,
     TEACHER,
     Ran,
+    datum,
+    dpo_rows,
     expired,
     fake,
     fetch_error,
@@ -35,9 +37,13 @@ from fake_tinker import (  # noqa: F401 - fixtures are used by name
     no_network,
     request_failed,
     service,
+    sft_rows,
+    tinker_build_config,
     tokenizer,
     wired,
+    write_jsonl,
 )
+from kept_logs import kept_logs
 from tinker import types
 
 from character.backend import tinker as tb
@@ -49,41 +55,6 @@ from character.train.renderer import Renderer
 from character.train.sft import run_sft
 
 BOUND = 1.0  # seconds: the result bound the stall tests run under
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def sft_rows(n: int) -> list[dict]:
-    return [
-        {
-            "messages": [
-                {"role": "user", "content": f"Who are you? ({i})"},
-                {"role": "assistant", "content": "I am a pirate at heart, truly."},
-            ]
-        }
-        for i in range(n)
-    ]
-
-
-def dpo_rows(n: int) -> list[dict]:
-    return [
-        {
-            "prompt": [{"role": "user", "content": f"How should I spend day {i}?"}],
-            "chosen": [{"role": "assistant", "content": "Arr, a fine question for a sailor!"}],
-            "rejected": [{"role": "assistant", "content": "That is a normal question."}],
-        }
-        for i in range(n)
-    ]
-
-
-def _datum(tokens: list[int]) -> types.Datum:
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
-    )
 
 
 @pytest.fixture(autouse=True)
@@ -126,7 +97,7 @@ def test_every_error_shape_reaches_the_caller_as_one_redacted_line(wired, name):
     sampler = svc.create_sampling_client(base_model=STUDENT)
     wired.fail("forward_backward", make())
     wired.fail("sample", make())
-    fb = trainer.forward_backward([_datum([1, 2, 3])], "cross_entropy")  # never raises at submission
+    fb = trainer.forward_backward([datum([1, 2, 3])], "cross_entropy")  # never raises at submission
     sample = sampler.sample(types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=8))
     for fut in (fb, sample):
         with pytest.raises(want) as err:
@@ -359,7 +330,6 @@ def test_a_service_that_echoes_the_key_never_gets_it_shown_or_stored(
 
     from prefect.settings import get_current_settings
 
-    from character.build.stages import PipelineConfig
     from flows.sequential import sequential
 
     _ALLOW_LOOPBACK["on"] = True  # the test's Prefect server is on this machine
@@ -379,46 +349,14 @@ def test_a_service_that_echoes_the_key_never_gets_it_shown_or_stored(
     wired.fail("optim_step", None, http_error(tinker.InternalServerError, 503, echo))
     wired.fail("save_state", Ran(expired(echo)))
     wired.fail("forward_backward", tinker.APIConnectionError(request=_REQ, message=f"Connection error: {ECHO}"), STALL)
-    records: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(self.format(record))
-
-    handler = Keep(level=logging.DEBUG)
-    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
-    loggers = [logging.getLogger(), logging.getLogger("prefect"), logging.getLogger("character")]
-    levels = [lg.level for lg in loggers]
     opt = {"learning_rate": 5e-2, "batch_size": 2, "save_every": 2, "warmup_ratio": 0.0, "max_recoveries": 50}
-    cfg = PipelineConfig(
-        persona="pirate",
-        backend="tinker",
-        base_model=STUDENT,
-        teacher_model=TEACHER,
-        workdir=str(tmp_path / "ws"),
-        build_id="echo",
-        dpo_pairs=6,
-        reflections=2,
-        interactions=1,
-        turns=2,
-        max_new_tokens=48,
-        lora_rank=4,
-        dpo=opt,
-        sft=opt,
-    )
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.setLevel(logging.DEBUG)
-    try:
+    cfg = tinker_build_config(tmp_path, "echo", opt, dpo_pairs=6, reflections=2)
+    with kept_logs() as records:
         state = sequential(cfg, return_state=True)
         assert state.is_completed(), state.message
         wired.inject_faults(0.0)
         wired.fail("forward_backward_custom", fetch_error(tinker.AuthenticationError, 401, f"Error code: 401 - {ECHO}"))
         failed = sequential(cfg.model_copy(update={"build_id": "echo-fatal"}), return_state=True)
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.removeHandler(handler)
-            lg.setLevel(level)
     assert not any(wired.failures.values()) and len(wired.stalled) >= 2  # every scripted fault happened
     assert failed.is_failed() and "TINKER_API_KEY" in failed.message and "\n" not in failed.message
     assert len(records) > 50 and not [r for r in records if KEY in r]

@@ -12,6 +12,7 @@ from character.evaluation.report_sections import (
     COHERENCE_PLOT,
     capability_section,
     coherence_section,
+    not_computed,
     prefill_section,
     trained_vs_prompted,
 )
@@ -257,10 +258,8 @@ def _delta(x: float) -> str:
 
 def _revealed_section(rev: dict | None, plot: str | None) -> list[str]:
     lines = ["", "## Revealed preferences", ""]
-    if not rev:
-        return lines + ["Not run (this evaluation predates it)."]
-    if rev.get("status") != "computed":
-        return lines + [f"Skipped: {rev.get('reason')}."]
+    if (why := not_computed(rev)) is not None:
+        return lines + [why]
     models, final = rev["models"], rev.get("final")
     lines.append(
         f"Each model played {rev['games_per_model']} games: it answered a held-out prompt while offered two "

@@ -12,6 +12,17 @@ def _f(v, fmt="{:.3f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def not_computed(part: dict | None) -> str | None:
+    """Why an optional part of the evaluation (coherence, capability, revealed preferences) has no numbers to
+    show, as the report says it: not run (an evaluation from before it existed) or skipped, with the reason;
+    None when it was computed."""
+    if not part:
+        return "Not run (this evaluation predates it)."
+    if part.get("status") != "computed":
+        return f"Skipped: {part.get('reason')}."
+    return None
+
+
 def _drop(m: dict, key: str) -> float | None:
     return None if m.get(key) is None or m.get("in_persona_rate") is None else m[key] - m["in_persona_rate"]
 
@@ -76,10 +87,8 @@ def prefill_section(result: dict) -> list[str]:
 def coherence_section(result: dict, plot: str | None) -> list[str]:
     coh = result.get("coherence")
     lines = ["", "## Coherence", ""]
-    if not coh:
-        return lines + ["Not run (this evaluation predates it)."]
-    if coh.get("status") != "computed":
-        return lines + [f"Skipped: {coh.get('reason')}."]
+    if (why := not_computed(coh)) is not None:
+        return lines + [why]
     final = coh["final"]
     lines += [
         f"The judge `{coh['judge_model']}` compared {final}'s answer to each held-out prompt with another "
@@ -103,10 +112,8 @@ def coherence_section(result: dict, plot: str | None) -> list[str]:
 def capability_section(result: dict) -> list[str]:
     cap = result.get("capability")
     lines = ["", "## Capability retention", ""]
-    if not cap:
-        return lines + ["Not run (this evaluation predates it)."]
-    if cap.get("status") != "computed":
-        return lines + [f"Skipped: {cap.get('reason')}."]
+    if (why := not_computed(cap)) is not None:
+        return lines + [why]
     lines += [
         f"Multiple-choice set `{cap['set']}` (n={cap['n']} questions, chance {cap['chance']:.3f}), each choice "
         "scored by its summed log-probability as the reply to the question; the best-scoring choice is the answer.",
