@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from character.commands import build, chat, evaluation, interrupt, personas, plan, serve, tinker, weights
+from character.commands import build, chat, evaluation, interrupt, personas, plan, serve, tinker, tiny, weights
 from character.errors import UserError
 from character.terminal import quiet_libraries
 
@@ -27,6 +27,7 @@ app.command("plan")(plan.plan)
 app.add_typer(build.checkpoints_app, name="checkpoints")
 app.command()(build.generate)
 app.add_typer(tinker.app, name="tinker")
+app.add_typer(tiny.app, name="tiny")
 app.command()(weights.merge)
 app.command()(weights.fold)
 app.command("eval")(evaluation.eval_command)

@@ -75,6 +75,7 @@ _RACER = textwrap.dedent(
         return out
 
     tiny.build_tiny_model = slow_build
+    tiny.shipped_digest = lambda: None  # as for a recipe with no shipped copy: each racer would build
     Path(sys.argv[3]).touch()
     while len(list(Path(sys.argv[3]).parent.glob("ready-*"))) < 2:  # start together
         time.sleep(0.01)
@@ -98,3 +99,69 @@ def test_two_first_runs_at_once_build_it_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0]
     assert outs == [str(cache / f"tiny-{recipe_digest()}")] * 2
     assert log.read_text() == "built\n"  # one build; the other waited for it and used it
+
+
+# -- the shipped copy -------------------------------------------------------------------------------
+def test_the_shipped_model_belongs_to_the_current_recipe():
+    from character.backend.tiny import SHIPPED, shipped_digest
+
+    assert shipped_digest() == recipe_digest(), "the recipe changed: rebuild with `character tiny build --ship`"
+    recorded = json.loads((SHIPPED / "character_recipe.json").read_text())
+    from character.backend.tiny_recipe import TINY_RECIPE
+
+    assert recorded["recipe"] == TINY_RECIPE
+
+
+def test_an_empty_cache_gets_the_shipped_copy_and_builds_nothing(tmp_path, monkeypatch):
+    import character.backend.tiny as tiny
+
+    def no_build(out):
+        raise AssertionError("built although the shipped model is the current recipe's")
+
+    monkeypatch.setattr(tiny, "build_tiny_model", no_build)
+    path = tiny.tiny_model_path(tmp_path / "cache")
+    assert path == tmp_path / "cache" / f"tiny-{recipe_digest()}"
+    shipped = {f.name: f.read_bytes() for f in tiny.SHIPPED.iterdir()}
+    assert {f.name: f.read_bytes() for f in path.iterdir()} == shipped
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(path).chat_template == tiny.CHAT_TEMPLATE
+    assert AutoModelForCausalLM.from_pretrained(path).config.vocab_size == 2048
+
+
+def test_a_shipped_model_of_another_recipe_is_not_used(tmp_path, monkeypatch):
+    import character.backend.tiny as tiny
+
+    monkeypatch.setattr(tiny, "shipped_digest", lambda: "0123456789ab")
+    built = []
+
+    def fake_build(out):
+        built.append(out)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        return out
+
+    monkeypatch.setattr(tiny, "build_tiny_model", fake_build)
+    path = tiny.tiny_model_path(tmp_path / "cache")
+    assert built == [path] and sorted(f.name for f in path.iterdir()) == ["config.json"]
+
+
+def test_tiny_check_says_whether_the_shipped_copy_is_current(tmp_path):
+    env = {**os.environ, "CHARACTER_MODEL_CACHE": str(tmp_path / "cache")}
+    ok = subprocess.run(
+        [sys.executable, "-m", "character.cli", "tiny", "check"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert ok.returncode == 0 and f"digest {recipe_digest()}" in ok.stdout, ok.stderr
+    stale = textwrap.dedent(
+        """
+        import sys
+        import character.backend.tiny as tiny
+        tiny.shipped_digest = lambda: "0123456789ab"
+        from character.cli import main
+        sys.argv = ["character", "tiny", "check"]
+        main()
+        """
+    )
+    bad = subprocess.run([sys.executable, "-c", stale], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 1, bad.stderr
+    assert "from recipe 0123456789ab" in bad.stdout and "character tiny build --ship" in bad.stdout
