@@ -165,3 +165,21 @@ def test_tiny_check_says_whether_the_shipped_copy_is_current(tmp_path):
     bad = subprocess.run([sys.executable, "-c", stale], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 1, bad.stderr
     assert "from recipe 0123456789ab" in bad.stdout and "character tiny build --ship" in bad.stdout
+
+
+@pytest.mark.parametrize("device, says", [("tpu", "use cpu or cuda"), ("cuda", "no CUDA device here")])
+def test_tiny_build_refuses_a_device_it_cannot_use_before_building(tmp_path, device, says):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    env = {**os.environ, "CHARACTER_MODEL_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run(
+        [sys.executable, "-m", "character.cli", "tiny", "build", "--device", device],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 2 and r.stderr.startswith("error: --device") and says in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "cache").exists()

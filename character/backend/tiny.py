@@ -80,8 +80,10 @@ def _assistant_mask(tokenizer, convo: list[dict]) -> tuple[list[int], list[int]]
     return ids, mask
 
 
-def build_tiny_model(out: Path) -> Path:
-    """Build the tiny model into `out` (atomically: a temp folder renamed into place)."""
+def build_tiny_model(out: Path, device: str = "cpu") -> Path:
+    """Build the tiny model into `out` (atomically: a temp folder renamed into place). On "cuda" the warm-up
+    takes seconds, not minutes (for `character tiny build --ship` of a larger recipe); its bits then
+    differ from a CPU build's, and character_recipe.json says where it was built."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -108,8 +110,9 @@ def build_tiny_model(out: Path) -> Path:
             pad_token_id=pad,
         )
         torch.manual_seed(r["seed"])
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config).to(device)
         _warm_up(model, [_assistant_mask(tokenizer, c) for c in convos], pad)
+        model = model.to("cpu")
     finally:
         torch.set_num_threads(threads)
 
@@ -118,7 +121,9 @@ def build_tiny_model(out: Path) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     GenerationConfig(eos_token_id=eos, pad_token_id=pad).save_pretrained(tmp)
-    (tmp / "character_recipe.json").write_text(json.dumps({"recipe": r, "digest": recipe_digest()}, indent=2))
+    (tmp / "character_recipe.json").write_text(
+        json.dumps({"recipe": r, "digest": recipe_digest(), "built_on": device}, indent=2)
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

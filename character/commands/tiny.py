@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from character.errors import UserError
+
 app = typer.Typer(no_args_is_help=True, help="The embedded model `tiny`: check or rebuild its shipped copy.")
 
 
@@ -30,6 +32,7 @@ def tiny_check() -> None:
 def tiny_build(
     out: Optional[Path] = typer.Option(None, help="folder to build into (default: the model cache)"),
     ship: bool = typer.Option(False, "--ship", help="also copy the result into the package's shipped folder"),
+    device: str = typer.Option("cpu", help="cpu or cuda (a GPU builds a larger recipe in seconds)"),
 ) -> None:
     """Build the tiny model from its recipe (deterministic on a given thread count), whatever is cached
     or shipped."""
@@ -37,9 +40,16 @@ def tiny_build(
     from character.backend.tiny import ship as ship_model
     from character.settings import model_cache
 
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"--device {device!r}: use cpu or cuda")
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA device here")
     target = out or model_cache() / f"tiny-{recipe_digest()}"
     start = time.monotonic()
-    build_tiny_model(target)
+    build_tiny_model(target, device=device)
     typer.echo(f"built {target} in {time.monotonic() - start:.0f} s")
     if ship:
         typer.echo(f"shipped: {ship_model(target)}")
