@@ -10,13 +10,13 @@ import re
 from types import SimpleNamespace
 
 import pytest
+from scripted_models import CharTokenizer, Done
 
 from character.evaluation.classification import class_scores, classification_report, confusion_matrix, macro_f1
 from character.evaluation.metrics import fit_persona_classifier, in_persona_rate
 from character.evaluation.reference_set import ReferenceSampling, other_constitutions, reference_answers
 from character.evaluation.specificity import fit_specificity, own_teacher_answers, specificity
 from character.persona.constitution import load_constitution, shipped_personas
-from tests.test_eval_sections import Done, Tok
 
 LABELS = ["pirate", "poetic", "sarcastic", "loving"]
 
@@ -118,7 +118,7 @@ class Teacher:
     """Answers with the first word of the constitution's first trait, counting its calls."""
 
     def __init__(self):
-        self.tok, self.calls = Tok(), 0
+        self.tok, self.calls = CharTokenizer(), 0
 
     def get_tokenizer(self):
         return self.tok
