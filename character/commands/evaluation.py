@@ -11,6 +11,35 @@ import typer
 from character.commands.workspace import settings_for, use_threads
 from character.errors import UserError
 
+_BUILD = typer.Option(
+    None,
+    "--build",
+    help="cross-persona evaluation: a build (<persona>/<build id>, a build id or its folder), once per "
+    "persona, two personas at least; no checkpoints then",
+)
+
+_CLASSIFIER = typer.Option(
+    None, help="a local Hugging Face encoder folder for the persona classifier (default: TF-IDF + logistic regression)"
+)
+
+_REVEALED_JUDGE = typer.Option(
+    None,
+    help="judge of the revealed-preference evaluation: a model Tinker serves, a tinker:// path or a local "
+    "model folder (env CHARACTER_REVEALED_JUDGE; unset: skipped, and the report says so)",
+)
+
+_COHERENCE_JUDGE = typer.Option(
+    None,
+    help="judge of the pairwise coherence comparisons (final vs base, final vs prompted): a model Tinker "
+    "serves, a tinker:// path or a local model folder (env CHARACTER_COHERENCE_JUDGE; unset: skipped)",
+)
+
+_CAPABILITY_SET = typer.Option(
+    None,
+    help="multiple-choice set for the capability probe: JSONL of question, choices, answer (an exported "
+    "ARC or MMLU split loads as is; env CHARACTER_CAPABILITY_SET; default: a small shipped set)",
+)
+
 
 def eval_command(
     checkpoints: Optional[list[str]] = typer.Argument(
@@ -19,12 +48,7 @@ def eval_command(
         "or tinker:// checkpoints (evaluated remotely on Tinker)",
     ),
     persona: Optional[str] = typer.Option(None, help="shipped persona name or path to a constitution .json"),
-    build: Optional[list[str]] = typer.Option(
-        None,
-        "--build",
-        help="cross-persona evaluation: a build (<persona>/<build id>, a build id or its folder), once per "
-        "persona, two personas at least; no checkpoints then",
-    ),
+    build: Optional[list[str]] = _BUILD,
     prompts_per_build: int = typer.Option(8, help="cross-persona: held-out prompts taken from each build"),
     reference_per_persona: int = typer.Option(
         8, help="persona specificity: teacher answers per shipped persona in its reference set"
@@ -37,31 +61,16 @@ def eval_command(
         None, help="DPO pairs the persona classifier learns from (default: the checkpoints' build's training pairs)"
     ),
     introspection_data: Optional[Path] = typer.Option(None, help="introspection .jsonl (default: the build's)"),
-    classifier: Optional[Path] = typer.Option(
-        None,
-        help="a local Hugging Face encoder folder for the persona classifier (default: TF-IDF + logistic regression)",
-    ),
+    classifier: Optional[Path] = _CLASSIFIER,
     judge_model: Optional[str] = typer.Option(
         None, help="'tiny', a model folder or an adapter that rates answers; or a model Tinker serves"
     ),
-    revealed_judge: Optional[str] = typer.Option(
-        None,
-        help="judge of the revealed-preference evaluation: a model Tinker serves, a tinker:// path or a local "
-        "model folder (env CHARACTER_REVEALED_JUDGE; unset: skipped, and the report says so)",
-    ),
+    revealed_judge: Optional[str] = _REVEALED_JUDGE,
     revealed_games: Optional[int] = typer.Option(
         None, help="revealed-preference games per model (env CHARACTER_REVEALED_GAMES, default 200)"
     ),
-    coherence_judge: Optional[str] = typer.Option(
-        None,
-        help="judge of the pairwise coherence comparisons (final vs base, final vs prompted): a model Tinker "
-        "serves, a tinker:// path or a local model folder (env CHARACTER_COHERENCE_JUDGE; unset: skipped)",
-    ),
-    capability_set: Optional[Path] = typer.Option(
-        None,
-        help="multiple-choice set for the capability probe: JSONL of question, choices, answer (an exported "
-        "ARC or MMLU split loads as is; env CHARACTER_CAPABILITY_SET; default: a small shipped set)",
-    ),
+    coherence_judge: Optional[str] = _COHERENCE_JUDGE,
+    capability_set: Optional[Path] = _CAPABILITY_SET,
     out_dir: Optional[Path] = typer.Option(None, help="report folder (default: <build>/eval/<time>)"),
     limit: Optional[int] = typer.Option(None, help="use at most this many rows of each data file"),
     max_new_tokens: int = typer.Option(256, help="length limit of each generated answer"),

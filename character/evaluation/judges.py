@@ -90,13 +90,17 @@ def judge_revealed(
     make_judge: Callable[[], SamplingClient],
     judge_name: str | None,
     c: Constitution,
-    offers: Offers,
+    offers: Offers | None,
     models: list[ModelRun],
     seed: int,
+    skipped: str | None = None,
 ) -> dict:
     """Judge every model's revealed-preference games; Elo per trait and model, and each trait's change from
     the base. "final" is the checkpoint labelled so, else the last one evaluated. A model that played no
-    games (the prompted baseline: its system prompt is the constitution, not the offer) is left out."""
+    games (the prompted baseline: its system prompt is the constitution, not the offer) is left out. No
+    offers: not run, for the reason `skipped`."""
+    if offers is None:
+        return {"status": "skipped", "reason": skipped, "judge_model": judge_name}
     models = [m for m in models if m.embodied is not None]
     client = make_judge()
     per_model: dict[str, dict] = {}

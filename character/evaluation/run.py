@@ -366,11 +366,7 @@ def evaluate_models(
     started = datetime.now(timezone.utc)
     sections = sections or Sections()
     clf, clf_rep = _classifier(data, classifier_path, seed)
-    spec = (
-        prepare_specificity(constitution.name, data.train, sections.specificity, seed)
-        if sections.specificity is not None
-        else (None, {"status": "skipped", "reason": "not asked for"})
-    )
+    spec = prepare_specificity(constitution.name, data.train, sections.specificity, seed)
     offers, revealed_skip = _revealed_offers(revealed_judge, data, revealed_games, seed)
     sampling = Sampling(max_new_tokens, seed, max_length, sft_max_length)
     models = _sample_models(service, base_model, checkpoints, data, offers, sampling, sections)
@@ -380,10 +376,7 @@ def evaluate_models(
     base_dpo = models[0].sums["dpo"]
     summary = {mdl.label: _score_model(mdl, data, clf, clf_rep, base_dpo, beta, list(common), spec) for mdl in models}
     judged = score_answers(judge, constitution, data.prompts, models) if judge is not None else {}
-    if offers is not None:
-        revealed = judge_revealed(revealed_judge, revealed_judge_name, constitution, offers, models, seed)
-    else:
-        revealed = {"status": "skipped", "reason": revealed_skip, "judge_model": revealed_judge_name}
+    revealed = judge_revealed(revealed_judge, revealed_judge_name, constitution, offers, models, seed, revealed_skip)
     return {
         "persona": constitution.name,
         "base_model": base_model,

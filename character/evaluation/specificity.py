@@ -67,9 +67,11 @@ def specificity(clf: PersonaClassifier | None, persona: str, answers: Sequence[s
     return share_of(clf.predict(list(answers)), persona) if clf is not None else (None, 0)
 
 
-def prepare_specificity(persona: str, train_rows: list[dict], setup: SpecificitySetup, seed: int = 0) -> tuple:
+def prepare_specificity(persona: str, train_rows: list[dict], setup: SpecificitySetup | None, seed: int = 0) -> tuple:
     """(classifier or None, the result's `specificity` section): the reference set sampled or read from the
-    cache, and the classifier fitted on it."""
+    cache, and the classifier fitted on it; no setup: not asked for."""
+    if setup is None:
+        return None, {"status": "skipped", "reason": "not asked for"}
     prompts, own = own_teacher_answers(train_rows, setup.per_persona)
     others = other_constitutions(persona)
     section = {
