@@ -47,7 +47,8 @@ def offline_runs(wandb_dir: Path) -> dict[str, list[Path]]:
     wandb.teardown()
     runs: dict[str, list[Path]] = {}
     for folder in sorted(Path(wandb_dir).glob("wandb/offline-run-*")):
-        run_id = folder.name.split("-", 3)[3]
+        # the run file names the id: the folder's name gets a "-1" when two runs of one id start in one second
+        run_id = next(folder.glob("run-*.wandb")).stem.removeprefix("run-")
         runs.setdefault(run_id, []).append(folder)
     return runs
 
