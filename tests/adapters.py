@@ -24,6 +24,17 @@ def make_adapter(
     return out
 
 
+def untrained_adapter(base, out: Path) -> Path:
+    """A PEFT LoRA adapter as PEFT starts it (B zero, so the base's outputs): what a fabricated build
+    records as its models."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    model.save_pretrained(out)
+    return out
+
+
 # A request made again after a fault is computed outside its first padded batch (reference log-probs,
 # samples), and the loopback service batches whatever arrives together: equal to float rounding
 # (tests/test_speed_equivalence.py, 1e-5), which Adam's first steps magnify in near-zero gradients. One

@@ -4,12 +4,10 @@ tiny model; answers a build's evaluation sampled are reused; bad input is one li
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 
 import pytest
-import torch
 
 from tests.test_evaluate import cli
 from tests.test_persona_specificity import content_answer
@@ -21,13 +19,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def adapter(base, tmp_path_factory):
-    from peft import LoraConfig, get_peft_model
+    from adapters import untrained_adapter
 
-    torch.manual_seed(5)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
-    out = tmp_path_factory.mktemp("ckpt") / "crafted"
-    model.save_pretrained(out)
-    return out
+    return untrained_adapter(base, tmp_path_factory.mktemp("ckpt") / "crafted")
 
 
 def make_build(workdir, persona: str, adapter, build_id: str = "b1", eval_answers: dict | None = None):

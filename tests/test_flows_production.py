@@ -203,16 +203,9 @@ def test_early_start_does_nothing_when_an_api_url_is_set(monkeypatch):
 @pytest.fixture(scope="module")
 def crafted(base, tmp_path_factory):
     """A LoRA adapter of the tiny model, untrained: what a fabricated build records as its models."""
-    import copy
+    from adapters import untrained_adapter
 
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(5)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
-    out = tmp_path_factory.mktemp("crafted") / "adapter"
-    model.save_pretrained(out)
-    return out
+    return untrained_adapter(base, tmp_path_factory.mktemp("crafted") / "adapter")
 
 
 def _fabricated_builds(monkeypatch, adapter):
