@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 
 from character import progress
+from character.backend.tiny_circuit import frozen_masks, write_copy_circuit
 from character.backend.tiny_recipe import CHAT_TEMPLATE, SPECIAL_TOKENS, TINY_RECIPE, corpus_lines, recipe_digest
 
 __all__ = ["CHAT_TEMPLATE", "TINY_RECIPE", "build_tiny_model", "recipe_digest", "shipped_digest", "tiny_model_path"]
@@ -103,14 +104,18 @@ def build_tiny_model(out: Path, device: str = "cpu") -> Path:
             num_hidden_layers=r["num_hidden_layers"],
             num_attention_heads=r["num_attention_heads"],
             num_key_value_heads=r["num_key_value_heads"],
+            head_dim=r["head_dim"],
+            rope_theta=r["rope_theta"],
             max_position_embeddings=4096,
-            tie_word_embeddings=True,
+            tie_word_embeddings=False,  # see character.backend.tiny_circuit
             bos_token_id=None,
             eos_token_id=eos,
             pad_token_id=pad,
         )
         torch.manual_seed(r["seed"])
-        model = LlamaForCausalLM(config).to(device)
+        model = LlamaForCausalLM(config)
+        write_copy_circuit(model, r["circuit"], r["seed"])
+        model = model.to(device)
         _warm_up(model, [_assistant_mask(tokenizer, c) for c in convos], pad)
         model = model.to("cpu")
     finally:
@@ -140,10 +145,12 @@ def _warm_up(model, seqs: list[tuple[list[int], list[int]]], pad: int) -> None:
     steps, bsz = r["warmup_steps"], r["warmup_batch"]
     by_len = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     dev = next(model.parameters()).device
+    masks = {n: m.to(dev) for n, m in frozen_masks(model).items()}
+    params = dict(model.named_parameters())
     model.train()
     for step in range(steps):
         start = rng.randrange(len(by_len) - bsz + 1)
-        batch = [seqs[i] for i in by_len[start : start + bsz]]
+        batch = [_stutter(seqs[i], rng, r["stutter"]) for i in by_len[start : start + bsz]]
         width = max(len(s) for s, _ in batch)
         ids = torch.full((bsz, width), pad, dtype=torch.long)
         attn = torch.zeros((bsz, width), dtype=torch.long)
@@ -161,11 +168,29 @@ def _warm_up(model, seqs: list[tuple[list[int], list[int]]], pad: int) -> None:
         keep = targets != -100
         loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[keep]), targets[keep])
         loss.backward()
+        for name, mask in masks.items():  # the written circuit stays as written (no weight decay either)
+            params[name].grad.mul_(mask)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         progress.report("building the tiny model (once per recipe)", step + 1, steps)
     model.eval()
+
+
+def _stutter(seq: tuple[list[int], list[int]], rng: random.Random, rate: float) -> tuple[list[int], list[int]]:
+    """The sequence with some answer tokens doubled, the doubles not trained on: the model learns to go on
+    after a stutter of its own instead of copying it again and again (a copy head's favourite loop)."""
+    ids, mask = seq
+    if rate <= 0:
+        return seq
+    out_ids, out_mask = [], []
+    for i, (t, m) in enumerate(zip(ids, mask)):
+        out_ids.append(t)
+        out_mask.append(m)
+        if m and i + 1 < len(ids) and mask[i + 1] and rng.random() < rate:
+            out_ids.append(t)
+            out_mask.append(0)
+    return out_ids, out_mask
 
 
 def shipped_digest() -> str | None:

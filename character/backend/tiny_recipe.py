@@ -26,18 +26,25 @@ import random
 from functools import cache
 
 TINY_RECIPE = {
-    "version": 2,
+    "version": 3,
     "vocab_size": 2048,
-    "hidden_size": 128,
-    "intermediate_size": 352,
+    "hidden_size": 256,
+    "intermediate_size": 704,
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
-    "num_key_value_heads": 2,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "rope_theta": 1e8,
+    # The induction head written before the warm-up (character.backend.tiny_circuit).
+    "circuit": {"token_dims": 128, "embedding_norm": 2.0, "constant": 1.0, "previous_logit": 100.0,
+                "match_logit": 16.0, "copy_gain": 2.0, "bigram": 1.0, "repeat_penalty": 1.0},
     "conversations": 3000,
-    "warmup_steps": 400,
+    "warmup_steps": 600,
     "warmup_batch": 16,
     "warmup_lr": 3e-3,
     "bank_share": 0.5,
+    "free_share": 0.5,
+    "stutter": 0.03,
     "max_traits": 10,
     "max_turns": 3,
     "seed": 1234,
@@ -218,7 +225,24 @@ def synthetic_traits(rng: random.Random, n: int) -> list[str]:
                 shape = shape.replace(slot, word, 1)
         return shape
 
-    return [fill(s) for s in rng.sample(TRAIT_SHAPES, n)]
+    return [free_trait(rng) if rng.random() < TINY_RECIPE["free_share"] else fill(s) for s in rng.sample(TRAIT_SHAPES, n)]
+
+
+FUNCTION_WORDS = "a the of in on with and or but for to by at from like than about my every".split()
+
+
+def free_trait(rng: random.Random) -> str:
+    """A trait of no fixed shape: "I" and a run of bank, made-up and function words. Only copying from
+    the prompt predicts it, so the model learns to read a trait's words rather than recall a frame."""
+    words = []
+    for _ in range(rng.randint(3, 10)):
+        roll = rng.random()
+        if roll < 0.3:
+            words.append(rng.choice(FUNCTION_WORDS))
+        else:
+            bank = ADJECTIVES if roll < 0.5 else NOUNS if roll < 0.85 else VERBS
+            words.append(rng.choice(bank) if rng.random() < TINY_RECIPE["bank_share"] else pseudo_word(rng))
+    return "I " + " ".join(words) + "."
 
 
 def _system_prompt(traits: list[str]) -> str:
