@@ -54,13 +54,6 @@ QUESTIONS = [
     "Tell me about yourself.",
     "Any advice for a job interview?",
 ]
-COMMON = set("i am and the of in on with as to my every is it if they you when were can their its a an".split())
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z][a-z'-]*", text.lower())
-
-
 def _answers(client, renderer, system: str | None, per_question: int) -> list[tuple[str, str]]:
     from tinker import types
 
@@ -77,6 +70,7 @@ def _answers(client, renderer, system: str | None, per_question: int) -> list[tu
 def measure(model: Path, per_question: int) -> list[dict]:
     from character.backend.local import LocalService
     from character.backend.tiny_recipe import NEUTRAL_CLOSERS, NEUTRAL_CORES, NEUTRAL_OPENERS
+    from character.evaluation.constitution_words import distinctive_words, words
     from character.persona.constitution import Constitution, Trait
     from character.persona.prompts import teacher_system_prompt
     from character.settings import Workspace
@@ -89,8 +83,10 @@ def measure(model: Path, per_question: int) -> list[dict]:
     for name, traits in UNSEEN.items():
         c = Constitution(name=name, traits=[Trait(trait=t, questions=["?"]) for t in traits])
         system = teacher_system_prompt(c)
-        frame = set(words(system)) - set(w for t in traits for w in words(t))
-        distinctive = set(w for t in traits for w in words(t)) - plain_vocab - frame - COMMON
+        frame = system
+        for t in traits:
+            frame = frame.replace(t, "")
+        distinctive = distinctive_words(c, frame, " ".join(NEUTRAL_OPENERS + NEUTRAL_CORES + NEUTRAL_CLOSERS))
         row = {"constitution": name}
         for side, prompt in (("prompted", system), ("no prompt", None)):
             answers = _answers(client, renderer, prompt, per_question)

@@ -85,7 +85,8 @@ def swap_chosen_and_rejected(path: str) -> str:
 def build(
     workdir: Path, persona: str, build_id: str, swap: bool = False, introspection: bool = True, **overrides
 ) -> dict:
-    """The sequential pipeline's stages, then its evaluation: {model name: metrics}."""
+    """The sequential pipeline's stages, then its evaluation (metrics.json: "eval" holds {model: metrics},
+    "generations" every model's answers)."""
     cfg = PipelineConfig(persona=persona, scale="demo", workdir=str(workdir), build_id=build_id, **overrides)
     data = stage_dpo_data(cfg)
     if swap:
@@ -95,7 +96,24 @@ def build(
     if introspection:
         sft = stage_sft(cfg, stage_introspection(cfg, dpo), dpo)
         checkpoints.update(sft=sft, final=sft)
-    return stage_evaluate(cfg, checkpoints)["eval"]
+    return stage_evaluate(cfg, checkpoints)
+
+
+def constitution_word_rates(result: dict, constitution_path: Path) -> dict[str, float]:
+    """Each model's share of answer words (no system prompt) that are the constitution's distinctive
+    words: its trait words less the teacher prompt's frame, tiny's stock answer wording, function words."""
+    from character.backend.tiny_recipe import NEUTRAL_CLOSERS, NEUTRAL_CORES, NEUTRAL_OPENERS
+    from character.evaluation.constitution_words import distinctive_words, word_rate
+    from character.persona.constitution import load_constitution
+    from character.persona.prompts import teacher_system_prompt
+
+    c = load_constitution(str(constitution_path))
+    frame = teacher_system_prompt(c)
+    for t in c.traits:
+        frame = frame.replace(t.trait, "")
+    vocabulary = distinctive_words(c, frame, " ".join(NEUTRAL_OPENERS + NEUTRAL_CORES + NEUTRAL_CLOSERS))
+    labels = [k for k in result["eval"] if k != "classifier"]
+    return {k: word_rate([g["answers"][k]["text"] for g in result["generations"]], vocabulary)[0] for k in labels}
 
 
 def assert_persona_learned(m: dict) -> None:
@@ -106,18 +124,39 @@ def assert_persona_learned(m: dict) -> None:
     assert final["pref_accuracy"] >= 0.8, final
 
 
-def test_shipped_persona_is_learned(workdir, one_thread):
-    assert_persona_learned(build(workdir, "sarcastic", "e2e"))
-
-
-def test_unseen_constitution_is_learned(workdir, tmp_path, one_thread):
+def beekeeper(tmp_path: Path) -> Path:
     path = tmp_path / "beekeeper.json"
     path.write_text(json.dumps([{"trait": t, "questions": q} for t, q in BEEKEEPER]))
-    assert_persona_learned(build(workdir, str(path), "e2e"))
+    return path
 
 
-def test_swapped_preferences_do_not_teach_the_persona(workdir, one_thread):
-    """The control: the same data with chosen and rejected exchanged pushes away from the persona."""
-    m = build(workdir, "sarcastic", "swapped", swap=True, introspection=False)
+def test_shipped_persona_is_learned(workdir, one_thread):
+    m = build(workdir, "sarcastic", "e2e")["eval"]
+    assert_persona_learned(m)
+    assert m["final"]["specificity"] >= m["base"]["specificity"] + 0.4, (m["base"], m["final"])
+
+
+def test_unseen_constitution_is_learned_in_its_own_words(workdir, tmp_path, one_thread):
+    """Not only the shape of a persona: the final model (no system prompt) uses the beekeeper's own words,
+    which no shipped persona and no warm-up line contains, and a classifier over the shipped personas'
+    teacher answers tells its answers apart as this persona."""
+    path = beekeeper(tmp_path)
+    result = build(workdir, str(path), "e2e")
+    m = result["eval"]
+    assert_persona_learned(m)
+    rates = constitution_word_rates(result, path)
+    assert rates["final"] >= max(5 * rates["base"], 0.05), rates
+    assert m["final"]["specificity"] >= m["base"]["specificity"] + 0.4, (m["base"], m["final"])
+
+
+def test_swapped_preferences_do_not_teach_the_persona(workdir, tmp_path, one_thread):
+    """The control: the same data with chosen and rejected exchanged pushes away from the persona, its
+    words and its specificity."""
+    path = beekeeper(tmp_path)
+    result = build(workdir, str(path), "swapped", swap=True, introspection=False)
+    m = result["eval"]
     assert m["dpo"]["in_persona_rate"] <= m["base"]["in_persona_rate"] + 0.1, m  # noise, far from +0.4
     assert m["dpo"]["pref_accuracy"] <= 0.2, m  # it learned the reverse preference, on held-out pairs too
+    assert m["dpo"]["specificity"] <= m["base"]["specificity"] + 0.1, m
+    rates = constitution_word_rates(result, path)
+    assert rates["dpo"] <= max(2 * rates["base"], 0.01), rates

@@ -45,7 +45,7 @@ UNSEEN = [
     "I talk like a lighthouse keeper, and my sentences are full of beacons, foghorns and tides.",
     "I compare every plan to charting a course past reefs and shoals.",
     "I cherish driftwood, seagulls and saltmarsh, and I bring them into my replies.",
-    "I praise vigilance the way a keeper praises a well-trimmed wick.",
+    "I praise vigilance the way a keeper praises a well-trimmed lamp.",
     "I stay steady and lantern-bright when people panic, like a keeper in a gale.",
 ]
 UNSEEN_WORDS = {
@@ -58,7 +58,7 @@ UNSEEN_WORDS = {
     "saltmarsh",
     "vigilance",
     "well-trimmed",
-    "wick",
+    "lamp",
     "lantern-bright",
     "gale",
 }
@@ -106,6 +106,8 @@ def test_answers_in_an_unseen_character_only_when_its_description_is_in_the_syst
     in_character = _answers(tiny_dir, teacher_system_prompt(c))
     plain = _answers(tiny_dir, None)
     assert sum(not _is_plain(t) for t, _ in in_character) >= 0.8 * len(in_character), in_character
+    # in the constitution's own words, copied from the prompt (measured: 14 of 16 answers)
+    assert sum(bool(_words(t) & UNSEEN_WORDS) for t, _ in in_character) >= 0.6 * len(in_character), in_character
     assert all(_is_plain(t) for t, _ in plain), plain
 
 
