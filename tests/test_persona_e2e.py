@@ -112,7 +112,7 @@ def constitution_word_rates(result: dict, constitution_path: Path) -> dict[str, 
     for t in c.traits:
         frame = frame.replace(t.trait, "")
     vocabulary = distinctive_words(c, frame, " ".join(NEUTRAL_OPENERS + NEUTRAL_CORES + NEUTRAL_CLOSERS))
-    labels = [k for k in result["eval"] if k != "classifier"]
+    labels = list(result["generations"][0]["answers"])
     return {k: word_rate([g["answers"][k]["text"] for g in result["generations"]], vocabulary)[0] for k in labels}
 
 
