@@ -15,7 +15,14 @@ from scripted_models import CharTokenizer, Done
 from character.evaluation.classification import class_scores, classification_report, confusion_matrix, macro_f1
 from character.evaluation.metrics import fit_persona_classifier, in_persona_rate
 from character.evaluation.reference_set import ReferenceSampling, other_constitutions, reference_answers
-from character.evaluation.specificity import fit_specificity, own_teacher_answers, specificity
+from character.evaluation.specificity import (
+    PLAIN,
+    SpecificitySetup,
+    fit_specificity,
+    own_teacher_answers,
+    prepare_specificity,
+    specificity,
+)
 from character.persona.constitution import load_constitution, shipped_personas
 
 LABELS = ["pirate", "poetic", "sarcastic", "loving"]
@@ -112,6 +119,57 @@ def test_own_teacher_answers_takes_distinct_prompts():
     row = lambda q, a: {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": a}]}
     rows = [row("q1", "a1"), row("q1", "a1b"), row("q2", "a2"), row("q3", "a3")]
     assert own_teacher_answers(rows, 2) == (["q1", "q2"], ["a1", "a2"])
+    rows[2]["rejected"] = [{"role": "assistant", "content": "plain"}]
+    assert own_teacher_answers(rows, 2, side="rejected") == (["q2"], ["plain"])
+
+
+PLAIN_ANSWERS = [
+    "Certainly. The key points are to stay calm, be clear and follow through.",
+    "Good question. It usually works best to plan ahead and keep things simple.",
+    "Of course. You can read a reliable guide and follow it one step at a time.",
+    "Thanks for asking. It is normal to find this hard at first, and it gets easier with practice.",
+]
+
+
+def test_plain_answers_are_no_persona(tmp_path):
+    """With the student's plain answers as a class of their own, a plain model scores near 0 (before, it
+    had to be assigned to some persona and scored noise around chance), and the persona's own words
+    still score high."""
+    rng, persona = random.Random(1), "pirate"
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"question {i}"}],
+            "chosen": [{"role": "assistant", "content": content_answer(persona, rng)}],
+            "rejected": [{"role": "assistant", "content": PLAIN_ANSWERS[i % 4]}],
+        }
+        for i in range(8)
+    ]
+    setup = SpecificitySetup(ContentTeacher, ReferenceSampling("scripted", 16, 0), tmp_path)
+    clf, section = prepare_specificity(persona, rows, setup)
+    assert section["status"] == "computed" and section["classes"][-1] == PLAIN and section["plain_n"] == 8
+    assert section["chance"] == pytest.approx(1 / 11)
+    plain = [f"{rng.choice(PLAIN_ANSWERS)} I hope that helps." for _ in range(30)]
+    assert specificity(clf, persona, plain)[0] <= 0.05
+    assert specificity(clf, PLAIN, plain)[0] >= 0.95  # called plain, not spread over the personas
+    assert specificity(clf, persona, [content_answer(persona, rng) for _ in range(30)])[0] >= 0.7
+
+
+class ContentTeacher:
+    """A teacher whose answers carry the persona named in the system prompt's constitution: it writes
+    content_answer for the shipped persona whose first trait the prompt holds."""
+
+    def __init__(self):
+        self.tok, self.rng = CharTokenizer(), random.Random(2)
+        self.first = {load_constitution(p).traits[0].trait[:40]: p for p in shipped_personas()}
+
+    def get_tokenizer(self):
+        return self.tok
+
+    def sample(self, prompt, num_samples, params):
+        text = "".join(chr(t) for t in prompt.to_ints() if t >= 32)
+        persona = next(p for head, p in self.first.items() if head in text)
+        answer = content_answer(persona, self.rng)
+        return Done(SimpleNamespace(sequences=[SimpleNamespace(tokens=self.tok.encode(answer))]))
 
 
 class Teacher:

@@ -16,6 +16,7 @@ from character.evaluation.report_sections import (
     prefill_section,
     trained_vs_prompted,
 )
+from character.evaluation.specificity import PLAIN
 
 MAX_SHOWN_PROMPTS = 12  # generations shown in the report; metrics.json holds all of them
 REVEALED_PLOT = "revealed preferences: Elo change from base"
@@ -167,9 +168,10 @@ def _metrics_section(result: dict, labels: list[str]) -> list[str]:
         "",
         "In-persona rate: share of the model's answers (no system prompt) that the persona classifier "
         "calls in character. This persona (specificity): share of the same answers that a classifier over "
-        "the shipped personas' teacher answers assigns to this persona"
+        "the shipped personas' teacher answers and the student's plain answers assigns to this persona"
         + (
-            f" (chance {spec['chance']:.3f}, {len(spec['classes'])} personas)"
+            f" ({sum(c != PLAIN for c in spec['classes'])} personas, chance among them {spec['chance']:.3f}; "
+            "a plain model scores near 0)"
             if spec.get("status") == "computed"
             else ""
         )

@@ -3,10 +3,13 @@
 The binary in-persona rate (character.evaluation.metrics) is fitted on one build's teacher answers against
 its student answers, so any first-person trait talk reads as "in persona". Here one multi-class classifier
 learns this build's teacher answers (label: this persona) against the same teacher's answers, on the same
-prompts, written with each other shipped constitution (character.evaluation.reference_set). A model's
-specificity is the share of its answers (no system prompt) classified as this persona: it rises only when
-the persona's own content appears. The classes are balanced, so an unrelated model's answers land near
-1 / (number of classes).
+prompts, written with each other shipped constitution (character.evaluation.reference_set), and against
+the student's own answers to those prompts without a constitution (the pairs' rejected side, class
+PLAIN). A model's specificity is the share of its answers (no system prompt) classified as this persona:
+it rises only when the persona's own content appears. Without the plain class an answer with no persona
+content would still have to be assigned to some persona, and a plain model's specificity would be noise
+around 1 / (number of personas); with it a plain model scores near 0, and so does one trained on the
+wrong signal.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from character.evaluation.reference_set import (
 )
 
 
+PLAIN = "(no persona)"  # the class of answers written without a constitution
+
+
 @dataclass
 class SpecificitySetup:
     """How to get the reference set: the teacher's sampling client (made only when an answer is not
@@ -37,15 +43,15 @@ class SpecificitySetup:
     classifier_path: str | Path | None = None
 
 
-def own_teacher_answers(train_rows: list[dict], n: int) -> tuple[list[str], list[str]]:
-    """(prompts, teacher answers) of the first `n` training pairs with distinct user prompts: the chosen
-    answer of a pair is the teacher's, written with the constitution."""
+def own_teacher_answers(train_rows: list[dict], n: int, side: str = "chosen") -> tuple[list[str], list[str]]:
+    """(prompts, answers) of the first `n` training pairs with distinct user prompts: the chosen answer of
+    a pair is the teacher's, written with the constitution; the rejected one the student's, without."""
     prompts, answers = [], []
     for r in train_rows:
         q = next((m["content"] for m in reversed(r["prompt"]) if m["role"] == "user"), "")
-        if q and q not in prompts:
+        if q and q not in prompts and r.get(side):
             prompts.append(q)
-            answers.append(r["chosen"][-1]["content"])
+            answers.append(r[side][-1]["content"])
         if len(prompts) == n:
             break
     return prompts, answers
@@ -73,17 +79,21 @@ def prepare_specificity(persona: str, train_rows: list[dict], setup: Specificity
     if setup is None:
         return None, {"status": "skipped", "reason": "not asked for"}
     prompts, own = own_teacher_answers(train_rows, setup.per_persona)
+    plain = own_teacher_answers(train_rows, setup.per_persona, side="rejected")[1]
     others = other_constitutions(persona)
     section = {
         "teacher_model": setup.sampling.teacher_model,
         "per_persona": setup.per_persona,
-        "classes": [persona] + [c.name for c in others],
+        "classes": [persona] + [c.name for c in others] + ([PLAIN] if plain else []),
         "own_n": len(own),
+        "plain_n": len(plain),
     }
     if not own or not others:
         why = "no training pairs to take the teacher's answers from" if not own else "no other shipped persona"
         return None, section | {"status": "skipped", "reason": why}
     reference, sampled = reference_answers(setup.teacher, others, prompts, setup.sampling, setup.cache)
+    if plain:
+        reference[PLAIN] = plain
     clf = fit_specificity(persona, own, reference, setup.classifier_path, seed)
-    chance = 1 / len(section["classes"])
+    chance = 1 / (len(others) + 1)  # among personas; a plain model's answers go to PLAIN
     return clf, section | {"status": "computed", "sampled_now": sampled, "chance": chance}
