@@ -1,8 +1,9 @@
 """The embedded default base model `tiny`: a model organism of an instruction-following assistant.
 
 `tiny` is a small stand-in that makes the character-training method observable on a laptop, not a
-useful assistant: plain answers without a character in the system prompt, a character voice with
-one. Its recipe (size, warm-up corpus, chat template) is in `character.backend.tiny_recipe`.
+useful assistant: plain answers without a character in the system prompt, a character voice in the
+constitution's own words with one. Its recipe (size, warm-up corpus, chat template, the copy circuit
+written before the warm-up) is in `character.backend.tiny_recipe`.
 
 A byte-level BPE tokenizer with a ChatML template is trained on that corpus, then a small Llama is
 warmed up on it (loss on the assistant turns only). Nothing is downloaded and the build is
@@ -11,8 +12,8 @@ workspace) under a name derived from the recipe, so a changed recipe never reuse
 
 The package also ships the built model (`tiny_shipped/`, made by `character tiny build --ship`) with the
 digest of the recipe it came from: a first run copies it into the cache when that digest is the current
-recipe's (no warm-up, about two minutes on 2 cores today, and far longer for a model that must learn to
-copy from its prompt), and builds from the recipe otherwise. `character tiny check` says which.
+recipe's (no warm-up: building takes about seven minutes on 2 cores), and builds from the recipe
+otherwise. `character tiny check` says which.
 """
 
 from __future__ import annotations

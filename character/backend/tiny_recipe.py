@@ -12,10 +12,14 @@ model:
 
 So that it makes this switch for any constitution, not only the shipped ones, most of the corpus
 uses synthetic constitutions: trait sentences of many shapes, filled from word banks and with
-made-up words, whose answers echo the prompt's own trait statements; the eleven shipped personas
-are mixed in. Within the build budget the model learns the switch reliably and the shape of the
-echo, but it reproduces a new constitution's exact words only now and then. That is enough for
-distillation: the teacher (with the constitution) and the student (without) answer differently.
+made-up words, plus free-form traits ("I" and a few random words), whose answers echo the prompt's
+own trait statements; the eleven shipped personas are mixed in. Echoing a constitution it never saw
+needs copying from the prompt, which a model this small does not learn from scratch within a CPU
+budget: the recipe writes an induction circuit into the initial weights (`circuit`, see
+character.backend.tiny_circuit) and the warm-up learns when to use it. Measured on unseen
+constitutions (benchmarks/tiny_copying.py): about a quarter of a prompted answer's words are the
+constitution's own distinctive words, none without the prompt. A few doubled answer tokens
+(`stutter`, not trained on) teach it to carry on after a slip instead of repeating it.
 """
 
 from __future__ import annotations
