@@ -18,6 +18,20 @@
   as a misbehaving service might.
 - The methods' signatures match the installed SDK's (checked by test_fake_matches_the_sdk_signatures).
 
+Where the loopback Tinker service (character/loopback/, the real SDK over HTTP) has replaced it: every
+build through Prefect on `--backend tinker`, wire faults, restarts and the echoed key
+(tests/test_loopback*.py). Where this fake stays, because the loopback cannot reach there:
+- test_tinker_failures, test_tinker_backend: an exact error shape at an exact call (a poisoned
+  client after the third custom loss, a 4xx wrapped in ValueError while fetching one result, an
+  expired result of one optimizer step); the wire draws faults by rate, and the SDK turns most of
+  them into its own retries before our code sees anything;
+- test_lineup: a lineup of today's model names with their prices, capabilities and renderers; the
+  loopback serves only the tiny model, whose template is no family's;
+- test_stops: the Tinker half needs a sampler that ends at a template's end-of-turn that is not EOS;
+- test_remote_eval, test_revealed, test_serve, test_conversation: scripted models and judges whose
+  answers are known in advance, so the reports, judges and chat can be checked word for word (the
+  loopback runs a real, sampled tiny model), and runs in seconds rather than minutes.
+
 Its "model" is a bigram table (logits = W0[prev] + delta[prev]) trained with AdamW; sampling returns
 canned answers. Custom losses go through the SDK's own client-side step
 (`TrainingClient._compute_custom_loss`), as on Tinker.
