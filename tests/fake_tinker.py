@@ -22,7 +22,7 @@ Where the loopback Tinker service (character/loopback/, the real SDK over HTTP) 
 build through Prefect on `--backend tinker`, wire faults, restarts and the echoed key
 (tests/test_loopback*.py). Where this fake stays, because the loopback cannot reach there:
 - test_tinker_failures, test_tinker_backend: an exact error shape at an exact call (a poisoned
-  client after the third custom loss, a 4xx wrapped in ValueError while fetching one result, an
+  client after a failed custom loss, a 4xx wrapped in ValueError while fetching one result, an
   expired result of one optimizer step); the wire draws faults by rate, and the SDK turns most of
   them into its own retries before our code sees anything;
 - test_lineup: a lineup of today's model names with their prices, capabilities and renderers; the
