@@ -43,24 +43,6 @@ def _distance_head(attn, hd: int, inv, fast: list[int], c: int, s: float, distan
         k[base + i + half, c] = s * math.sin(distance * inv[i])
 
 
-def _recency_penalty(q, k, inv, pairs: list[int], c: int, rms1: float, hd: int, circuit: dict) -> None:
-    """A score of -recency_logit * K(distance) on the induction head, K a low-pass kernel (1 at distance 0,
-    its first zero near `recency_reach` tokens): the head does not copy from the last few dozen tokens,
-    the model's own answer, which would lock it into a loop ("I am blunt, but I am blunt, but ..."), while
-    a system prompt further back is copied as before. The pairs at or below the cut-off frequency, each
-    weighted by its share of the band (they are log-spaced), make K about sin(w d) / (w d)."""
-    logit = circuit.get("recency_logit", 0.0)
-    cut = math.pi / circuit.get("recency_reach", 50)
-    band = [i for i in pairs if inv[i] <= cut]
-    if not logit or not band:
-        return
-    weights = [float(inv[i]) for i in band]
-    scale = logit * math.sqrt(hd) * (rms1 / circuit["constant"]) ** 2 / sum(weights)
-    for i, w in zip(band, weights):
-        q[i, c] = math.sqrt(scale * w)
-        k[i, c] = -math.sqrt(scale * w)
-
-
 def write_copy_circuit(model, circuit: dict, seed: int) -> None:
     """Write the previous-token heads (layer 0, heads 0 and 1: one and two tokens back) and the induction
     head (layer 1, head 0), which matches the current and the previous token against each position's two
@@ -124,7 +106,6 @@ def write_copy_circuit(model, circuit: dict, seed: int) -> None:
         for j in range(n_b):
             q[dims[n_a + j], P + j] = m * circuit["bigram"]
             k[dims[n_a + j], P2 + j] = m
-        _recency_penalty(q, k, inv, [i for i in range(len(fast), half) if i not in slow], c, rms1, hd, circuit)
         out = torch.linalg.qr(torch.randn(T, hd, generator=g))[0].T
         v[:hd, :T] = out
         o[:T, :hd] = circuit["copy_gain"] * rms1 * turn @ out.T
