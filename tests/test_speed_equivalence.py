@@ -190,6 +190,53 @@ def test_dpo_build_makes_the_same_adapter_as_the_paths_before(workdir, one_threa
     assert moved > 5e-5  # training really changed the adapter (LoRA B starts at zero)
 
 
+def _sft_build(workdir: Path, run: str, batch: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from benchmarks.data import preference_rows
+    from character.config import OptimConfig
+    from character.storage import uri_to_path
+    from character.train.sft import run_sft
+
+    data = workdir / "conversations.jsonl"  # the pairs' teacher sides as conversations: 12 of them
+    rows = [{"messages": r["prompt"] + r["chosen"]} for r in preference_rows(12)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    svc = LocalService(Workspace(workdir), device="cpu", seed=0, micro_batch_size=4)
+    result = run_sft(
+        svc,
+        start=lambda: svc.create_lora_training_client("tiny", rank=8, seed=0),
+        renderer=Renderer(svc.get_tokenizer("tiny")),
+        data_path=data,
+        run_dir=workdir / run,
+        cfg=OptimConfig(batch_size=batch, epochs=1, save_every=100),
+        max_length=1024,
+    )
+    return load_file(uri_to_path(result.sampler) / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_sft_build_makes_the_same_adapter_as_the_head_before(workdir, one_thread, monkeypatch):
+    """SFT goes through the changed frozen head too (its gradient computed in the forward pass): the
+    same 12 conversations (two steps) with the head as it ran before give the same adapter to 1e-5.
+    Except, measured: the LoRA B of layer 0's query and key, whose rows feed the written previous-token
+    heads (character.backend.tiny_circuit). Their attention is saturated, so the gradient there is float
+    noise, which Adam's first steps (about lr x sign(g)) turn into up to a step: 177 and 96 elements of
+    4096, at most 8.8e-5, two steps of the paper's 5e-5."""
+    new = _sft_build(workdir, "sft-new", 8)
+    with monkeypatch.context() as m:
+        m.setattr(generation._FrozenHeadLogprobs, "apply", _head_as_before)
+        before = _sft_build(workdir, "sft-before", 8)
+    assert new.keys() == before.keys() and len(new) > 0
+    saturated = ("layers.0.self_attn.q_proj.lora_B", "layers.0.self_attn.k_proj.lora_B")
+    for k in new:
+        if any(s in k for s in saturated):
+            diff = (new[k] - before[k]).abs()
+            assert float(diff.max()) <= 2 * 2 * 5e-5 and float((diff > 1e-5).float().mean()) < 0.1, k
+        else:
+            torch.testing.assert_close(new[k], before[k], atol=1e-5, rtol=0)
+    assert max(float(v.abs().max()) for v in new.values()) > 5e-5  # training moved it
+
+
 def test_lean_decode_steps_equal_the_model_forward(base, one_thread):
     """The decode steps without the module stack give the model's own logits (left-padded rows, a cache)."""
     from character.backend import local_decode
