@@ -10,7 +10,9 @@ without one, and measures, side by side:
 - invented: the share of answer words found neither in the system prompt, the question nor the model's
   plain answers (fragments and made-up words: what a model writes when it imitates a trait's shape
   without copying its words);
-- verbatim: the share of answer sentences that are one of the constitution's traits, word for word.
+- verbatim: the share of answer sentences that are one of the constitution's traits, word for word;
+- looped: the share of answers that say some four words in a row twice (a phrase copied again from the
+  answer itself, or a trait said twice).
 
     python -m benchmarks.tiny_copying [--model FOLDER] [--per-question 2]
 
@@ -54,6 +56,14 @@ QUESTIONS = [
     "Tell me about yourself.",
     "Any advice for a job interview?",
 ]
+
+
+def _loops(text: str, words) -> bool:
+    ws = words(text)
+    grams = [tuple(ws[i : i + 4]) for i in range(len(ws) - 3)]
+    return len(grams) != len(set(grams))
+
+
 def _answers(client, renderer, system: str | None, per_question: int) -> list[tuple[str, str]]:
     from tinker import types
 
@@ -97,6 +107,7 @@ def measure(model: Path, per_question: int) -> list[dict]:
                 "distinctive": sum(w in distinctive for _, w in ws) / max(1, len(ws)),
                 "invented": sum(w not in known and w not in words(q) for q, w in ws) / max(1, len(ws)),
                 "verbatim": sum(s in traits for s in sentences) / max(1, len(sentences)),
+                "looped": sum(_loops(a, words) for _, a in answers) / max(1, len(answers)),
                 "sample": answers[0][1],
             }
         rows.append(row)
@@ -118,13 +129,16 @@ def main() -> None:
         f"model {model.name} (recipe {recipe_digest()}), {args.per_question} answers per question, "
         f"{len(QUESTIONS)} questions, {time.monotonic() - start:.0f} s\n"
     )
-    print("| constitution | distinctive, prompted | distinctive, no prompt | invented, prompted | verbatim, prompted |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| constitution | distinctive, prompted | distinctive, no prompt | invented, prompted | verbatim, prompted "
+        "| looped, prompted | looped, no prompt |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         p, n = r["prompted"], r["no prompt"]
         print(
             f"| {r['constitution']} | {p['distinctive']:.3f} | {n['distinctive']:.3f} | {p['invented']:.3f} | "
-            f"{p['verbatim']:.3f} |"
+            f"{p['verbatim']:.3f} | {p['looped']:.3f} | {n['looped']:.3f} |"
         )
     print()
     for r in rows:
