@@ -115,7 +115,8 @@ def test_batched_reference_logprobs_equal_one_at_a_time(workdir, one_thread, mon
     for s, got in zip(seqs, batched):
         alone = real(sampler.model, [s], sampler.tokenizer.pad_token_id)[0]
         assert got[0] is None and len(got) == len(s)
-        torch.testing.assert_close(torch.tensor(got[1:]), alone, atol=1e-5, rtol=0)
+        # 1e-5, or a few float32 steps of a log-prob near -14 (measured: 1.1e-5 there, 8e-7 relative)
+        torch.testing.assert_close(torch.tensor(got[1:]), alone, atol=1e-5, rtol=1e-6)
     # A budget for about one sequence at a time splits the queue into several micro-batches, same values.
     per_token = local_sampling.inference_bytes_per_token(sampler.model.config, 300, torch.device("cpu"))
     sampler.memory_budget_gb = 2 * 300 * per_token / 2**30
@@ -123,7 +124,7 @@ def test_batched_reference_logprobs_equal_one_at_a_time(workdir, one_thread, mon
     again = [f.result() for f in [sampler.compute_logprobs(types.ModelInput.from_ints(s)) for s in seqs]]
     assert len(forwards) > 3
     for a, b in zip(again, batched):
-        torch.testing.assert_close(torch.tensor(a[1:]), torch.tensor(b[1:]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(a[1:]), torch.tensor(b[1:]), atol=1e-5, rtol=1e-6)
 
 
 def _head_as_before(hidden, weight, targets, chunk):
@@ -165,11 +166,35 @@ def _dpo_build(workdir: Path, run: str) -> dict[str, torch.Tensor]:
     return load_file(uri_to_path(result.sampler) / "adapter_model.safetensors")
 
 
+# Layers 0 and 1 hold the tiny model's written heads (character.backend.tiny_circuit), whose attention is
+# saturated (score margins of 16 to 100): the LoRA gradient of their query and key is float noise there,
+# and Adam's first steps (about lr x sign(g)) turn noise into up to a step per step.
+SATURATED = (
+    "layers.0.self_attn.q_proj.",
+    "layers.0.self_attn.k_proj.",
+    "layers.1.self_attn.q_proj.",
+    "layers.1.self_attn.k_proj.",
+)
+
+
+def assert_same_adapter(new: dict, before: dict, steps: int, lr: float) -> None:
+    """Every element within 1e-5; in the LoRA of the saturated heads' query and key, a few elements (under
+    10%) may differ by up to `steps` Adam steps of `lr`. Training moved the adapter (LoRA B starts at 0)."""
+    assert new.keys() == before.keys() and len(new) > 0
+    for k in new:
+        d = (new[k] - before[k]).abs()
+        if any(part in k for part in SATURATED):
+            assert float(d.max()) <= 2 * steps * lr and float((d > 1e-5).float().mean()) < 0.1, (k, float(d.max()))
+        else:
+            torch.testing.assert_close(new[k], before[k], atol=1e-5, rtol=0)
+    assert max(float(v.abs().max()) for v in new.values()) > 5e-5
+
+
 @pytest.mark.slow
 def test_dpo_build_makes_the_same_adapter_as_the_paths_before(workdir, one_thread, monkeypatch):
     """12 pairs, batch 8 (a full and a partial step), micro-batches of 4 sequences, the default optimizer.
-    Adam's first steps are about lr x sign(g): a gradient element near zero turns float noise (1e-7) into a
-    step-sized difference, so at the tiny model's 2e-3 one element in a thousand differed by 2e-5."""
+    The paper's learning rate, 5e-5 (assert_same_adapter; measured: 4 of 2048 elements of layer 1's query
+    LoRA A differ by at most 4.7e-5, every other element within 1e-5)."""
     new = _dpo_build(workdir, "new")
     from character.backend import local_sampling
     from character.train import dpo
@@ -182,12 +207,7 @@ def test_dpo_build_makes_the_same_adapter_as_the_paths_before(workdir, one_threa
         )
         m.setattr(generation._FrozenHeadLogprobs, "apply", _head_as_before)
         before = _dpo_build(workdir, "before")
-    assert new.keys() == before.keys() and len(new) > 0
-    moved = 0.0
-    for k in new:
-        torch.testing.assert_close(new[k], before[k], atol=1e-5, rtol=0)
-        moved = max(moved, float(new[k].abs().max()))
-    assert moved > 5e-5  # training really changed the adapter (LoRA B starts at zero)
+    assert_same_adapter(new, before, steps=2, lr=5e-5)
 
 
 def _sft_build(workdir: Path, run: str, batch: int) -> dict[str, torch.Tensor]:
@@ -217,24 +237,14 @@ def _sft_build(workdir: Path, run: str, batch: int) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_sft_build_makes_the_same_adapter_as_the_head_before(workdir, one_thread, monkeypatch):
     """SFT goes through the changed frozen head too (its gradient computed in the forward pass): the
-    same 12 conversations (two steps) with the head as it ran before give the same adapter to 1e-5.
-    Except, measured: the LoRA B of layer 0's query and key, whose rows feed the written previous-token
-    heads (character.backend.tiny_circuit). Their attention is saturated, so the gradient there is float
-    noise, which Adam's first steps (about lr x sign(g)) turn into up to a step: 177 and 96 elements of
-    4096, at most 8.8e-5, two steps of the paper's 5e-5."""
+    same 12 conversations (two steps) with the head as it ran before give the same adapter
+    (assert_same_adapter; measured: 177 and 96 of 4096 elements of layer 0's query and key LoRA B differ,
+    by at most 8.8e-5, every other element within 1e-7)."""
     new = _sft_build(workdir, "sft-new", 8)
     with monkeypatch.context() as m:
         m.setattr(generation._FrozenHeadLogprobs, "apply", _head_as_before)
         before = _sft_build(workdir, "sft-before", 8)
-    assert new.keys() == before.keys() and len(new) > 0
-    saturated = ("layers.0.self_attn.q_proj.lora_B", "layers.0.self_attn.k_proj.lora_B")
-    for k in new:
-        if any(s in k for s in saturated):
-            diff = (new[k] - before[k]).abs()
-            assert float(diff.max()) <= 2 * 2 * 5e-5 and float((diff > 1e-5).float().mean()) < 0.1, k
-        else:
-            torch.testing.assert_close(new[k], before[k], atol=1e-5, rtol=0)
-    assert max(float(v.abs().max()) for v in new.values()) > 5e-5  # training moved it
+    assert_same_adapter(new, before, steps=2, lr=5e-5)
 
 
 def test_lean_decode_steps_equal_the_model_forward(base, one_thread):

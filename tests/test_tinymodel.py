@@ -128,7 +128,9 @@ def test_tiny_defaults_apply_to_tiny_only_and_explicit_values_win():
 
     tiny = PipelineConfig(persona="pirate")
     assert (tiny.max_new_tokens, tiny.lora_rank, tiny.heldout_fraction) == (96, 8, 0.2)
-    assert (tiny.dpo.learning_rate, tiny.dpo.batch_size, tiny.dpo.epochs) == (2e-3, 8, 3)
+    assert (tiny.dpo.learning_rate, tiny.dpo.batch_size, tiny.dpo.epochs) == (2e-3, 8, 6)
+    assert tiny.dpo_loss.nll_coef == 1.0 and tiny.dpo_loss.beta == 0.1  # the rest of the loss as the paper's
+    assert PipelineConfig(persona="pirate", dpo_loss={"nll_coef": 0.1}).dpo_loss.nll_coef == 0.1
     assert PipelineConfig(**tiny.model_dump()) == tiny  # a saved config reloads unchanged
     given = PipelineConfig(persona="pirate", max_new_tokens=200, dpo={"batch_size": 4})
     assert given.max_new_tokens == 200 and given.dpo.batch_size == 4 and given.dpo.learning_rate == 2e-3
@@ -136,4 +138,5 @@ def test_tiny_defaults_apply_to_tiny_only_and_explicit_values_win():
         paper = PipelineConfig(persona="pirate", **other)  # real models keep the paper's hyperparameters
         assert (paper.max_new_tokens, paper.lora_rank, paper.heldout_fraction) == (1024, 64, 0.1)
         assert (paper.dpo.learning_rate, paper.dpo.batch_size, paper.dpo.epochs) == (5e-5, 32, 1)
+        assert paper.dpo_loss.nll_coef == 0.1
     assert set(TINY_DEFAULTS) <= set(PipelineConfig.model_fields)

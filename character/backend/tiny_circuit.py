@@ -43,6 +43,25 @@ def _distance_head(attn, hd: int, inv, fast: list[int], c: int, s: float, distan
         k[base + i + half, c] = s * math.sin(distance * inv[i])
 
 
+def _embedding_and_output(model, T: int, r: float, alpha: float, c: int, g):
+    """Token embeddings: random directions of norm r in dims [0, T), the constant alpha in dim c. The output
+    layer is the embedding turned by a random rotation A (u_v = A e_v), which it returns: the induction head
+    writes A e_j to predict j, while the current token's own embedding, still in the stream, scores about 0
+    against its output row. Tied, that term makes every token predict itself."""
+    import torch
+
+    emb = model.model.embed_tokens.weight
+    e = torch.randn(emb.shape[0], T, generator=g)
+    emb.zero_()
+    emb[:, :T] = e / e.norm(dim=1, keepdim=True) * r
+    emb[:, c] = alpha
+    turn = torch.linalg.qr(torch.randn(T, T, generator=g))[0]
+    head = model.lm_head.weight
+    head.zero_()
+    head[:, :T] = emb[:, :T] @ turn.T
+    return turn
+
+
 def write_copy_circuit(model, circuit: dict, seed: int) -> None:
     """Write the previous-token heads (layer 0, heads 0 and 1: one and two tokens back) and the induction
     head (layer 1, head 0), which matches the current and the previous token against each position's two
@@ -56,18 +75,7 @@ def write_copy_circuit(model, circuit: dict, seed: int) -> None:
     fast, slow, inv = _pairs(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        emb = model.model.embed_tokens.weight
-        e = torch.randn(emb.shape[0], T, generator=g)
-        emb.zero_()
-        emb[:, :T] = e / e.norm(dim=1, keepdim=True) * r
-        emb[:, c] = alpha
-        # The output layer is the embedding turned by a random rotation A (u_v = A e_v): the induction
-        # head writes A e_j to predict j, while the current token's own embedding, still in the stream,
-        # scores about 0 against its output row. Tied, that term makes every token predict itself.
-        turn = torch.linalg.qr(torch.randn(T, T, generator=g))[0]
-        head = model.lm_head.weight
-        head.zero_()
-        head[:, :T] = emb[:, :T] @ turn.T
+        turn = _embedding_and_output(model, T, r, alpha, c, g)
         rms = math.sqrt((r * r + alpha * alpha) / d)  # the input norm divides by this
 
         dims = slow + [i + half for i in slow]

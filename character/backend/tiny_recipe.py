@@ -40,8 +40,16 @@ TINY_RECIPE = {
     "head_dim": 128,
     "rope_theta": 1e8,
     # The induction head written before the warm-up (character.backend.tiny_circuit).
-    "circuit": {"token_dims": 128, "embedding_norm": 2.0, "constant": 1.0, "previous_logit": 100.0,
-                "match_logit": 16.0, "copy_gain": 2.0, "bigram": 1.0, "repeat_penalty": 1.0},
+    "circuit": {
+        "token_dims": 128,
+        "embedding_norm": 2.0,
+        "constant": 1.0,
+        "previous_logit": 100.0,
+        "match_logit": 16.0,
+        "copy_gain": 2.0,
+        "bigram": 1.0,
+        "repeat_penalty": 1.0,
+    },
     "conversations": 3000,
     "warmup_steps": 600,
     "warmup_batch": 16,
@@ -229,7 +237,9 @@ def synthetic_traits(rng: random.Random, n: int) -> list[str]:
                 shape = shape.replace(slot, word, 1)
         return shape
 
-    return [free_trait(rng) if rng.random() < TINY_RECIPE["free_share"] else fill(s) for s in rng.sample(TRAIT_SHAPES, n)]
+    return [
+        free_trait(rng) if rng.random() < TINY_RECIPE["free_share"] else fill(s) for s in rng.sample(TRAIT_SHAPES, n)
+    ]
 
 
 FUNCTION_WORDS = "a the of in on with and or but for to by at from like than about my every".split()

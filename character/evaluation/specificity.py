@@ -27,7 +27,6 @@ from character.evaluation.reference_set import (
     reference_answers,
 )
 
-
 PLAIN = "(no persona)"  # the class of answers written without a constitution
 
 
