@@ -18,10 +18,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-TRUNK = "base_model.model.model.layers.0.self_attn.q_proj"  # a module of the tiny model: 128 x 128
+TRUNK = "base_model.model.model.layers.0.self_attn.q_proj"  # a module of the tiny model
+Q_OUT, Q_IN = 512, 256  # its weight's shape: 4 heads of 128 by hidden size 256
 
 
-def write_adapter(folder: Path, base: str, r: int = 2, shape=(128, 128), tensors: dict | None = None, **config) -> Path:
+def write_adapter(
+    folder: Path, base: str, r: int = 2, shape=(Q_OUT, Q_IN), tensors: dict | None = None, **config
+) -> Path:
     folder.mkdir(parents=True)
     cfg = {
         "peft_type": "LORA",
@@ -307,8 +310,8 @@ def cases():
             t / "nan",
             str(tiny),
             tensors={
-                f"{TRUNK}.lora_A.weight": torch.full((2, 128), float("nan")),
-                f"{TRUNK}.lora_B.weight": torch.zeros(128, 2),
+                f"{TRUNK}.lora_A.weight": torch.full((2, Q_IN), float("nan")),
+                f"{TRUNK}.lora_B.weight": torch.zeros(Q_OUT, 2),
             },
         )
 
@@ -331,7 +334,13 @@ def cases():
         "not a readable safetensors file",
     )
     c["adapter-wrong-shapes"] = lambda t, tiny, ad: (
-        ["merge", str(ad), str(write_adapter(t / "wide", str(tiny), shape=(128, 256))), "--output", str(t / "out")],
+        [
+            "merge",
+            str(ad),
+            str(write_adapter(t / "wide", str(tiny), shape=(Q_OUT, 2 * Q_IN))),
+            "--output",
+            str(t / "out"),
+        ],
         {},
         [t / "out"],
         "different tensor shapes",
@@ -386,8 +395,8 @@ def cases():
                     t / "trav",
                     str(tiny),
                     tensors={
-                        "base_model.model.../../../etc/passwd.lora_A.weight": torch.zeros(2, 128),
-                        "base_model.model.../../../etc/passwd.lora_B.weight": torch.zeros(128, 2),
+                        "base_model.model.../../../etc/passwd.lora_A.weight": torch.zeros(2, Q_IN),
+                        "base_model.model.../../../etc/passwd.lora_B.weight": torch.zeros(Q_OUT, 2),
                     },
                 )
             ),
