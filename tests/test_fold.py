@@ -84,13 +84,31 @@ def test_reshard_by_size_gives_same_model(base, adapter, tmp_path, tiny_dir):
     assert torch.equal(logits(load(one)), logits(load(many)))
 
 
+@pytest.fixture(scope="module")
+def tied(tiny_dir, tmp_path_factory):
+    """(folder, model): the tiny model with its output layer tied to its embedding, as most small
+    Llamas ship (tiny itself is untied: its copy circuit needs the two apart)."""
+    import shutil
+
+    model = load(tiny_dir)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    folder = tmp_path_factory.mktemp("tied") / "tiny-tied"
+    model.save_pretrained(folder)
+    for f in tiny_dir.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(f, folder / f.name)
+    return folder, load(folder)
+
+
 @pytest.mark.parametrize("side", ["lm_head", "embed_tokens"])
-def test_tied_embeddings_are_untied_and_match_the_adapted_model(base, tmp_path, tiny_dir, side):
+def test_tied_embeddings_are_untied_and_match_the_adapted_model(tied, tmp_path, side):
     """PEFT's merge_and_unload would fold one side's update into the shared matrix, changing both."""
     from peft import PeftModel
 
+    folder, base = tied
     ad = make_adapter(base, tmp_path / "ad", seed=5, targets=("q_proj", side))
-    out = fold_adapter(str(ad), tmp_path / "full", base_model=str(tiny_dir))
+    out = fold_adapter(str(ad), tmp_path / "full", base_model=str(folder))
     cfg = json.loads((out / "config.json").read_text())
     assert base.config.tie_word_embeddings and cfg["tie_word_embeddings"] is False
     folded = load(out)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapters import saturated
 from lora_training import lora_client, random_reference_logprobs, rendered_pairs
 from tinker import types
 
@@ -166,24 +167,13 @@ def _dpo_build(workdir: Path, run: str) -> dict[str, torch.Tensor]:
     return load_file(uri_to_path(result.sampler) / "adapter_model.safetensors")
 
 
-# Layers 0 and 1 hold the tiny model's written heads (character.backend.tiny_circuit), whose attention is
-# saturated (score margins of 16 to 100): the LoRA gradient of their query and key is float noise there,
-# and Adam's first steps (about lr x sign(g)) turn noise into up to a step per step.
-SATURATED = (
-    "layers.0.self_attn.q_proj.",
-    "layers.0.self_attn.k_proj.",
-    "layers.1.self_attn.q_proj.",
-    "layers.1.self_attn.k_proj.",
-)
-
-
 def assert_same_adapter(new: dict, before: dict, steps: int, lr: float) -> None:
     """Every element within 1e-5; in the LoRA of the saturated heads' query and key, a few elements (under
     10%) may differ by up to `steps` Adam steps of `lr`. Training moved the adapter (LoRA B starts at 0)."""
     assert new.keys() == before.keys() and len(new) > 0
     for k in new:
         d = (new[k] - before[k]).abs()
-        if any(part in k for part in SATURATED):
+        if saturated(k):
             assert float(d.max()) <= 2 * steps * lr and float((d > 1e-5).float().mean()) < 0.1, (k, float(d.max()))
         else:
             torch.testing.assert_close(new[k], before[k], atol=1e-5, rtol=0)
