@@ -125,5 +125,8 @@ def test_head_in_small_chunks_gives_the_same_logprobs_and_gradients(workdir, one
     g_full, g_chunked = _grads(full), _grads(chunked)
     assert g_full.keys() == g_chunked.keys() and len(g_full) > 0
     assert any("lm_head" in k for k in g_full) == train_unembed
-    for k in g_full:  # the head's weight gradient sums over positions in another order: float32 noise
-        torch.testing.assert_close(g_chunked[k], g_full[k], atol=1e-4, rtol=1e-4)
+    # Sums over positions in another order: float32 noise, relative to each gradient's scale (this loss is
+    # unnormalised, so gradients reach thousands; measured at most about 1e-6 of the largest entry)
+    for k in g_full:
+        scale = float(g_full[k].abs().max())
+        assert float((g_chunked[k] - g_full[k]).abs().max()) <= 1e-5 * scale + 1e-7, k
