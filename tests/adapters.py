@@ -57,15 +57,28 @@ def saturated(name: str) -> bool:
 # training step more or less moves every weight by about the learning rate (1e-3 on tiny, a hundred times
 # this bound at tiny's largest weight), so the bound still catches a step replayed or lost.
 SAME_TRAINING_REL = 1e-3
+# In the saturated heads' query and key (measured: 0.036 of max |W| after a build with 20% faults): a
+# gross error (a wrong gradient, a step applied twice everywhere) is still caught there.
+SATURATED_REL = 0.1
 
 
 def assert_same_training(got: dict, want: dict, label: str = "") -> float:
     """`got` is the adapter `want` is, up to rounding: same tensors, max |dW| within SAME_TRAINING_REL of
-    max |W|. Returns the measured ratio (printed, so a run shows how close it came)."""
+    max |W|, except the saturated heads' query and key (SATURATED), where noise-level gradients let Adam's
+    steps differ: those within SATURATED_REL. A replayed or lost step still shows, in every other tensor.
+    Returns the measured ratio outside them (printed, with theirs, so a run shows how close it came)."""
     assert got.keys() == want.keys(), label
     scale = max(float(want[k].abs().max()) for k in want)
-    diff = max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
+
+    def worst(keys) -> float:
+        return max((float((got[k].float() - want[k].float()).abs().max()) for k in keys), default=0.0)
+
+    diff, noisy = worst([k for k in want if not saturated(k)]), worst([k for k in want if saturated(k)])
     ratio = diff / scale
-    print(f"{label} adapter vs reference: max |dW| {diff:.3g} of max |W| {scale:.3g} ({ratio:.2g})")
+    print(
+        f"{label} adapter vs reference: max |dW| {diff:.3g} of max |W| {scale:.3g} ({ratio:.2g}); "
+        f"in the saturated heads' query and key {noisy:.3g} ({noisy / scale:.2g})"
+    )
     assert ratio <= SAME_TRAINING_REL, f"{label}: max |dW| {diff:.3g} is {ratio:.2g} of max |W| {scale:.3g}"
+    assert noisy <= SATURATED_REL * scale, f"{label}: saturated heads' max |dW| {noisy:.3g} of {scale:.3g}"
     return ratio
