@@ -24,6 +24,7 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
+from signals import signalled
 
 from character.build.direct import run_sequential
 from character.build.record import read_record
@@ -324,31 +325,10 @@ except KeyboardInterrupt:
 """
 
 
-def _signalled(args: list[str], env: dict, steps: list[tuple[bytes, int]]) -> tuple[int, float, bytes, bytes]:
-    """Run `python -c *args` in a process group of its own; for each (line, sig) of `steps`, wait for its next
-    line on stdout, which must be `line`, then send `sig` to the group. Returns its exit status, the seconds
-    from the last signal to its exit (10 at the most), its stdout and its stderr."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True
-    )
-    try:
-        for line, sig in steps:
-            assert proc.stdout.readline() == line
-            os.killpg(proc.pid, sig)
-        sent = time.monotonic()
-        out, err = proc.communicate(timeout=10)
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, took, out, err
-
-
 @pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
 def test_a_second_signal_while_stopping_exits_at_once(second, tmp_path):
     steps = [(b"working\n", signal.SIGINT), (b"stopping\n", second)]
-    returncode, took, out, err = _signalled([SLOW_STOP], _env(tmp_path, None), steps)
+    returncode, took, out, err = signalled([SLOW_STOP], _env(tmp_path, None), steps)
     assert returncode == 130 and took < 2  # the first signal gives the status
     assert b"Traceback" not in out + err
     assert err.decode().splitlines() == [
@@ -385,7 +365,7 @@ except KeyboardInterrupt:
 
 @pytest.mark.parametrize("during", ["command", "flow"])
 def test_an_interrupt_that_lands_where_python_ignores_exceptions_still_stops(during, tmp_path):
-    returncode, took, out, err = _signalled([SWALLOWED, during], _env(tmp_path, None), [(b"closing\n", signal.SIGTERM)])
+    returncode, took, out, err = signalled([SWALLOWED, during], _env(tmp_path, None), [(b"closing\n", signal.SIGTERM)])
     assert returncode == 143 and took < 2  # not after the 30 s it would sleep on
     assert err.decode().splitlines() == [
         f"stopped: {during} (SIGTERM); run again with: {shlex.quote(sys.executable)} -m character.cli {during}"

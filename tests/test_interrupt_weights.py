@@ -13,12 +13,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from adapters import make_adapter
 from safetensors.torch import load_file
+from signals import signalled
 
 from character.backend.tiny import tiny_model_path
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process groups 
 
 NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
-# Runs `character <args>` with every tensor write slowed; prints WRITING on stderr at the first one.
+# Runs `character <args>` with every tensor write slowed; prints WRITING on stdout at the first one.
 LAUNCHER = """
 import sys, time
 from character.weights import safetensors_io
@@ -34,7 +34,7 @@ real, said = safetensors_io.StreamingSafetensorsWriter.write, []
 def slow(self, name, tensor):
     if not said:
         said.append(1)
-        print("WRITING", file=sys.stderr, flush=True)
+        print("WRITING", flush=True)
     time.sleep(0.3)
     return real(self, name, tensor)
 safetensors_io.StreamingSafetensorsWriter.write = slow
@@ -51,29 +51,6 @@ def adapters(tmp_path_factory, models_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_path(models_dir))
     root = tmp_path_factory.mktemp("interrupt-weights")
     return make_adapter(base, root / "dpo", seed=1), make_adapter(base, root / "sft", seed=2)
-
-
-def _stop(args: list[str], sig: int, env: dict, log: Path) -> dict:
-    """Run the launcher in its own process group; signal the group once the first tensor is written."""
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", LAUNCHER, *args], stdout=subprocess.PIPE, stderr=err, env=env, start_new_session=True
-        )
-    deadline = time.monotonic() + 120
-    try:
-        while b"WRITING" not in log.read_bytes():
-            assert proc.poll() is None, f"exited before the signal:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "it never started writing"
-            time.sleep(0.02)
-        os.killpg(proc.pid, sig)
-        t = time.monotonic()
-        out, _ = proc.communicate(timeout=30)
-        took = time.monotonic() - t
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return {"rc": proc.returncode, "took": took, "out": out.decode(), "err": log.read_text()}
 
 
 def _assert_stopped(run: dict, sig: int, command: str, output: Path) -> None:
@@ -99,7 +76,9 @@ def test_a_stopped_merge_or_fold_leaves_no_partial_output_and_runs_again(command
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CHARACTER_MODEL_CACHE": str(models_dir)}
     if command == "fold":
         args += ["--workdir", str(tmp_path / "ws")]
-    _assert_stopped(_stop(args, sig, env, tmp_path / "err.log"), sig, command, out)
+    rc, took, stdout, stderr = signalled([LAUNCHER, *args], env, [(b"WRITING\n", sig)])
+    run = {"rc": rc, "took": took, "out": stdout.decode(), "err": stderr.decode()}
+    _assert_stopped(run, sig, command, out)
 
     again = subprocess.run([sys.executable, "-m", "character.cli", *args], capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
